@@ -1,0 +1,107 @@
+"""The Python API: `fetch` straight from the source, `read` and `export` what landed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from .current import iter_current, open_landed
+from .datasets import resolve
+from .errors import UsageError
+from .pages import parse_page
+from .sink.formats import READ_BATCH_ROWS
+from .sink.storage import DEFAULT_LOCAL_DEST, LocalStorage, open_storage
+from .socrata import soql
+from .socrata.client import DEFAULT_BASE_URL, SodaClient
+from .socrata.source import DatasetSource
+
+
+def _dest(dest: str | None) -> str:
+    return dest or os.environ.get("NYC_COLLISIONS_DEST") or DEFAULT_LOCAL_DEST
+
+
+def _client(source: str | None) -> SodaClient:
+    return SodaClient(
+        source or os.environ.get("SOCRATA_BASE_URL") or DEFAULT_BASE_URL,
+        app_token=os.environ.get("SOCRATA_APP_TOKEN") or None,
+    )
+
+
+def fetch(
+    dataset: str,
+    where: str | None = None,
+    limit: int | None = None,
+    *,
+    source: str | None = None,
+    page_size: int = 50_000,
+) -> pd.DataFrame:
+    """Rows straight from the API as a typed DataFrame (for notebooks).
+
+    `where` is a SoQL condition (`"borough = 'BROOKLYN'"`); `limit` caps the number of rows.
+    Pages are keyset pages on `:id`, so nothing is skipped or repeated.
+    """
+    if limit is not None and limit < 0:
+        raise UsageError(f"limit must not be negative, not {limit}")
+    ds = resolve(dataset)
+    with _client(source) as client:
+        src = DatasetSource(client, ds)
+        schema = src.schema()
+        tables: list[pa.Table] = []
+        after: str | None = None
+        got = 0
+        while limit is None or got < limit:
+            n = page_size if limit is None else min(page_size, limit - got)
+            params = soql.page_params(after=after, upper=None, limit=n, where=where)
+            table = client.fetch(src.path, params, lambda b: parse_page(b, schema))
+            if table.num_rows == 0:
+                break
+            tables.append(table)
+            got += table.num_rows
+            after = table.column("socrata_id")[-1].as_py()
+        text = pa.concat_tables(tables) if tables else schema.text_schema().empty_table()
+        frame: pd.DataFrame = schema.to_typed(text).to_pandas()
+        return frame
+
+
+def read(dataset: str, dest: str | None = None) -> pd.DataFrame:
+    """The landed current state of a dataset as a typed DataFrame."""
+    landed = open_landed(open_storage(_dest(dest)), resolve(dataset))
+    tables = [landed.schema.to_typed(t) for t in iter_current(landed)]
+    table = pa.concat_tables(tables) if tables else landed.schema.typed_schema().empty_table()
+    frame: pd.DataFrame = table.to_pandas()
+    return frame
+
+
+def export(dataset: str, output: str | Path, dest: str | None = None) -> int:
+    """Write the landed current state as one `.csv` or `.parquet` file; returns the row count."""
+    out = Path(output)
+    suffix = out.suffix.lower()
+    if suffix not in (".csv", ".parquet"):
+        raise UsageError(f"--output {str(output)!r}: the name must end in .csv or .parquet")
+    landed = open_landed(open_storage(_dest(dest)), resolve(dataset))
+    target = LocalStorage(out.parent.resolve())
+    writer = target.open_writer(out.name)
+    rows = 0
+    try:
+        if suffix == ".csv":
+            csv = pacsv.CSVWriter(writer, landed.schema.text_schema())
+            for table in iter_current(landed):
+                csv.write_table(table)
+                rows += table.num_rows
+            csv.close()
+        else:
+            pqw = pq.ParquetWriter(writer, landed.schema.typed_schema(), compression="zstd")
+            for table in iter_current(landed):
+                pqw.write_table(landed.schema.to_typed(table), row_group_size=READ_BATCH_ROWS * 4)
+                rows += table.num_rows
+            pqw.close()
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return rows

@@ -1,0 +1,386 @@
+"""The command line: parse options, call the orchestrator, print. Errors become one clear line."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+import orjson
+
+from . import __version__
+from .current import open_landed
+from .datasets import resolve, resolve_many
+from .errors import Interrupted, NothingLanded, NycCollisionsError, UsageError
+from .extract import DEFAULT_PAGE_SIZE, DEFAULT_WORKERS, DatasetResult, RunOptions, backfill
+from .sink.storage import DEFAULT_LOCAL_DEST, open_storage
+from .socrata.client import DEFAULT_BASE_URL, RetryPolicy, SodaClient
+from .socrata.source import DatasetSource
+from .verify import verify
+
+F = TypeVar("F", bound=Callable[..., Any])
+logger = logging.getLogger("nyc_collisions")
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:,.1f} TiB"
+
+
+def common(f: F) -> F:
+    """Options every command takes: where the source and the destination are, how loud to be."""
+    f = click.option(
+        "--source",
+        envvar="SOCRATA_BASE_URL",
+        default=DEFAULT_BASE_URL,
+        show_default=True,
+        metavar="URL",
+        help="Socrata base URL (env SOCRATA_BASE_URL). The app token is read from "
+        "the environment variable SOCRATA_APP_TOKEN.",
+    )(f)
+    f = click.option(
+        "--dest",
+        envvar="NYC_COLLISIONS_DEST",
+        default=DEFAULT_LOCAL_DEST,
+        show_default=True,
+        metavar="DEST",
+        help="s3://bucket/prefix or a local folder (env NYC_COLLISIONS_DEST).",
+    )(f)
+    f = click.option(
+        "-v",
+        "--verbose",
+        count=True,
+        help="Log each request and file (-v), or debug (-vv), to stderr.",
+    )(f)
+    f = click.option(
+        "--retries",
+        type=click.IntRange(1, 100),
+        default=10,
+        show_default=True,
+        help="Attempts per request before giving up.",
+    )(f)
+    return f
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+
+
+def _client(source: str, retries: int, workers: int = DEFAULT_WORKERS) -> SodaClient:
+    base = float(os.environ.get("NYC_COLLISIONS_RETRY_BASE", "1.0"))
+    return SodaClient(
+        source,
+        app_token=os.environ.get("SOCRATA_APP_TOKEN") or None,
+        concurrency=workers,
+        retry=RetryPolicy(attempts=retries, base=base),
+    )
+
+
+def handle_errors(f: F) -> F:
+    """Library errors -> one clear line on stderr and a non-zero exit."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except Interrupted as exc:
+            click.echo(f"nyc-collisions: {exc}", err=True)
+            sys.exit(130)
+        except KeyboardInterrupt:
+            click.echo("nyc-collisions: interrupted; nothing partial was committed", err=True)
+            sys.exit(130)
+        except UsageError as exc:
+            click.echo(f"nyc-collisions: error: {exc}", err=True)
+            sys.exit(2)
+        except NycCollisionsError as exc:
+            click.echo(f"nyc-collisions: error: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="nyc-collisions")
+def main() -> None:
+    """Land NYC Motor Vehicle Collisions open data (crashes, persons, vehicles) from Socrata
+    into S3 or a local folder: a streaming, resumable backfill, then daily updates.
+
+    DATASET is crashes, persons, vehicles, or any Socrata dataset id (xxxx-xxxx).
+    """
+
+
+def _print_summary(results: list[DatasetResult], started: float) -> None:
+    for r in results:
+        if r.status == "skipped":
+            click.echo(f"{r.dataset}: skipped: {r.message}")
+            continue
+        line = (
+            f"{r.dataset}: {r.status} {r.rows:,} rows in {r.files} files "
+            f"({_human_bytes(r.bytes)}), {r.requests:,} requests "
+            f"({_human_bytes(r.wire_bytes)} received), {r.seconds:,.1f}s "
+            f"-> {r.location}"
+        )
+        click.echo(line)
+        if r.extra.get("resumed"):
+            click.echo(
+                f"  resumed run {r.extra['resumed']}: "
+                f"{r.extra.get('total_rows', r.rows):,} rows in the committed batch"
+            )
+        if r.status == "landed" and r.source_count is not None:
+            total = r.extra.get("total_rows", r.rows)
+            if total != r.source_count:
+                click.echo(
+                    f"  note: the source counted {r.source_count:,} rows at the start; "
+                    f"{total:,} landed (it changed meanwhile: `update` catches up)"
+                )
+        if r.message and r.status != "landed":
+            click.echo(f"  {r.message}")
+    total_rows = sum(r.rows for r in results)
+    click.echo(
+        f"total: {total_rows:,} rows, {sum(r.requests for r in results):,} requests, "
+        f"{_human_bytes(sum(r.wire_bytes for r in results))} received, "
+        f"{sum(r.files for r in results)} files, execution time "
+        f"{time.monotonic() - started:,.1f}s"
+    )
+
+
+@main.command("backfill")
+@click.argument("datasets", nargs=-1, metavar="[DATASET]...")
+@common
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "parquet"], case_sensitive=False),
+    default="csv",
+    show_default=True,
+    help="File format of the landed data.",
+)
+@click.option(
+    "--workers",
+    type=int,
+    default=DEFAULT_WORKERS,
+    show_default=True,
+    help="Partitions fetched at once (1 = sequential).",
+)
+@click.option(
+    "--page-size", type=int, default=DEFAULT_PAGE_SIZE, show_default=True, help="Rows per request."
+)
+@click.option(
+    "--key",
+    default=None,
+    metavar="FIELD",
+    help="Unique key of a dataset given by id (default :id).",
+)
+@click.option("--force", is_flag=True, help="Land a new snapshot even if one is committed.")
+@click.option(
+    "--max-seconds",
+    type=float,
+    default=None,
+    help="Stop cleanly before this many seconds; a rerun resumes.",
+)
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@handle_errors
+def backfill_cmd(
+    datasets: tuple[str, ...],
+    source: str,
+    dest: str,
+    verbose: int,
+    retries: int,
+    fmt: str,
+    workers: int,
+    page_size: int,
+    key: str | None,
+    force: bool,
+    max_seconds: float | None,
+    no_progress: bool,
+) -> None:
+    """Mass upload: land every row of each DATASET (default: all three) as a snapshot.
+
+    Rows are fetched by keyset pages on :id over --workers partitions and streamed into files
+    under DEST/<dataset>/data/; DEST/<dataset>/manifest.json commits them at the end. An
+    interrupted run resumes from its committed files when run again. A dataset that already has
+    a committed backfill is skipped unless --force.
+
+    Example: nyc-collisions backfill crashes --dest s3://nyc-application-collisions/collisions_raw_data
+    """
+    _setup_logging(verbose)
+    started = time.monotonic()
+    if max_seconds is not None and max_seconds <= 0:
+        raise UsageError(f"--max-seconds must be positive, not {max_seconds}")
+    deadline = started + max_seconds if max_seconds else None
+    opts = RunOptions(
+        fmt=fmt.lower(),
+        workers=workers,
+        page_size=page_size,
+        force=force,
+        deadline=deadline,
+        progress=not no_progress and sys.stderr.isatty(),
+    )
+    chosen = resolve_many(list(datasets), key)
+    storage = open_storage(dest)
+    with _client(source, retries, workers) as client:
+        results = backfill(client, storage, chosen, opts)
+    _print_summary(results, started)
+    if any(r.status == "stopped" for r in results):
+        sys.exit(3)
+
+
+@main.command("export")
+@click.argument("dataset")
+@click.option(
+    "--output", "-o", required=True, metavar="FILE", help="The file to write: .csv or .parquet."
+)
+@click.option(
+    "--dest",
+    envvar="NYC_COLLISIONS_DEST",
+    default=DEFAULT_LOCAL_DEST,
+    show_default=True,
+    metavar="DEST",
+    help="Where the data landed.",
+)
+@handle_errors
+def export_cmd(dataset: str, output: str, dest: str) -> None:
+    """Write the landed current state of DATASET as one file (.csv or .parquet by suffix).
+
+    Example: nyc-collisions export crashes --output crashes.parquet
+    """
+    from .api import export
+
+    started = time.monotonic()
+    rows = export(dataset, output, dest)
+    click.echo(
+        f"{resolve(dataset).name}: exported {rows:,} rows to {output} "
+        f"in {time.monotonic() - started:,.1f}s"
+    )
+
+
+@main.command("status")
+@click.argument("datasets", nargs=-1, metavar="[DATASET]...")
+@common
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@handle_errors
+def status_cmd(
+    datasets: tuple[str, ...], source: str, dest: str, verbose: int, retries: int, as_json: bool
+) -> None:
+    """Per dataset: rows landed, files, last run, the source's count, and whether they agree.
+
+    Example: nyc-collisions status --json
+    """
+    _setup_logging(verbose)
+    storage = open_storage(dest)
+    out = []
+    with _client(source, min(retries, 3)) as client:
+        for ds in resolve_many(list(datasets)):
+            entry: dict[str, Any] = {
+                "dataset": ds.name,
+                "dataset_id": ds.dataset_id,
+                "location": f"{storage.url}/{ds.name}/",
+            }
+            try:
+                landed = open_landed(storage, ds)
+            except NothingLanded:
+                entry.update(landed=False, rows=0, files=0)
+            else:
+                batches = landed.manifest.current_batches()
+                last = landed.manifest.batches[-1]
+                wm = landed.manifest.watermark
+                entry.update(
+                    landed=True,
+                    rows=batches[-1].info.get("current_rows", sum(b.rows for b in batches)),
+                    files=sum(len(b.files) for b in batches),
+                    batches=len(batches),
+                    format=last.format,
+                    last_run={
+                        "batch": last.batch_id,
+                        "kind": last.kind,
+                        "committed_at": last.committed_at,
+                        "rows": last.rows,
+                    },
+                    watermark=None
+                    if wm is None
+                    else {"updated_at": wm.updated_at, "row_id": wm.row_id},
+                )
+            try:
+                entry["source_count"] = DatasetSource(client, ds).count()
+            except NycCollisionsError as exc:
+                entry["source_count"] = None
+                entry["source_error"] = str(exc)
+            entry["agree"] = entry["landed"] and entry["source_count"] == entry["rows"]
+            out.append(entry)
+    if as_json:
+        click.echo(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+        return
+    for e in out:
+        if not e["landed"]:
+            click.echo(
+                f"{e['dataset']}: nothing landed at {e['location']}; "
+                f"source has {e['source_count'] if e['source_count'] is not None else '?'}"
+                " rows"
+            )
+            continue
+        src = f"{e['source_count']:,}" if e["source_count"] is not None else "unknown"
+        agree = "agree" if e["agree"] else "DIFFER"
+        click.echo(
+            f"{e['dataset']}: {e['rows']:,} rows in {e['files']} files "
+            f"({e['format']}); last run {e['last_run']['kind']} "
+            f"{e['last_run']['committed_at']}; source {src} rows: {agree}"
+        )
+        if e.get("source_error"):
+            click.echo(f"  source: {e['source_error']}")
+
+
+@main.command("verify")
+@click.argument("datasets", nargs=-1, metavar="[DATASET]...")
+@common
+@handle_errors
+def verify_cmd(
+    datasets: tuple[str, ...], source: str, dest: str, verbose: int, retries: int
+) -> None:
+    """Compare what landed with the source now: row count and the full set of unique keys.
+
+    Exit 0 only when every dataset matches; otherwise print what is missing or extra.
+
+    Example: nyc-collisions verify crashes persons
+    """
+    _setup_logging(verbose)
+    storage = open_storage(dest)
+    ok = True
+    with _client(source, retries) as client:
+        for ds in resolve_many(list(datasets)):
+            landed = open_landed(storage, ds)
+            diff = verify(DatasetSource(client, ds), landed)
+            if diff.ok:
+                click.echo(f"{ds.name}: OK: {diff.landed_rows:,} rows, keys match the source")
+                continue
+            ok = False
+            click.echo(
+                f"{ds.name}: MISMATCH: source {diff.source_rows:,} rows, "
+                f"landed {diff.landed_rows:,}; missing {diff.missing:,}, "
+                f"extra {diff.extra:,}, duplicated {diff.duplicated:,}"
+            )
+            for label, sample in (
+                ("missing", diff.missing_sample),
+                ("extra", diff.extra_sample),
+                ("duplicated", diff.duplicated_sample),
+            ):
+                if sample:
+                    click.echo(f"  {label} {landed.dataset.key}: {', '.join(sample)}")
+    if not ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""The current state of a landed dataset, read back from what the manifest names.
+
+Current state = the latest snapshot batch, then every later batch in commit order, keeping for
+each key its latest version, minus keys whose latest entry is a tombstone. Memory is bounded by
+the keys of the batches after the snapshot (a daily update is small; `compact` folds them into a
+new snapshot), never by the rows: files are streamed in record batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .datasets import Dataset, landed_name, resolve
+from .errors import NothingLanded
+from .schema import Column, Schema
+from .sink.formats import read_text_batches
+from .sink.storage import Storage
+from .state import Batch, DatasetState, Manifest
+
+
+@dataclass
+class Landed:
+    """A dataset's committed manifest, with the schema and dataset it was landed with."""
+
+    storage: Storage
+    state: DatasetState
+    manifest: Manifest
+    schema: Schema
+    dataset: Dataset
+
+    @property
+    def key_column(self) -> str:
+        return landed_name(self.manifest.key)
+
+
+def open_landed(storage: Storage, dataset: Dataset) -> Landed:
+    state = DatasetState(storage, dataset.name)
+    manifest = state.load()
+    if manifest is None or not manifest.current_batches():
+        raise NothingLanded(
+            f"{dataset.name}: nothing is landed at {storage.url}/{dataset.name}/ yet; "
+            f"run `nyc-collisions backfill {dataset.name}` first"
+        )
+    schema = schema_of(manifest)
+    known = resolve(manifest.dataset_id, manifest.key)
+    schema = Schema(schema.columns, known.integer_fields)
+    return Landed(storage, state, manifest, schema, known)
+
+
+def schema_of(manifest: Manifest) -> Schema:
+    return Schema(tuple(Column(c["field"], c["type"]) for c in manifest.columns))
+
+
+def key_schema(landed: Landed) -> Schema:
+    col = next(c for c in landed.schema.columns if c.name == landed.key_column)
+    return Schema((col,), landed.schema.integer_fields)
+
+
+def _file_batches(
+    landed: Landed, batch: Batch, path: str, columns: list[str] | None = None
+) -> Iterator[pa.Table]:
+    schema = key_schema(landed) if batch.kind == "tombstones" else landed.schema
+    with landed.storage.open_reader(path) as f:
+        yield from read_text_batches(batch.format, f, schema, columns)
+
+
+def iter_current(landed: Landed) -> Iterator[pa.Table]:
+    """Stream the current state as text tables with every landed column."""
+    batches = landed.manifest.current_batches()
+    snapshot, later = batches[0], batches[1:]
+    key = landed.key_column
+    if not later:
+        for entry in snapshot.files:
+            yield from _file_batches(landed, snapshot, entry.path)
+        return
+    later_keys, winners = _winners(landed, later)
+    for entry in snapshot.files:
+        for table in _file_batches(landed, snapshot, entry.path):
+            keep = pc.invert(pc.is_in(table.column(key), value_set=later_keys))
+            yield table.filter(keep)
+    seq = 0
+    for batch in later:
+        for entry in batch.files:
+            if batch.kind == "tombstones":
+                seq += entry.rows
+                continue
+            for table in _file_batches(landed, batch, entry.path):
+                seqs = pa.array(range(seq, seq + table.num_rows), pa.int64())
+                seq += table.num_rows
+                yield table.filter(pc.is_in(seqs, value_set=winners))
+
+
+def _winners(landed: Landed, later: list[Batch]) -> tuple[pa.Array, pa.Array]:
+    """Keys touched after the snapshot, and the row numbers that hold their latest live version.
+
+    Rows of the later batches are numbered in commit order; a key's latest version is its highest
+    number; it is live unless that row is a tombstone.
+    """
+    key = landed.key_column
+    keys: list[pa.Array] = []
+    seqs: list[pa.Array] = []
+    tombs: list[pa.Array] = []
+    seq = 0
+    for batch in later:
+        for entry in batch.files:
+            for table in _file_batches(landed, batch, entry.path, [key]):
+                n = table.num_rows
+                keys.append(table.column(key).combine_chunks())
+                seqs.append(pa.array(range(seq, seq + n), pa.int64()))
+                tombs.append(pa.array([batch.kind == "tombstones"] * n, pa.bool_()))
+                seq += n
+    if not keys:
+        return pa.array([], pa.string()), pa.array([], pa.int64())
+    table = pa.table(
+        {
+            "key": pa.concat_arrays(keys),
+            "seq": pa.concat_arrays(seqs),
+            "tomb": pa.concat_arrays(tombs),
+        }
+    )
+    latest = table.group_by("key").aggregate([("seq", "max")])
+    live = table.filter(pc.invert(table.column("tomb"))).column("seq")
+    winners = pc.filter(
+        latest.column("seq_max"), pc.is_in(latest.column("seq_max"), value_set=live)
+    )
+    return latest.column("key").combine_chunks(), winners.combine_chunks()
+
+
+def current_keys(landed: Landed) -> Iterator[pa.Table]:
+    """Stream just the key and `socrata_id` columns of the current state."""
+    cols = (
+        [landed.key_column]
+        if landed.key_column == "socrata_id"
+        else [landed.key_column, "socrata_id"]
+    )
+    for table in iter_current(landed):
+        yield table.select(cols)
+
+
+def read_current(landed: Landed) -> pa.Table:
+    tables = list(iter_current(landed))
+    if not tables:
+        return landed.schema.text_schema().empty_table()
+    return pa.concat_tables(tables)

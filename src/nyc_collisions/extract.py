@@ -1,0 +1,496 @@
+"""The orchestrator: metadata -> plan -> pages -> files -> manifest.
+
+Only this module knows both the source and the sink. A backfill of one dataset:
+
+1. takes the dataset's lock and reads its manifest (a committed snapshot is not landed twice
+   unless `force`); an unfinished run of an earlier invocation is resumed from its committed files;
+2. asks the source for its count and latest `:updated_at` (the watermark the next `update` starts
+   from, so rows changed during the backfill are picked up), then probes partition boundaries;
+3. workers fetch partitions by keyset pages and stream them into files, closing a file every
+   `file_rows` rows and recording it under `runs/<batch>/parts/` (the unit a rerun resumes from);
+4. when every partition has reached its end (an empty page, never just a short one), one manifest
+   write commits the snapshot batch and its watermark; leftovers of killed runs are removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+from tqdm import tqdm
+
+from .datasets import Dataset
+from .errors import AlreadyLanded, Interrupted, NycCollisionsError, StateError, UsageError
+from .plan import Partition, partition_count, partition_step, partitions_from_boundaries
+from .schema import Schema
+from .sink.formats import check_format, encoder
+from .sink.storage import Storage, Writer
+from .socrata.client import SodaClient
+from .socrata.source import DatasetSource, SourceInfo
+from .state import Batch, DatasetState, FileEntry, Manifest, Watermark, new_batch_id, utc_now
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WORKERS = 4
+DEFAULT_PAGE_SIZE = 50_000
+DEFAULT_FILE_ROWS = 500_000
+EPOCH = "1970-01-01T00:00:00.000Z"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    fmt: str = "csv"
+    workers: int = DEFAULT_WORKERS
+    page_size: int = DEFAULT_PAGE_SIZE
+    file_rows: int = DEFAULT_FILE_ROWS
+    force: bool = False
+    deadline: float | None = None  # time.monotonic() value to stop cleanly before
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_format(self.fmt)
+        if self.workers < 1:
+            raise UsageError(f"--workers must be at least 1, not {self.workers}")
+        if self.page_size < 1:
+            raise UsageError(f"--page-size must be a positive number of rows, not {self.page_size}")
+        if self.file_rows < 1:
+            raise UsageError(f"--file-rows must be positive, not {self.file_rows}")
+
+
+@dataclass
+class DatasetResult:
+    dataset: str
+    status: str  # "landed" | "skipped" | "stopped" | "updated" | ...
+    rows: int = 0
+    files: int = 0
+    bytes: int = 0
+    requests: int = 0
+    wire_bytes: int = 0
+    seconds: float = 0.0
+    batch_id: str | None = None
+    location: str = ""
+    source_count: int | None = None
+    message: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# -- partition workers -------------------------------------------------------------------------
+
+
+class _FileRotation:
+    """Streams a partition's pages into files of at most `file_rows` rows and records each."""
+
+    def __init__(
+        self,
+        state: DatasetState,
+        schema: Schema,
+        opts: RunOptions,
+        batch_id: str,
+        partition: int,
+        next_seq: int,
+    ) -> None:
+        self.state = state
+        self.schema = schema
+        self.opts = opts
+        self.batch_id = batch_id
+        self.partition = partition
+        self.seq = next_seq
+        self._writer: Writer | None = None
+        self._enc: Any = None
+        self._path = ""
+        self.rows = 0
+        self.last_id: str | None = None
+        self.landed_rows = 0
+        self.landed_bytes = 0
+        self.files = 0
+
+    def write(self, table: pa.Table) -> None:
+        if self._writer is None:
+            self._path = self.state.data_key(self.batch_id, self.partition, self.seq, self.opts.fmt)
+            self._writer = self.state.storage.open_writer(self._path)
+            self._enc = encoder(self.opts.fmt, self._writer, self.schema)
+        self._enc.write(table)
+        self.rows += table.num_rows
+        self.last_id = table.column("socrata_id")[-1].as_py()
+        if self.rows >= self.opts.file_rows:
+            self.commit(done=False)
+
+    def commit(self, *, done: bool) -> None:
+        """Close the open file (if any) and record it; `done` marks the partition complete."""
+        record: dict[str, Any] = {
+            "partition": self.partition,
+            "seq": self.seq,
+            "done": done,
+            "path": None,
+            "rows": 0,
+            "bytes": 0,
+            "last_id": self.last_id,
+        }
+        if self._writer is not None:
+            self._enc.close()
+            self._writer.close()
+            record.update(path=self._path, rows=self.rows, bytes=self._writer.bytes_written)
+            self.landed_rows += self.rows
+            self.landed_bytes += self._writer.bytes_written
+            self.files += 1
+            logger.info("wrote %s (%d rows)", self._path, self.rows)
+        elif not done:
+            return
+        key = (
+            f"{self.state.run_prefix(self.batch_id)}/parts/{self.partition:04d}-{self.seq:06d}.json"
+        )
+        self.state.put_json(key, record)
+        self._writer, self._enc, self.rows = None, None, 0
+        self.seq += 1
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer, self._enc, self.rows = None, None, 0
+
+
+@dataclass
+class _Progress:
+    bar: Any
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, n: int) -> None:
+        with self.lock:
+            self.bar.update(n)
+
+
+def _run_partition(
+    source: DatasetSource,
+    state: DatasetState,
+    schema: Schema,
+    opts: RunOptions,
+    batch_id: str,
+    partition: Partition,
+    resume: dict[str, Any],
+    stop: threading.Event,
+    progress: _Progress,
+) -> _FileRotation:
+    files = _FileRotation(state, schema, opts, batch_id, partition.index, resume["next_seq"])
+    after: str | None = resume["after"] if resume["after"] is not None else partition.lower
+    try:
+        while True:
+            if stop.is_set() or (opts.deadline is not None and time.monotonic() >= opts.deadline):
+                files.commit(done=False)
+                return files
+            table = source.page(schema, after=after, upper=partition.upper, limit=opts.page_size)
+            if table.num_rows == 0:
+                files.commit(done=True)
+                return files
+            files.write(table)
+            after = files.last_id
+            progress.add(table.num_rows)
+    except BaseException:
+        files.abort()
+        raise
+
+
+# -- one dataset's backfill -------------------------------------------------------------------
+
+
+class Backfill:
+    """Backfill one dataset into `storage` (see the module docstring)."""
+
+    def __init__(
+        self, client: SodaClient, storage: Storage, dataset: Dataset, opts: RunOptions
+    ) -> None:
+        self.client = client
+        self.storage = storage
+        self.dataset = dataset
+        self.opts = opts
+        self.source = DatasetSource(client, dataset)
+        self.state = DatasetState(storage, dataset.name)
+
+    def run(self, stop: threading.Event) -> DatasetResult:
+        started = time.monotonic()
+        requests0, bytes0 = self.client.stats.requests, self.client.stats.bytes
+        result = DatasetResult(
+            self.dataset.name, "landed", location=f"{self.storage.url}/{self.dataset.name}/"
+        )
+        token = self.state.acquire("backfill")
+        try:
+            manifest = self.state.load()
+            if manifest and manifest.current_batches() and not self.opts.force:
+                snap = manifest.current_batches()[0]
+                raise AlreadyLanded(
+                    f"{self.dataset.name}: a backfill is already committed at "
+                    f"{result.location} ({snap.rows:,} rows, {snap.committed_at}); "
+                    "`nyc-collisions update` keeps it fresh, --force lands a new snapshot"
+                )
+            schema = self.source.schema()
+            plan = self._plan(schema, result)
+            self._fetch(schema, plan, result, stop, token)
+            if result.status == "stopped":
+                return result
+            self._commit(manifest, schema, plan, result)
+        finally:
+            self.state.release(token)
+            result.requests = self.client.stats.requests - requests0
+            result.wire_bytes = self.client.stats.bytes - bytes0
+            result.seconds = time.monotonic() - started
+        return result
+
+    def _plan(self, schema: Schema, result: DatasetResult) -> dict[str, Any]:
+        """Resume the unfinished run if there is one that fits, or probe and record a new plan."""
+        columns = [[c.field_name, c.data_type] for c in schema.columns]
+        for batch_id in reversed(self.state.unfinished_runs()):
+            plan = self.state.get_json(f"{self.state.run_prefix(batch_id)}/plan.json")
+            if (
+                plan
+                and plan.get("kind") == "snapshot"
+                and plan.get("format") == self.opts.fmt
+                and plan.get("columns") == columns
+                and plan.get("key") == self.dataset.key
+            ):
+                logger.info("%s: resuming run %s", self.dataset.name, batch_id)
+                result.extra["resumed"] = batch_id
+                return plan
+            logger.info(
+                "%s: dropping unfinished run %s (different format or columns)",
+                self.dataset.name,
+                batch_id,
+            )
+            self.state.drop_run(batch_id)
+        info: SourceInfo = self.source.info()
+        batch_id = new_batch_id("backfill")
+        n = partition_count(info.count, self.opts.workers, self.opts.page_size)
+        step = partition_step(info.count, n)
+        bounds: list[str | None] = []
+        after: str | None = None
+        for _ in range(n - 1):
+            after = self.source.probe(after, step - 1)
+            if after is None:
+                break
+            bounds.append(after)
+        partitions = partitions_from_boundaries(bounds)
+        plan = {
+            "kind": "snapshot",
+            "batch_id": batch_id,
+            "dataset_id": self.dataset.dataset_id,
+            "key": self.dataset.key,
+            "format": self.opts.fmt,
+            "columns": columns,
+            "started": utc_now(),
+            "source_count": info.count,
+            "max_updated_at": info.max_updated_at,
+            "rows_updated_at": info.rows_updated_at,
+            "page_size": self.opts.page_size,
+            "partitions": [p.to_dict() for p in partitions],
+        }
+        self.state.put_json(f"{self.state.run_prefix(batch_id)}/plan.json", plan)
+        return plan
+
+    def _resume_points(self, plan: dict[str, Any]) -> tuple[dict[int, dict[str, Any]], int]:
+        """Per partition: where to go on (`after`, `next_seq`, `done`); and rows already landed."""
+        points: dict[int, dict[str, Any]] = {
+            p["index"]: {"after": None, "next_seq": 0, "done": False} for p in plan["partitions"]
+        }
+        rows = 0
+        prefix = f"{self.state.run_prefix(plan['batch_id'])}/parts/"
+        for key in self.storage.list_keys(prefix):
+            rec = self.state.get_json(key)
+            if rec is None:
+                continue
+            point = points[int(rec["partition"])]
+            if int(rec["seq"]) >= point["next_seq"]:
+                point["next_seq"] = int(rec["seq"]) + 1
+                point["after"] = rec["last_id"]
+            point["done"] = point["done"] or bool(rec["done"])
+            rows += int(rec["rows"])
+        return points, rows
+
+    def _fetch(
+        self,
+        schema: Schema,
+        plan: dict[str, Any],
+        result: DatasetResult,
+        stop: threading.Event,
+        lock_token: str,
+    ) -> None:
+        points, landed_before = self._resume_points(plan)
+        partitions = [Partition.from_dict(p) for p in plan["partitions"]]
+        todo = [p for p in partitions if not points[p.index]["done"]]
+        bar = tqdm(
+            total=plan["source_count"],
+            initial=landed_before,
+            unit=" rows",
+            desc=self.dataset.name,
+            disable=not self.opts.progress,
+            unit_scale=True,
+            dynamic_ncols=True,
+            smoothing=0.1,
+        )
+        progress = _Progress(bar)
+        work: queue.Queue[Partition] = queue.Queue()
+        for p in todo:
+            work.put(p)
+        errors: list[BaseException] = []
+        finished: list[_FileRotation] = []
+        lock = threading.Lock()
+
+        def worker() -> None:
+            while not stop.is_set():
+                try:
+                    p = work.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    files = _run_partition(
+                        self.source,
+                        self.state,
+                        schema,
+                        self.opts,
+                        plan["batch_id"],
+                        p,
+                        points[p.index],
+                        stop,
+                        progress,
+                    )
+                except BaseException as exc:
+                    with lock:
+                        errors.append(exc)
+                    stop.set()
+                    return
+                with lock:
+                    finished.append(files)
+
+        threads = [
+            threading.Thread(target=worker, daemon=True, name=f"partition-{i}")
+            for i in range(min(self.opts.workers, len(todo)))
+        ]
+        for t in threads:
+            t.start()
+        last_renew = time.monotonic()
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(timeout=0.5)
+                    if time.monotonic() - last_renew > 60:
+                        self.state.renew(lock_token)
+                        last_renew = time.monotonic()
+        except KeyboardInterrupt:
+            stop.set()
+            for t in threads:
+                t.join(timeout=30)
+            raise Interrupted(
+                f"{self.dataset.name}: interrupted; committed files are kept and a rerun of "
+                "the same command resumes from them"
+            ) from None
+        finally:
+            bar.close()
+        result.files = sum(f.files for f in finished)
+        result.rows = sum(f.landed_rows for f in finished)
+        result.bytes = sum(f.landed_bytes for f in finished)
+        if errors:
+            raise errors[0]
+        points_after, _ = self._resume_points(plan)
+        if not all(pt["done"] for pt in points_after.values()):
+            result.status = "stopped"
+            result.batch_id = plan["batch_id"]
+            result.message = (
+                f"stopped before the end ({'time budget' if not stop.is_set() else 'stop'}); "
+                "a rerun resumes from the committed files"
+            )
+
+    def _commit(
+        self, manifest: Manifest | None, schema: Schema, plan: dict[str, Any], result: DatasetResult
+    ) -> None:
+        prefix = f"{self.state.run_prefix(plan['batch_id'])}/parts/"
+        records = [r for k in self.storage.list_keys(prefix) if (r := self.state.get_json(k))]
+        records.sort(key=lambda r: (int(r["partition"]), int(r["seq"])))
+        files = [
+            FileEntry(r["path"], int(r["rows"]), int(r["bytes"])) for r in records if r["path"]
+        ]
+        total = sum(f.rows for f in files)
+        batch = Batch(
+            batch_id=plan["batch_id"],
+            kind="snapshot",
+            format=self.opts.fmt,
+            committed_at=utc_now(),
+            files=files,
+            rows=total,
+            source_count=plan["source_count"],
+            watermark=Watermark(plan["max_updated_at"] or EPOCH, None),
+            info={
+                "started": plan["started"],
+                "rows_updated_at": plan["rows_updated_at"],
+                "partitions": len(plan["partitions"]),
+            },
+        )
+        if manifest is None:
+            manifest = Manifest(
+                dataset=self.dataset.name,
+                dataset_id=self.dataset.dataset_id,
+                key=self.dataset.key,
+                columns=[
+                    {"field": c.field_name, "name": c.name, "type": c.data_type}
+                    for c in schema.columns
+                ],
+            )
+        elif manifest.dataset_id != self.dataset.dataset_id:
+            raise StateError(
+                f"{result.location} holds dataset {manifest.dataset_id}, not "
+                f"{self.dataset.dataset_id}"
+            )
+        manifest.key = self.dataset.key
+        manifest.columns = [
+            {"field": c.field_name, "name": c.name, "type": c.data_type} for c in schema.columns
+        ]
+        manifest.batches.append(batch)
+        self.state.commit(manifest)
+        result.batch_id = batch.batch_id
+        result.source_count = plan["source_count"]
+        result.extra["total_rows"] = total
+        result.extra["total_files"] = len(files)
+        self._cleanup(manifest)
+
+    def _cleanup(self, manifest: Manifest) -> None:
+        """After a commit: drop run records, leftover files of killed runs, dangling uploads."""
+        for batch_id in self.state.unfinished_runs():
+            self.state.drop_run(batch_id)
+        for batch in manifest.batches:
+            self.state.drop_run(batch.batch_id)
+        leftovers = self.state.uncommitted_data(manifest, keep_runs=set())
+        if leftovers:
+            logger.info("%s: removing %d uncommitted files", self.dataset.name, len(leftovers))
+            self.storage.delete(leftovers)
+        self.storage.cleanup_uploads(f"{self.dataset.name}/")
+
+
+def backfill(
+    client: SodaClient,
+    storage: Storage,
+    datasets: list[Dataset],
+    opts: RunOptions,
+    on_result: Callable[[DatasetResult], None] | None = None,
+) -> list[DatasetResult]:
+    """Backfill each dataset in turn; a dataset already landed is skipped with a message."""
+    storage.check_writable()
+    stop = threading.Event()
+    results = []
+    for ds in datasets:
+        try:
+            result = Backfill(client, storage, ds, opts).run(stop)
+        except AlreadyLanded as exc:
+            result = DatasetResult(
+                ds.name, "skipped", message=str(exc), location=f"{storage.url}/{ds.name}/"
+            )
+        results.append(result)
+        if on_result:
+            on_result(result)
+        if result.status == "stopped":
+            break
+    return results
+
+
+__all__ = ["Backfill", "DatasetResult", "NycCollisionsError", "RunOptions", "backfill"]

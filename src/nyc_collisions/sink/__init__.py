@@ -1,0 +1,1 @@
+"""Where rows land: storage (a local folder or S3) and file formats (CSV, Parquet)."""

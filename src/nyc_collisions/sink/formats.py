@@ -1,0 +1,93 @@
+"""File formats: encode text tables to CSV or Parquet on a writer, and read them back.
+
+CSV: one header row of landed column names, every value quoted text as the source sent it; an
+empty unquoted field is null, `""` an empty string. Parquet: columns typed from the metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import IO, Protocol
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from ..errors import UsageError
+from ..schema import Schema
+from .storage import Writer
+
+FORMATS = ("csv", "parquet")
+READ_BATCH_ROWS = 65_536
+
+
+def check_format(fmt: str) -> str:
+    fmt = fmt.lower()
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown format {fmt!r}: use csv or parquet")
+    return fmt
+
+
+class Encoder(Protocol):
+    def write(self, table: pa.Table) -> None: ...
+    def close(self) -> None: ...
+
+
+class CsvEncoder:
+    def __init__(self, writer: Writer | IO[bytes], schema: Schema) -> None:
+        self._schema = schema
+        self._csv = pacsv.CSVWriter(
+            writer, schema.text_schema(), write_options=pacsv.WriteOptions(include_header=True)
+        )
+
+    def write(self, table: pa.Table) -> None:
+        self._csv.write_table(table)
+
+    def close(self) -> None:
+        self._csv.close()
+
+
+class ParquetEncoder:
+    def __init__(self, writer: Writer | IO[bytes], schema: Schema) -> None:
+        self._schema = schema
+        self._pq = pq.ParquetWriter(writer, schema.typed_schema(), compression="zstd")
+
+    def write(self, table: pa.Table) -> None:
+        self._pq.write_table(self._schema.to_typed(table))
+
+    def close(self) -> None:
+        self._pq.close()
+
+
+def encoder(fmt: str, writer: Writer | IO[bytes], schema: Schema) -> Encoder:
+    if fmt == "csv":
+        return CsvEncoder(writer, schema)
+    return ParquetEncoder(writer, schema)
+
+
+def read_text_batches(
+    fmt: str, source: IO[bytes], schema: Schema, columns: list[str] | None = None
+) -> Iterator[pa.Table]:
+    """Stream a landed file back as text tables (all columns, or just `columns`)."""
+    if fmt == "csv":
+        names = schema.names
+        convert = pacsv.ConvertOptions(
+            column_types={n: pa.string() for n in names},
+            strings_can_be_null=True,
+            null_values=[""],
+            quoted_strings_can_be_null=False,
+            include_columns=columns,
+        )
+        reader = pacsv.open_csv(
+            source,
+            read_options=pacsv.ReadOptions(block_size=8 << 20),
+            convert_options=convert,
+        )
+        for batch in reader:
+            yield pa.Table.from_batches([batch])
+        return
+    file = pq.ParquetFile(source)
+    want = columns or schema.names
+    sub = Schema(tuple(c for c in schema.columns if c.name in want), schema.integer_fields)
+    for batch in file.iter_batches(batch_size=READ_BATCH_ROWS, columns=sub.names):
+        yield sub.to_text(pa.Table.from_batches([batch]))

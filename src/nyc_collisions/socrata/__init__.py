@@ -1,0 +1,1 @@
+"""Talking to Socrata: pure SoQL builders (`soql`) and the HTTP client (`client`)."""

@@ -1,0 +1,330 @@
+"""The HTTP client for SODA: one pooled connection pool, timeouts, the app token, retries.
+
+Every request goes through `SodaClient.fetch`, which classifies responses in one place:
+
+- 429, 202, 5xx, 403 throttles, connection errors, timeouts, incomplete or unparsable bodies and
+  HTML pages are retried with exponential backoff and full jitter, honouring `Retry-After`;
+- 404 is `DatasetNotFound`, 403 `permission_denied` is `InvalidAppToken`, any other 4xx is
+  `SourceRejected` with the server's message (both of SODA's error shapes are read).
+
+All workers share one `AdaptiveLimit`: the number of requests in flight halves when the source
+throttles (429/403 throttle) and grows back by one after a run of successes (AIMD).
+One INFO log line per request; the token travels only in the `X-App-Token` header and is never
+logged or put in a message.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlencode
+
+import httpx
+import orjson
+
+from .. import __version__
+from ..errors import (
+    BadResponse,
+    DatasetNotFound,
+    InvalidAppToken,
+    SourceRejected,
+    SourceUnavailable,
+    UsageError,
+)
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_BASE_URL = "https://data.cityofnewyork.us"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently to retry a failing request."""
+
+    attempts: int = 10
+    base: float = 1.0
+    cap: float = 60.0
+    max_retry_after: float = 300.0
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        """Seconds before attempt `attempt + 1` (full jitter, or the server's Retry-After)."""
+        if retry_after is not None:
+            return min(retry_after, self.max_retry_after)
+        return random.uniform(0, min(self.cap, self.base * 2**attempt))
+
+
+class AdaptiveLimit:
+    """A concurrency limit shared by all workers: multiplicative decrease, additive increase."""
+
+    def __init__(self, maximum: int) -> None:
+        self.maximum = max(1, maximum)
+        self.limit = self.maximum
+        self._in_flight = 0
+        self._successes = 0
+        self._cond = threading.Condition()
+
+    def __enter__(self) -> AdaptiveLimit:
+        with self._cond:
+            while self._in_flight >= self.limit:
+                self._cond.wait()
+            self._in_flight += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            self._cond.notify_all()
+
+    def throttled(self) -> None:
+        """The source throttled us: halve the limit."""
+        with self._cond:
+            new = max(1, self.limit // 2)
+            if new != self.limit:
+                logger.warning("source throttles: concurrency %d -> %d", self.limit, new)
+            self.limit = new
+            self._successes = 0
+
+    def succeeded(self) -> None:
+        """One success: after `limit` successes in a row, allow one more request in flight."""
+        with self._cond:
+            if self.limit >= self.maximum:
+                return
+            self._successes += 1
+            if self._successes >= self.limit * 4:
+                self.limit += 1
+                self._successes = 0
+                self._cond.notify_all()
+
+
+@dataclass
+class ClientStats:
+    """What the client did, for summaries and benchmarks (thread-safe counters)."""
+
+    requests: int = 0
+    bytes: int = 0
+    retries: Counter[str] = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self.requests += 1
+            self.bytes += nbytes
+
+    def retried(self, cause: str) -> None:
+        with self._lock:
+            self.retries[cause] += 1
+
+
+class _Retryable(Exception):
+    """A failure worth another attempt; `cause` names it for stats and the final message."""
+
+    def __init__(self, cause: str, detail: str, retry_after: float | None = None) -> None:
+        super().__init__(detail)
+        self.cause = cause
+        self.retry_after = retry_after
+
+
+def validate_base_url(base_url: str) -> str:
+    """Check `--source`: an http(s) URL of a host, without query; returns it without a final /."""
+    try:
+        url = httpx.URL(base_url)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise UsageError(f"--source {base_url!r} is not a URL: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.host or url.query or url.fragment:
+        raise UsageError(
+            f"--source {base_url!r} is not a base URL like https://data.cityofnewyork.us"
+        )
+    return str(url).rstrip("/")
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value)
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+
+
+def _clip(text: str, n: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[:n] + "…"
+
+
+def error_message(body: bytes) -> str:
+    """The server's message from either SODA error shape, or the clipped body."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return _clip(body.decode("utf-8", "replace"))
+    if isinstance(doc, dict):
+        code = doc.get("code") or doc.get("errorCode")
+        message = doc.get("message")
+        if message:
+            return _clip(f"{code}: {message}" if code and code not in message else str(message))
+    return _clip(body.decode("utf-8", "replace"))
+
+
+def looks_like_html(response: httpx.Response, body: bytes) -> bool:
+    content_type = response.headers.get("content-type", "")
+    return "html" in content_type or body.lstrip()[:1] == b"<"
+
+
+class SodaClient:
+    """A pooled, retrying SODA client for one source (base URL) and optional app token."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_BASE_URL,
+        *,
+        app_token: str | None = None,
+        concurrency: int = 4,
+        retry: RetryPolicy | None = None,
+        timeout: float = 120.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.base_url = validate_base_url(base_url)
+        self.retry = retry or RetryPolicy()
+        self.limit = AdaptiveLimit(concurrency)
+        self.stats = ClientStats()
+        headers = {
+            "User-Agent": f"nyc-collisions/{__version__}",
+            "Accept-Encoding": "gzip",
+        }
+        if app_token:
+            headers["X-App-Token"] = app_token
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            limits=httpx.Limits(
+                max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4
+            ),
+            follow_redirects=True,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> SodaClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the one place where requests are made and classified -------------------------------
+    def fetch(self, path: str, params: dict[str, str] | None, parse: Callable[[bytes], T]) -> T:
+        """GET `path` and parse its body, retrying what is worth retrying.
+
+        `parse` runs inside the retry loop: a body that does not parse (cut short, HTML, broken)
+        is fetched again; a parser signals that with `BadResponse`.
+        """
+        shown = path + ("?" + urlencode(params) if params else "")
+        last: _Retryable | None = None
+        for attempt in range(self.retry.attempts):
+            if last is not None:
+                pause = self.retry.delay(attempt - 1, last.retry_after)
+                logger.info(
+                    "retry %d/%d in %.1fs after %s: %s",
+                    attempt,
+                    self.retry.attempts - 1,
+                    pause,
+                    last.cause,
+                    shown,
+                )
+                time.sleep(pause)
+            try:
+                result = self._attempt(path, params, parse, shown)
+            except _Retryable as exc:
+                self.stats.retried(exc.cause)
+                if exc.cause in ("429", "403 throttle"):
+                    self.limit.throttled()
+                last = exc
+                continue
+            self.limit.succeeded()
+            return result
+        assert last is not None
+        raise SourceUnavailable(
+            f"{self.base_url}{shown}: gave up after {self.retry.attempts} attempts; last: {last}"
+        )
+
+    def _attempt(
+        self, path: str, params: dict[str, str] | None, parse: Callable[[bytes], T], shown: str
+    ) -> T:
+        started = time.monotonic()
+        with self.limit:
+            try:
+                response = self._http.get(path, params=params)
+                body = response.content
+            except httpx.TimeoutException as exc:
+                raise _Retryable("timeout", f"timed out ({type(exc).__name__})") from None
+            except httpx.TransportError as exc:
+                raise _Retryable("connection", f"{type(exc).__name__}: {exc}") from None
+        status = response.status_code
+        self.stats.add(len(body))
+        logger.info(
+            "GET %s -> %d (%d bytes, %.2fs)", shown, status, len(body), time.monotonic() - started
+        )
+        if status == 200:
+            if looks_like_html(response, body):
+                raise _Retryable("html", "the source answered with an HTML page, not JSON")
+            try:
+                return parse(body)
+            except BadResponse as exc:
+                raise _Retryable("bad body", str(exc)) from None
+        message = error_message(body)
+        if status == 202 or status == 429 or status >= 500:
+            if looks_like_html(response, body):
+                message = "an HTML error page"
+            raise _Retryable(str(status), f"HTTP {status}: {message}", _retry_after(response))
+        if status == 404:
+            raise DatasetNotFound(f"{self.base_url}{path}: HTTP 404 not found: {message}")
+        if status in (401, 403):
+            if "permission_denied" in message or "app_token" in message.lower():
+                raise InvalidAppToken(
+                    f"{self.base_url}{path}: HTTP {status}: {message} (check SOCRATA_APP_TOKEN)"
+                )
+            if any(w in message.lower() for w in ("throttl", "rate limit", "too many")):
+                raise _Retryable(
+                    "403 throttle", f"HTTP {status}: {message}", _retry_after(response)
+                )
+        raise SourceRejected(f"{self.base_url}{shown}: HTTP {status}: {message}")
+
+    # -- typed helpers ----------------------------------------------------------------------
+    def get_json(self, path: str, params: dict[str, str] | None = None) -> Any:
+        return self.fetch(path, params, parse_json_document)
+
+    def metadata(self, dataset_id: str) -> dict[str, Any]:
+        doc = self.get_json(f"/api/views/{dataset_id}.json")
+        if not isinstance(doc, dict) or not isinstance(doc.get("columns"), list):
+            raise BadResponse(f"{self.base_url}/api/views/{dataset_id}.json: no columns")
+        return doc
+
+    def resource_path(self, dataset_id: str) -> str:
+        return f"/resource/{dataset_id}.json"
+
+    def scalar(self, dataset_id: str, params: dict[str, str], alias: str) -> str | None:
+        """One aggregate value (`count(*) AS n`, `max(...) AS m`); None when the source has none."""
+        rows = self.get_json(self.resource_path(dataset_id), params)
+        if not isinstance(rows, list) or len(rows) != 1 or not isinstance(rows[0], dict):
+            raise BadResponse(f"{dataset_id}: unexpected aggregate answer {_clip(str(rows))}")
+        value = rows[0].get(alias)
+        return None if value is None else str(value)
+
+
+def parse_json_document(body: bytes) -> Any:
+    """A whole JSON document; a body cut short is a `BadResponse` (and so retried)."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadResponse(f"body is not complete JSON ({exc}; {len(body)} bytes)") from None

@@ -1,0 +1,101 @@
+"""One dataset on the source: its schema, counts and pages, parsed (the extract side's view)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pyarrow as pa
+
+from ..datasets import Dataset
+from ..errors import BadResponse
+from ..pages import parse_page
+from ..schema import Schema
+from ..state import Watermark
+from . import soql
+from .client import SodaClient, parse_json_document
+
+
+@dataclass
+class SourceInfo:
+    """What the source said about a dataset when a run started."""
+
+    count: int
+    max_updated_at: str | None
+    rows_updated_at: int | None
+    name: str
+
+
+class DatasetSource:
+    def __init__(self, client: SodaClient, dataset: Dataset) -> None:
+        self.client = client
+        self.dataset = dataset
+        self.path = client.resource_path(dataset.dataset_id)
+        self._metadata: dict[str, Any] | None = None
+
+    def metadata(self) -> dict[str, Any]:
+        if self._metadata is None:
+            self._metadata = self.client.metadata(self.dataset.dataset_id)
+        return self._metadata
+
+    def schema(self) -> Schema:
+        return Schema.from_metadata(self.dataset, self.metadata())
+
+    def count(self, where: str | None = None) -> int:
+        value = self.client.scalar(self.dataset.dataset_id, soql.count_params(where), "n")
+        try:
+            return int(value or 0)
+        except ValueError:
+            raise BadResponse(
+                f"{self.dataset.dataset_id}: count is not a number: {value}"
+            ) from None
+
+    def max_updated_at(self) -> str | None:
+        return self.client.scalar(self.dataset.dataset_id, soql.max_updated_params(), "m")
+
+    def info(self) -> SourceInfo:
+        meta = self.metadata()
+        rows_updated = meta.get("rowsUpdatedAt")
+        return SourceInfo(
+            count=self.count(),
+            max_updated_at=self.max_updated_at(),
+            rows_updated_at=int(rows_updated) if isinstance(rows_updated, int | float) else None,
+            name=str(meta.get("name", self.dataset.dataset_id)),
+        )
+
+    def probe(self, after: str | None, offset: int) -> str | None:
+        """The `:id` `offset` rows past `after`, or None when there are not that many."""
+        rows = self.client.fetch(self.path, soql.boundary_params(after, offset), _json_rows)
+        if not rows:
+            return None
+        value = rows[0].get(":id")
+        if not isinstance(value, str):
+            raise BadResponse(f"{self.dataset.dataset_id}: boundary probe without :id: {rows[0]}")
+        return value
+
+    def page(self, schema: Schema, *, after: str | None, upper: str | None, limit: int) -> pa.Table:
+        """One keyset page of full rows in (after, upper], as a text table."""
+        params = soql.page_params(after=after, upper=upper, limit=limit)
+        return self.client.fetch(self.path, params, lambda body: parse_page(body, schema))
+
+    def changes(
+        self, schema: Schema, *, after: Watermark, limit: int, until: str | None = None
+    ) -> pa.Table:
+        """One keyset page of rows changed past the watermark, in (`:updated_at`, `:id`) order."""
+        params = soql.incremental_params(
+            updated_at=after.updated_at, row_id=after.row_id, limit=limit, until=until
+        )
+        return self.client.fetch(self.path, params, lambda body: parse_page(body, schema))
+
+    def keys(self, *, after: str | None, limit: int) -> list[dict[str, Any]]:
+        """One keyset page of {":id", key} objects."""
+        params = soql.keys_params(key=self.dataset.key, after=after, limit=limit)
+        return self.client.fetch(self.path, params, _json_rows)
+
+
+def _json_rows(body: bytes) -> list[dict[str, Any]]:
+    rows = parse_json_document(body)
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise BadResponse(f"expected a JSON array of objects, got {orjson.dumps(rows)[:200]!r}")
+    return rows
