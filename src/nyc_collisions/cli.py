@@ -17,7 +17,13 @@ from . import __version__
 from .current import open_landed
 from .datasets import resolve, resolve_many
 from .errors import Interrupted, NothingLanded, NycCollisionsError, UsageError
-from .extract import DEFAULT_PAGE_SIZE, DEFAULT_WORKERS, DatasetResult, RunOptions, backfill
+from .extract import (
+    DEFAULT_PAGE_SIZE,
+    DEFAULT_WORKERS,
+    DatasetResult,
+    RunOptions,
+    backfill,
+)
 from .sink.storage import DEFAULT_LOCAL_DEST, open_storage
 from .socrata.client import DEFAULT_BASE_URL, RetryPolicy, SodaClient
 from .socrata.source import DatasetSource

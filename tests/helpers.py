@@ -1,0 +1,140 @@
+"""Shared test helpers: run the CLI, and compare landed data with the fake server's rows."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from click.testing import CliRunner
+
+from nyc_collisions.cli import main
+
+NAMES = {"crashes": "h9gi-nx95", "persons": "f55k-p6yu", "vehicles": "bm4k-52h4"}
+KEYS = {"h9gi-nx95": "collision_id", "f55k-p6yu": "unique_id", "bm4k-52h4": "unique_id"}
+SYSTEM = {
+    ":id": "socrata_id",
+    ":created_at": "socrata_created_at",
+    ":updated_at": "socrata_updated_at",
+}
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def text(self) -> str:
+        return self.out + self.err
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> Result:
+    """Run `nyc-collisions ARGS` in process; returns exit code, stdout and stderr."""
+    runner = CliRunner()
+    res = runner.invoke(main, list(args), env=env, catch_exceptions=True)
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return Result(res.exit_code, res.stdout, res.stderr)
+
+
+def columns(url: str, dataset_id: str) -> list[tuple[str, str]]:
+    """(fieldName, dataTypeName) of the dataset in metadata order, then the system fields."""
+    meta = httpx.get(f"{url}/api/views/{dataset_id}.json").json()
+    cols = sorted(
+        (c for c in meta["columns"] if not c["fieldName"].startswith(":")),
+        key=lambda c: c["position"],
+    )
+    return [(c["fieldName"], c["dataTypeName"]) for c in cols] + [
+        (":id", "text"),
+        (":created_at", "fixed_timestamp"),
+        (":updated_at", "fixed_timestamp"),
+    ]
+
+
+def landed(field: str) -> str:
+    return SYSTEM.get(field, field)
+
+
+def source_text(value: Any) -> str | None:
+    """What a source value looks like as landed text."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value, separators=(",", ":"))
+
+
+def read_export(path: Path) -> list[dict[str, Any]]:
+    if path.suffix == ".csv":
+        table = pacsv.read_csv(
+            path,
+            convert_options=pacsv.ConvertOptions(
+                strings_can_be_null=True,
+                quoted_strings_can_be_null=False,
+                null_values=[""],
+                column_types={n: pa.string() for n in _header(path)},
+            ),
+        )
+    else:
+        table = pq.read_table(path)
+    return table.to_pylist()
+
+
+def _header(path: Path) -> list[str]:
+    with path.open(newline="") as f:
+        import csv
+
+        return next(csv.reader(f))
+
+
+def _normalise(value: Any, dtype: str, typed: bool) -> Any:
+    """Compare a source value and a landed one on equal terms."""
+    if value is None:
+        return None
+    if dtype in ("location", "point") or isinstance(value, dict | list):
+        return json.loads(value) if isinstance(value, str) else value
+    if typed:
+        if dtype == "number":
+            return float(value)
+        if dtype in ("calendar_date", "floating_timestamp", "fixed_timestamp", "date"):
+            if hasattr(value, "isoformat"):
+                value = value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}"
+            return str(value).rstrip("Z")
+        if dtype == "checkbox":
+            return value if isinstance(value, bool) else value == "true"
+    return source_text(value)
+
+
+def assert_exact(
+    source_rows: list[dict[str, Any]],
+    landed_rows: list[dict[str, Any]],
+    cols: list[tuple[str, str]],
+    key: str,
+    typed: bool = False,
+) -> int:
+    """Every source row landed once, field by field; returns the number of rows checked."""
+    key_col = landed(key)
+    by_key: dict[Any, dict[str, Any]] = {}
+    for row in landed_rows:
+        k = str(row[key_col])
+        assert k not in by_key, f"duplicated key {k}"
+        by_key[k] = row
+    expected_keys = {str(r[key]) for r in source_rows}
+    missing = expected_keys - set(by_key)
+    extra = set(by_key) - expected_keys
+    assert not missing and not extra, f"missing {sorted(missing)[:5]}, extra {sorted(extra)[:5]}"
+    assert list(landed_rows[0].keys()) == [landed(f) for f, _ in cols] if landed_rows else True
+    for src in source_rows:
+        got = by_key[str(src[key])]
+        for field, dtype in cols:
+            want = _normalise(src.get(field), dtype, typed)
+            have = _normalise(got[landed(field)], dtype, typed)
+            assert want == have, f"{key}={src[key]} {field}: source {want!r} landed {have!r}"
+    return len(source_rows)

@@ -1,0 +1,174 @@
+"""End to end: `nyc-collisions backfill` against the fake SODA server, to a folder and to S3."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import GOOD_TOKEN
+from tests.fake_soda import FakeSoda
+from tests.helpers import KEYS, NAMES, assert_exact, cli, columns, read_export
+
+
+def backfill(srv: FakeSoda, dest: str, *extra: str) -> None:
+    res = cli("backfill", "--source", srv.url, "--dest", dest, *extra)
+    assert res.code == 0, res.text
+
+
+def check_exact(srv: FakeSoda, dest: str, name: str, tmp_path: Path, suffix: str = ".csv") -> int:
+    out = tmp_path / f"{name}{suffix}"
+    res = cli("export", name, "--dest", dest, "--output", str(out))
+    assert res.code == 0, res.text
+    dataset_id = NAMES[name]
+    return assert_exact(
+        srv.rows(dataset_id),
+        read_export(out),
+        columns(srv.url, dataset_id),
+        KEYS[dataset_id],
+        typed=suffix == ".parquet",
+    )
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+@pytest.mark.parametrize("workers", ["1", "4"], ids=["sequential", "parallel"])
+def test_backfill_all_three_exact(
+    soda_ro: FakeSoda, dest: str, fmt: str, workers: str, tmp_path: Path
+) -> None:
+    backfill(
+        soda_ro,
+        dest,
+        "--format",
+        fmt,
+        "--workers",
+        workers,
+        "--page-size",
+        "700",
+        "--file-rows",
+        "1500",
+    )
+    for name in NAMES:
+        check_exact(soda_ro, dest, name, tmp_path, ".csv")
+        check_exact(soda_ro, dest, name, tmp_path, ".parquet")
+
+
+def test_landed_layout_is_plain_files_with_a_manifest(soda_ro: FakeSoda, tmp_path: Path) -> None:
+    dest = tmp_path / "land"
+    backfill(soda_ro, str(dest), "crashes", "--page-size", "1000", "--file-rows", "1000")
+    files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+    assert "crashes/manifest.json" in files
+    data = [f for f in files if f.startswith("crashes/data/")]
+    assert data and all(f.endswith(".csv") for f in data)
+    assert not [f for f in files if f.startswith("crashes/runs/") or f.endswith(".tmp")]
+    assert all(" " not in f and "'" not in f and '"' not in f for f in files)
+    # each file has exactly one header row, and the manifest counts rows right
+    import json
+
+    manifest = json.loads((dest / "crashes/manifest.json").read_text())
+    (batch,) = manifest["batches"]
+    assert sorted(f["path"] for f in batch["files"]) == data
+    for entry in batch["files"]:
+        lines = read_export(dest / entry["path"])
+        assert len(lines) == entry["rows"]
+    assert batch["rows"] == len(soda_ro.rows("h9gi-nx95"))
+
+
+def test_rerun_skips_a_landed_dataset_and_force_replaces(soda_ro: FakeSoda, tmp_path: Path) -> None:
+    dest = str(tmp_path / "land")
+    backfill(soda_ro, dest, "crashes")
+    res = cli("backfill", "crashes", "--source", soda_ro.url, "--dest", dest)
+    assert res.code == 0
+    assert "already committed" in res.out and "--force" in res.out
+    backfill(soda_ro, dest, "crashes", "--force", "--format", "parquet")
+    assert check_exact(soda_ro, dest, "crashes", tmp_path) == len(soda_ro.rows("h9gi-nx95"))
+
+
+@pytest.mark.parametrize(
+    ("kind", "kw"),
+    [
+        ("429", {"retry_after": 0}),
+        ("429", {}),
+        ("500", {}),
+        ("503", {}),
+        ("202", {}),
+        ("reset", {}),
+        ("truncate_rows", {}),
+        ("truncate_mid", {}),
+        ("html", {}),
+        ("403_throttle", {}),
+    ],
+    ids=[
+        "429_retry_after",
+        "429_bare",
+        "500",
+        "503",
+        "202",
+        "reset_mid_body",
+        "truncated_clean_rows",
+        "truncated_clean_mid",
+        "html_page",
+        "403_throttle",
+    ],
+)
+def test_faults_during_backfill_still_exact(
+    soda: FakeSoda, kind: str, kw: dict[str, object], tmp_path: Path
+) -> None:
+    soda.add_fault(kind, times=3, match="$order", **kw)
+    dest = str(tmp_path / "land")
+    backfill(soda, dest, "crashes", "persons", "--page-size", "900", "--workers", "3")
+    assert soda.stats()["faults"].get(kind, 0) == 3
+    for name in ("crashes", "persons"):
+        check_exact(soda, dest, name, tmp_path)
+
+
+def test_token_is_sent_and_never_written(soda: FakeSoda, tmp_path: Path) -> None:
+    dest = tmp_path / "land"
+    res = cli(
+        "backfill",
+        "crashes",
+        "-v",
+        "--source",
+        soda.url,
+        "--dest",
+        str(dest),
+        env={"SOCRATA_APP_TOKEN": GOOD_TOKEN},
+    )
+    assert res.code == 0, res.text
+    assert GOOD_TOKEN not in res.text
+    for path in dest.rglob("*"):
+        if path.is_file():
+            assert GOOD_TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_time_budget_stops_cleanly_and_rerun_resumes(tmp_path: Path) -> None:
+    from tests.fake_soda import Latency
+
+    sizes = {"h9gi-nx95": 3000, "f55k-p6yu": 10, "bm4k-52h4": 10}
+    latency = Latency(base=0.05, per_row=0.0, per_skipped=0.0, max_concurrent=3)
+    with FakeSoda(sizes=sizes, seed=3, latency=latency) as srv:
+        dest = str(tmp_path / "land")
+        args = (
+            "backfill",
+            "crashes",
+            "--source",
+            srv.url,
+            "--dest",
+            dest,
+            "--page-size",
+            "100",
+            "--file-rows",
+            "200",
+            "--workers",
+            "2",
+        )
+        first = cli(*args, "--max-seconds", "0.6")
+        assert first.code == 3, first.text
+        assert "resumes" in first.out
+        assert not (tmp_path / "land/crashes/manifest.json").exists()
+        srv.reset_stats()
+        second = cli(*args)
+        assert second.code == 0, second.text
+        assert "resumed run" in second.out
+        # it went on from committed files: fewer data requests than a run from zero
+        assert srv.stats()["rows_served"] < 3000
+        check_exact(srv, dest, "crashes", tmp_path)

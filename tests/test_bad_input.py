@@ -1,0 +1,212 @@
+"""Bad input gets one clear line, a non-zero exit, and nothing committed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fake_soda import FakeSoda, Latency
+from tests.helpers import cli
+
+
+def one_line_error(text: str, *needles: str) -> None:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, text
+    assert lines[0].startswith("nyc-collisions: "), text
+    for needle in needles:
+        assert needle.lower() in lines[0].lower(), (needle, lines[0])
+
+
+def nothing_committed(dest: Path) -> None:
+    assert not list(dest.rglob("manifest.json")) if dest.exists() else True
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["backfill", "collisions"], ["unknown dataset"]),
+        (["backfill", "crashes", "--workers", "0"], ["--workers"]),
+        (["backfill", "crashes", "--page-size", "-5"], ["--page-size"]),
+        (["backfill", "crashes", "--page-size", "0"], ["--page-size"]),
+        (["backfill", "crashes", "--max-seconds", "0"], ["--max-seconds"]),
+        (["backfill", "crashes", "--source", "data.cityofnewyork.us"], ["--source"]),
+        (["backfill", "crashes", "--source", "ftp://example/"], ["--source"]),
+        (["backfill", "crashes", "--dest", "s3://"], ["s3://bucket/prefix"]),
+        (["backfill", "crashes", "--dest", "gs://bucket/x"], ["--dest"]),
+        (["export", "crashes", "--output", "out.json"], [".csv or .parquet"]),
+    ],
+    ids=[
+        "unknown_name",
+        "workers_0",
+        "negative_page",
+        "zero_page",
+        "zero_budget",
+        "source_no_scheme",
+        "source_ftp",
+        "dest_s3_no_bucket",
+        "dest_gs",
+        "export_suffix",
+    ],
+)
+def test_usage_errors(
+    soda_ro: FakeSoda, tmp_path: Path, args: list[str], needles: list[str]
+) -> None:
+    full = list(args)
+    if "--source" not in full and full[0] == "backfill":
+        full += ["--source", soda_ro.url]
+    if "--dest" not in full:
+        full += ["--dest", str(tmp_path / "land")]
+    res = cli(*full)
+    assert res.code == 2
+    one_line_error(res.err, *needles)
+    nothing_committed(tmp_path / "land")
+    assert not (tmp_path / "land").exists() or not any((tmp_path / "land").rglob("*.csv"))
+
+
+def test_unknown_format_is_rejected(soda_ro: FakeSoda, tmp_path: Path) -> None:
+    res = cli(
+        "backfill", "crashes", "--format", "xml", "--source", soda_ro.url, "--dest", str(tmp_path)
+    )
+    assert res.code == 2
+    assert "xml" in res.err and "csv" in res.err
+
+
+def test_unknown_dataset_id_is_404(soda_ro: FakeSoda, tmp_path: Path) -> None:
+    res = cli("backfill", "zzzz-9999", "--source", soda_ro.url, "--dest", str(tmp_path / "l"))
+    assert res.code == 1
+    one_line_error(res.err, "zzzz-9999", "404")
+    nothing_committed(tmp_path / "l")
+
+
+def test_invalid_token(soda_ro: FakeSoda, tmp_path: Path) -> None:
+    res = cli(
+        "backfill",
+        "crashes",
+        "--source",
+        soda_ro.url,
+        "--dest",
+        str(tmp_path / "l"),
+        env={"SOCRATA_APP_TOKEN": "not-a-token-xyz"},
+    )
+    assert res.code == 1
+    one_line_error(res.err, "SOCRATA_APP_TOKEN")
+    assert "not-a-token-xyz" not in res.text
+    nothing_committed(tmp_path / "l")
+
+
+def test_unreachable_source(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = cli(
+        "backfill",
+        "crashes",
+        "--retries",
+        "2",
+        "--source",
+        f"http://127.0.0.1:{port}",
+        "--dest",
+        str(tmp_path / "l"),
+    )
+    assert res.code == 1
+    one_line_error(res.err, "gave up after 2 attempts")
+
+
+def test_html_instead_of_json(soda: FakeSoda, tmp_path: Path) -> None:
+    soda.add_fault("html", times=1000)
+    res = cli(
+        "backfill", "crashes", "--retries", "2", "--source", soda.url, "--dest", str(tmp_path / "l")
+    )
+    assert res.code == 1
+    one_line_error(res.err, "HTML")
+    nothing_committed(tmp_path / "l")
+
+
+def test_unwritable_local_folder(soda_ro: FakeSoda, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = cli("backfill", "crashes", "--source", soda_ro.url, "--dest", str(blocker / "sub"))
+    assert res.code == 1
+    one_line_error(res.err, str(blocker))
+    assert soda_ro.url  # the source was not needed to find out
+
+
+def test_read_only_folder(soda: FakeSoda, tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        # root writes anywhere: use a read-only bind target instead
+        target = Path("/proc/nyc-collisions-test")
+    else:
+        target = tmp_path / "ro"
+        target.mkdir()
+        target.chmod(0o500)
+    soda.reset_stats()
+    res = cli("backfill", "crashes", "--source", soda.url, "--dest", str(target))
+    assert res.code == 1
+    one_line_error(res.err, "nyc-collisions-test" if os.geteuid() == 0 else "ro")
+    assert soda.stats()["rows_served"] == 0, "checked the destination before downloading"
+
+
+def test_missing_bucket(soda_ro: FakeSoda, s3_env: str) -> None:
+    res = cli("backfill", "crashes", "--source", soda_ro.url, "--dest", "s3://no-such-bucket-nyc/x")
+    assert res.code == 1
+    one_line_error(res.err, "no-such-bucket-nyc", "does not exist")
+
+
+def test_no_aws_credentials(
+    soda_ro: FakeSoda, s3_env: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    res = cli("backfill", "crashes", "--source", soda_ro.url, "--dest", "s3://some-bucket/x")
+    assert res.code == 1
+    one_line_error(res.err, "no AWS credentials")
+
+
+def test_ctrl_c_mid_run_commits_nothing_partial(tmp_path: Path) -> None:
+    sizes = {"h9gi-nx95": 4000, "f55k-p6yu": 10, "bm4k-52h4": 10}
+    latency = Latency(base=0.1, per_row=0.0, per_skipped=0.0, max_concurrent=3)
+    with FakeSoda(sizes=sizes, seed=5, latency=latency) as srv:
+        dest = tmp_path / "land"
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "nyc_collisions.cli",
+                "backfill",
+                "crashes",
+                "--source",
+                srv.url,
+                "--dest",
+                str(dest),
+                "--page-size",
+                "100",
+                "--file-rows",
+                "300",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not list(dest.rglob("runs/*/parts/*.json")):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, out + err
+        one_line_error(err, "interrupted")
+        assert not (dest / "crashes/manifest.json").exists()
+        res = cli(
+            "backfill", "crashes", "--source", srv.url, "--dest", str(dest), "--page-size", "100"
+        )
+        assert res.code == 0, res.text
+        assert "resumed run" in res.out

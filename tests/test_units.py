@@ -1,0 +1,261 @@
+"""Pure pieces, without HTTP: SoQL builders, partition plans, page parsing, retry policy."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nyc_collisions.datasets import KNOWN, resolve, resolve_many
+from nyc_collisions.errors import BadResponse, SchemaError, UsageError
+from nyc_collisions.pages import parse_page, parse_page_fast, parse_page_plain
+from nyc_collisions.plan import partition_count, partition_step, partitions_from_boundaries
+from nyc_collisions.schema import Schema
+from nyc_collisions.socrata import soql
+from nyc_collisions.socrata.client import RetryPolicy, error_message, validate_base_url
+
+META = {
+    "columns": [
+        {"fieldName": "collision_id", "dataTypeName": "number", "position": 2},
+        {"fieldName": "borough", "dataTypeName": "text", "position": 1},
+        {"fieldName": "location", "dataTypeName": "location", "position": 3},
+        {"fieldName": ":@computed_region_x", "dataTypeName": "number", "position": 4},
+    ]
+}
+
+
+def schema() -> Schema:
+    return Schema.from_metadata(KNOWN["crashes"], META)
+
+
+def test_quote_doubles_single_quotes() -> None:
+    assert soql.quote("O'BRIEN") == "'O''BRIEN'"
+
+
+@pytest.mark.parametrize(
+    ("after", "upper", "where"),
+    [
+        (None, None, None),
+        ("row-a", None, ":id > 'row-a'"),
+        (None, "row-z", ":id <= 'row-z'"),
+        ("row-a", "row-z", ":id > 'row-a' AND :id <= 'row-z'"),
+    ],
+    ids=["whole", "after", "upper", "range"],
+)
+def test_page_params_keyset(after: str | None, upper: str | None, where: str | None) -> None:
+    params = soql.page_params(after=after, upper=upper, limit=5000)
+    assert params["$select"] == ":*,*"
+    assert params["$order"] == ":id"
+    assert params["$limit"] == "5000"
+    assert params.get("$where") == where
+    assert "$offset" not in params
+
+
+def test_page_params_with_user_where_keeps_precedence() -> None:
+    params = soql.page_params(after="r1", upper=None, limit=10, where="a = 1 OR b = 2")
+    assert params["$where"] == "(a = 1 OR b = 2) AND (:id > 'r1')"
+
+
+def test_incremental_params() -> None:
+    p = soql.incremental_params(updated_at="2024-01-01T00:00:00.000Z", row_id="row-x", limit=7)
+    assert p["$order"] == ":updated_at,:id"
+    assert p["$where"] == (
+        ":updated_at > '2024-01-01T00:00:00.000Z' OR "
+        "(:updated_at = '2024-01-01T00:00:00.000Z' AND :id > 'row-x')"
+    )
+    p = soql.incremental_params(updated_at="T", row_id=None, limit=7, until="U")
+    assert p["$where"] == "(:updated_at > 'T') AND (:updated_at <= 'U')"
+
+
+def test_count_and_probe_params() -> None:
+    assert soql.count_params() == {"$select": "count(*) AS n"}
+    assert soql.boundary_params("row-b", 99) == {
+        "$select": ":id",
+        "$order": ":id",
+        "$limit": "1",
+        "$offset": "99",
+        "$where": ":id > 'row-b'",
+    }
+    assert soql.keys_params(key="unique_id", after=None, limit=3)["$select"] == ":id,unique_id"
+
+
+@pytest.mark.parametrize(
+    ("rows", "workers", "page", "expected"),
+    [(0, 4, 100, 1), (150, 4, 100, 1), (1000, 4, 100, 4), (1000, 8, 100, 5), (10, 1, 1, 1)],
+)
+def test_partition_count(rows: int, workers: int, page: int, expected: int) -> None:
+    assert partition_count(rows, workers, page) == expected
+
+
+def test_partition_step_covers_rows() -> None:
+    assert partition_step(10, 3) == 4
+    assert partition_step(0, 1) == 1
+
+
+def test_partitions_cover_everything_and_drop_repeats() -> None:
+    parts = partitions_from_boundaries(["b", "b", None, "d"])
+    assert [(p.lower, p.upper) for p in parts] == [(None, "b"), ("b", "d"), ("d", None)]
+    assert [p.index for p in parts] == [0, 1, 2]
+    assert [(p.lower, p.upper) for p in partitions_from_boundaries([])] == [(None, None)]
+
+
+def test_schema_from_metadata_orders_and_skips_computed_regions() -> None:
+    s = schema()
+    assert s.names == [
+        "borough",
+        "collision_id",
+        "location",
+        "socrata_id",
+        "socrata_created_at",
+        "socrata_updated_at",
+    ]
+
+
+def test_schema_rejects_missing_key() -> None:
+    with pytest.raises(SchemaError, match="key"):
+        Schema.from_metadata(KNOWN["persons"], META)
+
+
+def test_parse_page_text_values() -> None:
+    body = (
+        b'[{"borough":"QUEENS","collision_id":"7","location":{"latitude":"40.5",'
+        b'"longitude":"-73.9","human_address":"{\\"a\\": \\"\\"}"},":id":"row-1",'
+        b'":created_at":"2021-02-23T16:03:14.703Z",":updated_at":"2021-02-23T16:03:14.703Z",'
+        b'":version":"rv-1"}\n,{"collision_id":"8",":id":"row-2"}\n]'
+    )
+    table = parse_page(body, schema())
+    rows = table.to_pylist()
+    assert rows[0]["location"] == (
+        '{"human_address":"{\\"a\\": \\"\\"}","latitude":"40.5","longitude":"-73.9"}'
+    )
+    assert rows[1] == {
+        "borough": None,
+        "collision_id": "8",
+        "location": None,
+        "socrata_id": "row-2",
+        "socrata_created_at": None,
+        "socrata_updated_at": None,
+    }
+
+
+def test_parse_page_typed_roundtrip() -> None:
+    body = (
+        b'[{"collision_id":"7",":id":"r",":updated_at":"2021-02-23T16:03:14.703Z",'
+        b'":created_at":"2020-01-01T00:00:00.000Z"}]'
+    )
+    s = schema()
+    typed = s.to_typed(parse_page(body, s))
+    assert typed.column("collision_id").to_pylist() == [7]
+    assert s.to_text(typed).to_pylist() == parse_page(body, s).to_pylist()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'[{"collision_id":"7",":id":"r"}\n,{"collision_id":"8"', b"", b'{"a":1}', b"[1,2]"],
+    ids=["cut_short", "empty", "object", "not_rows"],
+)
+def test_parse_page_rejects_incomplete_bodies(body: bytes) -> None:
+    with pytest.raises(BadResponse):
+        parse_page(body, schema())
+
+
+def test_parse_page_rejects_unknown_fields() -> None:
+    with pytest.raises(SchemaError, match="surprise"):
+        parse_page(b'[{"collision_id":"7",":id":"r","surprise":"x"}]', schema())
+
+
+def test_parse_page_requires_id() -> None:
+    with pytest.raises(BadResponse, match=":id"):
+        parse_page(b'[{"collision_id":"7"}]', schema())
+
+
+def test_number_that_does_not_fit_fails_clearly() -> None:
+    s = schema()
+    table = parse_page(b'[{"collision_id":"7.5",":id":"r"}]', s)
+    with pytest.raises(SchemaError, match="collision_id"):
+        s.to_typed(table)
+
+
+def test_error_message_reads_both_shapes() -> None:
+    a = b'{"code":"query.compiler.malformed","error":true,"message":"bad $where"}'
+    b = (
+        b'{"message":"Query coordinator error: query.soql.no-such-column; No such column: x",'
+        b'"errorCode":"query.soql.no-such-column","data":{}}'
+    )
+    assert error_message(a) == "query.compiler.malformed: bad $where"
+    assert "No such column: x" in error_message(b)
+    assert error_message(b"<html>oops</html>") == "<html>oops</html>"
+
+
+def test_retry_policy_honours_retry_after_and_caps() -> None:
+    policy = RetryPolicy(base=1, cap=8)
+    assert policy.delay(3, 2.5) == 2.5
+    assert all(0 <= policy.delay(10, None) <= 8 for _ in range(100))
+
+
+@pytest.mark.parametrize("url", ["ftp://x", "data.cityofnewyork.us", "http://", "https://h/?q=1"])
+def test_bad_source_urls(url: str) -> None:
+    with pytest.raises(UsageError):
+        validate_base_url(url)
+
+
+def test_resolve_datasets() -> None:
+    assert resolve("crashes").dataset_id == "h9gi-nx95"
+    assert resolve("f55k-p6yu").name == "persons"
+    assert resolve("abcd-1234").key == ":id"
+    assert resolve("abcd-1234", key="row_key").key == "row_key"
+    assert [d.name for d in resolve_many([])] == ["crashes", "persons", "vehicles"]
+    with pytest.raises(UsageError):
+        resolve("collisions")
+
+
+_text_values = st.one_of(
+    st.none(),
+    st.text(max_size=12),
+    st.sampled_from(['O\'BRIEN "X", ST', "a\\b", "\u00e9\u4e2d", "x\ny"]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {
+                "borough": _text_values,
+                "collision_id": st.integers(0, 10**9).map(str),
+                "location": st.one_of(
+                    st.none(),
+                    st.fixed_dictionaries(
+                        {
+                            "latitude": _text_values,
+                            "longitude": _text_values,
+                            "human_address": _text_values,
+                        }
+                    ),
+                ),
+                ":id": st.text(min_size=1, max_size=8),
+            }
+        ),
+        max_size=30,
+    ),
+    st.booleans(),
+)
+def test_fast_and_plain_parsers_agree(rows: list[dict[str, object]], one_per_line: bool) -> None:
+    """The Arrow fast path gives exactly the reference parser's table, or steps aside."""
+    clean = [
+        {
+            k: ({m: x for m, x in v.items() if x is not None} if isinstance(v, dict) else v)
+            for k, v in r.items()
+            if v is not None
+        }
+        for r in rows
+    ]
+    parts = [orjson.dumps(r) for r in clean]
+    body = b"[" + (b"\n," if one_per_line else b",").join(parts) + (b"\n]" if parts else b"]")
+    plain = parse_page_plain(body, schema())
+    fast = parse_page_fast(body, schema())
+    if fast is not None:
+        assert fast.equals(plain)
+    if one_per_line and not any("\n" in str(r) or "\\x" in repr(r) for r in rows):
+        assert fast is not None or not rows
