@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -16,14 +17,16 @@ import orjson
 from . import __version__
 from .current import open_landed
 from .datasets import resolve, resolve_many
-from .errors import Interrupted, NothingLanded, NycCollisionsError, UsageError
+from .errors import Interrupted, NycCollisionsError, UsageError
 from .extract import (
+    DEFAULT_FILE_ROWS,
     DEFAULT_PAGE_SIZE,
     DEFAULT_WORKERS,
     DatasetResult,
     RunOptions,
     backfill,
 )
+from .report import dataset_status, orphans
 from .sink.storage import DEFAULT_LOCAL_DEST, open_storage
 from .socrata.client import DEFAULT_BASE_URL, RetryPolicy, SodaClient
 from .socrata.source import DatasetSource
@@ -93,6 +96,20 @@ def _client(source: str, retries: int, workers: int = DEFAULT_WORKERS) -> SodaCl
         concurrency=workers,
         retry=RetryPolicy(attempts=retries, base=base),
     )
+
+
+def _opts(
+    *,
+    started: float,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    file_rows: int = DEFAULT_FILE_ROWS,
+    max_seconds: float | None = None,
+    **kw: Any,
+) -> RunOptions:
+    if max_seconds is not None and max_seconds <= 0:
+        raise UsageError(f"--max-seconds must be positive, not {max_seconds}")
+    deadline = started + max_seconds if max_seconds else None
+    return RunOptions(page_size=page_size, file_rows=file_rows, deadline=deadline, **kw)
 
 
 def handle_errors(f: F) -> F:
@@ -190,6 +207,13 @@ def _print_summary(results: list[DatasetResult], started: float) -> None:
     metavar="FIELD",
     help="Unique key of a dataset given by id (default :id).",
 )
+@click.option(
+    "--file-rows",
+    type=int,
+    default=DEFAULT_FILE_ROWS,
+    show_default=True,
+    help="Rows per landed file (a rerun resumes from the last whole file).",
+)
 @click.option("--force", is_flag=True, help="Land a new snapshot even if one is committed.")
 @click.option(
     "--max-seconds",
@@ -209,6 +233,7 @@ def backfill_cmd(
     workers: int,
     page_size: int,
     key: str | None,
+    file_rows: int,
     force: bool,
     max_seconds: float | None,
     no_progress: bool,
@@ -224,15 +249,14 @@ def backfill_cmd(
     """
     _setup_logging(verbose)
     started = time.monotonic()
-    if max_seconds is not None and max_seconds <= 0:
-        raise UsageError(f"--max-seconds must be positive, not {max_seconds}")
-    deadline = started + max_seconds if max_seconds else None
-    opts = RunOptions(
+    opts = _opts(
+        started=started,
+        page_size=page_size,
+        file_rows=file_rows,
+        max_seconds=max_seconds,
         fmt=fmt.lower(),
         workers=workers,
-        page_size=page_size,
         force=force,
-        deadline=deadline,
         progress=not no_progress and sys.stderr.isatty(),
     )
     chosen = resolve_many(list(datasets), key)
@@ -242,6 +266,188 @@ def backfill_cmd(
     _print_summary(results, started)
     if any(r.status == "stopped" for r in results):
         sys.exit(3)
+
+
+def _run_each(
+    datasets: list[Any],
+    run: Callable[[Any, threading.Event], DatasetResult],
+) -> list[DatasetResult]:
+    stop = threading.Event()
+    results = []
+    for ds in datasets:
+        result = run(ds, stop)
+        results.append(result)
+        if result.status == "stopped":
+            break
+    return results
+
+
+def _print_changes(results: list[DatasetResult], started: float) -> None:
+    for r in results:
+        parts = [f"{r.dataset}: {r.status} {r.rows:,} rows in {r.files} files"]
+        for k in ("missing", "stale", "vanished"):
+            if k in r.extra:
+                parts.append(f"{k} {r.extra[k]:,}")
+        wm = r.extra.get("watermark")
+        if wm:
+            parts.append(f"watermark {wm['updated_at']} {wm['row_id'] or ''}".rstrip())
+        parts.append(f"{r.requests:,} requests, {r.seconds:,.1f}s -> {r.location}")
+        click.echo(", ".join(parts))
+        if r.message:
+            click.echo(f"  {r.message}")
+    click.echo(
+        f"total: {sum(r.rows for r in results):,} rows, execution time "
+        f"{time.monotonic() - started:,.1f}s"
+    )
+
+
+@main.command("update")
+@click.argument("datasets", nargs=-1, metavar="[DATASET]...")
+@common
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "parquet"], case_sensitive=False),
+    default=None,
+    help="File format of the new batch (default: as landed).",
+)
+@click.option(
+    "--page-size", type=int, default=DEFAULT_PAGE_SIZE, show_default=True, help="Rows per request."
+)
+@click.option(
+    "--file-rows",
+    type=int,
+    default=DEFAULT_FILE_ROWS,
+    show_default=True,
+    help="Rows per landed file (each file is committed as it is written).",
+)
+@click.option(
+    "--reconcile",
+    "also_reconcile",
+    is_flag=True,
+    help="Then reconcile: tombstones for deleted rows, refetch missing ones.",
+)
+@click.option(
+    "--max-seconds",
+    type=float,
+    default=None,
+    help="Stop cleanly before this many seconds; the next run goes on.",
+)
+@handle_errors
+def update_cmd(
+    datasets: tuple[str, ...],
+    source: str,
+    dest: str,
+    verbose: int,
+    retries: int,
+    fmt: str | None,
+    page_size: int,
+    file_rows: int,
+    also_reconcile: bool,
+    max_seconds: float | None,
+) -> None:
+    """Daily update: land every row changed since the watermark as a new batch.
+
+    Rows whose (:updated_at, :id) is past the watermark stored at DEST are fetched in that
+    order and committed file by file; the watermark moves with each commit. Running it twice
+    lands nothing the second time. Needs a committed backfill.
+
+    Example: nyc-collisions update --dest s3://nyc-application-collisions/collisions_raw_data
+    """
+    from .incremental import Reconcile, Update
+
+    _setup_logging(verbose)
+    started = time.monotonic()
+    opts = _opts(page_size=page_size, file_rows=file_rows, max_seconds=max_seconds, started=started)
+    storage = open_storage(dest)
+    chosen = resolve_many(list(datasets))
+    with _client(source, retries) as client:
+        storage.check_writable()
+        results = _run_each(
+            chosen,
+            lambda ds, stop: Update(client, storage, ds, opts, fmt.lower() if fmt else None).run(
+                stop
+            ),
+        )
+        if also_reconcile and not any(r.status == "stopped" for r in results):
+            results += _run_each(
+                chosen, lambda ds, stop: Reconcile(client, storage, ds, opts).run(stop)
+            )
+    _print_changes(results, started)
+    if any(r.status == "stopped" for r in results):
+        sys.exit(3)
+
+
+@main.command("reconcile")
+@click.argument("datasets", nargs=-1, metavar="[DATASET]...")
+@common
+@handle_errors
+def reconcile_cmd(
+    datasets: tuple[str, ...], source: str, dest: str, verbose: int, retries: int
+) -> None:
+    """Find deletions and gaps: compare the source's key set with what landed.
+
+    Keys that vanished from the source get tombstones; rows that are missing, or whose
+    :updated_at differs, are fetched again. Both are committed as batches.
+
+    Example: nyc-collisions reconcile persons
+    """
+    from .incremental import Reconcile
+
+    _setup_logging(verbose)
+    started = time.monotonic()
+    storage = open_storage(dest)
+    opts = _opts(started=started)
+    with _client(source, retries) as client:
+        storage.check_writable()
+        results = _run_each(
+            resolve_many(list(datasets)),
+            lambda ds, stop: Reconcile(client, storage, ds, opts).run(stop),
+        )
+    _print_changes(results, started)
+
+
+@main.command("compact")
+@click.argument("datasets", nargs=-1, metavar="[DATASET]...")
+@click.option(
+    "--dest",
+    envvar="NYC_COLLISIONS_DEST",
+    default=DEFAULT_LOCAL_DEST,
+    show_default=True,
+    metavar="DEST",
+    help="Where the data landed.",
+)
+@click.option(
+    "--prune", is_flag=True, help="Also forget and delete the batches the new snapshot supersedes."
+)
+@click.option(
+    "--file-rows",
+    type=int,
+    default=DEFAULT_FILE_ROWS,
+    show_default=True,
+    help="Rows per file of the new snapshot.",
+)
+@handle_errors
+def compact_cmd(datasets: tuple[str, ...], dest: str, prune: bool, file_rows: int) -> None:
+    """Write the current state of each DATASET as one fresh snapshot batch.
+
+    Readers then need not merge years of daily batches. Older batches stay (raw data is never
+    silently rewritten) unless --prune.
+
+    Example: nyc-collisions compact crashes --prune
+    """
+    from .incremental import compact
+
+    started = time.monotonic()
+    storage = open_storage(dest)
+    _opts(file_rows=file_rows, started=started)
+    for ds in resolve_many(list(datasets)):
+        r = compact(storage, ds, prune=prune, file_rows=file_rows)
+        pruned = f", pruned {r.extra['pruned_batches']} batches" if prune else ""
+        click.echo(
+            f"{r.dataset}: compacted {r.rows:,} rows into {r.files} files{pruned} "
+            f"({r.seconds:,.1f}s) -> {r.location}"
+        )
 
 
 @main.command("export")
@@ -287,50 +493,18 @@ def status_cmd(
     """
     _setup_logging(verbose)
     storage = open_storage(dest)
-    out = []
     with _client(source, min(retries, 3)) as client:
-        for ds in resolve_many(list(datasets)):
-            entry: dict[str, Any] = {
-                "dataset": ds.name,
-                "dataset_id": ds.dataset_id,
-                "location": f"{storage.url}/{ds.name}/",
-            }
-            try:
-                landed = open_landed(storage, ds)
-            except NothingLanded:
-                entry.update(landed=False, rows=0, files=0)
-            else:
-                batches = landed.manifest.current_batches()
-                last = landed.manifest.batches[-1]
-                wm = landed.manifest.watermark
-                entry.update(
-                    landed=True,
-                    rows=batches[-1].info.get("current_rows", sum(b.rows for b in batches)),
-                    files=sum(len(b.files) for b in batches),
-                    batches=len(batches),
-                    format=last.format,
-                    last_run={
-                        "batch": last.batch_id,
-                        "kind": last.kind,
-                        "committed_at": last.committed_at,
-                        "rows": last.rows,
-                    },
-                    watermark=None
-                    if wm is None
-                    else {"updated_at": wm.updated_at, "row_id": wm.row_id},
-                )
-            try:
-                entry["source_count"] = DatasetSource(client, ds).count()
-            except NycCollisionsError as exc:
-                entry["source_count"] = None
-                entry["source_error"] = str(exc)
-            entry["agree"] = entry["landed"] and entry["source_count"] == entry["rows"]
-            out.append(entry)
+        out = [dataset_status(storage, client, ds) for ds in resolve_many(list(datasets))]
     if as_json:
         click.echo(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
         return
     for e in out:
         if not e["landed"]:
+            if e.get("unfinished_backfill"):
+                click.echo(
+                    f"{e['dataset']}: a backfill is unfinished "
+                    f"({e['unfinished_backfill'][0]}); rerun backfill to complete it"
+                )
             click.echo(
                 f"{e['dataset']}: nothing landed at {e['location']}; "
                 f"source has {e['source_count'] if e['source_count'] is not None else '?'}"
@@ -344,6 +518,18 @@ def status_cmd(
             f"({e['format']}); last run {e['last_run']['kind']} "
             f"{e['last_run']['committed_at']}; source {src} rows: {agree}"
         )
+        if e.get("watermark"):
+            wm = e["watermark"]
+            lag = e.get("lag_seconds")
+            click.echo(
+                f"  watermark {wm['updated_at']} {wm['row_id'] or ''}".rstrip()
+                + (f"; source changed {lag / 3600:,.1f} h after it" if lag else "")
+            )
+        if e.get("last_update"):
+            u = e["last_update"]
+            click.echo(f"  last update {u['committed_at']}: {u['rows']:,} rows")
+        if e.get("tombstones"):
+            click.echo(f"  tombstones: {e['tombstones']:,}")
         if e.get("source_error"):
             click.echo(f"  source: {e['source_error']}")
 
@@ -384,6 +570,16 @@ def verify_cmd(
             ):
                 if sample:
                     click.echo(f"  {label} {landed.dataset.key}: {', '.join(sample)}")
+        names = {ds.name for ds in resolve_many(list(datasets))}
+        if "crashes" in names and names & {"persons", "vehicles"}:
+            crashes = open_landed(storage, resolve("crashes"))
+            for child in sorted(names & {"persons", "vehicles"}):
+                o = orphans(crashes, open_landed(storage, resolve(child)))
+                click.echo(
+                    f"{child}: {o['rows']:,} rows refer to {o['collision_ids']:,} "
+                    f"collision_ids that are not in crashes (not an error: the source "
+                    f"has some)" + (f"; e.g. {', '.join(o['sample'])}" if o["rows"] else "")
+                )
     if not ok:
         sys.exit(1)
 

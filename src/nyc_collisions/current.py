@@ -68,27 +68,28 @@ def _file_batches(
         yield from read_text_batches(batch.format, f, schema, columns)
 
 
-def iter_current(landed: Landed) -> Iterator[pa.Table]:
-    """Stream the current state as text tables with every landed column."""
+def iter_current(landed: Landed, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """Stream the current state as text tables with every landed column (or just `columns`)."""
     batches = landed.manifest.current_batches()
     snapshot, later = batches[0], batches[1:]
     key = landed.key_column
     if not later:
         for entry in snapshot.files:
-            yield from _file_batches(landed, snapshot, entry.path)
+            yield from _file_batches(landed, snapshot, entry.path, columns)
         return
+    read = None if columns is None else list(dict.fromkeys([*columns, key]))
     later_keys, winners = _winners(landed, later)
     for entry in snapshot.files:
-        for table in _file_batches(landed, snapshot, entry.path):
+        for table in _file_batches(landed, snapshot, entry.path, read):
             keep = pc.invert(pc.is_in(table.column(key), value_set=later_keys))
-            yield table.filter(keep)
+            yield table.filter(keep).select(columns or table.column_names)
     seq = 0
     for batch in later:
         for entry in batch.files:
             if batch.kind == "tombstones":
                 seq += entry.rows
                 continue
-            for table in _file_batches(landed, batch, entry.path):
+            for table in _file_batches(landed, batch, entry.path, columns):
                 seqs = pa.array(range(seq, seq + table.num_rows), pa.int64())
                 seq += table.num_rows
                 yield table.filter(pc.is_in(seqs, value_set=winners))
@@ -130,15 +131,17 @@ def _winners(landed: Landed, later: list[Batch]) -> tuple[pa.Array, pa.Array]:
     return latest.column("key").combine_chunks(), winners.combine_chunks()
 
 
-def current_keys(landed: Landed) -> Iterator[pa.Table]:
-    """Stream just the key and `socrata_id` columns of the current state."""
-    cols = (
-        [landed.key_column]
-        if landed.key_column == "socrata_id"
-        else [landed.key_column, "socrata_id"]
-    )
-    for table in iter_current(landed):
-        yield table.select(cols)
+def current_keys(landed: Landed, *extra: str) -> Iterator[pa.Table]:
+    """Stream just the key column (and `extra` columns) of the current state."""
+    yield from iter_current(landed, list(dict.fromkeys([landed.key_column, *extra])))
+
+
+def current_count(landed: Landed) -> int:
+    """Rows in the current state (the snapshot's count when nothing came after it)."""
+    batches = landed.manifest.current_batches()
+    if len(batches) == 1:
+        return batches[0].rows
+    return sum(t.num_rows for t in current_keys(landed))
 
 
 def read_current(landed: Landed) -> pa.Table:

@@ -29,11 +29,12 @@ from .datasets import Dataset
 from .errors import AlreadyLanded, Interrupted, NycCollisionsError, StateError, UsageError
 from .plan import Partition, partition_count, partition_step, partitions_from_boundaries
 from .schema import Schema
-from .sink.formats import check_format, encoder
-from .sink.storage import Storage, Writer
+from .sink.files import FileEntry, FileRotation
+from .sink.formats import check_format
+from .sink.storage import Storage
 from .socrata.client import SodaClient
 from .socrata.source import DatasetSource, SourceInfo
-from .state import Batch, DatasetState, FileEntry, Manifest, Watermark, new_batch_id, utc_now
+from .state import Batch, DatasetState, Manifest, Watermark, new_batch_id, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -83,78 +84,6 @@ class DatasetResult:
 # -- partition workers -------------------------------------------------------------------------
 
 
-class _FileRotation:
-    """Streams a partition's pages into files of at most `file_rows` rows and records each."""
-
-    def __init__(
-        self,
-        state: DatasetState,
-        schema: Schema,
-        opts: RunOptions,
-        batch_id: str,
-        partition: int,
-        next_seq: int,
-    ) -> None:
-        self.state = state
-        self.schema = schema
-        self.opts = opts
-        self.batch_id = batch_id
-        self.partition = partition
-        self.seq = next_seq
-        self._writer: Writer | None = None
-        self._enc: Any = None
-        self._path = ""
-        self.rows = 0
-        self.last_id: str | None = None
-        self.landed_rows = 0
-        self.landed_bytes = 0
-        self.files = 0
-
-    def write(self, table: pa.Table) -> None:
-        if self._writer is None:
-            self._path = self.state.data_key(self.batch_id, self.partition, self.seq, self.opts.fmt)
-            self._writer = self.state.storage.open_writer(self._path)
-            self._enc = encoder(self.opts.fmt, self._writer, self.schema)
-        self._enc.write(table)
-        self.rows += table.num_rows
-        self.last_id = table.column("socrata_id")[-1].as_py()
-        if self.rows >= self.opts.file_rows:
-            self.commit(done=False)
-
-    def commit(self, *, done: bool) -> None:
-        """Close the open file (if any) and record it; `done` marks the partition complete."""
-        record: dict[str, Any] = {
-            "partition": self.partition,
-            "seq": self.seq,
-            "done": done,
-            "path": None,
-            "rows": 0,
-            "bytes": 0,
-            "last_id": self.last_id,
-        }
-        if self._writer is not None:
-            self._enc.close()
-            self._writer.close()
-            record.update(path=self._path, rows=self.rows, bytes=self._writer.bytes_written)
-            self.landed_rows += self.rows
-            self.landed_bytes += self._writer.bytes_written
-            self.files += 1
-            logger.info("wrote %s (%d rows)", self._path, self.rows)
-        elif not done:
-            return
-        key = (
-            f"{self.state.run_prefix(self.batch_id)}/parts/{self.partition:04d}-{self.seq:06d}.json"
-        )
-        self.state.put_json(key, record)
-        self._writer, self._enc, self.rows = None, None, 0
-        self.seq += 1
-
-    def abort(self) -> None:
-        if self._writer is not None:
-            self._writer.abort()
-            self._writer, self._enc, self.rows = None, None, 0
-
-
 @dataclass
 class _Progress:
     bar: Any
@@ -175,8 +104,31 @@ def _run_partition(
     resume: dict[str, Any],
     stop: threading.Event,
     progress: _Progress,
-) -> _FileRotation:
-    files = _FileRotation(state, schema, opts, batch_id, partition.index, resume["next_seq"])
+) -> FileRotation:
+    def record(entry: FileEntry | None, last: pa.Table | None, done: bool) -> None:
+        last_id = last.column("socrata_id")[0].as_py() if last is not None else after
+        doc = {
+            "partition": partition.index,
+            "seq": files.seq,
+            "done": done,
+            "path": entry.path if entry else None,
+            "rows": entry.rows if entry else 0,
+            "bytes": entry.bytes if entry else 0,
+            "last_id": last_id,
+        }
+        state.put_json(
+            f"{state.run_prefix(batch_id)}/parts/{partition.index:04d}-{files.seq:06d}.json", doc
+        )
+
+    files = FileRotation(
+        state.storage,
+        schema,
+        opts.fmt,
+        opts.file_rows,
+        lambda seq: state.data_key(batch_id, partition.index, seq, opts.fmt),
+        resume["next_seq"],
+        record,
+    )
     after: str | None = resume["after"] if resume["after"] is not None else partition.lower
     try:
         while True:
@@ -188,7 +140,7 @@ def _run_partition(
                 files.commit(done=True)
                 return files
             files.write(table)
-            after = files.last_id
+            after = table.column("socrata_id")[-1].as_py()
             progress.add(table.num_rows)
     except BaseException:
         files.abort()
@@ -335,7 +287,7 @@ class Backfill:
         for p in todo:
             work.put(p)
         errors: list[BaseException] = []
-        finished: list[_FileRotation] = []
+        finished: list[FileRotation] = []
         lock = threading.Lock()
 
         def worker() -> None:

@@ -15,9 +15,8 @@ taken for the last one. A field the metadata does not name is a `SchemaError`, n
 
 from __future__ import annotations
 
-from typing import Any
-
 import io
+from typing import Any
 
 import numpy as np
 import orjson

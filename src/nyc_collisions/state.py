@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 
 from .errors import DestinationBusy, StateError
+from .sink.files import FileEntry
 from .sink.storage import Storage
 
 MANIFEST_VERSION = 1
@@ -50,13 +51,6 @@ class Watermark:
 
     updated_at: str
     row_id: str | None = None
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    path: str
-    rows: int
-    bytes: int
 
 
 @dataclass

@@ -89,9 +89,11 @@ def boundary_params(after: str | None, offset: int) -> dict[str, str]:
     return params
 
 
-def keys_params(*, key: str, after: str | None, limit: int) -> dict[str, str]:
-    """One keyset page of (`:id`, key) pairs only, for verification and reconciliation."""
-    select = ":id" if key == ":id" else f":id,{key}"
+def keys_params(
+    *, key: str, after: str | None, limit: int, extra: tuple[str, ...] = ()
+) -> dict[str, str]:
+    """One keyset page of (`:id`, key, *extra) only, for verification and reconciliation."""
+    select = ",".join(dict.fromkeys([":id", key, *extra]))
     params = {"$select": select, "$order": ":id", "$limit": str(limit)}
     clause = id_range(after, None)
     if clause:

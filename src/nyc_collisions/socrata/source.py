@@ -88,10 +88,18 @@ class DatasetSource:
         )
         return self.client.fetch(self.path, params, lambda body: parse_page(body, schema))
 
-    def keys(self, *, after: str | None, limit: int) -> list[dict[str, Any]]:
-        """One keyset page of {":id", key} objects."""
-        params = soql.keys_params(key=self.dataset.key, after=after, limit=limit)
+    def keys(
+        self, *, after: str | None, limit: int, extra: tuple[str, ...] = ()
+    ) -> list[dict[str, Any]]:
+        """One keyset page of {":id", key, *extra} objects."""
+        params = soql.keys_params(key=self.dataset.key, after=after, limit=limit, extra=extra)
         return self.client.fetch(self.path, params, _json_rows)
+
+    def rows_by_id(self, schema: Schema, ids: list[str]) -> pa.Table:
+        """The full rows with these `:id`s (at most a few hundred per call)."""
+        where = " OR ".join(f":id = {soql.quote(i)}" for i in ids)
+        params = soql.page_params(after=None, upper=None, limit=len(ids), where=where)
+        return self.client.fetch(self.path, params, lambda body: parse_page(body, schema))
 
 
 def _json_rows(body: bytes) -> list[dict[str, Any]]:

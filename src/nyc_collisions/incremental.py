@@ -1,0 +1,394 @@
+"""Daily updates, reconciliation and compaction: keep the landed current state equal to the source.
+
+- `Update` fetches every row whose (`:updated_at`, `:id`) is past the stored watermark, keyset-paged
+  in that order up to the source's latest `:updated_at` at the start, into a new batch. The batch
+  is committed through the manifest file by file, each commit moving the watermark to the last row
+  of the files it names: a run killed at any point loses nothing (the next run starts from the
+  watermark) and duplicates nothing in the current state (a key's latest version wins).
+- `Reconcile` compares the source's full key set (keys only, keyset-paged) with the landed current
+  state: keys that vanished get tombstones, keys that are missing or whose `:updated_at` differs
+  are fetched again by `:id`. Socrata reports no deletions; this is how they are seen.
+- `Compact` writes the current state as a fresh snapshot batch (and, with `prune`, forgets and
+  deletes the batches it supersedes).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .current import Landed, current_keys, iter_current, open_landed
+from .datasets import Dataset, landed_name
+from .errors import NothingLanded, SchemaError
+from .extract import DatasetResult, RunOptions
+from .schema import Column, Schema
+from .sink.files import FileEntry, FileRotation
+from .sink.storage import Storage
+from .socrata.client import SodaClient
+from .socrata.source import DatasetSource
+from .state import Batch, DatasetState, Watermark, new_batch_id, utc_now
+
+logger = logging.getLogger(__name__)
+
+KEYS_PAGE = 100_000
+IDS_PER_QUERY = 100
+
+
+def _check_columns(landed: Landed, schema: Schema) -> None:
+    now = [(c.field_name, c.data_type) for c in schema.columns]
+    then = [(c.field_name, c.data_type) for c in landed.schema.columns]
+    if now != then:
+        added = sorted({f for f, _ in now} - {f for f, _ in then})
+        removed = sorted({f for f, _ in then} - {f for f, _ in now})
+        raise SchemaError(
+            f"{landed.dataset.name}: the source's columns changed since the backfill "
+            f"(added {added or 'none'}, removed {removed or 'none'}, or types/order changed); "
+            "land a new snapshot with `backfill --force`"
+        )
+
+
+def _open(storage: Storage, dataset: Dataset) -> Landed:
+    try:
+        return open_landed(storage, dataset)
+    except NothingLanded:
+        state = DatasetState(storage, dataset.name)
+        if state.unfinished_runs():
+            raise NothingLanded(
+                f"{dataset.name}: the backfill at {storage.url}/{dataset.name}/ has not finished; "
+                f"run `nyc-collisions backfill {dataset.name}` again to complete it"
+            ) from None
+        raise
+
+
+class _BatchCommitter:
+    """Commits a batch through the manifest file by file (`FileRotation.on_file`)."""
+
+    def __init__(self, landed: Landed, batch: Batch, watermark: bool) -> None:
+        self.landed = landed
+        self.batch = batch
+        self.watermark = watermark
+        self.committed = False
+
+    def __call__(self, entry: FileEntry | None, last: pa.Table | None, done: bool) -> None:
+        if entry is None:
+            return
+        self.batch.files.append(entry)
+        self.batch.rows += entry.rows
+        self.batch.committed_at = utc_now()
+        if self.watermark and last is not None:
+            self.batch.watermark = Watermark(
+                last.column("socrata_updated_at")[0].as_py(), last.column("socrata_id")[0].as_py()
+            )
+        if not self.committed:
+            self.landed.manifest.batches.append(self.batch)
+            self.committed = True
+        self.landed.state.commit(self.landed.manifest)
+
+
+class Update:
+    def __init__(
+        self,
+        client: SodaClient,
+        storage: Storage,
+        dataset: Dataset,
+        opts: RunOptions,
+        fmt: str | None = None,
+    ) -> None:
+        self.client = client
+        self.storage = storage
+        self.dataset = dataset
+        self.opts = opts
+        self.fmt = fmt
+        self.source = DatasetSource(client, dataset)
+        self.state = DatasetState(storage, dataset.name)
+
+    def run(self, stop: threading.Event) -> DatasetResult:
+        started = time.monotonic()
+        requests0, bytes0 = self.client.stats.requests, self.client.stats.bytes
+        result = DatasetResult(
+            self.dataset.name, "updated", location=f"{self.storage.url}/{self.dataset.name}/"
+        )
+        token = self.state.acquire("update")
+        try:
+            landed = _open(self.storage, self.dataset)
+            schema = self.source.schema()
+            _check_columns(landed, schema)
+            watermark = landed.manifest.watermark or Watermark("1970-01-01T00:00:00.000Z")
+            result.extra["watermark_before"] = watermark.__dict__
+            until = self.source.max_updated_at()
+            fmt = self.fmt or landed.manifest.current_batches()[-1].format
+            batch = Batch(
+                new_batch_id("update"),
+                "update",
+                fmt,
+                utc_now(),
+                [],
+                0,
+                watermark=watermark,
+                info={"until": until},
+            )
+            committer = _BatchCommitter(landed, batch, watermark=True)
+            files = FileRotation(
+                self.storage,
+                landed.schema,
+                fmt,
+                self.opts.file_rows,
+                lambda seq: self.state.data_key(batch.batch_id, 0, seq, fmt),
+                0,
+                committer,
+            )
+            cursor = watermark
+            try:
+                while until is not None:
+                    if stop.is_set() or (
+                        self.opts.deadline is not None and time.monotonic() >= self.opts.deadline
+                    ):
+                        files.commit(done=False)
+                        result.status = "stopped"
+                        result.message = "stopped before the end; the next run goes on"
+                        break
+                    table = self.source.changes(
+                        landed.schema, after=cursor, limit=self.opts.page_size, until=until
+                    )
+                    if table.num_rows == 0:
+                        files.commit(done=True)
+                        break
+                    files.write(table)
+                    cursor = Watermark(
+                        table.column("socrata_updated_at")[-1].as_py(),
+                        table.column("socrata_id")[-1].as_py(),
+                    )
+            except BaseException:
+                files.abort()
+                raise
+            result.rows, result.files, result.bytes = (
+                batch.rows,
+                len(batch.files),
+                files.landed_bytes,
+            )
+            result.batch_id = batch.batch_id if committer.committed else None
+            wm = landed.manifest.watermark
+            result.extra["watermark"] = None if wm is None else wm.__dict__
+        finally:
+            self.state.release(token)
+            result.requests = self.client.stats.requests - requests0
+            result.wire_bytes = self.client.stats.bytes - bytes0
+            result.seconds = time.monotonic() - started
+        return result
+
+
+class Reconcile:
+    def __init__(
+        self, client: SodaClient, storage: Storage, dataset: Dataset, opts: RunOptions
+    ) -> None:
+        self.client = client
+        self.storage = storage
+        self.dataset = dataset
+        self.opts = opts
+        self.source = DatasetSource(client, dataset)
+        self.state = DatasetState(storage, dataset.name)
+
+    def _source_keys(self) -> pa.Table:
+        key = self.dataset.key
+        after: str | None = None
+        chunks = []
+        while True:
+            rows = self.source.keys(after=after, limit=KEYS_PAGE, extra=(":updated_at",))
+            if not rows:
+                break
+            after = str(rows[-1][":id"])
+            chunks.append(
+                pa.table(
+                    {
+                        "key": pa.array(
+                            [None if r.get(key) is None else str(r[key]) for r in rows], pa.string()
+                        ),
+                        "id": pa.array([str(r[":id"]) for r in rows], pa.string()),
+                        "updated_at": pa.array([r.get(":updated_at") for r in rows], pa.string()),
+                    }
+                )
+            )
+        if not chunks:
+            return pa.table(
+                {
+                    "key": pa.array([], pa.string()),
+                    "id": pa.array([], pa.string()),
+                    "updated_at": pa.array([], pa.string()),
+                }
+            )
+        return pa.concat_tables(chunks)
+
+    def _landed_keys(self, landed: Landed) -> pa.Table:
+        tables = list(current_keys(landed, "socrata_updated_at"))
+        if not tables:
+            return pa.table(
+                {"key": pa.array([], pa.string()), "updated_at": pa.array([], pa.string())}
+            )
+        t = pa.concat_tables(tables)
+        return pa.table(
+            {"key": t.column(landed.key_column), "updated_at": t.column("socrata_updated_at")}
+        )
+
+    def run(self, stop: threading.Event) -> DatasetResult:
+        started = time.monotonic()
+        requests0, bytes0 = self.client.stats.requests, self.client.stats.bytes
+        result = DatasetResult(
+            self.dataset.name, "reconciled", location=f"{self.storage.url}/{self.dataset.name}/"
+        )
+        token = self.state.acquire("reconcile")
+        try:
+            landed = _open(self.storage, self.dataset)
+            schema = self.source.schema()
+            _check_columns(landed, schema)
+            src = self._source_keys()
+            mine = self._landed_keys(landed)
+            vanished = pc.filter(
+                mine.column("key"),
+                pc.invert(pc.is_in(mine.column("key"), value_set=src.column("key"))),
+            )
+            joined = src.join(mine, "key", join_type="left outer", right_suffix="_landed")
+            refetch = (
+                joined.filter(
+                    pc.or_kleene(
+                        pc.is_null(joined.column("updated_at_landed")),
+                        pc.not_equal(
+                            joined.column("updated_at"), joined.column("updated_at_landed")
+                        ),
+                    )
+                )
+                .column("id")
+                .to_pylist()
+            )
+            missing = int(pc.sum(pc.is_null(joined.column("updated_at_landed"))).as_py() or 0)
+            result.extra.update(
+                vanished=len(vanished), missing=missing, stale=len(refetch) - missing
+            )
+            fmt = landed.manifest.current_batches()[-1].format
+            if refetch:
+                batch = Batch(
+                    new_batch_id("repair"),
+                    "update",
+                    fmt,
+                    utc_now(),
+                    [],
+                    0,
+                    info={"reason": "reconcile"},
+                )
+                committer = _BatchCommitter(landed, batch, watermark=False)
+                files = FileRotation(
+                    self.storage,
+                    landed.schema,
+                    fmt,
+                    self.opts.file_rows,
+                    lambda seq: self.state.data_key(batch.batch_id, 0, seq, fmt),
+                    0,
+                    committer,
+                )
+                try:
+                    for start in range(0, len(refetch), IDS_PER_QUERY):
+                        ids = refetch[start : start + IDS_PER_QUERY]
+                        files.write(self.source.rows_by_id(landed.schema, ids))
+                    files.commit(done=True)
+                except BaseException:
+                    files.abort()
+                    raise
+                result.rows += batch.rows
+                result.files += len(batch.files)
+            if len(vanished):
+                self._tombstones(landed, vanished, fmt)
+                result.files += 1
+            result.extra["tombstones"] = len(vanished)
+        finally:
+            self.state.release(token)
+            result.requests = self.client.stats.requests - requests0
+            result.wire_bytes = self.client.stats.bytes - bytes0
+            result.seconds = time.monotonic() - started
+        return result
+
+    def _tombstones(self, landed: Landed, keys: pa.Array, fmt: str) -> None:
+        key_col = next(c for c in landed.schema.columns if c.name == landed.key_column)
+        schema = Schema(
+            (Column(key_col.field_name, key_col.data_type),), landed.schema.integer_fields
+        )
+        batch = Batch(new_batch_id("tombstones"), "tombstones", fmt, utc_now(), [], 0)
+        committer = _BatchCommitter(landed, batch, watermark=False)
+        files = FileRotation(
+            self.storage,
+            schema,
+            fmt,
+            max(len(keys), 1),
+            lambda seq: self.state.data_key(batch.batch_id, 0, seq, fmt),
+            0,
+            committer,
+        )
+        files.write(pa.table({landed_name(key_col.field_name): keys}))
+        files.commit(done=True)
+
+
+def compact(
+    storage: Storage, dataset: Dataset, *, prune: bool, file_rows: int, fmt: str | None = None
+) -> DatasetResult:
+    """Write the current state as a new snapshot batch; with `prune`, drop what it supersedes."""
+    started = time.monotonic()
+    state = DatasetState(storage, dataset.name)
+    result = DatasetResult(dataset.name, "compacted", location=f"{storage.url}/{dataset.name}/")
+    token = state.acquire("compact")
+    try:
+        landed = _open(storage, dataset)
+        manifest = landed.manifest
+        fmt = fmt or manifest.current_batches()[-1].format
+        batch = Batch(
+            new_batch_id("compact"),
+            "snapshot",
+            fmt,
+            utc_now(),
+            [],
+            0,
+            watermark=manifest.watermark,
+            info={"compacted": [b.batch_id for b in manifest.current_batches()]},
+        )
+        entries: list[FileEntry] = []
+
+        def collect(entry: FileEntry | None, _last: Any, _done: bool) -> None:
+            if entry is not None:
+                entries.append(entry)
+
+        files = FileRotation(
+            storage,
+            landed.schema,
+            fmt,
+            file_rows,
+            lambda seq: state.data_key(batch.batch_id, 0, seq, fmt),
+            0,
+            collect,
+        )
+        try:
+            for table in iter_current(landed):
+                files.write(table)
+            files.commit(done=True)
+        except BaseException:
+            files.abort()
+            raise
+        batch.files = entries
+        batch.rows = sum(e.rows for e in entries)
+        batch.source_count = None
+        old = list(manifest.batches)
+        manifest.batches.append(batch)
+        state.commit(manifest)
+        result.rows, result.files = batch.rows, len(entries)
+        result.bytes = sum(e.bytes for e in entries)
+        result.batch_id = batch.batch_id
+        if prune:
+            manifest.batches = [batch]
+            state.commit(manifest)
+            storage.delete([f.path for b in old for f in b.files])
+            result.extra["pruned_batches"] = len(old)
+    finally:
+        state.release(token)
+        result.seconds = time.monotonic() - started
+    return result

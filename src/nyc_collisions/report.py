@@ -1,0 +1,109 @@
+"""What `status` and `verify` report: landed counts, runs, watermark, lag, cross-dataset orphans."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .current import Landed, current_count, current_keys, open_landed
+from .datasets import Dataset
+from .errors import NothingLanded, NycCollisionsError
+from .sink.storage import Storage
+from .socrata.client import SodaClient
+from .socrata.source import DatasetSource
+from .state import DatasetState
+
+SAMPLE = 10
+
+
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def dataset_status(storage: Storage, client: SodaClient | None, ds: Dataset) -> dict[str, Any]:
+    """One dataset's status as a JSON-able dict (the source part is skipped without a client)."""
+    entry: dict[str, Any] = {
+        "dataset": ds.name,
+        "dataset_id": ds.dataset_id,
+        "location": f"{storage.url}/{ds.name}/",
+    }
+    try:
+        landed = open_landed(storage, ds)
+    except NothingLanded:
+        unfinished = DatasetState(storage, ds.name).unfinished_runs()
+        entry.update(landed=False, rows=0, files=0, unfinished_backfill=unfinished[-1:] or None)
+    else:
+        manifest = landed.manifest
+        batches = manifest.current_batches()
+        updates = [b for b in manifest.batches if b.kind == "update"]
+        wm = manifest.watermark
+        entry.update(
+            landed=True,
+            rows=current_count(landed),
+            files=sum(len(b.files) for b in batches),
+            batches=len(batches),
+            format=batches[-1].format,
+            snapshot={
+                "batch": batches[0].batch_id,
+                "committed_at": batches[0].committed_at,
+                "rows": batches[0].rows,
+            },
+            last_run={
+                "batch": manifest.batches[-1].batch_id,
+                "kind": manifest.batches[-1].kind,
+                "committed_at": manifest.batches[-1].committed_at,
+                "rows": manifest.batches[-1].rows,
+            },
+            last_update=None
+            if not updates
+            else {
+                "batch": updates[-1].batch_id,
+                "committed_at": updates[-1].committed_at,
+                "rows": updates[-1].rows,
+            },
+            tombstones=sum(b.rows for b in batches if b.kind == "tombstones"),
+            watermark=None if wm is None else {"updated_at": wm.updated_at, "row_id": wm.row_id},
+        )
+    if client is not None:
+        source = DatasetSource(client, ds)
+        try:
+            entry["source_count"] = source.count()
+            rows_updated = source.metadata().get("rowsUpdatedAt")
+            entry["source_rows_updated_at"] = rows_updated
+            wm_doc = entry.get("watermark")
+            if isinstance(rows_updated, int | float) and wm_doc:
+                entry["lag_seconds"] = max(0.0, float(rows_updated) - _epoch(wm_doc["updated_at"]))
+        except NycCollisionsError as exc:
+            entry["source_count"] = None
+            entry["source_error"] = str(exc)
+    entry["agree"] = bool(entry["landed"]) and entry.get("source_count") == entry["rows"]
+    return entry
+
+
+def _collision_ids(landed: Landed) -> pa.Array:
+    chunks = [
+        t.column("collision_id").combine_chunks() for t in _iter_column(landed, "collision_id")
+    ]
+    return pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
+
+
+def _iter_column(landed: Landed, column: str) -> Any:
+    for table in current_keys(landed, column):
+        yield table.select([column])
+
+
+def orphans(crashes: Landed, child: Landed) -> dict[str, Any]:
+    """Rows of persons/vehicles whose collision_id is not among the landed crashes."""
+    parents = pc.unique(_collision_ids(crashes))
+    ids = _collision_ids(child)
+    lost = pc.filter(ids, pc.invert(pc.is_in(ids, value_set=parents)))
+    distinct = pc.unique(lost)
+    return {
+        "dataset": child.dataset.name,
+        "rows": len(lost),
+        "collision_ids": len(distinct),
+        "sample": [str(v) for v in distinct[:SAMPLE].to_pylist()],
+    }
