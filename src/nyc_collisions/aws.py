@@ -3,7 +3,8 @@
 Configuration comes from the environment:
 
 - `NYC_COLLISIONS_DEST` (`s3://bucket/prefix`), `NYC_COLLISIONS_DATASETS`
-  (`crashes,persons,vehicles`), `SOCRATA_BASE_URL`, `NYC_COLLISIONS_FORMAT` (for a backfill), `NYC_COLLISIONS_RECONCILE_WEEKDAY`
+  (`crashes,persons,vehicles`), `SOCRATA_BASE_URL`, `NYC_COLLISIONS_FORMAT` (for a backfill),
+  `NYC_COLLISIONS_RECONCILE_WEEKDAY`
   (`SUN`: that day's run also reconciles deletions);
 - the app token: `SOCRATA_APP_TOKEN`, or the name of a Secrets Manager secret
   (`SOCRATA_APP_TOKEN_SECRET`) or an SSM SecureString parameter (`SOCRATA_APP_TOKEN_PARAMETER`),
