@@ -76,6 +76,15 @@ def common(f: F) -> F:
         show_default=True,
         help="Attempts per request before giving up.",
     )(f)
+    f = click.option(
+        "--timeout",
+        type=click.FloatRange(min=0.1),
+        default=120.0,
+        show_default=True,
+        expose_value=False,
+        callback=lambda ctx, _param, value: ctx.meta.__setitem__("timeout", value),
+        help="Seconds the source may stay silent before the request is retried.",
+    )(f)
     return f
 
 
@@ -90,11 +99,14 @@ def _setup_logging(verbose: int) -> None:
 
 def _client(source: str, retries: int, workers: int = DEFAULT_WORKERS) -> SodaClient:
     base = float(os.environ.get("NYC_COLLISIONS_RETRY_BASE", "1.0"))
+    ctx = click.get_current_context(silent=True)
+    timeout = float(ctx.meta.get("timeout", 120.0)) if ctx else 120.0
     return SodaClient(
         source,
         app_token=os.environ.get("SOCRATA_APP_TOKEN") or None,
         concurrency=workers,
         retry=RetryPolicy(attempts=retries, base=base),
+        timeout=timeout,
     )
 
 

@@ -54,6 +54,9 @@ class RunOptions:
     deadline: float | None = None  # time.monotonic() value to stop cleanly before
     progress: bool = True
 
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
     def __post_init__(self) -> None:
         check_format(self.fmt)
         if self.workers < 1:
@@ -132,7 +135,7 @@ def _run_partition(
     after: str | None = resume["after"] if resume["after"] is not None else partition.lower
     try:
         while True:
-            if stop.is_set() or (opts.deadline is not None and time.monotonic() >= opts.deadline):
+            if stop.is_set() or opts.out_of_time():
                 files.commit(done=False)
                 return files
             table = source.page(schema, after=after, upper=partition.upper, limit=opts.page_size)
@@ -169,7 +172,17 @@ class Backfill:
         result = DatasetResult(
             self.dataset.name, "landed", location=f"{self.storage.url}/{self.dataset.name}/"
         )
-        token = self.state.acquire("backfill")
+        with self.state.lease("backfill"):
+            return self._run(stop, started, requests0, bytes0, result)
+
+    def _run(
+        self,
+        stop: threading.Event,
+        started: float,
+        requests0: int,
+        bytes0: int,
+        result: DatasetResult,
+    ) -> DatasetResult:
         try:
             manifest = self.state.load()
             if manifest and manifest.current_batches() and not self.opts.force:
@@ -181,12 +194,11 @@ class Backfill:
                 )
             schema = self.source.schema()
             plan = self._plan(schema, result)
-            self._fetch(schema, plan, result, stop, token)
+            self._fetch(schema, plan, result, stop)
             if result.status == "stopped":
                 return result
             self._commit(manifest, schema, plan, result)
         finally:
-            self.state.release(token)
             result.requests = self.client.stats.requests - requests0
             result.wire_bytes = self.client.stats.bytes - bytes0
             result.seconds = time.monotonic() - started
@@ -267,7 +279,6 @@ class Backfill:
         plan: dict[str, Any],
         result: DatasetResult,
         stop: threading.Event,
-        lock_token: str,
     ) -> None:
         points, landed_before = self._resume_points(plan)
         partitions = [Partition.from_dict(p) for p in plan["partitions"]]
@@ -322,14 +333,10 @@ class Backfill:
         ]
         for t in threads:
             t.start()
-        last_renew = time.monotonic()
         try:
             for t in threads:
                 while t.is_alive():
                     t.join(timeout=0.5)
-                    if time.monotonic() - last_renew > 60:
-                        self.state.renew(lock_token)
-                        last_renew = time.monotonic()
         except KeyboardInterrupt:
             stop.set()
             for t in threads:

@@ -113,72 +113,69 @@ class Update:
         result = DatasetResult(
             self.dataset.name, "updated", location=f"{self.storage.url}/{self.dataset.name}/"
         )
-        token = self.state.acquire("update")
-        try:
-            landed = _open(self.storage, self.dataset)
-            schema = self.source.schema()
-            _check_columns(landed, schema)
-            watermark = landed.manifest.watermark or Watermark("1970-01-01T00:00:00.000Z")
-            result.extra["watermark_before"] = watermark.__dict__
-            until = self.source.max_updated_at()
-            fmt = self.fmt or landed.manifest.current_batches()[-1].format
-            batch = Batch(
-                new_batch_id("update"),
-                "update",
-                fmt,
-                utc_now(),
-                [],
-                0,
-                watermark=watermark,
-                info={"until": until},
-            )
-            committer = _BatchCommitter(landed, batch, watermark=True)
-            files = FileRotation(
-                self.storage,
-                landed.schema,
-                fmt,
-                self.opts.file_rows,
-                lambda seq: self.state.data_key(batch.batch_id, 0, seq, fmt),
-                0,
-                committer,
-            )
-            cursor = watermark
+        with self.state.lease("update"):
             try:
-                while until is not None:
-                    if stop.is_set() or (
-                        self.opts.deadline is not None and time.monotonic() >= self.opts.deadline
-                    ):
-                        files.commit(done=False)
-                        result.status = "stopped"
-                        result.message = "stopped before the end; the next run goes on"
-                        break
-                    table = self.source.changes(
-                        landed.schema, after=cursor, limit=self.opts.page_size, until=until
-                    )
-                    if table.num_rows == 0:
-                        files.commit(done=True)
-                        break
-                    files.write(table)
-                    cursor = Watermark(
-                        table.column("socrata_updated_at")[-1].as_py(),
-                        table.column("socrata_id")[-1].as_py(),
-                    )
-            except BaseException:
-                files.abort()
-                raise
-            result.rows, result.files, result.bytes = (
-                batch.rows,
-                len(batch.files),
-                files.landed_bytes,
-            )
-            result.batch_id = batch.batch_id if committer.committed else None
-            wm = landed.manifest.watermark
-            result.extra["watermark"] = None if wm is None else wm.__dict__
-        finally:
-            self.state.release(token)
-            result.requests = self.client.stats.requests - requests0
-            result.wire_bytes = self.client.stats.bytes - bytes0
-            result.seconds = time.monotonic() - started
+                landed = _open(self.storage, self.dataset)
+                schema = self.source.schema()
+                _check_columns(landed, schema)
+                watermark = landed.manifest.watermark or Watermark("1970-01-01T00:00:00.000Z")
+                result.extra["watermark_before"] = watermark.__dict__
+                until = self.source.max_updated_at()
+                fmt = self.fmt or landed.manifest.current_batches()[-1].format
+                batch = Batch(
+                    new_batch_id("update"),
+                    "update",
+                    fmt,
+                    utc_now(),
+                    [],
+                    0,
+                    watermark=watermark,
+                    info={"until": until},
+                )
+                committer = _BatchCommitter(landed, batch, watermark=True)
+                files = FileRotation(
+                    self.storage,
+                    landed.schema,
+                    fmt,
+                    self.opts.file_rows,
+                    lambda seq: self.state.data_key(batch.batch_id, 0, seq, fmt),
+                    0,
+                    committer,
+                )
+                cursor = watermark
+                try:
+                    while until is not None:
+                        if stop.is_set() or self.opts.out_of_time():
+                            files.commit(done=False)
+                            result.status = "stopped"
+                            result.message = "stopped before the end; the next run goes on"
+                            break
+                        table = self.source.changes(
+                            landed.schema, after=cursor, limit=self.opts.page_size, until=until
+                        )
+                        if table.num_rows == 0:
+                            files.commit(done=True)
+                            break
+                        files.write(table)
+                        cursor = Watermark(
+                            table.column("socrata_updated_at")[-1].as_py(),
+                            table.column("socrata_id")[-1].as_py(),
+                        )
+                except BaseException:
+                    files.abort()
+                    raise
+                result.rows, result.files, result.bytes = (
+                    batch.rows,
+                    len(batch.files),
+                    files.landed_bytes,
+                )
+                result.batch_id = batch.batch_id if committer.committed else None
+                wm = landed.manifest.watermark
+                result.extra["watermark"] = None if wm is None else wm.__dict__
+            finally:
+                result.requests = self.client.stats.requests - requests0
+                result.wire_bytes = self.client.stats.bytes - bytes0
+                result.seconds = time.monotonic() - started
         return result
 
 
@@ -240,74 +237,73 @@ class Reconcile:
         result = DatasetResult(
             self.dataset.name, "reconciled", location=f"{self.storage.url}/{self.dataset.name}/"
         )
-        token = self.state.acquire("reconcile")
-        try:
-            landed = _open(self.storage, self.dataset)
-            schema = self.source.schema()
-            _check_columns(landed, schema)
-            src = self._source_keys()
-            mine = self._landed_keys(landed)
-            vanished = pc.filter(
-                mine.column("key"),
-                pc.invert(pc.is_in(mine.column("key"), value_set=src.column("key"))),
-            )
-            joined = src.join(mine, "key", join_type="left outer", right_suffix="_landed")
-            refetch = (
-                joined.filter(
-                    pc.or_kleene(
-                        pc.is_null(joined.column("updated_at_landed")),
-                        pc.not_equal(
-                            joined.column("updated_at"), joined.column("updated_at_landed")
-                        ),
+        with self.state.lease("reconcile"):
+            try:
+                landed = _open(self.storage, self.dataset)
+                schema = self.source.schema()
+                _check_columns(landed, schema)
+                src = self._source_keys()
+                mine = self._landed_keys(landed)
+                vanished = pc.filter(
+                    mine.column("key"),
+                    pc.invert(pc.is_in(mine.column("key"), value_set=src.column("key"))),
+                )
+                joined = src.join(mine, "key", join_type="left outer", right_suffix="_landed")
+                refetch = (
+                    joined.filter(
+                        pc.or_kleene(
+                            pc.is_null(joined.column("updated_at_landed")),
+                            pc.not_equal(
+                                joined.column("updated_at"), joined.column("updated_at_landed")
+                            ),
+                        )
                     )
+                    .column("id")
+                    .to_pylist()
                 )
-                .column("id")
-                .to_pylist()
-            )
-            missing = int(pc.sum(pc.is_null(joined.column("updated_at_landed"))).as_py() or 0)
-            result.extra.update(
-                vanished=len(vanished), missing=missing, stale=len(refetch) - missing
-            )
-            fmt = landed.manifest.current_batches()[-1].format
-            if refetch:
-                batch = Batch(
-                    new_batch_id("repair"),
-                    "update",
-                    fmt,
-                    utc_now(),
-                    [],
-                    0,
-                    info={"reason": "reconcile"},
+                missing = int(pc.sum(pc.is_null(joined.column("updated_at_landed"))).as_py() or 0)
+                result.extra.update(
+                    vanished=len(vanished), missing=missing, stale=len(refetch) - missing
                 )
-                committer = _BatchCommitter(landed, batch, watermark=False)
-                files = FileRotation(
-                    self.storage,
-                    landed.schema,
-                    fmt,
-                    self.opts.file_rows,
-                    lambda seq: self.state.data_key(batch.batch_id, 0, seq, fmt),
-                    0,
-                    committer,
-                )
-                try:
-                    for start in range(0, len(refetch), IDS_PER_QUERY):
-                        ids = refetch[start : start + IDS_PER_QUERY]
-                        files.write(self.source.rows_by_id(landed.schema, ids))
-                    files.commit(done=True)
-                except BaseException:
-                    files.abort()
-                    raise
-                result.rows += batch.rows
-                result.files += len(batch.files)
-            if len(vanished):
-                self._tombstones(landed, vanished, fmt)
-                result.files += 1
-            result.extra["tombstones"] = len(vanished)
-        finally:
-            self.state.release(token)
-            result.requests = self.client.stats.requests - requests0
-            result.wire_bytes = self.client.stats.bytes - bytes0
-            result.seconds = time.monotonic() - started
+                fmt = landed.manifest.current_batches()[-1].format
+                if refetch:
+                    batch = Batch(
+                        new_batch_id("repair"),
+                        "update",
+                        fmt,
+                        utc_now(),
+                        [],
+                        0,
+                        info={"reason": "reconcile"},
+                    )
+                    committer = _BatchCommitter(landed, batch, watermark=False)
+                    files = FileRotation(
+                        self.storage,
+                        landed.schema,
+                        fmt,
+                        self.opts.file_rows,
+                        lambda seq: self.state.data_key(batch.batch_id, 0, seq, fmt),
+                        0,
+                        committer,
+                    )
+                    try:
+                        for start in range(0, len(refetch), IDS_PER_QUERY):
+                            ids = refetch[start : start + IDS_PER_QUERY]
+                            files.write(self.source.rows_by_id(landed.schema, ids))
+                        files.commit(done=True)
+                    except BaseException:
+                        files.abort()
+                        raise
+                    result.rows += batch.rows
+                    result.files += len(batch.files)
+                if len(vanished):
+                    self._tombstones(landed, vanished, fmt)
+                    result.files += 1
+                result.extra["tombstones"] = len(vanished)
+            finally:
+                result.requests = self.client.stats.requests - requests0
+                result.wire_bytes = self.client.stats.bytes - bytes0
+                result.seconds = time.monotonic() - started
         return result
 
     def _tombstones(self, landed: Landed, keys: pa.Array, fmt: str) -> None:
@@ -337,58 +333,57 @@ def compact(
     started = time.monotonic()
     state = DatasetState(storage, dataset.name)
     result = DatasetResult(dataset.name, "compacted", location=f"{storage.url}/{dataset.name}/")
-    token = state.acquire("compact")
-    try:
-        landed = _open(storage, dataset)
-        manifest = landed.manifest
-        fmt = fmt or manifest.current_batches()[-1].format
-        batch = Batch(
-            new_batch_id("compact"),
-            "snapshot",
-            fmt,
-            utc_now(),
-            [],
-            0,
-            watermark=manifest.watermark,
-            info={"compacted": [b.batch_id for b in manifest.current_batches()]},
-        )
-        entries: list[FileEntry] = []
-
-        def collect(entry: FileEntry | None, _last: Any, _done: bool) -> None:
-            if entry is not None:
-                entries.append(entry)
-
-        files = FileRotation(
-            storage,
-            landed.schema,
-            fmt,
-            file_rows,
-            lambda seq: state.data_key(batch.batch_id, 0, seq, fmt),
-            0,
-            collect,
-        )
+    with state.lease("compact"):
         try:
-            for table in iter_current(landed):
-                files.write(table)
-            files.commit(done=True)
-        except BaseException:
-            files.abort()
-            raise
-        batch.files = entries
-        batch.rows = sum(e.rows for e in entries)
-        batch.source_count = None
-        old = list(manifest.batches)
-        manifest.batches.append(batch)
-        state.commit(manifest)
-        result.rows, result.files = batch.rows, len(entries)
-        result.bytes = sum(e.bytes for e in entries)
-        result.batch_id = batch.batch_id
-        if prune:
-            manifest.batches = [batch]
+            landed = _open(storage, dataset)
+            manifest = landed.manifest
+            fmt = fmt or manifest.current_batches()[-1].format
+            batch = Batch(
+                new_batch_id("compact"),
+                "snapshot",
+                fmt,
+                utc_now(),
+                [],
+                0,
+                watermark=manifest.watermark,
+                info={"compacted": [b.batch_id for b in manifest.current_batches()]},
+            )
+            entries: list[FileEntry] = []
+
+            def collect(entry: FileEntry | None, _last: Any, _done: bool) -> None:
+                if entry is not None:
+                    entries.append(entry)
+
+            files = FileRotation(
+                storage,
+                landed.schema,
+                fmt,
+                file_rows,
+                lambda seq: state.data_key(batch.batch_id, 0, seq, fmt),
+                0,
+                collect,
+            )
+            try:
+                for table in iter_current(landed):
+                    files.write(table)
+                files.commit(done=True)
+            except BaseException:
+                files.abort()
+                raise
+            batch.files = entries
+            batch.rows = sum(e.rows for e in entries)
+            batch.source_count = None
+            old = list(manifest.batches)
+            manifest.batches.append(batch)
             state.commit(manifest)
-            storage.delete([f.path for b in old for f in b.files])
-            result.extra["pruned_batches"] = len(old)
-    finally:
-        state.release(token)
-        result.seconds = time.monotonic() - started
+            result.rows, result.files = batch.rows, len(entries)
+            result.bytes = sum(e.bytes for e in entries)
+            result.batch_id = batch.batch_id
+            if prune:
+                manifest.batches = [batch]
+                state.commit(manifest)
+                storage.delete([f.path for b in old for f in b.files])
+                result.extra["pruned_batches"] = len(old)
+        finally:
+            result.seconds = time.monotonic() - started
     return result

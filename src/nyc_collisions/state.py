@@ -16,8 +16,10 @@ that names them is written; the watermark lives in the manifest, so both move in
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -30,8 +32,10 @@ from .errors import DestinationBusy, StateError
 from .sink.files import FileEntry
 from .sink.storage import Storage
 
+logger = logging.getLogger(__name__)
+
 MANIFEST_VERSION = 1
-LOCK_TTL_SECONDS = 15 * 60
+LOCK_TTL_SECONDS = 120.0
 
 
 def utc_now() -> str:
@@ -197,38 +201,49 @@ class DatasetState:
     def lock_key(self) -> str:
         return f"{self.folder}/lock.json"
 
+    def lease(self, command: str) -> Lease:
+        return Lease(self, command)
+
     def acquire(self, command: str) -> str:
         """Take the dataset's lease, or raise `DestinationBusy` while another run holds it.
 
         The lease is created with a conditional write (create-if-absent), so two runs cannot
-        both take it; a lease older than its TTL (a run that was killed) may be taken over.
+        both take it. A lease whose holder is dead may be taken over: one past its expiry (its
+        holder stopped renewing it), or one held by a process of this machine that is gone.
         """
         token = uuid.uuid4().hex
-        doc = {
+        body = orjson.dumps(self._lease_doc(token, command))
+        if self.storage.put_bytes(self.lock_key, body, if_absent=True):
+            return token
+        held = self.get_json(self.lock_key) or {}
+        if not _holder_is_dead(held):
+            raise DestinationBusy(
+                f"{self.storage.url}/{self.folder}: another run holds the lock "
+                f"({held.get('command')} on {held.get('host')} pid {held.get('pid')} "
+                f"since {held.get('since')}); wait for it to end"
+            )
+        logger.warning(
+            "%s: taking over the lock of a dead run (%s pid %s)",
+            self.folder,
+            held.get("host"),
+            held.get("pid"),
+        )
+        self.storage.delete([self.lock_key])
+        if self.storage.put_bytes(self.lock_key, body, if_absent=True):
+            return token
+        raise DestinationBusy(f"{self.storage.url}/{self.folder}: another run took the lock")
+
+    def _lease_doc(self, token: str, command: str) -> dict[str, Any]:
+        return {
             "token": token,
             "command": command,
             "host": socket.gethostname(),
+            "boot": _boot_id(),
             "pid": os.getpid(),
             "user": _user(),
             "since": utc_now(),
             "expires": time.time() + LOCK_TTL_SECONDS,
         }
-        body = orjson.dumps(doc)
-        if self.storage.put_bytes(self.lock_key, body, if_absent=True):
-            return token
-        held = self.get_json(self.lock_key) or {}
-        if float(held.get("expires", 0)) > time.time():
-            raise DestinationBusy(
-                f"{self.storage.url}/{self.folder}: another run holds the lock "
-                f"({held.get('command')} on {held.get('host')} pid {held.get('pid')} "
-                f"since {held.get('since')}); wait for it, or delete "
-                f"{self.storage.url}/{self.lock_key} if that run is dead"
-            )
-        # stale lease of a killed run: take it over
-        self.storage.delete([self.lock_key])
-        if self.storage.put_bytes(self.lock_key, body, if_absent=True):
-            return token
-        raise DestinationBusy(f"{self.storage.url}/{self.folder}: another run took the lock")
 
     def renew(self, token: str) -> None:
         held = self.get_json(self.lock_key) or {}
@@ -241,6 +256,57 @@ class DatasetState:
         held = self.get_json(self.lock_key) or {}
         if held.get("token") == token:
             self.storage.delete([self.lock_key])
+
+
+class Lease:
+    """Holds a dataset's lock for a `with` block, renewing it in the background."""
+
+    def __init__(self, state: DatasetState, command: str) -> None:
+        self.state = state
+        self.command = command
+        self.token = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Lease:
+        self.token = self.state.acquire(self.command)
+        self._thread = threading.Thread(target=self._renew, daemon=True, name="lease")
+        self._thread.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._stop.wait(LOCK_TTL_SECONDS / 4):
+            try:
+                self.state.renew(self.token)
+            except Exception as exc:
+                logger.warning("%s: could not renew the lock: %s", self.state.folder, exc)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.state.release(self.token)
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _holder_is_dead(held: dict[str, Any]) -> bool:
+    if float(held.get("expires", 0)) < time.time():
+        return True
+    if held.get("host") == socket.gethostname() and held.get("boot") == _boot_id():
+        try:
+            os.kill(int(held.get("pid", 0)), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError, OverflowError):
+            return False
+    return False
 
 
 def _user() -> str:

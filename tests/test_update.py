@@ -1,0 +1,185 @@
+"""Daily updates, reconciliation and compaction keep the landed state equal to the source."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fake_soda import FakeSoda, Latency
+from tests.helpers import KEYS, NAMES, assert_exact, cli, columns, read_export
+
+
+def land(srv: FakeSoda, dest: str, *extra: str) -> None:
+    res = cli("backfill", "--source", srv.url, "--dest", dest, "--page-size", "800", *extra)
+    assert res.code == 0, res.text
+
+
+def update(srv: FakeSoda, dest: str, *extra: str) -> str:
+    res = cli("update", "--source", srv.url, "--dest", dest, "--page-size", "300", *extra)
+    assert res.code == 0, res.text
+    return res.out
+
+
+def exact(srv: FakeSoda, dest: str, name: str, tmp_path: Path, suffix: str = ".csv") -> int:
+    out = tmp_path / f"export-{name}{suffix}"
+    res = cli("export", name, "--dest", dest, "--output", str(out))
+    assert res.code == 0, res.text
+    dataset_id = NAMES[name]
+    return assert_exact(srv.rows(dataset_id), read_export(out), columns(srv.url, dataset_id),
+                        KEYS[dataset_id], typed=suffix == ".parquet")
+
+
+def mutate(srv: FakeSoda, cycle: int) -> None:
+    for dataset_id in NAMES.values():
+        srv.insert(dataset_id, 40 + cycle)
+        srv.edit(dataset_id, 25)
+    if cycle == 1:
+        srv.replace("h9gi-nx95")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_cycles_of_changes_stay_exact(soda: FakeSoda, dest: str, fmt: str,
+                                      tmp_path: Path) -> None:
+    land(soda, dest, "--format", fmt)
+    for cycle in range(3):
+        mutate(soda, cycle)
+        update(soda, dest)
+        for name in NAMES:
+            exact(soda, dest, name, tmp_path, ".csv" if cycle % 2 else ".parquet")
+    # nothing changed: the second update in a row lands nothing
+    out = update(soda, dest)
+    assert "total: 0 rows" in out
+
+
+def test_update_sees_late_edits_of_old_rows(soda: FakeSoda, tmp_path: Path) -> None:
+    dest = str(tmp_path / "land")
+    land(soda, dest, "crashes")
+    soda.edit("h9gi-nx95", 10)
+    out = update(soda, dest, "crashes")
+    assert "updated 10 rows" in out
+    exact(soda, dest, "crashes", tmp_path)
+
+
+def test_full_replace_is_a_large_update(soda: FakeSoda, tmp_path: Path) -> None:
+    dest = str(tmp_path / "land")
+    land(soda, dest, "persons")
+    soda.replace("f55k-p6yu")
+    out = update(soda, dest, "persons", "--file-rows", "1000")
+    assert f"updated {len(soda.rows('f55k-p6yu')):,} rows" in out
+    exact(soda, dest, "persons", tmp_path)
+    assert "total: 0 rows" in update(soda, dest, "persons")
+
+
+def test_update_without_backfill_says_so(soda_ro: FakeSoda, tmp_path: Path) -> None:
+    res = cli("update", "crashes", "--source", soda_ro.url, "--dest", str(tmp_path))
+    assert res.code == 1
+    assert "run `nyc-collisions backfill crashes` first" in res.err
+    assert len(res.err.strip().splitlines()) == 1
+
+
+def test_reconcile_records_deletions_and_refetches_gaps(soda: FakeSoda, dest: str,
+                                                       tmp_path: Path) -> None:
+    land(soda, dest)
+    for dataset_id in NAMES.values():
+        soda.delete(dataset_id, 17)
+        soda.insert(dataset_id, 5)
+    res = cli("verify", "--source", soda.url, "--dest", dest)
+    assert res.code == 1
+    assert "missing 5" in res.out and "extra 17" in res.out
+    res = cli("update", "--reconcile", "--source", soda.url, "--dest", dest)
+    assert res.code == 0, res.text
+    assert "vanished 17" in res.out
+    for name in NAMES:
+        exact(soda, dest, name, tmp_path)
+    res = cli("verify", "--source", soda.url, "--dest", dest)
+    assert res.code == 0, res.text
+    assert res.out.count(": OK:") == 3
+    assert "collision_ids that are not in crashes" in res.out
+    status = json.loads(cli("status", "--json", "--source", soda.url, "--dest", dest).out)
+    assert all(s["agree"] for s in status)
+    assert all(s["tombstones"] == 17 for s in status)
+
+
+def test_reconcile_alone_after_deletions(soda: FakeSoda, tmp_path: Path) -> None:
+    dest = str(tmp_path / "land")
+    land(soda, dest, "vehicles")
+    soda.delete("bm4k-52h4", 30)
+    res = cli("reconcile", "vehicles", "--source", soda.url, "--dest", dest)
+    assert res.code == 0, res.text
+    exact(soda, dest, "vehicles", tmp_path)
+
+
+def test_compact_then_prune(soda: FakeSoda, tmp_path: Path) -> None:
+    dest = tmp_path / "land"
+    land(soda, str(dest), "crashes")
+    for _ in range(2):
+        soda.edit("h9gi-nx95", 20)
+        soda.insert("h9gi-nx95", 20)
+        update(soda, str(dest), "crashes")
+    soda.delete("h9gi-nx95", 5)
+    assert cli("reconcile", "crashes", "--source", soda.url, "--dest", str(dest)).code == 0
+    res = cli("compact", "crashes", "--dest", str(dest))
+    assert res.code == 0, res.text
+    manifest = json.loads((dest / "crashes/manifest.json").read_text())
+    assert [b["kind"] for b in manifest["batches"]][-1] == "snapshot"
+    assert len(manifest["batches"]) == 6
+    exact(soda, str(dest), "crashes", tmp_path)
+    res = cli("compact", "crashes", "--prune", "--dest", str(dest))
+    assert res.code == 0, res.text
+    manifest = json.loads((dest / "crashes/manifest.json").read_text())
+    assert len(manifest["batches"]) == 1
+    on_disk = {p.relative_to(dest).as_posix() for p in (dest / "crashes/data").rglob("*.csv")}
+    assert on_disk == {f["path"] for f in manifest["batches"][0]["files"]}
+    exact(soda, str(dest), "crashes", tmp_path)
+    soda.edit("h9gi-nx95", 3)
+    update(soda, str(dest), "crashes")
+    exact(soda, str(dest), "crashes", tmp_path)
+
+
+def test_status_shows_watermark_runs_and_lag(soda: FakeSoda, tmp_path: Path) -> None:
+    dest = str(tmp_path / "land")
+    land(soda, dest, "crashes")
+    soda.edit("h9gi-nx95", 4)
+    status = json.loads(cli("status", "crashes", "--json", "--source", soda.url,
+                            "--dest", dest).out)[0]
+    assert status["lag_seconds"] > 0
+    update(soda, dest, "crashes")
+    status = json.loads(cli("status", "crashes", "--json", "--source", soda.url,
+                            "--dest", dest).out)[0]
+    assert status["last_update"]["rows"] == 4
+    assert status["watermark"]["row_id"]
+    assert status["lag_seconds"] == 0
+    assert status["agree"]
+    text = cli("status", "crashes", "--source", soda.url, "--dest", dest).out
+    assert "watermark" in text and "last update" in text
+
+
+def test_update_killed_mid_run_then_rerun_is_exact(tmp_path: Path) -> None:
+    sizes = {"h9gi-nx95": 3000, "f55k-p6yu": 10, "bm4k-52h4": 10}
+    latency = Latency(base=0.04, per_row=0.0, per_skipped=0.0, max_concurrent=3)
+    with FakeSoda(sizes=sizes, seed=9, latency=latency) as srv:
+        dest = str(tmp_path / "land")
+        land(srv, dest, "crashes")
+        srv.replace("h9gi-nx95")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nyc_collisions.cli", "update", "crashes", "--source",
+             srv.url, "--dest", dest, "--page-size", "100", "--file-rows", "200"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        manifest = Path(dest) / "crashes/manifest.json"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and b'"update"' not in manifest.read_bytes():
+            time.sleep(0.05)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        res = cli("update", "crashes", "--source", srv.url, "--dest", dest)
+        assert res.code == 0, res.text
+        exact(srv, dest, "crashes", tmp_path)
+        assert "total: 0 rows" in update(srv, dest, "crashes")
