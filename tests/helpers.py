@@ -129,8 +129,10 @@ def assert_exact(
     expected_keys = {str(r[key]) for r in source_rows}
     missing = expected_keys - set(by_key)
     extra = set(by_key) - expected_keys
-    assert not missing and not extra, f"missing {sorted(missing)[:5]}, extra {sorted(extra)[:5]}"
-    assert list(landed_rows[0].keys()) == [landed(f) for f, _ in cols] if landed_rows else True
+    assert not missing, f"missing {len(missing)} keys, e.g. {sorted(missing)[:5]}"
+    assert not extra, f"extra {len(extra)} keys, e.g. {sorted(extra)[:5]}"
+    if landed_rows:
+        assert list(landed_rows[0].keys()) == [landed(f) for f, _ in cols]
     for src in source_rows:
         got = by_key[str(src[key])]
         for field, dtype in cols:

@@ -58,7 +58,8 @@ def test_landed_layout_is_plain_files_with_a_manifest(soda_ro: FakeSoda, tmp_pat
     files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
     assert "crashes/manifest.json" in files
     data = [f for f in files if f.startswith("crashes/data/")]
-    assert data and all(f.endswith(".csv") for f in data)
+    assert data
+    assert all(f.endswith(".csv") for f in data)
     assert not [f for f in files if f.startswith("crashes/runs/") or f.endswith(".tmp")]
     assert all(" " not in f and "'" not in f and '"' not in f for f in files)
     # each file has exactly one header row, and the manifest counts rows right
@@ -78,7 +79,8 @@ def test_rerun_skips_a_landed_dataset_and_force_replaces(soda_ro: FakeSoda, tmp_
     backfill(soda_ro, dest, "crashes")
     res = cli("backfill", "crashes", "--source", soda_ro.url, "--dest", dest)
     assert res.code == 0
-    assert "already committed" in res.out and "--force" in res.out
+    assert "already committed" in res.out
+    assert "--force" in res.out
     backfill(soda_ro, dest, "crashes", "--force", "--format", "parquet")
     assert check_exact(soda_ro, dest, "crashes", tmp_path) == len(soda_ro.rows("h9gi-nx95"))
 

@@ -75,7 +75,8 @@ def test_unknown_format_is_rejected(soda_ro: FakeSoda, tmp_path: Path) -> None:
         "backfill", "crashes", "--format", "xml", "--source", soda_ro.url, "--dest", str(tmp_path)
     )
     assert res.code == 2
-    assert "xml" in res.err and "csv" in res.err
+    assert "xml" in res.err
+    assert "csv" in res.err
 
 
 def test_unknown_dataset_id_is_404(soda_ro: FakeSoda, tmp_path: Path) -> None:
