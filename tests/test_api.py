@@ -1,0 +1,63 @@
+"""The Python API: fetch straight from the source, read and export what landed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import nyc_collisions
+from tests.fake_soda import FakeSoda
+from tests.helpers import cli
+
+
+def test_fetch_is_typed_and_pages_by_keyset(soda_ro: FakeSoda) -> None:
+    df = nyc_collisions.fetch("crashes", source=soda_ro.url, page_size=300)
+    rows = soda_ro.rows("h9gi-nx95")
+    assert len(df) == len(rows)
+    assert df["collision_id"].is_unique
+    assert str(df["collision_id"].dtype) == "int64"
+    assert str(df["crash_date"].dtype).startswith("datetime64")
+    assert df.columns[-3:].tolist() == ["socrata_id", "socrata_created_at", "socrata_updated_at"]
+
+
+def test_fetch_where_and_limit(soda_ro: FakeSoda) -> None:
+    df = nyc_collisions.fetch(
+        "crashes", where="borough = 'QUEENS'", limit=50, source=soda_ro.url, page_size=20
+    )
+    assert len(df) == 50
+    assert set(df["borough"]) == {"QUEENS"}
+    with pytest.raises(nyc_collisions.UsageError):
+        nyc_collisions.fetch("crashes", limit=-1, source=soda_ro.url)
+
+
+def test_read_and_export_what_landed(soda_ro: FakeSoda, tmp_path: Path) -> None:
+    dest = str(tmp_path / "land")
+    assert cli("backfill", "vehicles", "--source", soda_ro.url, "--dest", dest).code == 0
+    df = nyc_collisions.read("vehicles", dest=dest)
+    assert len(df) == len(soda_ro.rows("bm4k-52h4"))
+    out = tmp_path / "v.parquet"
+    assert nyc_collisions.export("vehicles", out, dest=dest) == len(df)
+    back = pd.read_parquet(out)
+    assert back["unique_id"].tolist() == df["unique_id"].tolist()
+    with pytest.raises(nyc_collisions.NothingLanded):
+        nyc_collisions.read("crashes", dest=dest)
+
+
+def test_any_dataset_id_with_key(soda_ro: FakeSoda, tmp_path: Path) -> None:
+    dest = str(tmp_path / "land")
+    res = cli("backfill", "test-0001", "--source", soda_ro.url, "--dest", dest)
+    assert res.code == 0, res.text
+    df = nyc_collisions.read("test-0001", dest=dest)
+    assert len(df) == len(soda_ro.rows("test-0001"))
+    assert df["socrata_id"].is_unique
+
+
+def test_every_command_has_help_with_an_example() -> None:
+    from nyc_collisions.cli import main
+
+    for name in main.list_commands(None):  # type: ignore[arg-type]
+        res = cli(name, "--help")
+        assert res.code == 0
+        assert "Example: nyc-collisions " + name in res.out, name
