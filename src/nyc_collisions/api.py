@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -19,6 +19,9 @@ from .sink.storage import DEFAULT_LOCAL_DEST, LocalStorage, open_storage
 from .socrata import soql
 from .socrata.client import DEFAULT_BASE_URL, SodaClient
 from .socrata.source import DatasetSource
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def _dest(dest: str | None) -> str:

@@ -241,8 +241,6 @@ def _s3_error(where: str, exc: Exception) -> DestinationError:
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
         code = str(err.get("Code", ""))
-        if code in ("NoSuchBucket", "404") and "bucket" in str(err.get("Message", "")).lower():
-            return DestinationError(f"{where}: the bucket does not exist")
         if code == "NoSuchBucket":
             return DestinationError(f"{where}: the bucket does not exist")
         if code in (
@@ -384,11 +382,23 @@ class S3Storage:
             obj = self.client.get_object(Bucket=self.bucket, Key=self.full_key(key))
             return obj["Body"].read()
         except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code", "")) in ("NoSuchKey", "404"):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("NoSuchKey", "404"):
+                return None
+            if code in ("AccessDenied", "403") and not self._listed(key):
+                # without an unconditioned ListBucket, S3 answers 403 for a missing key
                 return None
             raise _s3_error(f"s3://{self.bucket}/{self.full_key(key)}", exc) from exc
         except Exception as exc:
             raise _s3_error(f"s3://{self.bucket}/{self.full_key(key)}", exc) from exc
+
+    def _listed(self, key: str) -> bool:
+        full = self.full_key(key)
+        try:
+            got = self.client.list_objects_v2(Bucket=self.bucket, Prefix=full, MaxKeys=1)
+        except Exception as exc:
+            raise _s3_error(f"s3://{self.bucket}/{full}", exc) from exc
+        return any(o["Key"] == full for o in got.get("Contents", []))
 
     def open_reader(self, key: str) -> IO[bytes]:
         full = self.full_key(key)
@@ -424,16 +434,15 @@ class S3Storage:
                 raise _s3_error(f"s3://{self.bucket}/{self.prefix}", exc) from exc
 
     def check_writable(self) -> None:
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except Exception as exc:
-            from botocore.exceptions import ClientError
+        """The bucket exists and we may list, write and delete below the prefix.
 
-            if isinstance(exc, ClientError) and str(
-                exc.response.get("Error", {}).get("Code", "")
-            ) in ("404", "NoSuchBucket"):
-                raise DestinationError(f"s3://{self.bucket}: the bucket does not exist") from exc
-            raise _s3_error(f"s3://{self.bucket}", exc) from exc
+        Only prefix-scoped calls: a least-privilege role (ListBucket limited to the prefix) is
+        denied `HeadBucket`, which S3 authorises as an unconditioned ListBucket.
+        """
+        try:
+            self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.full_key(""), MaxKeys=1)
+        except Exception as exc:
+            raise _s3_error(f"s3://{self.bucket}/{self.prefix}", exc) from exc
         probe = f".write-test-{uuid.uuid4().hex[:8]}"
         self.put_bytes(probe, b"ok")
         self.delete([probe])

@@ -1,0 +1,16 @@
+# The nyc-collisions Lambda image (also usable as the CLI: see deploy/README.md).
+# AWS Lambda base image for Python 3.11 (Amazon Linux 2, x86_64). For byte-for-byte reproducible
+# builds pin its digest: FROM public.ecr.aws/lambda/python:3.11@sha256:<digest>
+FROM public.ecr.aws/lambda/python:3.11
+
+# Install the package (and its pinned-by-range dependencies) into the image's site-packages,
+# /var/lang/lib/python3.11/site-packages: the Lambda runtime imports the handler from there and
+# the `nyc-collisions` console script lands on PATH (/var/lang/bin).
+WORKDIR /tmp/build
+COPY pyproject.toml README.md ./
+COPY src/ ./src/
+RUN pip install --no-cache-dir . \
+    && rm -rf /tmp/build
+
+WORKDIR ${LAMBDA_TASK_ROOT}
+CMD ["nyc_collisions.aws.handler"]

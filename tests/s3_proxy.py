@@ -1,0 +1,136 @@
+"""A small HTTP proxy in front of an S3 server (moto) that injects S3 faults.
+
+Seeded: each request is answered by a fault with `probability`, else forwarded as is. Faults are
+the ones S3 really sends under load: 503 SlowDown, 500 InternalError, and a connection dropped
+before the answer. Counts of requests and faults by kind are kept for the test's report.
+"""
+
+from __future__ import annotations
+
+import http.client
+import random
+import socket
+import struct
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlparse
+
+KINDS = ("503_slowdown", "500_internal", "drop")
+_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-authenticate",
+    "proxy-authorization",
+}
+_ERRORS = {
+    "503_slowdown": (503, "SlowDown", "Please reduce your request rate."),
+    "500_internal": (500, "InternalError", "We encountered an internal error. Please try again."),
+}
+
+
+class S3FaultProxy:
+    def __init__(
+        self, upstream: str, probability: float = 0.0, seed: int = 0, kinds: tuple[str, ...] = KINDS
+    ) -> None:
+        self.upstream = urlparse(upstream)
+        self.probability = probability
+        self.kinds = kinds
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.faults: Counter[str] = Counter()
+        self.requests = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    data = b""
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0], 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            return data
+                        data += self.rfile.read(size)
+                        self.rfile.readline()
+                return self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
+
+            def _handle(self) -> None:
+                body = self._body()
+                fault = proxy.pick()
+                if fault == "drop":
+                    self.connection.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                if fault is not None:
+                    status, code, message = _ERRORS[fault]
+                    xml = (
+                        f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                        f"<Message>{message}</Message></Error>"
+                    ).encode()
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(xml)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(xml)
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                headers["Content-Length"] = str(len(body))
+                conn = http.client.HTTPConnection(
+                    proxy.upstream.hostname, proxy.upstream.port, timeout=60
+                )
+                try:
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                finally:
+                    conn.close()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in _HOP and k.lower() != "content-length":
+                        self.send_header(k, v)
+                # a HEAD answer carries the length of the body it does not send
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def pick(self) -> str | None:
+        with self.lock:
+            self.requests += 1
+            if self.probability and self.rng.random() < self.probability:
+                kind = self.rng.choice(self.kinds)
+                self.faults[kind] += 1
+                return kind
+        return None
+
+    def __enter__(self) -> S3FaultProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
