@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_LOCAL_DEST = "./nyc-collisions-data"
 PART_SIZE = 8 * 1024 * 1024
 READ_AHEAD = 8 * 1024 * 1024
+MIN_FREE_BYTES = 64 * 1024 * 1024
 
 
 class Writer(Protocol):
@@ -201,7 +202,7 @@ class LocalStorage:
         except OSError as exc:
             raise _disk_error(self.root, exc) from exc
         free = shutil.disk_usage(self.root).free
-        if free < 64 * 1024 * 1024:
+        if free < MIN_FREE_BYTES:
             raise DestinationError(f"{self.root}: only {free // 1024} KiB free on the disk")
 
     def cleanup_uploads(self, prefix: str) -> int:

@@ -1,0 +1,261 @@
+"""Survives faults: nothing lost or duplicated under throttling, errors, dropped connections, kills,
+full disks, a second run at once and a source that changes meanwhile."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from nyc_collisions.socrata.client import AdaptiveLimit
+from tests.conftest import GOOD_TOKEN
+from tests.fake_soda import FakeSoda, Latency
+from tests.faultsuite import Schedule
+from tests.helpers import KEYS, NAMES, assert_exact, cli, columns, read_export
+from tests.s3_proxy import S3FaultProxy
+
+
+@pytest.mark.parametrize(
+    ("seed", "where"), [(101, "local"), (102, "s3"), (103, "local"), (104, "s3")]
+)
+def test_seeded_fault_schedule_ends_exact(
+    seed: int, where: str, tmp_path: Path, s3_server: str
+) -> None:
+    """Source faults, S3 faults, SIGKILLs and a changing source; then the state is exact."""
+    outcome = Schedule(seed, tmp_path, s3_server if where == "s3" else None).run()
+    assert outcome.rows_checked > 0
+    assert outcome.failures == []
+    assert outcome.token_leaks == []
+    assert (outcome.lost, outcome.duplicated, outcome.mismatched) == (0, 0, 0)
+    assert sum(outcome.source_faults.values()) > 0
+
+
+def exact(srv: FakeSoda, dest: str, name: str, tmp_path: Path) -> None:
+    out = tmp_path / f"{name}.csv"
+    assert cli("export", name, "--dest", dest, "--output", str(out)).code == 0
+    dataset_id = NAMES[name]
+    assert_exact(
+        srv.rows(dataset_id), read_export(out), columns(srv.url, dataset_id), KEYS[dataset_id]
+    )
+
+
+def test_a_stalled_response_is_retried_after_the_read_timeout(
+    soda: FakeSoda, tmp_path: Path
+) -> None:
+    soda.add_fault("stall", times=2, match="$order", seconds=3)
+    dest = str(tmp_path / "land")
+    started = time.monotonic()
+    res = cli("backfill", "crashes", "--timeout", "0.5", "--source", soda.url, "--dest", dest)
+    assert res.code == 0, res.text
+    assert time.monotonic() - started < 30
+    assert soda.stats()["faults"]["stall"] == 2
+    exact(soda, dest, "crashes", tmp_path)
+
+
+def test_s3_slowdown_and_errors_are_retried(
+    soda_ro: FakeSoda, bucket: str, s3_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    with S3FaultProxy(s3_server, probability=0.25, seed=5) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        dest = f"s3://{bucket}/raw"
+        res = cli(
+            "backfill",
+            "crashes",
+            "persons",
+            "--file-rows",
+            "700",
+            "--source",
+            soda_ro.url,
+            "--dest",
+            dest,
+        )
+        assert res.code == 0, res.text
+        assert sum(proxy.faults.values()) >= 5
+        proxy.probability = 0
+        exact(soda_ro, dest, "crashes", tmp_path)
+        exact(soda_ro, dest, "persons", tmp_path)
+
+
+def test_a_second_run_on_the_same_destination_is_refused(tmp_path: Path) -> None:
+    sizes = {"h9gi-nx95": 2000, "f55k-p6yu": 10, "bm4k-52h4": 10}
+    latency = Latency(base=0.1, per_row=0.0, per_skipped=0.0, max_concurrent=3)
+    with FakeSoda(sizes=sizes, seed=2, latency=latency) as srv:
+        dest = tmp_path / "land"
+        first = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "nyc_collisions.cli",
+                "backfill",
+                "crashes",
+                "--source",
+                srv.url,
+                "--dest",
+                str(dest),
+                "--page-size",
+                "100",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 20
+        while not (dest / "crashes/lock.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = cli("backfill", "crashes", "--source", srv.url, "--dest", str(dest))
+        assert second.code == 1
+        assert "another run holds the lock" in second.err
+        assert len(second.err.strip().splitlines()) == 1
+        out, err = first.communicate(timeout=120)
+        assert first.returncode == 0, out + err
+        exact(srv, str(dest), "crashes", tmp_path)
+
+
+def test_a_full_disk_commits_nothing_and_says_so(soda_ro: FakeSoda, tmp_path: Path) -> None:
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        # the check before downloading wants 64 MiB free: it refuses at once
+        res = cli("backfill", "crashes", "--source", soda_ro.url, "--dest", str(mount / "d"))
+        assert res.code == 1
+        assert "free" in res.err
+        assert not list(mount.rglob("manifest.json"))
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_disk_filling_up_mid_run_commits_nothing(
+    soda_ro: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        from nyc_collisions.sink import storage
+
+        monkeypatch.setattr(storage, "MIN_FREE_BYTES", 0)
+        res = cli("backfill", "persons", "--source", soda_ro.url, "--dest", str(mount / "d"))
+        assert res.code == 1
+        assert "no space left on device" in res.err
+        assert len(res.err.strip().splitlines()) == 1
+        assert not list(mount.rglob("manifest.json"))
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_throttling_halves_the_shared_limit_and_it_recovers_slowly() -> None:
+    limit = AdaptiveLimit(8)
+    limit.throttled()
+    assert limit.limit == 4
+    limit.throttled()
+    limit.throttled()
+    limit.throttled()
+    assert limit.limit == 1
+    for _ in range(3):
+        limit.succeeded()
+    assert limit.limit == 1
+    for _ in range(4 * 8 * 8):
+        limit.succeeded()
+    assert limit.limit == 8
+
+
+def test_limit_bounds_requests_in_flight() -> None:
+    limit = AdaptiveLimit(2)
+    peak = 0
+    now = 0
+    lock = threading.Lock()
+
+    def work() -> None:
+        nonlocal peak, now
+        with limit:
+            with lock:
+                now += 1
+                peak = max(peak, now)
+            time.sleep(0.02)
+            with lock:
+                now -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak == 2
+
+
+def test_throttled_parallel_backfill_backs_off(
+    soda: FakeSoda, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    soda.add_fault("429", times=6, match="$order")
+    dest = str(tmp_path / "land")
+    res = cli(
+        "backfill",
+        "persons",
+        "-v",
+        "--workers",
+        "4",
+        "--page-size",
+        "500",
+        "--source",
+        soda.url,
+        "--dest",
+        dest,
+        env={"SOCRATA_APP_TOKEN": GOOD_TOKEN},
+    )
+    assert res.code == 0, res.text
+    assert "source throttles: concurrency 4 -> 2" in caplog.text
+    assert GOOD_TOKEN not in res.text + caplog.text
+    exact(soda, dest, "persons", tmp_path)
+
+
+def test_rows_changing_during_the_backfill_are_caught_by_the_next_update(
+    tmp_path: Path,
+) -> None:
+    sizes = {"h9gi-nx95": 3000, "f55k-p6yu": 10, "bm4k-52h4": 10}
+    latency = Latency(base=0.03, per_row=0.0, per_skipped=0.0, max_concurrent=3)
+    with FakeSoda(sizes=sizes, seed=21, latency=latency) as srv:
+        dest = str(tmp_path / "land")
+
+        def change() -> None:
+            for _ in range(5):
+                time.sleep(0.15)
+                srv.insert("h9gi-nx95", 7)
+                srv.edit("h9gi-nx95", 9)
+                srv.delete("h9gi-nx95", 3)
+
+        changer = threading.Thread(target=change)
+        changer.start()
+        res = cli(
+            "backfill",
+            "crashes",
+            "--page-size",
+            "100",
+            "--workers",
+            "3",
+            "--source",
+            srv.url,
+            "--dest",
+            dest,
+        )
+        changer.join()
+        assert res.code == 0, res.text
+        res = cli("update", "crashes", "--reconcile", "--source", srv.url, "--dest", dest)
+        assert res.code == 0, res.text
+        exact(srv, dest, "crashes", tmp_path)
