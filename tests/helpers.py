@@ -44,9 +44,10 @@ def cli(*args: str, env: dict[str, str] | None = None) -> Result:
     return Result(res.exit_code, res.stdout, res.stderr)
 
 
-def columns(url: str, dataset_id: str) -> list[tuple[str, str]]:
+def columns(url: str, dataset_id: str, token: str | None = None) -> list[tuple[str, str]]:
     """(fieldName, dataTypeName) of the dataset in metadata order, then the system fields."""
-    meta = httpx.get(f"{url}/api/views/{dataset_id}.json").json()
+    headers = {"X-App-Token": token} if token else {}
+    meta = httpx.get(f"{url}/api/views/{dataset_id}.json", headers=headers).json()
     cols = sorted(
         (c for c in meta["columns"] if not c["fieldName"].startswith(":")),
         key=lambda c: c["position"],

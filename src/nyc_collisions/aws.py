@@ -32,10 +32,10 @@ from .datasets import resolve_many
 from .extract import DatasetResult, RunOptions, backfill
 from .incremental import Reconcile, Update
 from .sink.storage import open_storage
-from .socrata.client import DEFAULT_BASE_URL, SodaClient
+from .socrata.client import DEFAULT_BASE_URL, RetryPolicy, SodaClient
 
 logger = logging.getLogger("nyc_collisions.aws")
-SAFETY_SECONDS = 90.0
+SAFETY_SECONDS = 90.0  # stop this long before Lambda's deadline (a quarter of short budgets)
 _token_cache: dict[str, str | None] = {}
 
 
@@ -118,6 +118,7 @@ def _summary(r: DatasetResult) -> dict[str, Any]:
 def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
     started = time.monotonic()
     event = event or {}
+    _configure_logging(None)
     token = app_token()
     _configure_logging(token)
     command = str(event.get("command", "update"))
@@ -139,7 +140,7 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
         if context is not None and hasattr(context, "get_remaining_time_in_millis")
         else 900.0
     )
-    deadline = started + max(5.0, remaining - SAFETY_SECONDS)
+    deadline = started + remaining - min(SAFETY_SECONDS, remaining / 4)
     opts = RunOptions(
         fmt=os.environ.get("NYC_COLLISIONS_FORMAT", "csv").lower(),
         deadline=deadline,
@@ -156,7 +157,9 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
     )
     results: list[DatasetResult] = []
     try:
-        with SodaClient(source, app_token=token, concurrency=opts.workers) as client:
+        with SodaClient(
+            source, app_token=token, concurrency=opts.workers, retry=RetryPolicy.from_env()
+        ) as client:
             if command == "backfill":
                 results = backfill(client, storage, datasets, opts)
             else:

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import click
@@ -98,14 +99,13 @@ def _setup_logging(verbose: int) -> None:
 
 
 def _client(source: str, retries: int, workers: int = DEFAULT_WORKERS) -> SodaClient:
-    base = float(os.environ.get("NYC_COLLISIONS_RETRY_BASE", "1.0"))
     ctx = click.get_current_context(silent=True)
     timeout = float(ctx.meta.get("timeout", 120.0)) if ctx else 120.0
     return SodaClient(
         source,
         app_token=os.environ.get("SOCRATA_APP_TOKEN") or None,
         concurrency=workers,
-        retry=RetryPolicy(attempts=retries, base=base),
+        retry=replace(RetryPolicy.from_env(), attempts=retries),
         timeout=timeout,
     )
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import os
 import random
 import threading
 import time
@@ -53,6 +54,13 @@ class RetryPolicy:
     base: float = 1.0
     cap: float = 60.0
     max_retry_after: float = 300.0
+
+    @classmethod
+    def from_env(cls, attempts: int = 10) -> RetryPolicy:
+        """The policy, with the base delay from `NYC_COLLISIONS_RETRY_BASE` (seconds) if set."""
+        base = float(os.environ.get("NYC_COLLISIONS_RETRY_BASE", "1.0"))
+        attempts = int(os.environ.get("NYC_COLLISIONS_RETRIES", str(attempts)))
+        return cls(attempts=attempts, base=base)
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
         """Seconds before attempt `attempt + 1` (full jitter, or the server's Retry-After)."""
