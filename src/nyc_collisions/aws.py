@@ -31,6 +31,7 @@ import orjson
 from .datasets import resolve_many
 from .extract import DatasetResult, RunOptions, backfill
 from .incremental import Reconcile, Update
+from .schema import use_system_memory_pool
 from .sink.storage import open_storage
 from .socrata.client import DEFAULT_BASE_URL, RetryPolicy, SodaClient
 
@@ -119,6 +120,7 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
     started = time.monotonic()
     event = event or {}
     _configure_logging(None)
+    use_system_memory_pool()
     token = app_token()
     _configure_logging(token)
     command = str(event.get("command", "update"))

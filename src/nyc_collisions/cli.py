@@ -28,6 +28,7 @@ from .extract import (
     backfill,
 )
 from .report import dataset_status, orphans
+from .schema import use_system_memory_pool
 from .sink.storage import DEFAULT_LOCAL_DEST, open_storage
 from .socrata.client import DEFAULT_BASE_URL, RetryPolicy, SodaClient
 from .socrata.source import DatasetSource
@@ -155,6 +156,7 @@ def main() -> None:
 
     DATASET is crashes, persons, vehicles, or any Socrata dataset id (xxxx-xxxx).
     """
+    use_system_memory_pool()
 
 
 def _print_summary(results: list[DatasetResult], started: float) -> None:

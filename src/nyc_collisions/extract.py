@@ -133,18 +133,24 @@ def _run_partition(
         record,
     )
     after: str | None = resume["after"] if resume["after"] is not None else partition.lower
+
+    def params() -> dict[str, str]:
+        return source.page_params(after=after, upper=partition.upper, limit=opts.page_size)
+
+    def emit(table: pa.Table) -> None:
+        nonlocal after
+        files.write(table)
+        after = table.column("socrata_id")[-1].as_py()
+        progress.add(table.num_rows)
+
     try:
         while True:
             if stop.is_set() or opts.out_of_time():
                 files.commit(done=False)
                 return files
-            table = source.page(schema, after=after, upper=partition.upper, limit=opts.page_size)
-            if table.num_rows == 0:
+            if source.stream_rows(schema, params, emit) == 0:
                 files.commit(done=True)
                 return files
-            files.write(table)
-            after = table.column("socrata_id")[-1].as_py()
-            progress.add(table.num_rows)
     except BaseException:
         files.abort()
         raise

@@ -143,6 +143,20 @@ class Update:
                     committer,
                 )
                 cursor = watermark
+
+                def params() -> dict[str, str]:
+                    return self.source.changes_params(
+                        after=cursor, limit=self.opts.page_size, until=until
+                    )
+
+                def emit(table: pa.Table) -> None:
+                    nonlocal cursor
+                    files.write(table)
+                    cursor = Watermark(
+                        table.column("socrata_updated_at")[-1].as_py(),
+                        table.column("socrata_id")[-1].as_py(),
+                    )
+
                 try:
                     while until is not None:
                         if stop.is_set() or self.opts.out_of_time():
@@ -150,17 +164,9 @@ class Update:
                             result.status = "stopped"
                             result.message = "stopped before the end; the next run goes on"
                             break
-                        table = self.source.changes(
-                            landed.schema, after=cursor, limit=self.opts.page_size, until=until
-                        )
-                        if table.num_rows == 0:
+                        if self.source.stream_rows(landed.schema, params, emit) == 0:
                             files.commit(done=True)
                             break
-                        files.write(table)
-                        cursor = Watermark(
-                            table.column("socrata_updated_at")[-1].as_py(),
-                            table.column("socrata_id")[-1].as_py(),
-                        )
                 except BaseException:
                     files.abort()
                     raise

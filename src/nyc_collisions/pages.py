@@ -16,6 +16,7 @@ taken for the last one. A field the metadata does not name is a `SchemaError`, n
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -165,3 +166,62 @@ def _unknown_fields(rows: list[dict[str, Any]], fields: list[str]) -> set[str]:
     extra -= _IGNORED_SYSTEM
     # JSON nulls sent explicitly also make the counts differ; they are not unknown fields.
     return {k for k in extra if not k.startswith(":@")} if extra else set()
+
+
+PIECE_BYTES = 4 << 20
+
+
+class PageStream:
+    """Parses a page while it streams in, a few MiB of whole rows at a time.
+
+    SODA writes one row per line with the separators at line starts (`[{..}\\n,{..}\\n]`), so the
+    rows received so far end at the last `\\n,`: each such piece is parsed and handed to `emit` at
+    once, and memory stays at a piece, not a page. A body in another layout is parsed whole at the
+    end. `finish` raises `BadResponse` if the body did not end with the array's `]`: the rows
+    emitted before the cut are kept, and the caller goes on after the last of them.
+    """
+
+    def __init__(self, schema: Schema, emit: Callable[[pa.Table], None]) -> None:
+        self.schema = schema
+        self.emit = emit
+        self.rows = 0
+        self._buf = bytearray()
+        self._started = False
+
+    def feed(self, chunk: bytes) -> None:
+        self._buf += chunk
+        if not self._started:
+            stripped = self._buf.lstrip()
+            if not stripped:
+                return
+            if stripped[:1] == b"<":
+                raise BadResponse("the source answered with an HTML page, not JSON")
+            if stripped[:1] != b"[":
+                raise BadResponse(f"page is not a JSON array: {bytes(stripped[:60])!r}")
+            del self._buf[: len(self._buf) - len(stripped) + 1]
+            self._started = True
+        if len(self._buf) >= PIECE_BYTES:
+            cut = self._buf.rfind(b"\n,")
+            if cut > 0:
+                piece = bytes(self._buf[:cut])
+                del self._buf[: cut + 2]
+                self._parse(piece)
+
+    def finish(self) -> int:
+        """The end of the body: parse what is left; returns the rows of the whole page."""
+        if not self._started:
+            raise BadResponse("page body is empty")
+        tail = bytes(self._buf).rstrip()
+        if not tail.endswith(b"]"):
+            raise BadResponse(f"page cut short after {self.rows} rows")
+        tail = tail[:-1].rstrip()
+        self._buf.clear()
+        if tail:
+            self._parse(tail)
+        return self.rows
+
+    def _parse(self, piece: bytes) -> None:
+        table = parse_page(b"[" + piece + b"]", self.schema)
+        if table.num_rows:
+            self.rows += table.num_rows
+            self.emit(table)

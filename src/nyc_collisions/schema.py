@@ -17,6 +17,13 @@ import pyarrow.compute as pc
 from .datasets import SYSTEM_FIELDS, Dataset, landed_name
 from .errors import BadResponse, SchemaError
 
+
+def use_system_memory_pool() -> None:
+    """Have Arrow allocate with malloc: pages come and go, and Arrow's default allocators keep
+    what a page freed (measured: peak RSS 327 MB with mimalloc, 225 MB with malloc, same CPU)."""
+    pa.set_memory_pool(pa.system_memory_pool())
+
+
 # Socrata's dataTypeName -> how the column is typed in Parquet.
 _TIMESTAMP_TYPES = {"calendar_date", "floating_timestamp"}
 _UTC_TYPES = {"date", "fixed_timestamp"}

@@ -129,16 +129,28 @@ SCHEMAS: dict[str, Schema] = {
     s.dataset_id: s
     for s in (
         Schema(
-            CRASHES, "Motor Vehicle Collisions - Crashes", "collision_id", _CRASH_COLUMNS,
-            2_300_000, 1_000,
+            CRASHES,
+            "Motor Vehicle Collisions - Crashes",
+            "collision_id",
+            _CRASH_COLUMNS,
+            2_300_000,
+            1_000,
         ),
         Schema(
-            PERSONS, "Motor Vehicle Collisions - Person", "unique_id", _PERSON_COLUMNS,
-            6_000_000, 2_600,
+            PERSONS,
+            "Motor Vehicle Collisions - Person",
+            "unique_id",
+            _PERSON_COLUMNS,
+            6_000_000,
+            2_600,
         ),
         Schema(
-            VEHICLES, "Motor Vehicle Collisions - Vehicles", "unique_id", _VEHICLE_COLUMNS,
-            4_600_000, 2_000,
+            VEHICLES,
+            "Motor Vehicle Collisions - Vehicles",
+            "unique_id",
+            _VEHICLE_COLUMNS,
+            4_600_000,
+            2_000,
         ),
         Schema(GENERIC, "Fake generic test dataset", "id", _GENERIC_COLUMNS, 200, 200),
     )

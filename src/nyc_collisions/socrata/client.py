@@ -22,9 +22,9 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlencode
 
 import httpx
@@ -232,64 +232,19 @@ class SodaClient:
 
     # -- the one place where requests are made and classified -------------------------------
     def fetch(self, path: str, params: dict[str, str] | None, parse: Callable[[bytes], T]) -> T:
-        """GET `path` and parse its body, retrying what is worth retrying.
+        """GET `path` and parse its whole body, retrying what is worth retrying.
 
         `parse` runs inside the retry loop: a body that does not parse (cut short, HTML, broken)
         is fetched again; a parser signals that with `BadResponse`.
         """
-        shown = path + ("?" + urlencode(params) if params else "")
-        last: _Retryable | None = None
-        for attempt in range(self.retry.attempts):
-            if last is not None:
-                pause = self.retry.delay(attempt - 1, last.retry_after)
-                logger.info(
-                    "retry %d/%d in %.1fs after %s: %s",
-                    attempt,
-                    self.retry.attempts - 1,
-                    pause,
-                    last.cause,
-                    shown,
-                )
-                time.sleep(pause)
-            try:
-                result = self._attempt(path, params, parse, shown)
-            except _Retryable as exc:
-                self.stats.retried(exc.cause)
-                if exc.cause in ("429", "403 throttle"):
-                    self.limit.throttled()
-                last = exc
-                continue
-            self.limit.succeeded()
-            return result
-        assert last is not None
-        raise SourceUnavailable(
-            f"{self.base_url}{shown}: gave up after {self.retry.attempts} attempts; last: {last}"
-        )
+        query = dict(params or {})
+        return self.stream(path, lambda: query, lambda chunks: parse(b"".join(chunks)))
 
-    def _attempt(
-        self, path: str, params: dict[str, str] | None, parse: Callable[[bytes], T], shown: str
-    ) -> T:
-        started = time.monotonic()
-        with self.limit:
-            try:
-                response = self._http.get(path, params=params)
-                body = response.content
-            except httpx.TimeoutException as exc:
-                raise _Retryable("timeout", f"timed out ({type(exc).__name__})") from None
-            except httpx.TransportError as exc:
-                raise _Retryable("connection", f"{type(exc).__name__}: {exc}") from None
+    def _classify(self, response: httpx.Response, body: bytes, shown: str, path: str) -> NoReturn:
+        """Turn a response that is not a 200 JSON body into the right exception."""
         status = response.status_code
-        self.stats.add(len(body))
-        logger.info(
-            "GET %s -> %d (%d bytes, %.2fs)", shown, status, len(body), time.monotonic() - started
-        )
         if status == 200:
-            if looks_like_html(response, body):
-                raise _Retryable("html", "the source answered with an HTML page, not JSON")
-            try:
-                return parse(body)
-            except BadResponse as exc:
-                raise _Retryable("bad body", str(exc)) from None
+            raise _Retryable("html", "the source answered with an HTML page, not JSON")
         message = error_message(body)
         if status == 202 or status == 429 or status >= 500:
             if looks_like_html(response, body):
@@ -307,6 +262,84 @@ class SodaClient:
                     "403 throttle", f"HTTP {status}: {message}", _retry_after(response)
                 )
         raise SourceRejected(f"{self.base_url}{shown}: HTTP {status}: {message}")
+
+    def stream(
+        self,
+        path: str,
+        params: Callable[[], dict[str, str]],
+        consume: Callable[[Iterator[bytes]], T],
+    ) -> T:
+        """GET `path` and hand the body to `consume` as it arrives, retrying like `fetch`.
+
+        `params` is called before every attempt, so a retry after a body cut short can ask for
+        what comes after the rows `consume` already took.
+        """
+        last: _Retryable | None = None
+        for attempt in range(self.retry.attempts):
+            query = params()
+            shown = path + ("?" + urlencode(query) if query else "")
+            if last is not None:
+                pause = self.retry.delay(attempt - 1, last.retry_after)
+                logger.info(
+                    "retry %d/%d in %.1fs after %s: %s",
+                    attempt,
+                    self.retry.attempts - 1,
+                    pause,
+                    last.cause,
+                    shown,
+                )
+                time.sleep(pause)
+            try:
+                result = self._stream_attempt(path, query, consume, shown)
+            except _Retryable as exc:
+                self.stats.retried(exc.cause)
+                if exc.cause in ("429", "403 throttle"):
+                    self.limit.throttled()
+                last = exc
+                continue
+            self.limit.succeeded()
+            return result
+        assert last is not None
+        raise SourceUnavailable(
+            f"{self.base_url}{path}: gave up after {self.retry.attempts} attempts; last: {last}"
+        )
+
+    def _stream_attempt(
+        self,
+        path: str,
+        query: dict[str, str],
+        consume: Callable[[Iterator[bytes]], T],
+        shown: str,
+    ) -> T:
+        started = time.monotonic()
+        received = 0
+
+        def counted(chunks: Iterator[bytes]) -> Iterator[bytes]:
+            nonlocal received
+            for chunk in chunks:
+                received += len(chunk)
+                yield chunk
+
+        with self.limit:
+            try:
+                with self._http.stream("GET", path, params=query) as response:
+                    if response.status_code != 200 or looks_like_html(response, b""):
+                        body = response.read()
+                        self.stats.add(len(body))
+                        self._classify(response, body, shown, path)
+                    try:
+                        result = consume(counted(response.iter_bytes()))
+                    except BadResponse as exc:
+                        raise _Retryable("bad body", str(exc)) from None
+            except httpx.TimeoutException as exc:
+                raise _Retryable("timeout", f"timed out ({type(exc).__name__})") from None
+            except httpx.TransportError as exc:
+                raise _Retryable("connection", f"{type(exc).__name__}: {exc}") from None
+            finally:
+                if received:
+                    self.stats.add(received)
+        logger.info("GET %s -> 200 (%d bytes, %.2fs)", shown, received, time.monotonic() - started)
+        return result
 
     # -- typed helpers ----------------------------------------------------------------------
     def get_json(self, path: str, params: dict[str, str] | None = None) -> Any:
@@ -335,4 +368,6 @@ def parse_json_document(body: bytes) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        if body.lstrip()[:1] == b"<":
+            raise BadResponse("the source answered with an HTML page, not JSON") from None
         raise BadResponse(f"body is not complete JSON ({exc}; {len(body)} bytes)") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +11,7 @@ import pyarrow as pa
 
 from ..datasets import Dataset
 from ..errors import BadResponse
-from ..pages import parse_page
+from ..pages import PageStream, parse_page
 from ..schema import Schema
 from ..state import Watermark
 from . import soql
@@ -74,19 +75,35 @@ class DatasetSource:
             raise BadResponse(f"{self.dataset.dataset_id}: boundary probe without :id: {rows[0]}")
         return value
 
-    def page(self, schema: Schema, *, after: str | None, upper: str | None, limit: int) -> pa.Table:
-        """One keyset page of full rows in (after, upper], as a text table."""
-        params = soql.page_params(after=after, upper=upper, limit=limit)
-        return self.client.fetch(self.path, params, lambda body: parse_page(body, schema))
+    def stream_rows(
+        self,
+        schema: Schema,
+        params: Callable[[], dict[str, str]],
+        emit: Callable[[pa.Table], None],
+    ) -> int:
+        """One page of full rows, handed to `emit` a few MiB at a time as it arrives.
 
-    def changes(
-        self, schema: Schema, *, after: Watermark, limit: int, until: str | None = None
-    ) -> pa.Table:
-        """One keyset page of rows changed past the watermark, in (`:updated_at`, `:id`) order."""
-        params = soql.incremental_params(
+        Returns the rows of the attempt that completed. `params` is asked again before a retry,
+        so it can go on after the rows already emitted (keyset paging makes that exact).
+        """
+
+        def consume(chunks: Iterator[bytes]) -> int:
+            page = PageStream(schema, emit)
+            for chunk in chunks:
+                page.feed(chunk)
+            return page.finish()
+
+        return self.client.stream(self.path, params, consume)
+
+    def page_params(self, *, after: str | None, upper: str | None, limit: int) -> dict[str, str]:
+        return soql.page_params(after=after, upper=upper, limit=limit)
+
+    def changes_params(
+        self, *, after: Watermark, limit: int, until: str | None = None
+    ) -> dict[str, str]:
+        return soql.incremental_params(
             updated_at=after.updated_at, row_id=after.row_id, limit=limit, until=until
         )
-        return self.client.fetch(self.path, params, lambda body: parse_page(body, schema))
 
     def keys(
         self, *, after: str | None, limit: int, extra: tuple[str, ...] = ()

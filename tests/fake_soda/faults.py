@@ -1,0 +1,129 @@
+"""Fault injection: a queue of fault specs for the next matching requests, and a seeded random mode.
+
+A spec applies to rows (`/resource/...`) and metadata (`/api/views/...`) requests whose path and
+query (raw or URL-decoded) contain `match` (any when None), `times` times (None: until cleared).
+Kinds and their knobs:
+
+| kind | effect |
+|---|---|
+| `429` | 429 throttled; `Retry-After: retry_after` when given |
+| `403_throttle` | 403 with a throttle message (not `permission_denied`) |
+| `500`, `502`, `503` | server errors (502 is an HTML gateway page; 503 honours `retry_after`) |
+| `202` | 202 `{"message":"processing"}` |
+| `html` | an HTML error page with `status` (503 by default, 200 possible) |
+| `slow` | `seconds` (2) of extra delay, then the normal answer |
+| `stall` | headers, then `seconds` (10) of silence, then the body |
+| `reset` | `after_rows` rows (default half the page), part of the next, then a TCP RST |
+| `truncate_rows` | `after_rows` rows, then a clean end: a well-formed shorter page (rows only) |
+| `truncate_mid` | `after_rows` rows and half of the next, then a clean end |
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+KINDS = (
+    "429",
+    "403_throttle",
+    "500",
+    "502",
+    "503",
+    "202",
+    "html",
+    "slow",
+    "stall",
+    "reset",
+    "truncate_rows",
+    "truncate_mid",
+)
+IMMEDIATE = ("429", "403_throttle", "500", "502", "503", "202", "html")
+"""Kinds answered at once, instead of the real answer."""
+CUTTING = ("reset", "truncate_rows", "truncate_mid")
+"""Kinds that cut the body after `after_rows` rows."""
+ROWS_ONLY = ("truncate_rows",)
+"""Kinds that need a rows response (a well-formed shorter metadata document does not exist)."""
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    times: int | None = 1
+    match: str | None = None
+    after_rows: int | None = None
+    retry_after: float | None = None
+    seconds: float | None = None
+    status: int | None = None
+
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any]) -> Fault:
+        unknown = set(spec) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown fault option(s) {sorted(unknown)}")
+        fault = cls(**spec)
+        if fault.kind not in KINDS:
+            raise ValueError(f"unknown fault kind {fault.kind!r}; known: {', '.join(KINDS)}")
+        if fault.times is not None and fault.times < 1:
+            raise ValueError("times must be >= 1 (or None for unlimited)")
+        return fault
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None or k == "times"}
+
+    def applies(self, target: str, rows: bool) -> bool:
+        if self.kind in ROWS_ONLY and not rows:
+            return False
+        return self.match is None or self.match in target
+
+
+class FaultPlan:
+    """Thread-safe queue of faults plus the random mode; `pick` consumes one per request."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: list[Fault] = []
+        self._random: tuple[float, list[Fault], random.Random] | None = None
+
+    def add(self, fault: Fault) -> None:
+        with self._lock:
+            self._queue.append(fault)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._queue.clear()
+            self._random = None
+
+    def set_random(
+        self, probability: float, kinds: Iterable[str | Mapping[str, Any]], seed: int = 0
+    ) -> None:
+        specs = [Fault.from_dict({"kind": k} if isinstance(k, str) else k) for k in kinds]
+        if not 0 <= probability <= 1 or not specs:
+            raise ValueError("random faults need 0 <= probability <= 1 and at least one kind")
+        with self._lock:
+            self._random = (probability, specs, random.Random(seed))
+
+    def pending(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [f.to_dict() for f in self._queue]
+
+    def pick(self, target: str, rows: bool) -> Fault | None:
+        """The fault to inject into this request, if any (consuming one use of it)."""
+        with self._lock:
+            for i, fault in enumerate(self._queue):
+                if fault.applies(target, rows):
+                    if fault.times is not None:
+                        if fault.times <= 1:
+                            del self._queue[i]
+                        else:
+                            self._queue[i] = replace(fault, times=fault.times - 1)
+                    return fault
+            if self._random is not None:
+                probability, specs, rnd = self._random
+                if rnd.random() < probability:
+                    usable = [f for f in specs if f.applies(target, rows)]
+                    if usable:
+                        return rnd.choice(usable)
+        return None
