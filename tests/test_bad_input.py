@@ -211,3 +211,53 @@ def test_ctrl_c_mid_run_commits_nothing_partial(tmp_path: Path) -> None:
         )
         assert res.code == 0, res.text
         assert "resumed run" in res.out
+
+
+def test_access_denied(soda_ro: FakeSoda, monkeypatch: pytest.MonkeyPatch) -> None:
+    """moto enforcing IAM: a user who may read the bucket but not write to it."""
+    import json
+
+    import boto3
+    import httpx
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    admin = {
+        "endpoint_url": url,
+        "region_name": "us-east-1",
+        "aws_access_key_id": "admin",
+        "aws_secret_access_key": "admin",
+    }
+    try:
+        boto3.client("s3", **admin).create_bucket(Bucket="read-only-bucket")
+        iam = boto3.client("iam", **admin)
+        iam.create_user(UserName="reader")
+        policy = {
+            "Version": "2012-10-17",
+            "Statement": [
+                {"Effect": "Allow", "Action": ["s3:ListBucket", "s3:GetObject"], "Resource": "*"}
+            ],
+        }
+        iam.put_user_policy(UserName="reader", PolicyName="read", PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName="reader")["AccessKey"]
+        httpx.post(f"{url}/moto-api/reset-auth", content=b"0")  # enforce IAM from now on
+        monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        soda_ro.reset_stats()
+        res = cli(
+            "backfill", "crashes", "--source", soda_ro.url, "--dest", "s3://read-only-bucket/raw"
+        )
+        assert res.code == 1
+        one_line_error(res.err, "access denied")
+        assert key["SecretAccessKey"] not in res.text
+        assert soda_ro.stats()["rows_served"] == 0
+    finally:
+        httpx.post(f"{url}/moto-api/reset-auth", content=b"inf")
+        server.stop()
