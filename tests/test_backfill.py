@@ -96,6 +96,7 @@ def test_rerun_skips_a_landed_dataset_and_force_replaces(soda_ro: FakeSoda, tmp_
         ("reset", {}),
         ("truncate_rows", {}),
         ("truncate_mid", {}),
+        ("truncate_rows", {"after_rows": 0}),
         ("html", {}),
         ("403_throttle", {}),
     ],
@@ -108,6 +109,7 @@ def test_rerun_skips_a_landed_dataset_and_force_replaces(soda_ro: FakeSoda, tmp_
         "reset_mid_body",
         "truncated_clean_rows",
         "truncated_clean_mid",
+        "truncated_to_empty",
         "html_page",
         "403_throttle",
     ],
@@ -174,3 +176,12 @@ def test_time_budget_stops_cleanly_and_rerun_resumes(tmp_path: Path) -> None:
         # it went on from committed files: fewer data requests than a run from zero
         assert srv.stats()["rows_served"] < 3000
         check_exact(srv, dest, "crashes", tmp_path)
+
+
+def test_aggregates_cut_to_nothing_are_fetched_again(soda: FakeSoda, tmp_path: Path) -> None:
+    """`[]` for a count is a body cut short, never zero rows."""
+    soda.add_fault("truncate_rows", times=4, match="count", after_rows=0)
+    dest = str(tmp_path / "land")
+    backfill(soda, dest, "vehicles", "--page-size", "700")
+    assert soda.stats()["faults"]["truncate_rows"] == 4
+    check_exact(soda, dest, "vehicles", tmp_path)

@@ -32,6 +32,7 @@ from .schema import Schema
 from .sink.files import FileEntry, FileRotation
 from .sink.formats import check_format
 from .sink.storage import Storage
+from .socrata import soql
 from .socrata.client import SodaClient
 from .socrata.source import DatasetSource, SourceInfo
 from .state import Batch, DatasetState, Manifest, Watermark, new_batch_id, utc_now
@@ -143,12 +144,17 @@ def _run_partition(
         after = table.column("socrata_id")[-1].as_py()
         progress.add(table.num_rows)
 
+    empty = 0
     try:
         while True:
             if stop.is_set() or opts.out_of_time():
                 files.commit(done=False)
                 return files
-            if source.stream_rows(schema, params, emit) == 0:
+            if source.stream_rows(schema, params, emit) > 0:
+                empty = 0
+                continue
+            empty += 1
+            if source.confirm_empty(soql.id_range(after, partition.upper), empty):
                 files.commit(done=True)
                 return files
     except BaseException:

@@ -29,6 +29,7 @@ from .extract import DatasetResult, RunOptions
 from .schema import Column, Schema
 from .sink.files import FileEntry, FileRotation
 from .sink.storage import Storage
+from .socrata import soql
 from .socrata.client import SodaClient
 from .socrata.source import DatasetSource
 from .state import Batch, DatasetState, Watermark, new_batch_id, utc_now
@@ -157,6 +158,7 @@ class Update:
                         table.column("socrata_id")[-1].as_py(),
                     )
 
+                empty = 0
                 try:
                     while until is not None:
                         if stop.is_set() or self.opts.out_of_time():
@@ -164,7 +166,17 @@ class Update:
                             result.status = "stopped"
                             result.message = "stopped before the end; the next run goes on"
                             break
-                        if self.source.stream_rows(landed.schema, params, emit) == 0:
+                        if self.source.stream_rows(landed.schema, params, emit) > 0:
+                            empty = 0
+                            continue
+                        empty += 1
+                        left = soql.incremental_params(
+                            updated_at=cursor.updated_at,
+                            row_id=cursor.row_id,
+                            limit=1,
+                            until=until,
+                        )["$where"]
+                        if self.source.confirm_empty(left, empty):
                             files.commit(done=True)
                             break
                 except BaseException:
@@ -197,34 +209,14 @@ class Reconcile:
         self.state = DatasetState(storage, dataset.name)
 
     def _source_keys(self) -> pa.Table:
-        key = self.dataset.key
-        after: str | None = None
-        chunks = []
-        while True:
-            rows = self.source.keys(after=after, limit=KEYS_PAGE, extra=(":updated_at",))
-            if not rows:
-                break
-            after = str(rows[-1][":id"])
-            chunks.append(
-                pa.table(
-                    {
-                        "key": pa.array(
-                            [None if r.get(key) is None else str(r[key]) for r in rows], pa.string()
-                        ),
-                        "id": pa.array([str(r[":id"]) for r in rows], pa.string()),
-                        "updated_at": pa.array([r.get(":updated_at") for r in rows], pa.string()),
-                    }
-                )
-            )
-        if not chunks:
-            return pa.table(
-                {
-                    "key": pa.array([], pa.string()),
-                    "id": pa.array([], pa.string()),
-                    "updated_at": pa.array([], pa.string()),
-                }
-            )
-        return pa.concat_tables(chunks)
+        keys = self.source.all_keys(extra=(":updated_at",), page=KEYS_PAGE)
+        return pa.table(
+            {
+                "key": keys.column(self.dataset.key),
+                "id": keys.column(":id"),
+                "updated_at": keys.column(":updated_at"),
+            }
+        )
 
     def _landed_keys(self, landed: Landed) -> pa.Table:
         tables = list(current_keys(landed, "socrata_updated_at"))

@@ -38,18 +38,7 @@ class KeyDiff:
 
 def source_key_column(source: DatasetSource) -> pa.Array:
     """Every key on the source, fetched `(:id, key)` only, by keyset pages on `:id`."""
-    key = source.dataset.key
-    chunks: list[pa.Array] = []
-    after: str | None = None
-    while True:
-        rows = source.keys(after=after, limit=KEYS_PAGE)
-        if not rows:
-            break
-        after = str(rows[-1][":id"])
-        chunks.append(
-            pa.array([None if r.get(key) is None else str(r.get(key)) for r in rows], pa.string())
-        )
-    return pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
+    return source.all_keys(page=KEYS_PAGE).column(source.dataset.key).combine_chunks()
 
 
 def landed_key_column(landed: Landed) -> pa.Array:

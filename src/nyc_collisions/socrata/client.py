@@ -355,11 +355,19 @@ class SodaClient:
         return f"/resource/{dataset_id}.json"
 
     def scalar(self, dataset_id: str, params: dict[str, str], alias: str) -> str | None:
-        """One aggregate value (`count(*) AS n`, `max(...) AS m`); None when the source has none."""
-        rows = self.get_json(self.resource_path(dataset_id), params)
-        if not isinstance(rows, list) or len(rows) != 1 or not isinstance(rows[0], dict):
-            raise BadResponse(f"{dataset_id}: unexpected aggregate answer {_clip(str(rows))}")
-        value = rows[0].get(alias)
+        """One aggregate value (`count(*) AS n`, `max(...) AS m`); None when the source has none.
+
+        An aggregate always answers one row: anything else (`[]` from a body cut short) is a
+        `BadResponse`, so it is fetched again rather than read as zero.
+        """
+
+        def one_row(body: bytes) -> dict[str, Any]:
+            rows = parse_json_document(body)
+            if not isinstance(rows, list) or len(rows) != 1 or not isinstance(rows[0], dict):
+                raise BadResponse(f"{dataset_id}: unexpected aggregate answer {_clip(str(rows))}")
+            return rows[0]
+
+        value = self.fetch(self.resource_path(dataset_id), params, one_row).get(alias)
         return None if value is None else str(value)
 
 

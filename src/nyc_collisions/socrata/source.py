@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -10,7 +11,7 @@ import orjson
 import pyarrow as pa
 
 from ..datasets import Dataset
-from ..errors import BadResponse
+from ..errors import BadResponse, SourceUnavailable
 from ..pages import PageStream, parse_page
 from ..schema import Schema
 from ..state import Watermark
@@ -65,6 +66,26 @@ class DatasetSource:
             name=str(meta.get("name", self.dataset.dataset_id)),
         )
 
+    def confirm_empty(self, where: str | None, pages_seen_empty: int) -> bool:
+        """Whether the source has no rows left where an empty page said so.
+
+        A body cut short can still be a well-formed page, even an empty one: the end of a range
+        is taken only when a count agrees. If the count keeps disagreeing with empty pages, the
+        source is inconsistent and the run fails rather than guess.
+        """
+        left = self.count(where)
+        if left == 0:
+            return True
+        retry = self.client.retry
+        if pages_seen_empty >= retry.attempts:
+            raise SourceUnavailable(
+                f"{self.dataset.dataset_id}: the source counts {left} rows "
+                f"{'where ' + where if where else 'in the dataset'} but keeps returning "
+                "empty pages"
+            )
+        time.sleep(retry.delay(pages_seen_empty - 1, None))
+        return False
+
     def probe(self, after: str | None, offset: int) -> str | None:
         """The `:id` `offset` rows past `after`, or None when there are not that many."""
         rows = self.client.fetch(self.path, soql.boundary_params(after, offset), _json_rows)
@@ -112,11 +133,56 @@ class DatasetSource:
         params = soql.keys_params(key=self.dataset.key, after=after, limit=limit, extra=extra)
         return self.client.fetch(self.path, params, _json_rows)
 
+    def all_keys(self, *, extra: tuple[str, ...] = (), page: int = 100_000) -> pa.Table:
+        """Every row's `:id`, key and `extra` fields, as text columns named as in SODA.
+
+        Keyset pages on `:id`; the end is taken only when a count agrees (see `confirm_empty`).
+        """
+        names = list(dict.fromkeys([":id", self.dataset.key, *extra]))
+        chunks: list[pa.Table] = []
+        after: str | None = None
+        empty = 0
+        while True:
+            rows = self.keys(after=after, limit=page, extra=extra)
+            if not rows:
+                empty += 1
+                if self.confirm_empty(soql.id_range(after, None), empty):
+                    break
+                continue
+            empty = 0
+            after = str(rows[-1][":id"])
+            chunks.append(
+                pa.table(
+                    {
+                        n: pa.array(
+                            [None if r.get(n) is None else str(r[n]) for r in rows], pa.string()
+                        )
+                        for n in names
+                    }
+                )
+            )
+        if not chunks:
+            return pa.table({n: pa.array([], pa.string()) for n in names})
+        return pa.concat_tables(chunks)
+
     def rows_by_id(self, schema: Schema, ids: list[str]) -> pa.Table:
-        """The full rows with these `:id`s (at most a few hundred per call)."""
-        where = " OR ".join(f":id = {soql.quote(i)}" for i in ids)
-        params = soql.page_params(after=None, upper=None, limit=len(ids), where=where)
-        return self.client.fetch(self.path, params, lambda body: parse_page(body, schema))
+        """The full rows with these `:id`s (at most a few hundred per call).
+
+        An id the answer lacks is asked for once more (the body may have been cut short at a
+        row boundary); one still missing then was deleted meanwhile, which reconcile sees next.
+        """
+        tables = []
+        wanted = list(ids)
+        for _ in range(2):
+            if not wanted:
+                break
+            where = " OR ".join(f":id = {soql.quote(i)}" for i in wanted)
+            params = soql.page_params(after=None, upper=None, limit=len(wanted), where=where)
+            table = self.client.fetch(self.path, params, lambda body: parse_page(body, schema))
+            tables.append(table)
+            got = set(table.column("socrata_id").to_pylist())
+            wanted = [i for i in wanted if i not in got]
+        return pa.concat_tables(tables)
 
 
 def _json_rows(body: bytes) -> list[dict[str, Any]]:
