@@ -259,3 +259,22 @@ def test_rows_changing_during_the_backfill_are_caught_by_the_next_update(
         res = cli("update", "crashes", "--reconcile", "--source", srv.url, "--dest", dest)
         assert res.code == 0, res.text
         exact(srv, dest, "crashes", tmp_path)
+
+
+def test_leftovers_of_a_killed_run_are_never_read_and_are_cleaned_up(
+    soda_ro: FakeSoda, bucket: str, tmp_path: Path
+) -> None:
+    """An unfinished multipart upload and an orphan data file, as a SIGKILL leaves them."""
+    import boto3
+
+    s3 = boto3.client("s3")
+    prefix = "raw/crashes/data/20260101T000000Z-backfill-dead00"
+    s3.create_multipart_upload(Bucket=bucket, Key=f"{prefix}/part-0000-000001.csv")
+    s3.put_object(Bucket=bucket, Key=f"{prefix}/part-0000-000000.csv", Body=b"not,committed\n")
+    dest = f"s3://{bucket}/raw"
+    res = cli("backfill", "crashes", "--source", soda_ro.url, "--dest", dest)
+    assert res.code == 0, res.text
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
+    assert not [k for k in keys if "dead00" in k]
+    exact(soda_ro, dest, "crashes", tmp_path)
