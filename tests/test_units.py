@@ -46,7 +46,7 @@ def test_quote_doubles_single_quotes() -> None:
 )
 def test_page_params_keyset(after: str | None, upper: str | None, where: str | None) -> None:
     params = soql.page_params(after=after, upper=upper, limit=5000)
-    assert params["$select"] == ":*,*"
+    assert params["$select"] == "*,:id,:created_at,:updated_at"
     assert params["$order"] == ":id"
     assert params["$limit"] == "5000"
     assert params.get("$where") == where
@@ -83,7 +83,7 @@ def test_count_and_probe_params() -> None:
 
 @pytest.mark.parametrize(
     ("rows", "workers", "page", "expected"),
-    [(0, 4, 100, 1), (150, 4, 100, 1), (1000, 4, 100, 4), (1000, 8, 100, 5), (10, 1, 1, 1)],
+    [(0, 4, 100, 1), (150, 4, 100, 1), (1000, 4, 100, 4), (1000, 16, 100, 10), (10, 1, 1, 1)],
 )
 def test_partition_count(rows: int, workers: int, page: int, expected: int) -> None:
     assert partition_count(rows, workers, page) == expected

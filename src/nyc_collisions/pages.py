@@ -15,7 +15,6 @@ taken for the last one. A field the metadata does not name is a `SchemaError`, n
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from typing import Any
 
@@ -71,20 +70,37 @@ def parse_page_fast(body: bytes, schema: Schema) -> pa.Table | None:
     end = body.rfind(b"]")
     if start < 0 or end < start or body[:start].strip() or body[end + 1 :].strip():
         return None
+    inner = np.frombuffer(body, np.uint8, count=end - start - 1, offset=start + 1).copy()
+    return parse_rows_fast(inner, schema)
+
+
+def parse_rows_fast(rows: np.ndarray, schema: Schema) -> pa.Table | None:
+    """Rows separated by `\n,` (a page without its brackets), in a writable byte array.
+
+    The separators' commas are blanked in place, which makes line-delimited JSON that Arrow reads
+    without another copy; on None (the plain parser is needed) they are put back.
+    """
     read_schema = _fast_schema(schema)
     if read_schema is None:
         return None
-    inner = np.frombuffer(body, np.uint8, count=end - start - 1, offset=start + 1).copy()
-    if not inner.size or not inner[inner > 32].size:
+    if not rows.size or not rows[rows > 32].size:
         return schema.text_schema().empty_table()
     # `\n,{` -> `\n {`: a raw newline never occurs inside a JSON string, so this only touches
     # the separators between rows.
-    commas = np.flatnonzero(inner[1:] == ord(","))
-    commas = commas[inner[commas] == ord("\n")] + 1
-    inner[commas] = ord(" ")
+    commas = np.flatnonzero(rows[1:] == ord(","))
+    commas = commas[rows[commas] == ord("\n")] + 1
+    rows[commas] = ord(" ")
+    table = _read_ndjson(rows, read_schema)
+    out = None if table is None else _text_table(table, schema)
+    if out is None:
+        rows[commas] = ord(",")
+    return out
+
+
+def _read_ndjson(rows: np.ndarray, read_schema: pa.Schema) -> pa.Table | None:
     try:
-        table = pajson.read_json(
-            io.BytesIO(inner.tobytes()),
+        return pajson.read_json(
+            pa.BufferReader(pa.py_buffer(rows)),
             read_options=pajson.ReadOptions(block_size=4 << 20),
             parse_options=pajson.ParseOptions(
                 explicit_schema=read_schema, unexpected_field_behavior="error"
@@ -92,6 +108,9 @@ def parse_page_fast(body: bytes, schema: Schema) -> pa.Table | None:
         )
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return None
+
+
+def _text_table(table: pa.Table, schema: Schema) -> pa.Table | None:
     arrays = []
     for column in schema.columns:
         array = table.column(column.field_name)
@@ -203,7 +222,7 @@ class PageStream:
         if len(self._buf) >= PIECE_BYTES:
             cut = self._buf.rfind(b"\n,")
             if cut > 0:
-                piece = bytes(self._buf[:cut])
+                piece = np.frombuffer(self._buf, np.uint8, count=cut).copy()
                 del self._buf[: cut + 2]
                 self._parse(piece)
 
@@ -217,11 +236,13 @@ class PageStream:
         tail = tail[:-1].rstrip()
         self._buf.clear()
         if tail:
-            self._parse(tail)
+            self._parse(np.frombuffer(tail, np.uint8).copy())
         return self.rows
 
-    def _parse(self, piece: bytes) -> None:
-        table = parse_page(b"[" + piece + b"]", self.schema)
+    def _parse(self, piece: np.ndarray) -> None:
+        table = parse_rows_fast(piece, self.schema)
+        if table is None:
+            table = parse_page_plain(b"[" + piece.tobytes() + b"]", self.schema)
         if table.num_rows:
             self.rows += table.num_rows
             self.emit(table)

@@ -30,8 +30,8 @@ class Partition:
 
 
 def partition_count(rows: int, workers: int, page_size: int) -> int:
-    """As many partitions as workers, but none smaller than two pages."""
-    return max(1, min(workers, rows // max(1, 2 * page_size)))
+    """As many partitions as workers, but none smaller than a page."""
+    return max(1, min(workers, rows // max(1, page_size)))
 
 
 def partition_step(rows: int, partitions: int) -> int:
