@@ -141,3 +141,20 @@ def assert_exact(
             have = _normalise(got[landed(field)], dtype, typed)
             assert want == have, f"{key}={src[key]} {field}: source {want!r} landed {have!r}"
     return len(source_rows)
+
+
+def exact(
+    srv: Any, dest: str, name: str, tmp_path: Path, suffix: str = ".csv", token: str | None = None
+) -> int:
+    """Export `name` from `dest` with the CLI and check it equals the server's rows exactly."""
+    out = tmp_path / f"export-{name}{suffix}"
+    res = cli("export", name, "--dest", dest, "--output", str(out))
+    assert res.code == 0, res.text
+    dataset_id = NAMES[name]
+    return assert_exact(
+        srv.rows(dataset_id),
+        read_export(out),
+        columns(srv.url, dataset_id, token),
+        KEYS[dataset_id],
+        typed=suffix == ".parquet",
+    )

@@ -16,7 +16,7 @@ import pytest
 from nyc_collisions import aws
 from tests.conftest import GOOD_TOKEN, SMALL
 from tests.fake_soda import FakeSoda, Latency
-from tests.helpers import KEYS, NAMES, assert_exact, cli, columns, read_export
+from tests.helpers import NAMES, cli, exact
 
 
 class Context:
@@ -61,19 +61,6 @@ def json_log() -> Iterator[io.StringIO]:
     root.removeHandler(handler)
 
 
-def exact(srv: FakeSoda, dest: str, name: str, tmp_path: Path) -> None:
-    out = tmp_path / f"{name}.csv"
-    res = cli("export", name, "--dest", dest, "--output", str(out))
-    assert res.code == 0, res.text
-    dataset_id = NAMES[name]
-    assert_exact(
-        srv.rows(dataset_id),
-        read_export(out),
-        columns(srv.url, dataset_id, GOOD_TOKEN),
-        KEYS[dataset_id],
-    )
-
-
 @pytest.fixture
 def soda_token() -> Iterator[FakeSoda]:
     """A fake SODA server that refuses requests without the app token."""
@@ -111,7 +98,7 @@ def test_scheduled_event_lands_the_days_changes(
     assert {n: by_name[n]["rows"] for n in NAMES} == {n: 20 for n in NAMES}
     assert all(by_name[n]["watermark"]["row_id"] for n in NAMES)
     for name in NAMES:
-        exact(soda, lambda_env, name, tmp_path)
+        exact(soda, lambda_env, name, tmp_path, token=GOOD_TOKEN)
     lines = [line for line in json_log.getvalue().splitlines() if line.strip()]
     assert lines
     docs = []
@@ -142,7 +129,7 @@ def test_reconcile_on_the_configured_weekday(
     kinds = [r["status"] for r in summary["results"]]
     assert kinds == ["updated", "reconciled"]
     assert summary["results"][1]["vanished"] == 6
-    exact(soda, lambda_env, "vehicles", tmp_path)
+    exact(soda, lambda_env, "vehicles", tmp_path, token=GOOD_TOKEN)
 
 
 def test_a_failing_source_makes_it_raise(
@@ -195,8 +182,8 @@ def test_backfill_under_a_tiny_budget_invoked_repeatedly_ends_exact(
                 break
             assert invocations < 60
         assert invocations > 2
-        exact(srv, lambda_env, "crashes", tmp_path)
-        exact(srv, lambda_env, "persons", tmp_path)
+        exact(srv, lambda_env, "crashes", tmp_path, token=GOOD_TOKEN)
+        exact(srv, lambda_env, "persons", tmp_path, token=GOOD_TOKEN)
 
 
 def _small_files(cls: Any) -> Any:

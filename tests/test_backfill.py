@@ -8,26 +8,12 @@ import pytest
 
 from tests.conftest import GOOD_TOKEN
 from tests.fake_soda import FakeSoda
-from tests.helpers import KEYS, NAMES, assert_exact, cli, columns, read_export
+from tests.helpers import NAMES, cli, exact, read_export
 
 
 def backfill(srv: FakeSoda, dest: str, *extra: str) -> None:
     res = cli("backfill", "--source", srv.url, "--dest", dest, *extra)
     assert res.code == 0, res.text
-
-
-def check_exact(srv: FakeSoda, dest: str, name: str, tmp_path: Path, suffix: str = ".csv") -> int:
-    out = tmp_path / f"{name}{suffix}"
-    res = cli("export", name, "--dest", dest, "--output", str(out))
-    assert res.code == 0, res.text
-    dataset_id = NAMES[name]
-    return assert_exact(
-        srv.rows(dataset_id),
-        read_export(out),
-        columns(srv.url, dataset_id),
-        KEYS[dataset_id],
-        typed=suffix == ".parquet",
-    )
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
@@ -48,8 +34,8 @@ def test_backfill_all_three_exact(
         "1500",
     )
     for name in NAMES:
-        check_exact(soda_ro, dest, name, tmp_path, ".csv")
-        check_exact(soda_ro, dest, name, tmp_path, ".parquet")
+        exact(soda_ro, dest, name, tmp_path, ".csv")
+        exact(soda_ro, dest, name, tmp_path, ".parquet")
 
 
 def test_landed_layout_is_plain_files_with_a_manifest(soda_ro: FakeSoda, tmp_path: Path) -> None:
@@ -82,7 +68,7 @@ def test_rerun_skips_a_landed_dataset_and_force_replaces(soda_ro: FakeSoda, tmp_
     assert "already committed" in res.out
     assert "--force" in res.out
     backfill(soda_ro, dest, "crashes", "--force", "--format", "parquet")
-    assert check_exact(soda_ro, dest, "crashes", tmp_path) == len(soda_ro.rows("h9gi-nx95"))
+    assert exact(soda_ro, dest, "crashes", tmp_path) == len(soda_ro.rows("h9gi-nx95"))
 
 
 @pytest.mark.parametrize(
@@ -122,7 +108,7 @@ def test_faults_during_backfill_still_exact(
     backfill(soda, dest, "crashes", "persons", "--page-size", "900", "--workers", "3")
     assert soda.stats()["faults"].get(kind, 0) == 3
     for name in ("crashes", "persons"):
-        check_exact(soda, dest, name, tmp_path)
+        exact(soda, dest, name, tmp_path)
 
 
 def test_token_is_sent_and_never_written(soda: FakeSoda, tmp_path: Path) -> None:
@@ -175,7 +161,7 @@ def test_time_budget_stops_cleanly_and_rerun_resumes(tmp_path: Path) -> None:
         assert "resumed run" in second.out
         # it went on from committed files: fewer data requests than a run from zero
         assert srv.stats()["rows_served"] < 3000
-        check_exact(srv, dest, "crashes", tmp_path)
+        exact(srv, dest, "crashes", tmp_path)
 
 
 def test_aggregates_cut_to_nothing_are_fetched_again(soda: FakeSoda, tmp_path: Path) -> None:
@@ -184,4 +170,4 @@ def test_aggregates_cut_to_nothing_are_fetched_again(soda: FakeSoda, tmp_path: P
     dest = str(tmp_path / "land")
     backfill(soda, dest, "vehicles", "--page-size", "700")
     assert soda.stats()["faults"]["truncate_rows"] == 4
-    check_exact(soda, dest, "vehicles", tmp_path)
+    exact(soda, dest, "vehicles", tmp_path)

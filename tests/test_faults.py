@@ -15,7 +15,7 @@ from nyc_collisions.socrata.client import AdaptiveLimit
 from tests.conftest import GOOD_TOKEN
 from tests.fake_soda import FakeSoda, Latency
 from tests.faultsuite import Schedule
-from tests.helpers import KEYS, NAMES, assert_exact, cli, columns, read_export
+from tests.helpers import cli, exact
 from tests.s3_proxy import S3FaultProxy
 
 
@@ -32,15 +32,6 @@ def test_seeded_fault_schedule_ends_exact(
     assert outcome.token_leaks == []
     assert (outcome.lost, outcome.duplicated, outcome.mismatched) == (0, 0, 0)
     assert sum(outcome.source_faults.values()) > 0
-
-
-def exact(srv: FakeSoda, dest: str, name: str, tmp_path: Path) -> None:
-    out = tmp_path / f"{name}.csv"
-    assert cli("export", name, "--dest", dest, "--output", str(out)).code == 0
-    dataset_id = NAMES[name]
-    assert_exact(
-        srv.rows(dataset_id), read_export(out), columns(srv.url, dataset_id), KEYS[dataset_id]
-    )
 
 
 def test_a_stalled_response_is_retried_after_the_read_timeout(

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.fake_soda import FakeSoda, Latency
-from tests.helpers import KEYS, NAMES, assert_exact, cli, columns, read_export
+from tests.helpers import NAMES, cli, exact
 
 
 def land(srv: FakeSoda, dest: str, *extra: str) -> None:
@@ -24,20 +24,6 @@ def update(srv: FakeSoda, dest: str, *extra: str) -> str:
     res = cli("update", "--source", srv.url, "--dest", dest, "--page-size", "300", *extra)
     assert res.code == 0, res.text
     return res.out
-
-
-def exact(srv: FakeSoda, dest: str, name: str, tmp_path: Path, suffix: str = ".csv") -> int:
-    out = tmp_path / f"export-{name}{suffix}"
-    res = cli("export", name, "--dest", dest, "--output", str(out))
-    assert res.code == 0, res.text
-    dataset_id = NAMES[name]
-    return assert_exact(
-        srv.rows(dataset_id),
-        read_export(out),
-        columns(srv.url, dataset_id),
-        KEYS[dataset_id],
-        typed=suffix == ".parquet",
-    )
 
 
 def mutate(srv: FakeSoda, cycle: int) -> None:

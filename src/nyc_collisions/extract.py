@@ -165,8 +165,11 @@ def _run_partition(
 # -- one dataset's backfill -------------------------------------------------------------------
 
 
-class Backfill:
-    """Backfill one dataset into `storage` (see the module docstring)."""
+class DatasetJob:
+    """One command on one dataset: holds its lease and measures what it did."""
+
+    command = ""
+    status = ""
 
     def __init__(
         self, client: SodaClient, storage: Storage, dataset: Dataset, opts: RunOptions
@@ -182,39 +185,41 @@ class Backfill:
         started = time.monotonic()
         requests0, bytes0 = self.client.stats.requests, self.client.stats.bytes
         result = DatasetResult(
-            self.dataset.name, "landed", location=f"{self.storage.url}/{self.dataset.name}/"
+            self.dataset.name, self.status, location=f"{self.storage.url}/{self.dataset.name}/"
         )
-        with self.state.lease("backfill"):
-            return self._run(stop, started, requests0, bytes0, result)
-
-    def _run(
-        self,
-        stop: threading.Event,
-        started: float,
-        requests0: int,
-        bytes0: int,
-        result: DatasetResult,
-    ) -> DatasetResult:
         try:
-            manifest = self.state.load()
-            if manifest and manifest.current_batches() and not self.opts.force:
-                snap = manifest.current_batches()[0]
-                raise AlreadyLanded(
-                    f"{self.dataset.name}: a backfill is already committed at "
-                    f"{result.location} ({snap.rows:,} rows, {snap.committed_at}); "
-                    "`nyc-collisions update` keeps it fresh, --force lands a new snapshot"
-                )
-            schema = self.source.schema()
-            plan = self._plan(schema, result)
-            self._fetch(schema, plan, result, stop)
-            if result.status == "stopped":
-                return result
-            self._commit(manifest, schema, plan, result)
+            with self.state.lease(self.command):
+                self._run(stop, result)
         finally:
             result.requests = self.client.stats.requests - requests0
             result.wire_bytes = self.client.stats.bytes - bytes0
             result.seconds = time.monotonic() - started
         return result
+
+    def _run(self, stop: threading.Event, result: DatasetResult) -> None:
+        raise NotImplementedError
+
+
+class Backfill(DatasetJob):
+    """Backfill one dataset into `storage` (see the module docstring)."""
+
+    command = "backfill"
+    status = "landed"
+
+    def _run(self, stop: threading.Event, result: DatasetResult) -> None:
+        manifest = self.state.load()
+        if manifest and manifest.current_batches() and not self.opts.force:
+            snap = manifest.current_batches()[0]
+            raise AlreadyLanded(
+                f"{self.dataset.name}: a backfill is already committed at "
+                f"{result.location} ({snap.rows:,} rows, {snap.committed_at}); "
+                "`nyc-collisions update` keeps it fresh, --force lands a new snapshot"
+            )
+        schema = self.source.schema()
+        plan = self._plan(schema, result)
+        self._fetch(schema, plan, result, stop)
+        if result.status != "stopped":
+            self._commit(manifest, schema, plan, result)
 
     def _plan(self, schema: Schema, result: DatasetResult) -> dict[str, Any]:
         """Resume the unfinished run if there is one that fits, or probe and record a new plan."""
@@ -464,4 +469,11 @@ def backfill(
     return results
 
 
-__all__ = ["Backfill", "DatasetResult", "NycCollisionsError", "RunOptions", "backfill"]
+__all__ = [
+    "Backfill",
+    "DatasetJob",
+    "DatasetResult",
+    "NycCollisionsError",
+    "RunOptions",
+    "backfill",
+]

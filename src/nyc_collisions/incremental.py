@@ -25,13 +25,12 @@ import pyarrow.compute as pc
 from .current import Landed, current_keys, iter_current, open_landed
 from .datasets import Dataset, landed_name
 from .errors import NothingLanded, SchemaError
-from .extract import DatasetResult, RunOptions
+from .extract import DatasetJob, DatasetResult, RunOptions
 from .schema import Column, Schema
 from .sink.files import FileEntry, FileRotation
 from .sink.storage import Storage
 from .socrata import soql
 from .socrata.client import SodaClient
-from .socrata.source import DatasetSource
 from .state import Batch, DatasetState, Watermark, new_batch_id, utc_now
 
 logger = logging.getLogger(__name__)
@@ -91,7 +90,10 @@ class _BatchCommitter:
         self.landed.state.commit(self.landed.manifest)
 
 
-class Update:
+class Update(DatasetJob):
+    command = "update"
+    status = "updated"
+
     def __init__(
         self,
         client: SodaClient,
@@ -100,113 +102,87 @@ class Update:
         opts: RunOptions,
         fmt: str | None = None,
     ) -> None:
-        self.client = client
-        self.storage = storage
-        self.dataset = dataset
-        self.opts = opts
+        super().__init__(client, storage, dataset, opts)
         self.fmt = fmt
-        self.source = DatasetSource(client, dataset)
-        self.state = DatasetState(storage, dataset.name)
 
-    def run(self, stop: threading.Event) -> DatasetResult:
-        started = time.monotonic()
-        requests0, bytes0 = self.client.stats.requests, self.client.stats.bytes
-        result = DatasetResult(
-            self.dataset.name, "updated", location=f"{self.storage.url}/{self.dataset.name}/"
+    def _run(self, stop: threading.Event, result: DatasetResult) -> None:
+        landed = _open(self.storage, self.dataset)
+        schema = self.source.schema()
+        _check_columns(landed, schema)
+        watermark = landed.manifest.watermark or Watermark("1970-01-01T00:00:00.000Z")
+        result.extra["watermark_before"] = watermark.__dict__
+        until = self.source.max_updated_at()
+        fmt = self.fmt or landed.manifest.current_batches()[-1].format
+        batch = Batch(
+            new_batch_id("update"),
+            "update",
+            fmt,
+            utc_now(),
+            [],
+            0,
+            watermark=watermark,
+            info={"until": until},
         )
-        with self.state.lease("update"):
-            try:
-                landed = _open(self.storage, self.dataset)
-                schema = self.source.schema()
-                _check_columns(landed, schema)
-                watermark = landed.manifest.watermark or Watermark("1970-01-01T00:00:00.000Z")
-                result.extra["watermark_before"] = watermark.__dict__
-                until = self.source.max_updated_at()
-                fmt = self.fmt or landed.manifest.current_batches()[-1].format
-                batch = Batch(
-                    new_batch_id("update"),
-                    "update",
-                    fmt,
-                    utc_now(),
-                    [],
-                    0,
-                    watermark=watermark,
-                    info={"until": until},
-                )
-                committer = _BatchCommitter(landed, batch, watermark=True)
-                files = FileRotation(
-                    self.storage,
-                    landed.schema,
-                    fmt,
-                    self.opts.file_rows,
-                    lambda seq: self.state.data_key(batch.batch_id, 0, seq, fmt),
-                    0,
-                    committer,
-                )
-                cursor = watermark
+        committer = _BatchCommitter(landed, batch, watermark=True)
+        files = FileRotation(
+            self.storage,
+            landed.schema,
+            fmt,
+            self.opts.file_rows,
+            lambda seq: self.state.data_key(batch.batch_id, 0, seq, fmt),
+            0,
+            committer,
+        )
+        cursor = watermark
 
-                def params() -> dict[str, str]:
-                    return self.source.changes_params(
-                        after=cursor, limit=self.opts.page_size, until=until
-                    )
+        def params() -> dict[str, str]:
+            return self.source.changes_params(after=cursor, limit=self.opts.page_size, until=until)
 
-                def emit(table: pa.Table) -> None:
-                    nonlocal cursor
-                    files.write(table)
-                    cursor = Watermark(
-                        table.column("socrata_updated_at")[-1].as_py(),
-                        table.column("socrata_id")[-1].as_py(),
-                    )
+        def emit(table: pa.Table) -> None:
+            nonlocal cursor
+            files.write(table)
+            cursor = Watermark(
+                table.column("socrata_updated_at")[-1].as_py(),
+                table.column("socrata_id")[-1].as_py(),
+            )
 
-                empty = 0
-                try:
-                    while until is not None:
-                        if stop.is_set() or self.opts.out_of_time():
-                            files.commit(done=False)
-                            result.status = "stopped"
-                            result.message = "stopped before the end; the next run goes on"
-                            break
-                        if self.source.stream_rows(landed.schema, params, emit) > 0:
-                            empty = 0
-                            continue
-                        empty += 1
-                        left = soql.incremental_params(
-                            updated_at=cursor.updated_at,
-                            row_id=cursor.row_id,
-                            limit=1,
-                            until=until,
-                        )["$where"]
-                        if self.source.confirm_empty(left, empty):
-                            files.commit(done=True)
-                            break
-                except BaseException:
-                    files.abort()
-                    raise
-                result.rows, result.files, result.bytes = (
-                    batch.rows,
-                    len(batch.files),
-                    files.landed_bytes,
-                )
-                result.batch_id = batch.batch_id if committer.committed else None
-                wm = landed.manifest.watermark
-                result.extra["watermark"] = None if wm is None else wm.__dict__
-            finally:
-                result.requests = self.client.stats.requests - requests0
-                result.wire_bytes = self.client.stats.bytes - bytes0
-                result.seconds = time.monotonic() - started
-        return result
+        empty = 0
+        try:
+            while until is not None:
+                if stop.is_set() or self.opts.out_of_time():
+                    files.commit(done=False)
+                    result.status = "stopped"
+                    result.message = "stopped before the end; the next run goes on"
+                    break
+                if self.source.stream_rows(landed.schema, params, emit) > 0:
+                    empty = 0
+                    continue
+                empty += 1
+                left = soql.incremental_params(
+                    updated_at=cursor.updated_at,
+                    row_id=cursor.row_id,
+                    limit=1,
+                    until=until,
+                )["$where"]
+                if self.source.confirm_empty(left, empty):
+                    files.commit(done=True)
+                    break
+        except BaseException:
+            files.abort()
+            raise
+        result.rows, result.files, result.bytes = (
+            batch.rows,
+            len(batch.files),
+            files.landed_bytes,
+        )
+        result.batch_id = batch.batch_id if committer.committed else None
+        wm = landed.manifest.watermark
+        result.extra["watermark"] = None if wm is None else wm.__dict__
 
 
-class Reconcile:
-    def __init__(
-        self, client: SodaClient, storage: Storage, dataset: Dataset, opts: RunOptions
-    ) -> None:
-        self.client = client
-        self.storage = storage
-        self.dataset = dataset
-        self.opts = opts
-        self.source = DatasetSource(client, dataset)
-        self.state = DatasetState(storage, dataset.name)
+class Reconcile(DatasetJob):
+    command = "reconcile"
+    status = "reconciled"
 
     def _source_keys(self) -> pa.Table:
         keys = self.source.all_keys(extra=(":updated_at",), page=KEYS_PAGE)
@@ -229,80 +205,64 @@ class Reconcile:
             {"key": t.column(landed.key_column), "updated_at": t.column("socrata_updated_at")}
         )
 
-    def run(self, stop: threading.Event) -> DatasetResult:
-        started = time.monotonic()
-        requests0, bytes0 = self.client.stats.requests, self.client.stats.bytes
-        result = DatasetResult(
-            self.dataset.name, "reconciled", location=f"{self.storage.url}/{self.dataset.name}/"
+    def _run(self, stop: threading.Event, result: DatasetResult) -> None:
+        landed = _open(self.storage, self.dataset)
+        schema = self.source.schema()
+        _check_columns(landed, schema)
+        src = self._source_keys()
+        mine = self._landed_keys(landed)
+        vanished = pc.filter(
+            mine.column("key"),
+            pc.invert(pc.is_in(mine.column("key"), value_set=src.column("key"))),
         )
-        with self.state.lease("reconcile"):
+        joined = src.join(mine, "key", join_type="left outer", right_suffix="_landed")
+        refetch = (
+            joined.filter(
+                pc.or_kleene(
+                    pc.is_null(joined.column("updated_at_landed")),
+                    pc.not_equal(joined.column("updated_at"), joined.column("updated_at_landed")),
+                )
+            )
+            .column("id")
+            .to_pylist()
+        )
+        missing = int(pc.sum(pc.is_null(joined.column("updated_at_landed"))).as_py() or 0)
+        result.extra.update(vanished=len(vanished), missing=missing, stale=len(refetch) - missing)
+        fmt = landed.manifest.current_batches()[-1].format
+        if refetch:
+            batch = Batch(
+                new_batch_id("repair"),
+                "update",
+                fmt,
+                utc_now(),
+                [],
+                0,
+                info={"reason": "reconcile"},
+            )
+            committer = _BatchCommitter(landed, batch, watermark=False)
+            files = FileRotation(
+                self.storage,
+                landed.schema,
+                fmt,
+                self.opts.file_rows,
+                lambda seq: self.state.data_key(batch.batch_id, 0, seq, fmt),
+                0,
+                committer,
+            )
             try:
-                landed = _open(self.storage, self.dataset)
-                schema = self.source.schema()
-                _check_columns(landed, schema)
-                src = self._source_keys()
-                mine = self._landed_keys(landed)
-                vanished = pc.filter(
-                    mine.column("key"),
-                    pc.invert(pc.is_in(mine.column("key"), value_set=src.column("key"))),
-                )
-                joined = src.join(mine, "key", join_type="left outer", right_suffix="_landed")
-                refetch = (
-                    joined.filter(
-                        pc.or_kleene(
-                            pc.is_null(joined.column("updated_at_landed")),
-                            pc.not_equal(
-                                joined.column("updated_at"), joined.column("updated_at_landed")
-                            ),
-                        )
-                    )
-                    .column("id")
-                    .to_pylist()
-                )
-                missing = int(pc.sum(pc.is_null(joined.column("updated_at_landed"))).as_py() or 0)
-                result.extra.update(
-                    vanished=len(vanished), missing=missing, stale=len(refetch) - missing
-                )
-                fmt = landed.manifest.current_batches()[-1].format
-                if refetch:
-                    batch = Batch(
-                        new_batch_id("repair"),
-                        "update",
-                        fmt,
-                        utc_now(),
-                        [],
-                        0,
-                        info={"reason": "reconcile"},
-                    )
-                    committer = _BatchCommitter(landed, batch, watermark=False)
-                    files = FileRotation(
-                        self.storage,
-                        landed.schema,
-                        fmt,
-                        self.opts.file_rows,
-                        lambda seq: self.state.data_key(batch.batch_id, 0, seq, fmt),
-                        0,
-                        committer,
-                    )
-                    try:
-                        for start in range(0, len(refetch), IDS_PER_QUERY):
-                            ids = refetch[start : start + IDS_PER_QUERY]
-                            files.write(self.source.rows_by_id(landed.schema, ids))
-                        files.commit(done=True)
-                    except BaseException:
-                        files.abort()
-                        raise
-                    result.rows += batch.rows
-                    result.files += len(batch.files)
-                if len(vanished):
-                    self._tombstones(landed, vanished, fmt)
-                    result.files += 1
-                result.extra["tombstones"] = len(vanished)
-            finally:
-                result.requests = self.client.stats.requests - requests0
-                result.wire_bytes = self.client.stats.bytes - bytes0
-                result.seconds = time.monotonic() - started
-        return result
+                for start in range(0, len(refetch), IDS_PER_QUERY):
+                    ids = refetch[start : start + IDS_PER_QUERY]
+                    files.write(self.source.rows_by_id(landed.schema, ids))
+                files.commit(done=True)
+            except BaseException:
+                files.abort()
+                raise
+            result.rows += batch.rows
+            result.files += len(batch.files)
+        if len(vanished):
+            self._tombstones(landed, vanished, fmt)
+            result.files += 1
+        result.extra["tombstones"] = len(vanished)
 
     def _tombstones(self, landed: Landed, keys: pa.Array, fmt: str) -> None:
         key_col = next(c for c in landed.schema.columns if c.name == landed.key_column)
