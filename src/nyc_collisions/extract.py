@@ -8,8 +8,9 @@ Only this module knows both the source and the sink. A backfill of one dataset:
    from, so rows changed during the backfill are picked up), then probes partition boundaries;
 3. workers fetch partitions by keyset pages and stream them into files, closing a file every
    `file_rows` rows and recording it under `runs/<batch>/parts/` (the unit a rerun resumes from);
-4. when every partition has reached its end (an empty page, never just a short one), one manifest
-   write commits the snapshot batch and its watermark; leftovers of killed runs are removed.
+4. when every partition has reached its end (an empty page that a count confirms, never just a
+   short page), one manifest write commits the snapshot batch and its watermark; leftovers of
+   killed runs are removed.
 """
 
 from __future__ import annotations
