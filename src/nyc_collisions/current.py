@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -90,7 +91,7 @@ def iter_current(landed: Landed, columns: list[str] | None = None) -> Iterator[p
                 seq += entry.rows
                 continue
             for table in _file_batches(landed, batch, entry.path, columns):
-                seqs = pa.array(range(seq, seq + table.num_rows), pa.int64())
+                seqs = pa.array(np.arange(seq, seq + table.num_rows, dtype=np.int64))
                 seq += table.num_rows
                 yield table.filter(pc.is_in(seqs, value_set=winners))
 
@@ -111,8 +112,8 @@ def _winners(landed: Landed, later: list[Batch]) -> tuple[pa.Array, pa.Array]:
             for table in _file_batches(landed, batch, entry.path, [key]):
                 n = table.num_rows
                 keys.append(table.column(key).combine_chunks())
-                seqs.append(pa.array(range(seq, seq + n), pa.int64()))
-                tombs.append(pa.array([batch.kind == "tombstones"] * n, pa.bool_()))
+                seqs.append(pa.array(np.arange(seq, seq + n, dtype=np.int64)))
+                tombs.append(pa.array(np.full(n, batch.kind == "tombstones")))
                 seq += n
     if not keys:
         return pa.array([], pa.string()), pa.array([], pa.int64())
