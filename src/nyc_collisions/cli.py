@@ -29,7 +29,7 @@ from .extract import (
 )
 from .report import dataset_status, orphans
 from .schema import use_system_memory_pool
-from .sink.storage import DEFAULT_LOCAL_DEST, open_storage
+from .sink.storage import DEFAULT_LOCAL_DEST, Storage, UploadStats, open_storage
 from .socrata.client import DEFAULT_BASE_URL, RetryPolicy, SodaClient
 from .socrata.source import DatasetSource
 from .verify import verify
@@ -278,6 +278,7 @@ def backfill_cmd(
     with _client(source, retries, workers) as client:
         results = backfill(client, storage, chosen, opts)
     _print_summary(results, started)
+    _print_upload(storage, started)
     if any(r.status == "stopped" for r in results):
         sys.exit(3)
 
@@ -294,6 +295,20 @@ def _run_each(
         if result.status == "stopped":
             break
     return results
+
+
+def _print_upload(storage: Storage, started: float) -> None:
+    """For S3: how much of the run was uploading, and how much of it was waited for."""
+    stats = getattr(storage, "stats", None)
+    if not isinstance(stats, UploadStats) or not stats.objects:
+        return
+    wall = time.monotonic() - started
+    click.echo(
+        f"S3: {_human_bytes(stats.bytes)} in {stats.objects} objects ({stats.parts} parts); "
+        f"{stats.upload_seconds:,.1f}s of uploading ran beside the fetching, workers waited "
+        f"{stats.wait_seconds:,.1f}s for it ({stats.wait_seconds / max(wall, 1e-9):.0%} of "
+        f"{wall:,.1f}s wall, summed over workers)"
+    )
 
 
 def _print_changes(results: list[DatasetResult], started: float) -> None:

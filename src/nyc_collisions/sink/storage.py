@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -256,10 +257,37 @@ def _s3_error(where: str, exc: Exception) -> DestinationError:
     return DestinationError(f"{where}: {type(exc).__name__}: {exc}")
 
 
+class UploadStats:
+    """Where S3 time went: uploading (in background threads) and waiting for it (in workers)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.objects = 0
+        self.parts = 0
+        self.bytes = 0
+        self.upload_seconds = 0.0
+        self.wait_seconds = 0.0
+
+    def uploaded(self, nbytes: int, seconds: float, part: bool) -> None:
+        with self._lock:
+            self.bytes += nbytes
+            self.upload_seconds += seconds
+            self.parts += part
+
+    def waited(self, seconds: float) -> None:
+        with self._lock:
+            self.wait_seconds += seconds
+
+    def completed(self) -> None:
+        with self._lock:
+            self.objects += 1
+
+
 class _S3Writer:
     """Streams an object to S3: multipart once it passes one part, parts uploaded in background."""
 
     def __init__(self, storage: S3Storage, key: str) -> None:
+        self._stats = storage.stats
         self._s3 = storage.client
         self._bucket = storage.bucket
         self._key = storage.full_key(key)
@@ -292,10 +320,13 @@ class _S3Writer:
         except Exception as exc:
             raise _s3_error(self._where, exc) from exc
         number = len(self._parts) + 1
+        started = time.monotonic()
         self._slots.acquire()
+        self._stats.waited(time.monotonic() - started)
         self._parts.append(self._pool.submit(self._upload_part, number, data))
 
     def _upload_part(self, number: int, data: bytes) -> dict[str, Any]:
+        started = time.monotonic()
         try:
             assert self._upload_id is not None
             result = self._s3.upload_part(
@@ -305,6 +336,7 @@ class _S3Writer:
                 PartNumber=number,
                 Body=data,
             )
+            self._stats.uploaded(len(data), time.monotonic() - started, part=True)
             return {"PartNumber": number, "ETag": result["ETag"]}
         finally:
             self._slots.release()
@@ -312,11 +344,12 @@ class _S3Writer:
     def close(self) -> None:
         if self.closed:
             return
+        started = time.monotonic()
         try:
             if self._upload_id is None:
-                self._s3.put_object(
-                    Bucket=self._bucket, Key=self._key, Body=self._buffer.getvalue()
-                )
+                body = self._buffer.getvalue()
+                self._s3.put_object(Bucket=self._bucket, Key=self._key, Body=body)
+                self._stats.uploaded(len(body), time.monotonic() - started, part=False)
             else:
                 if self._buffer.tell() or not self._parts:
                     self._send_part()
@@ -327,6 +360,8 @@ class _S3Writer:
                     UploadId=self._upload_id,
                     MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
                 )
+            self._stats.completed()
+            self._stats.waited(time.monotonic() - started)
         except DestinationError:
             self.abort()
             raise
@@ -354,6 +389,7 @@ class S3Storage:
         self.url = f"s3://{bucket}/{prefix}".rstrip("/")
         self.client = s3_client()
         self.upload_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="s3-upload")
+        self.stats = UploadStats()
 
     def full_key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
