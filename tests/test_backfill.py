@@ -171,3 +171,39 @@ def test_aggregates_cut_to_nothing_are_fetched_again(soda: FakeSoda, tmp_path: P
     backfill(soda, dest, "vehicles", "--page-size", "700")
     assert soda.stats()["faults"]["truncate_rows"] == 4
     exact(soda, dest, "vehicles", tmp_path)
+
+
+def test_a_stop_while_planning_resumes_the_plan(tmp_path: Path) -> None:
+    """Fetching starts with the first boundary; a stop before the last one keeps the plan."""
+    import json
+
+    from tests.fake_soda import Latency
+
+    sizes = {"h9gi-nx95": 4000, "f55k-p6yu": 10, "bm4k-52h4": 10}
+    latency = Latency(base=0.15, per_row=0.0, per_skipped=0.0, max_concurrent=3)
+    with FakeSoda(sizes=sizes, seed=6, latency=latency) as srv:
+        dest = tmp_path / "land"
+        args = (
+            "backfill",
+            "crashes",
+            "--source",
+            srv.url,
+            "--dest",
+            str(dest),
+            "--page-size",
+            "200",
+            "--workers",
+            "8",
+        )
+        first = cli(*args, "--max-seconds", "1.2")
+        assert first.code == 3, first.text
+        (plan_file,) = dest.glob("crashes/runs/*/plan.json")
+        plan = json.loads(plan_file.read_text())
+        assert 0 < len(plan["partitions"]) < 8
+        assert plan["complete"] is False
+        second = cli(*args)
+        assert second.code == 0, second.text
+        assert "resumed run" in second.out
+        manifest = json.loads((dest / "crashes/manifest.json").read_text())
+        assert manifest["batches"][0]["info"]["partitions"] == 8
+        exact(srv, str(dest), "crashes", tmp_path)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from nyc_collisions.datasets import KNOWN, resolve, resolve_many
 from nyc_collisions.errors import BadResponse, SchemaError, UsageError
 from nyc_collisions.pages import parse_page, parse_page_fast, parse_page_plain
-from nyc_collisions.plan import partition_count, partition_step, partitions_from_boundaries
+from nyc_collisions.plan import partition_count, partition_step
 from nyc_collisions.schema import Schema
 from nyc_collisions.socrata import soql
 from nyc_collisions.socrata.client import RetryPolicy, error_message, validate_base_url
@@ -92,13 +92,6 @@ def test_partition_count(rows: int, workers: int, page: int, expected: int) -> N
 def test_partition_step_covers_rows() -> None:
     assert partition_step(10, 3) == 4
     assert partition_step(0, 1) == 1
-
-
-def test_partitions_cover_everything_and_drop_repeats() -> None:
-    parts = partitions_from_boundaries(["b", "b", None, "d"])
-    assert [(p.lower, p.upper) for p in parts] == [(None, "b"), ("b", "d"), ("d", None)]
-    assert [p.index for p in parts] == [0, 1, 2]
-    assert [(p.lower, p.upper) for p in partitions_from_boundaries([])] == [(None, None)]
 
 
 def test_schema_from_metadata_orders_and_skips_computed_regions() -> None:

@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .datasets import Dataset
 from .errors import AlreadyLanded, Interrupted, NycCollisionsError, StateError, UsageError
-from .plan import Partition, partition_count, partition_step, partitions_from_boundaries
+from .plan import Partition, partition_count, partition_step
 from .schema import Schema
 from .sink.files import FileEntry, FileRotation
 from .sink.formats import check_format
@@ -246,15 +246,6 @@ class Backfill(DatasetJob):
         info: SourceInfo = self.source.info()
         batch_id = new_batch_id("backfill")
         n = partition_count(info.count, self.opts.workers, self.opts.page_size)
-        step = partition_step(info.count, n)
-        bounds: list[str | None] = []
-        after: str | None = None
-        for _ in range(n - 1):
-            after = self.source.probe(after, step - 1)
-            if after is None:
-                break
-            bounds.append(after)
-        partitions = partitions_from_boundaries(bounds)
         plan = {
             "kind": "snapshot",
             "batch_id": batch_id,
@@ -267,10 +258,32 @@ class Backfill(DatasetJob):
             "max_updated_at": info.max_updated_at,
             "rows_updated_at": info.rows_updated_at,
             "page_size": self.opts.page_size,
-            "partitions": [p.to_dict() for p in partitions],
+            # partitions are added as their boundaries are found (see `_planner`)
+            "planned": n,
+            "step": partition_step(info.count, n),
+            "complete": False,
+            "partitions": [],
         }
         self.state.put_json(f"{self.state.run_prefix(batch_id)}/plan.json", plan)
         return plan
+
+    def _planner(self, plan: dict[str, Any], stop: threading.Event) -> Iterator[Partition]:
+        """Partitions as their boundaries are found, each recorded in the plan before it is used.
+
+        Fetching starts with the first boundary instead of after the last: the probes skip
+        rows by `$offset`, slow on the real server, and run beside the partitions' pages.
+        """
+        parts: list[dict[str, Any]] = plan["partitions"]
+        while not plan["complete"] and not stop.is_set() and not self.opts.out_of_time():
+            after = parts[-1]["upper"] if parts else None
+            bound = None
+            if len(parts) < plan["planned"] - 1:
+                bound = self.source.probe(after, plan["step"] - 1)
+            partition = Partition(len(parts), after, bound)
+            plan["complete"] = bound is None
+            parts.append(partition.to_dict())
+            self.state.put_json(f"{self.state.run_prefix(plan['batch_id'])}/plan.json", plan)
+            yield partition
 
     def _resume_points(self, plan: dict[str, Any]) -> tuple[dict[int, dict[str, Any]], int]:
         """Per partition: where to go on (`after`, `next_seq`, `done`); and rows already landed."""
@@ -283,7 +296,9 @@ class Backfill(DatasetJob):
             rec = self.state.get_json(key)
             if rec is None:
                 continue
-            point = points[int(rec["partition"])]
+            point = points.setdefault(
+                int(rec["partition"]), {"after": None, "next_seq": 0, "done": False}
+            )
             if int(rec["seq"]) >= point["next_seq"]:
                 point["next_seq"] = int(rec["seq"]) + 1
                 point["after"] = rec["last_id"]
@@ -312,18 +327,18 @@ class Backfill(DatasetJob):
             smoothing=0.1,
         )
         progress = _Progress(bar)
-        work: queue.Queue[Partition] = queue.Queue()
+        work: queue.Queue[Partition | None] = queue.Queue()
         for p in todo:
             work.put(p)
+        n_threads = max(1, min(self.opts.workers, plan.get("planned", len(partitions))))
         errors: list[BaseException] = []
         finished: list[FileRotation] = []
         lock = threading.Lock()
 
         def worker() -> None:
             while not stop.is_set():
-                try:
-                    p = work.get_nowait()
-                except queue.Empty:
+                p = work.get()
+                if p is None:
                     return
                 try:
                     files = _run_partition(
@@ -333,7 +348,7 @@ class Backfill(DatasetJob):
                         self.opts,
                         plan["batch_id"],
                         p,
-                        points[p.index],
+                        points.get(p.index, {"after": None, "next_seq": 0, "done": False}),
                         stop,
                         progress,
                     )
@@ -347,11 +362,23 @@ class Backfill(DatasetJob):
 
         threads = [
             threading.Thread(target=worker, daemon=True, name=f"partition-{i}")
-            for i in range(min(self.opts.workers, len(todo)))
+            for i in range(n_threads)
         ]
         for t in threads:
             t.start()
         try:
+            try:
+                for p in self._planner(plan, stop):
+                    work.put(p)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # a failed probe: stop the workers, then raise it
+                with lock:
+                    errors.append(exc)
+                stop.set()
+            finally:
+                for _ in threads:
+                    work.put(None)
             for t in threads:
                 while t.is_alive():
                     t.join(timeout=0.5)
@@ -371,7 +398,9 @@ class Backfill(DatasetJob):
         if errors:
             raise errors[0]
         points_after, _ = self._resume_points(plan)
-        if not all(pt["done"] for pt in points_after.values()):
+        if not plan.get("complete", True) or not all(
+            points_after.get(p["index"], {}).get("done") for p in plan["partitions"]
+        ):
             result.status = "stopped"
             result.batch_id = plan["batch_id"]
             result.message = (

@@ -37,13 +37,3 @@ def partition_count(rows: int, workers: int, page_size: int) -> int:
 def partition_step(rows: int, partitions: int) -> int:
     """Rows per partition: the `$offset` of each boundary probe is `step - 1`."""
     return max(1, -(-rows // partitions))
-
-
-def partitions_from_boundaries(boundaries: list[str | None]) -> list[Partition]:
-    """(None, b1], (b1, b2], ..., (bn, None); boundaries that repeat or are missing are dropped."""
-    cuts: list[str] = []
-    for b in boundaries:
-        if b is not None and b not in cuts:
-            cuts.append(b)
-    edges: list[str | None] = [None, *cuts, None]
-    return [Partition(i, edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
