@@ -83,7 +83,7 @@ def parse_rows_fast(rows: np.ndarray, schema: Schema) -> pa.Table | None:
     read_schema = _fast_schema(schema)
     if read_schema is None:
         return None
-    if not rows.size or not rows[rows > 32].size:
+    if not rows.size or rows.max() <= 32:
         return schema.text_schema().empty_table()
     # `\n,{` -> `\n {`: a raw newline never occurs inside a JSON string, so this only touches
     # the separators between rows.
@@ -131,15 +131,30 @@ def _json_string(array: pa.ChunkedArray) -> pa.ChunkedArray:
     return pc.binary_join_element_wise('"', escaped, '"', "")
 
 
+def _quoted(values: pa.ChunkedArray) -> pa.ChunkedArray:
+    """JSON string literals of text values that hold quotes or backslashes (null stays null).
+
+    Values that repeat (`human_address` is mostly the same empty address) are escaped once each.
+    """
+    encoded = pc.dictionary_encode(values).combine_chunks()
+    if len(encoded.dictionary) * 4 < len(encoded):
+        return pc.take(_json_string(encoded.dictionary), encoded.indices)
+    return _json_string(values)
+
+
 def _location_text(array: pa.ChunkedArray) -> pa.ChunkedArray | None:
     """Struct locations -> compact JSON text with sorted keys, members that are null omitted."""
     parts = []
     for member in LOCATION_MEMBERS:
         values = pc.struct_field(array, member)
-        if pc.any(pc.match_substring_regex(values, "[\\x00-\\x1f]")).as_py():
-            return None  # control characters: leave the escaping to orjson
+        if pc.any(pc.match_substring_regex(values, '["\\\\\\x00-\\x1f]')).as_py():
+            if pc.any(pc.match_substring_regex(values, "[\\x00-\\x1f]")).as_py():
+                return None  # control characters: leave the escaping to orjson
+            quoted = _quoted(values)
+        else:
+            quoted = pc.binary_join_element_wise('"', values, '"', "")
         # `"member":"value",` or "" when the member is null; the last comma is trimmed below
-        parts.append(pc.binary_join_element_wise(f'"{member}":', _json_string(values), ",", ""))
+        parts.append(pc.binary_join_element_wise(f'"{member}":', quoted, ",", ""))
     members = pc.binary_join_element_wise(*parts, "", null_handling="replace")
     text = pc.binary_join_element_wise("{", pc.utf8_rtrim(members, characters=","), "}", "")
     return pc.if_else(pc.is_valid(array), text, pa.scalar(None, pa.string()))

@@ -94,7 +94,7 @@ class _LocalWriter:
         self._tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
-            self._file: IO[bytes] = open(self._tmp, "wb")  # noqa: SIM115 - closed in close()
+            self._file: IO[bytes] = open(self._tmp, "wb", buffering=1 << 20)  # noqa: SIM115
         except OSError as exc:
             raise _disk_error(final, exc) from exc
         self.bytes_written = 0
