@@ -21,7 +21,6 @@ import os
 import random
 import threading
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -329,7 +328,7 @@ class SodaClient:
                         self.stats.add(len(body))
                         self._classify(response, body, shown, path)
                     try:
-                        result = consume(counted(_read_ahead(response)))
+                        result = consume(counted(response.iter_bytes()))
                     except BadResponse as exc:
                         raise _Retryable("bad body", str(exc)) from None
             except httpx.TimeoutException as exc:
@@ -370,61 +369,6 @@ class SodaClient:
 
         value = self.fetch(self.resource_path(dataset_id), params, one_row).get(alias)
         return None if value is None else str(value)
-
-
-READ_AHEAD_BYTES = 24 << 20
-
-
-def _read_ahead(response: httpx.Response) -> Iterator[bytes]:
-    """The body, decoded, after reading up to `READ_AHEAD_BYTES` of it off the wire at once.
-
-    The server holds one of its few query slots until its answer is sent: reading the (gzip)
-    body as fast as it comes, then parsing, frees the slot for the next request instead of
-    holding it while we parse. A bigger body goes on streaming (memory stays bounded). A
-    connection that breaks is raised after the bytes that did arrive, so the rows they hold are
-    kept.
-    """
-    encoding = response.headers.get("content-encoding", "").strip().lower()
-    if encoding not in ("", "identity", "gzip", "x-gzip", "deflate"):
-        yield from response.iter_bytes()  # an encoding we do not decode ourselves
-        return
-    decoder = None
-    if encoding in ("gzip", "x-gzip"):
-        decoder = zlib.decompressobj(zlib.MAX_WBITS | 16)
-    elif encoding == "deflate":
-        decoder = zlib.decompressobj()
-    raw = response.iter_raw()
-    buffered: list[bytes] = []
-    size = 0
-    failure: Exception | None = None
-    try:
-        for chunk in raw:
-            buffered.append(chunk)
-            size += len(chunk)
-            if size >= READ_AHEAD_BYTES:
-                break
-    except (httpx.TransportError, httpx.TimeoutException) as exc:
-        failure = exc
-
-    def decode(chunk: bytes) -> bytes:
-        if decoder is None:
-            return chunk
-        try:
-            return decoder.decompress(chunk)
-        except zlib.error as exc:
-            raise BadResponse(f"body does not decompress: {exc}") from None
-
-    for chunk in buffered:
-        yield decode(chunk)
-    buffered.clear()
-    if failure is not None:
-        raise failure
-    for chunk in raw:
-        yield decode(chunk)
-    if decoder is not None:
-        yield decoder.flush()
-        if not decoder.eof:
-            raise BadResponse("compressed body cut short")
 
 
 def parse_json_document(body: bytes) -> Any:
