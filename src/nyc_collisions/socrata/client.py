@@ -301,7 +301,8 @@ class SodaClient:
             return result
         assert last is not None
         raise SourceUnavailable(
-            f"{self.base_url}{path}: gave up after {self.retry.attempts} attempts; last: {last}"
+            f"{self.base_url}{path}: gave up after {self.retry.attempts} "
+            f"attempt{'s' if self.retry.attempts != 1 else ''}; last: {last}"
         )
 
     def _stream_attempt(
