@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"seed={seed} dest={out.destination} exact={out.exact} "
                     f"rows={out.rows_checked} kills={out.kills} lost={out.lost} "
                     f"dup={out.duplicated} mismatched={out.mismatched} "
-                    f"failures={out.failures} {out.seconds:.1f}s",
+                    f"failures={out.failures} {out.seconds:.1f}s "
+                    f"source_faults={dict(out.source_faults)} s3_faults={dict(out.s3_faults)}",
                     flush=True,
                 )
     finally:
