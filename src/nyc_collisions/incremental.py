@@ -27,7 +27,7 @@ from .datasets import Dataset, landed_name
 from .errors import NothingLanded, SchemaError
 from .extract import DatasetJob, DatasetResult, RunOptions
 from .schema import Column, Schema
-from .sink.files import FileEntry, FileRotation
+from .sink.files import FileEntry, FileRotation, OnFile
 from .sink.storage import Storage
 from .socrata import soql
 from .socrata.client import SodaClient
@@ -63,6 +63,21 @@ def _open(storage: Storage, dataset: Dataset) -> Landed:
                 f"run `nyc-collisions backfill {dataset.name}` again to complete it"
             ) from None
         raise
+
+
+def batch_files(
+    state: DatasetState, schema: Schema, batch: Batch, file_rows: int, on_file: OnFile
+) -> FileRotation:
+    """The files of a single-stream batch: `data/<batch>/part-0000-SSSSSS.<fmt>`."""
+    return FileRotation(
+        state.storage,
+        schema,
+        batch.format,
+        file_rows,
+        lambda seq: state.data_key(batch.batch_id, 0, seq, batch.format),
+        0,
+        on_file,
+    )
 
 
 class _BatchCommitter:
@@ -124,15 +139,7 @@ class Update(DatasetJob):
             info={"until": until},
         )
         committer = _BatchCommitter(landed, batch, watermark=True)
-        files = FileRotation(
-            self.storage,
-            landed.schema,
-            fmt,
-            self.opts.file_rows,
-            lambda seq: self.state.data_key(batch.batch_id, 0, seq, fmt),
-            0,
-            committer,
-        )
+        files = batch_files(self.state, landed.schema, batch, self.opts.file_rows, committer)
         cursor = watermark
 
         def params() -> dict[str, str]:
@@ -240,15 +247,7 @@ class Reconcile(DatasetJob):
                 info={"reason": "reconcile"},
             )
             committer = _BatchCommitter(landed, batch, watermark=False)
-            files = FileRotation(
-                self.storage,
-                landed.schema,
-                fmt,
-                self.opts.file_rows,
-                lambda seq: self.state.data_key(batch.batch_id, 0, seq, fmt),
-                0,
-                committer,
-            )
+            files = batch_files(self.state, landed.schema, batch, self.opts.file_rows, committer)
             try:
                 for start in range(0, len(refetch), IDS_PER_QUERY):
                     ids = refetch[start : start + IDS_PER_QUERY]
@@ -271,15 +270,7 @@ class Reconcile(DatasetJob):
         )
         batch = Batch(new_batch_id("tombstones"), "tombstones", fmt, utc_now(), [], 0)
         committer = _BatchCommitter(landed, batch, watermark=False)
-        files = FileRotation(
-            self.storage,
-            schema,
-            fmt,
-            max(len(keys), 1),
-            lambda seq: self.state.data_key(batch.batch_id, 0, seq, fmt),
-            0,
-            committer,
-        )
+        files = batch_files(self.state, schema, batch, max(len(keys), 1), committer)
         files.write(pa.table({landed_name(key_col.field_name): keys}))
         files.commit(done=True)
 
@@ -312,15 +303,7 @@ def compact(
                 if entry is not None:
                     entries.append(entry)
 
-            files = FileRotation(
-                storage,
-                landed.schema,
-                fmt,
-                file_rows,
-                lambda seq: state.data_key(batch.batch_id, 0, seq, fmt),
-                0,
-                collect,
-            )
+            files = batch_files(state, landed.schema, batch, file_rows, collect)
             try:
                 for table in iter_current(landed):
                     files.write(table)
