@@ -143,10 +143,3 @@ def current_count(landed: Landed) -> int:
     if len(batches) == 1:
         return batches[0].rows
     return sum(t.num_rows for t in current_keys(landed))
-
-
-def read_current(landed: Landed) -> pa.Table:
-    tables = list(iter_current(landed))
-    if not tables:
-        return landed.schema.text_schema().empty_table()
-    return pa.concat_tables(tables)

@@ -17,7 +17,6 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
@@ -547,8 +546,3 @@ class _S3Reader(io.RawIOBase):
         b[: len(data)] = data
         self._pos += len(data)
         return len(data)
-
-
-def iter_chunks(reader: IO[bytes], size: int = 1 << 20) -> Iterator[bytes]:
-    while chunk := reader.read(size):
-        yield chunk
