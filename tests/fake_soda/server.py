@@ -13,7 +13,10 @@ Endpoints (HTTP/1.1 keep-alive, one thread per connection, 127.0.0.1 by default)
   `GET rows?dataset=ID` (NDJSON).
 
 Latency model (off unless `latency` is given): a rows request holds one of `max_concurrent` slots
-while it sleeps `base + per_row * rows + per_skipped * offset_rows` and streams its answer.
+for `base + per_skipped * offset_rows` before its first byte, then streams its rows no faster than
+one per `per_row`, as the real server streams rows while it reads them. The server's own work
+(query, rendering, gzip) happens inside that time, so an answer takes the model's time whenever
+the server is faster than the model (and longer only when it is not).
 """
 
 from __future__ import annotations
@@ -188,10 +191,15 @@ class App:
     def serving(self) -> contextlib.AbstractContextManager[object]:
         return self._slots if self._slots is not None else contextlib.nullcontext()
 
-    def data_delay(self, rows: int, skipped: int) -> None:
-        if self.latency is not None:
-            lat = self.latency
-            time.sleep(lat.base + lat.per_row * rows + lat.per_skipped * skipped)
+    def data_delay(self, start: float, skipped: int) -> Callable[[int], None]:
+        """Wait out the time to the first byte of an answer whose slot was taken at `start`;
+        return the pacer that holds the stream to `per_row` seconds a row after that."""
+        if self.latency is None:
+            return lambda sent: None
+        lat = self.latency
+        first = start + lat.base + lat.per_skipped * skipped
+        _sleep_until(first)
+        return lambda sent: _sleep_until(first + lat.per_row * sent)
 
     def dataset(self, payload: dict[str, Any]) -> str:
         dataset_id = payload.get("dataset")
@@ -244,6 +252,12 @@ class App:
 
 # ----------------------------------------------------------------------------------------------
 # HTTP
+
+
+def _sleep_until(deadline: float) -> None:
+    left = deadline - time.monotonic()
+    if left > 0:
+        time.sleep(left)
 
 
 def _accepts_gzip(header: str | None) -> bool:
@@ -379,14 +393,15 @@ class _Exchange:
             self._metadata()
             return
         with app.serving():
-            self._rows()
+            self._rows(time.monotonic())
 
     # answers
-    def _rows(self) -> None:
+    def _rows(self, start: float) -> None:
+        """Answer a rows request whose server slot was taken at `start` (monotonic)."""
         app = self.app
         assert self.dataset is not None
         if self.dataset not in app.registry:
-            app.data_delay(0, 0)
+            app.data_delay(start, 0)
             self._send_json(404, _not_found(f"Dataset {self.dataset} not found"))
             return
         snap = app.registry.snapshot(self.dataset)
@@ -394,10 +409,10 @@ class _Exchange:
             query = parse_query(self.params, snap.schema)
             page = execute(query, snap, app.rng())
         except SoqlError as exc:
-            app.data_delay(0, 0)
+            app.data_delay(start, 0)
             self._send_json(exc.status, exc.body())
             return
-        app.data_delay(len(page), page.skipped)
+        pace = app.data_delay(start, page.skipped)
         renderer = Renderer(snap, query, page.columns)
         last_modified = formatdate(snap.changed_at / 1e6, usegmt=True)
         etag = hashlib.blake2b(
@@ -420,6 +435,7 @@ class _Exchange:
                 _lines(page, renderer.csv_rows, csv=True),
                 lambda sent: b"",
                 len(page),
+                pace,
             )
         else:
             self._stream(
@@ -430,6 +446,7 @@ class _Exchange:
                 _lines(page, renderer.json_rows, csv=False),
                 lambda sent: b"]" if sent else b"[]",
                 len(page),
+                pace,
             )
 
     def _metadata(self) -> None:
@@ -532,8 +549,10 @@ class _Exchange:
         blocks: Iterator[list[bytes]],
         tail: Callable[[int], bytes],
         total: int,
+        pace: Callable[[int], None] = lambda sent: None,
     ) -> None:
-        """Send a chunked (maybe gzip) body of head, lines, tail, applying stall/cut faults."""
+        """Send a chunked (maybe gzip) body of head, lines, tail, applying stall/cut faults;
+        `pace(rows_sent)` holds each block of rows back to the latency model's rate."""
         gzip = self.app.gzip and _accepts_gzip(self.h.headers.get("Accept-Encoding"))
         h = self.h
         self.status = status
@@ -564,6 +583,7 @@ class _Exchange:
                 return
             writer.write(b"".join(lines))
             self.rows_sent += len(lines)
+            pace(self.rows_sent)
         end = tail(self.rows_sent)
         if cut is not None:
             self._cut(writer, end, end)
