@@ -26,6 +26,7 @@ import orjson
 
 from . import soql
 from .schema import (
+    LOCATION,
     NUMBER,
     POINT,
     SYSTEM_COLUMNS,
@@ -536,13 +537,13 @@ class Renderer:
         else:
             assert page.slots is not None
             objects = self._objects(page.slots[a:b])
-        columns = [(c.key, c.soda_type) for c in self.columns]
+        columns = [(c.key, c.soda_type, c.soda_type == NUMBER) for c in self.columns]
         lines = []
         for o in objects:
             cells = []
-            for key, soda_type in columns:
+            for key, soda_type, number in columns:
                 v = o.get(key)
-                if type(v) is str:  # the common case, inlined
+                if type(v) is str and not (number and _tiny(v)):  # the common case, inlined
                     cells.append('"' + v.replace('"', '""') + '"')
                 else:
                     cells.append(_csv_cell(v, soda_type))
@@ -550,17 +551,50 @@ class Renderer:
         return lines
 
 
+def _tiny(number: str) -> bool:
+    """Whether Java's BigDecimal.toString writes this plain number with an exponent."""
+    return number.lstrip("-").startswith("0.000000")
+
+
 def _csv_cell(value: Any, soda_type: str) -> str:
-    """RFC 4180 cell, every non-null value quoted (as Socrata does); null is empty."""
+    """RFC 4180 cell, every non-null value quoted (as Socrata does); null is empty.
+
+    Values are written as soda-fountain's `CsvColumnRep` does: numbers by `BigDecimal.toString`
+    (`1E-7`), points as WKT, legacy locations as `address\ncity, state zip\n(lat, lon)` (their
+    `human_address` JSON is lost), objects as compact JSON.
+    """
     if value is None:
         return ""
     if isinstance(value, bool):
         text = "true" if value else "false"
+    elif soda_type == NUMBER and isinstance(value, str):
+        text = str(Decimal(value))
     elif soda_type == POINT and isinstance(value, dict):
         lon, lat = value["coordinates"]
         text = f"POINT ({lon} {lat})"
+    elif soda_type == LOCATION and isinstance(value, dict):
+        located = _csv_location(value)
+        if located is None:
+            return ""
+        text = located
     elif isinstance(value, dict | list):
         text = orjson.dumps(value).decode()
     else:
         text = str(value)
     return '"' + text.replace('"', '""') + '"'
+
+
+def _csv_location(value: dict[str, Any]) -> str | None:
+    text = ""
+    try:
+        address = orjson.loads(value.get("human_address") or "null")
+    except orjson.JSONDecodeError:
+        address = None
+    if isinstance(address, dict):
+        for part, sep in (("address", "\n"), ("city", ", "), ("state", " "), ("zip", "")):
+            if isinstance(address.get(part), str):
+                text += address[part] + sep
+    lat, lon = value.get("latitude"), value.get("longitude")
+    if lat is not None and lon is not None:
+        text += ("\n" if text else "") + f"({lat}, {lon})"
+    return text or None
