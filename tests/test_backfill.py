@@ -207,3 +207,39 @@ def test_a_stop_while_planning_resumes_the_plan(tmp_path: Path) -> None:
         manifest = json.loads((dest / "crashes/manifest.json").read_text())
         assert manifest["batches"][0]["info"]["partitions"] == 8
         exact(srv, str(dest), "crashes", tmp_path)
+
+
+def test_wire_is_csv_where_exact_and_lands_what_json_lands(soda: FakeSoda, tmp_path: Path) -> None:
+    """auto: persons and vehicles come as CSV (half the bytes, cheaper to parse), crashes as
+    JSON (CSV loses its location's human_address); the landed files are the same as with JSON."""
+    landed: dict[str, list[bytes]] = {}
+    for wire in ("auto", "json"):
+        soda.reset_stats()
+        dest = tmp_path / wire
+        backfill(soda, str(dest), "--wire", wire, "--page-size", "900", "--workers", "1")
+        formats = {
+            (r["dataset"], r["format"])
+            for r in soda.requests()
+            if r["kind"] == "data" and r["params"].get("$select", "").startswith("*")
+        }
+        if wire == "auto":
+            assert formats == {(NAMES["crashes"], "json"), *((NAMES[n], "csv") for n in NAMES)} - {
+                (NAMES["crashes"], "csv")
+            }
+        else:
+            assert {f for _, f in formats} == {"json"}
+        for name in NAMES:
+            exact(soda, str(dest), name, tmp_path / wire, ".csv")
+        landed[wire] = sorted(p.read_bytes() for p in dest.rglob("data/*.csv"))
+    assert landed["auto"] == landed["json"]
+
+
+def test_wire_csv_is_refused_where_it_would_lose_data(soda_ro: FakeSoda, tmp_path: Path) -> None:
+    dest = tmp_path / "land"
+    res = cli("backfill", "crashes", "--source", soda_ro.url, "--dest", str(dest), "--wire", "csv")
+    assert res.code != 0
+    lines = res.err.strip().splitlines()
+    assert len(lines) == 1, res.text
+    assert "--wire csv" in lines[0]
+    assert "location" in lines[0]
+    assert not (dest / "crashes" / "manifest.json").exists()

@@ -5,7 +5,8 @@ Configuration comes from the environment:
 - `NYC_COLLISIONS_DEST` (`s3://bucket/prefix`), `NYC_COLLISIONS_DATASETS`
   (`crashes,persons,vehicles`), `SOCRATA_BASE_URL`, `NYC_COLLISIONS_FORMAT` (for a backfill),
   `NYC_COLLISIONS_RECONCILE_WEEKDAY`
-  (`SUN`: that day's run also reconciles deletions);
+  (`SUN`: that day's run also reconciles deletions), `NYC_COLLISIONS_WIRE` (`auto`, `json` or
+  `csv`: how rows come from the source, as `--wire`);
 - the app token: `SOCRATA_APP_TOKEN`, or the name of a Secrets Manager secret
   (`SOCRATA_APP_TOKEN_SECRET`) or an SSM SecureString parameter (`SOCRATA_APP_TOKEN_PARAMETER`),
   fetched once and cached across warm invocations.
@@ -31,7 +32,7 @@ import orjson
 from .datasets import resolve_many
 from .extract import DatasetResult, RunOptions, backfill
 from .incremental import Reconcile, Update
-from .schema import use_system_memory_pool
+from .schema import use_lean_memory_pool
 from .sink.storage import open_storage
 from .socrata.client import DEFAULT_BASE_URL, RetryPolicy, SodaClient
 
@@ -120,7 +121,7 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
     started = time.monotonic()
     event = event or {}
     _configure_logging(None)
-    use_system_memory_pool()
+    use_lean_memory_pool()
     token = app_token()
     _configure_logging(token)
     command = str(event.get("command", "update"))
@@ -160,7 +161,11 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
     results: list[DatasetResult] = []
     try:
         with SodaClient(
-            source, app_token=token, concurrency=opts.workers, retry=RetryPolicy.from_env()
+            source,
+            app_token=token,
+            concurrency=opts.workers,
+            retry=RetryPolicy.from_env(),
+            wire=os.environ.get("NYC_COLLISIONS_WIRE", "auto"),
         ) as client:
             if command == "backfill":
                 results = backfill(client, storage, datasets, opts)

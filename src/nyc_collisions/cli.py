@@ -28,9 +28,9 @@ from .extract import (
     backfill,
 )
 from .report import dataset_status, orphans
-from .schema import use_system_memory_pool
+from .schema import use_lean_memory_pool
 from .sink.storage import DEFAULT_LOCAL_DEST, Storage, UploadStats, open_storage
-from .socrata.client import DEFAULT_BASE_URL, RetryPolicy, SodaClient
+from .socrata.client import DEFAULT_BASE_URL, WIRES, RetryPolicy, SodaClient
 from .socrata.source import DatasetSource
 from .verify import verify
 
@@ -87,6 +87,17 @@ def common(f: F) -> F:
         callback=lambda ctx, _param, value: ctx.meta.__setitem__("timeout", value),
         help="Seconds the source may stay silent before the request is retried.",
     )(f)
+    f = click.option(
+        "--wire",
+        type=click.Choice(list(WIRES), case_sensitive=False),
+        default="auto",
+        show_default=True,
+        envvar="NYC_COLLISIONS_WIRE",
+        expose_value=False,
+        callback=lambda ctx, _param, value: ctx.meta.__setitem__("wire", value),
+        help="How rows come from the source: auto = CSV for datasets whose columns CSV "
+        "carries exactly (persons, vehicles), JSON otherwise (crashes' location).",
+    )(f)
     return f
 
 
@@ -102,8 +113,10 @@ def _setup_logging(verbose: int) -> None:
 def _client(source: str, retries: int, workers: int = DEFAULT_WORKERS) -> SodaClient:
     ctx = click.get_current_context(silent=True)
     timeout = float(ctx.meta.get("timeout", 120.0)) if ctx else 120.0
+    wire = str(ctx.meta.get("wire", "auto")) if ctx else "auto"
     return SodaClient(
         source,
+        wire=wire,
         app_token=os.environ.get("SOCRATA_APP_TOKEN") or None,
         concurrency=workers,
         retry=replace(RetryPolicy.from_env(), attempts=retries),
@@ -156,7 +169,7 @@ def main() -> None:
 
     DATASET is crashes, persons, vehicles, or any Socrata dataset id (xxxx-xxxx).
     """
-    use_system_memory_pool()
+    use_lean_memory_pool()
 
 
 def _print_summary(results: list[DatasetResult], started: float) -> None:

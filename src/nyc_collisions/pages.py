@@ -15,13 +15,16 @@ taken for the last one. A field the metadata does not name is a `SchemaError`, n
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 
 from .errors import BadResponse, SchemaError
@@ -261,3 +264,155 @@ class PageStream:
         if table.num_rows:
             self.rows += table.num_rows
             self.emit(table)
+
+
+# ----------------------------------------------------------------------------------------------
+# CSV pages
+
+
+class CsvPageStream:
+    """A `/resource/{id}.csv` page parsed while it streams in, a few MiB of whole rows at a time.
+
+    Socrata's CSV (soda-fountain `CsvExporter`) is a header row of field names, then one line per
+    row ending in `\n`, every non-null value quoted (`""` is an empty string) and null left
+    empty: the landed CSV's own convention, which Arrow's CSV reader parses several times faster
+    than the JSON of the same rows. Only datasets whose types CSV writes exactly are read this way
+    (`Schema.csv_exact`). Columns are matched to the metadata by the header's names, in any
+    order; a name the metadata lacks is a `SchemaError`.
+
+    A body cut short is a `BadResponse` (the rows emitted before the cut are kept, and the
+    caller goes on after the last of them): every row ends in `\n` and in the quoted `:updated_at`,
+    so a cut inside a row leaves a line without its `\n`, an open quote or too few cells.
+    """
+
+    MAX_HEADER = 1 << 20
+
+    def __init__(self, schema: Schema, emit: Callable[[pa.Table], None]) -> None:
+        self.schema = schema
+        self.emit = emit
+        self.rows = 0
+        self._buf = bytearray()
+        self._header: list[str] | None = None
+        self._numbers = [c.name for c in schema.columns if c.data_type == "number"]
+
+    def feed(self, chunk: bytes) -> None:
+        self._buf += chunk
+        if self._header is None and not self._read_header():
+            return
+        if len(self._buf) >= PIECE_BYTES:
+            cut = _row_end(self._buf)
+            if cut > 0:
+                piece = np.frombuffer(self._buf, np.uint8, count=cut + 1).copy()
+                del self._buf[: cut + 1]
+                self._parse(piece)
+
+    def finish(self) -> int:
+        """The end of the body: parse what is left; returns the rows of the whole page."""
+        if self._header is None and not self._read_header():
+            raise BadResponse("page body is empty" if not self._buf else "page cut in its header")
+        if self._buf:
+            if not self._buf.endswith(b"\n"):
+                raise BadResponse(f"page cut short after {self.rows} rows")
+            piece = np.frombuffer(self._buf, np.uint8).copy()
+            self._buf.clear()
+            self._parse(piece)
+        return self.rows
+
+    def _read_header(self) -> bool:
+        start = bytes(self._buf.lstrip()[:1])
+        if start == b"<":
+            raise BadResponse("the source answered with an HTML page, not CSV")
+        if start in (b"[", b"{"):
+            raise BadResponse(f"the source answered JSON, not CSV: {bytes(self._buf[:60])!r}")
+        end = self._buf.find(b"\n")
+        if end < 0:
+            if len(self._buf) > self.MAX_HEADER:
+                raise BadResponse("CSV page without a header line")
+            return False
+        line = bytes(self._buf[:end]).decode("utf-8", "replace").rstrip("\r")
+        header = next(csv.reader([line]), [])
+        known = set(self.schema.field_names)
+        # computed regions (`:@...`) and `:version` are not landed, as in JSON pages
+        unknown = [
+            h for h in header if h not in known and not h.startswith(":@") and h != ":version"
+        ]
+        if unknown:
+            raise SchemaError(
+                f"rows carry fields the metadata does not name: {', '.join(unknown[:10])}"
+            )
+        missing = sorted(known - set(header))
+        if missing or len(set(header)) != len(header):
+            raise SchemaError(
+                f"CSV header does not match the metadata (missing: {', '.join(missing[:10])}; "
+                f"{len(header)} names, {len(set(header))} distinct)"
+            )
+        self._header = header
+        del self._buf[: end + 1]
+        return True
+
+    def _parse(self, piece: np.ndarray) -> None:
+        assert self._header is not None
+        try:
+            table = pacsv.read_csv(
+                pa.py_buffer(piece),
+                read_options=pacsv.ReadOptions(
+                    column_names=self._header, use_threads=True, block_size=len(piece) + 1
+                ),
+                parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                convert_options=pacsv.ConvertOptions(
+                    column_types={h: pa.string() for h in self._header},
+                    null_values=[""],
+                    strings_can_be_null=True,
+                    quoted_strings_can_be_null=False,
+                ),
+            )
+        except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
+            detail = str(exc).splitlines()[0][:200]
+            raise BadResponse(f"page is not whole CSV after {self.rows} rows ({detail})") from None
+        table = table.select(self.schema.field_names).rename_columns(self.schema.names)
+        for name in self._numbers:
+            index = table.schema.get_field_index(name)
+            table = table.set_column(index, name, plain_numbers(table.column(name)))
+        if table.num_rows and table.column("socrata_id").null_count:
+            raise BadResponse("CSV rows lack :id (was $select=*,:id sent?)")
+        if table.num_rows:
+            self.rows += table.num_rows
+            self.emit(table)
+
+
+def _row_end(buf: bytearray, tries: int = 64) -> int:
+    """Index of the last `\n` that ends a row (an even number of quotes before it), or -1."""
+    cut = buf.rfind(b"\n")
+    while cut >= 0 and tries:
+        if buf.count(b'"', 0, cut) % 2 == 0:
+            return cut
+        cut = buf.rfind(b"\n", 0, cut)
+        tries -= 1
+    return -1
+
+
+def plain_numbers(values: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Numbers as SODA's JSON writes them, from CSV's `BigDecimal.toString`.
+
+    CSV writes `1E-7` or `1E+3` where JSON writes `0.0000001` or `1000` (JSON keeps the exponent
+    only past a scale of 20); only values carrying an `E` differ, and they are rare.
+    """
+    marked = pc.match_substring(values, "E")
+    if not pc.any(marked).as_py():
+        return values
+    texts = values.to_pylist()
+    for i in np.flatnonzero(pc.fill_null(marked, False).to_numpy(zero_copy_only=False)):
+        texts[i] = _plain_number(texts[i])
+    return pa.chunked_array([pa.array(texts, pa.string())])
+
+
+def _plain_number(text: str) -> str:
+    """Java's `BigDecimal.toPlainString` of `text` unless its scale passes 20 (as SODA's JSON)."""
+    try:
+        number = Decimal(text)
+    except InvalidOperation:
+        return text
+    exponent = number.as_tuple().exponent
+    if not isinstance(exponent, int) or abs(exponent) > 20:
+        return text
+    return format(number, "f")

@@ -200,8 +200,10 @@ class SodaClient:
         retry: RetryPolicy | None = None,
         timeout: float = 120.0,
         connect_timeout: float = 10.0,
+        wire: str = "auto",
     ) -> None:
         self.base_url = validate_base_url(base_url)
+        self.wire = check_wire(wire)
         self.retry = retry or RetryPolicy()
         self.limit = AdaptiveLimit(concurrency)
         self.stats = ClientStats()
@@ -352,8 +354,8 @@ class SodaClient:
             raise BadResponse(f"{self.base_url}/api/views/{dataset_id}.json: no columns")
         return doc
 
-    def resource_path(self, dataset_id: str) -> str:
-        return f"/resource/{dataset_id}.json"
+    def resource_path(self, dataset_id: str, fmt: str = "json") -> str:
+        return f"/resource/{dataset_id}.{fmt}"
 
     def scalar(self, dataset_id: str, params: dict[str, str], alias: str) -> str | None:
         """One aggregate value (`count(*) AS n`, `max(...) AS m`); None when the source has none.
@@ -370,6 +372,18 @@ class SodaClient:
 
         value = self.fetch(self.resource_path(dataset_id), params, one_row).get(alias)
         return None if value is None else str(value)
+
+
+WIRES = ("auto", "json", "csv")
+
+
+def check_wire(wire: str) -> str:
+    """How pages of rows are read: `auto` (CSV where it is exact for the dataset, else JSON),
+    `json`, or `csv` (refused for a dataset whose types CSV does not carry exactly)."""
+    wire = wire.lower()
+    if wire not in WIRES:
+        raise UsageError(f"unknown wire format {wire!r}: use auto, json or csv")
+    return wire
 
 
 def parse_json_document(body: bytes) -> Any:

@@ -11,9 +11,9 @@ import orjson
 import pyarrow as pa
 
 from ..datasets import Dataset
-from ..errors import BadResponse, SourceUnavailable
-from ..pages import PageStream, parse_page
-from ..schema import Schema
+from ..errors import BadResponse, SourceUnavailable, UsageError
+from ..pages import CsvPageStream, PageStream, parse_page
+from ..schema import CSV_EXACT_TYPES, Schema
 from ..state import Watermark
 from . import soql
 from .client import SodaClient, parse_json_document
@@ -108,13 +108,28 @@ class DatasetSource:
         so it can go on after the rows already emitted (keyset paging makes that exact).
         """
 
+        csv = self.reads_csv(schema)
+        path = self.client.resource_path(self.dataset.dataset_id, "csv") if csv else self.path
+
         def consume(chunks: Iterator[bytes]) -> int:
-            page = PageStream(schema, emit)
+            page = CsvPageStream(schema, emit) if csv else PageStream(schema, emit)
             for chunk in chunks:
                 page.feed(chunk)
             return page.finish()
 
-        return self.client.stream(self.path, params, consume)
+        return self.client.stream(path, params, consume)
+
+    def reads_csv(self, schema: Schema) -> bool:
+        """Whether pages of rows come as CSV (see `SodaClient.wire`): half the bytes of JSON and
+        several times cheaper to parse, used where CSV carries every column exactly."""
+        wire = self.client.wire
+        if wire == "csv" and not schema.csv_exact:
+            inexact = sorted({c.data_type for c in schema.columns} - CSV_EXACT_TYPES)
+            raise UsageError(
+                f"{self.dataset.name}: --wire csv would not carry its "
+                f"{', '.join(inexact)} columns exactly; use --wire auto or json"
+            )
+        return wire == "csv" or (wire == "auto" and schema.csv_exact)
 
     def page_params(self, *, after: str | None, upper: str | None, limit: int) -> dict[str, str]:
         return soql.page_params(after=after, upper=upper, limit=limit)
