@@ -492,3 +492,25 @@ def test_csv_page_of_only_a_header_is_empty() -> None:
 def test_csv_wire_only_where_exact() -> None:
     assert csv_schema().csv_exact
     assert not schema().csv_exact  # crashes: a legacy location loses its human_address in CSV
+
+
+def test_gzip_bodies_inflate_or_are_refused() -> None:
+    import gzip
+
+    import httpx
+
+    from nyc_collisions.socrata.client import _body
+
+    def body(data: bytes, encoding: str | None = "gzip") -> bytes:
+        headers = {"Content-Encoding": encoding} if encoding else {}
+        response = httpx.Response(200, headers=headers, stream=httpx.ByteStream(data))
+        return b"".join(_body(response))
+
+    page = b'[{"a":"1"}\n]' * 5000
+    packed = gzip.compress(page)
+    assert body(packed) == page
+    assert body(page, None) == page
+    with pytest.raises(BadResponse, match="cut short"):
+        body(packed[: len(packed) // 2])
+    with pytest.raises(BadResponse, match="inflate"):
+        body(packed[:10] + b"\x00" * 50 + packed[60:])

@@ -24,11 +24,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 from urllib.parse import urlencode
 
 import httpx
 import orjson
+from isal import isal_zlib
 
 from .. import __version__
 from ..errors import (
@@ -331,7 +332,7 @@ class SodaClient:
                         self.stats.add(len(body))
                         self._classify(response, body, shown, path)
                     try:
-                        result = consume(counted(response.iter_bytes()))
+                        result = consume(counted(_body(response)))
                     except BadResponse as exc:
                         raise _Retryable("bad body", str(exc)) from None
             except httpx.TimeoutException as exc:
@@ -372,6 +373,28 @@ class SodaClient:
 
         value = self.fetch(self.resource_path(dataset_id), params, one_row).get(alias)
         return None if value is None else str(value)
+
+
+_INFLATE_ERROR = cast("type[Exception]", isal_zlib.error)  # its stubs type it as an instance
+
+
+def _body(response: httpx.Response) -> Iterator[bytes]:
+    """The body as it arrives, un-gzipped with ISA-L (igzip inflates these pages about twice as
+    fast as zlib, which was a tenth of the CPU); other encodings are left to httpx. A gzip
+    stream that stops before its end or does not inflate is a `BadResponse` (fetched again)."""
+    if response.headers.get("content-encoding", "").strip().lower() != "gzip":
+        yield from response.iter_bytes()
+        return
+    inflate = isal_zlib.decompressobj(16 + isal_zlib.MAX_WBITS)
+    try:
+        for raw in response.iter_raw():
+            data = inflate.decompress(raw)
+            if data:
+                yield data
+    except _INFLATE_ERROR as exc:
+        raise BadResponse(f"gzip body does not inflate: {exc}") from None
+    if not inflate.eof:
+        raise BadResponse("gzip body cut short")
 
 
 WIRES = ("auto", "json", "csv")
