@@ -62,6 +62,7 @@ VARIANT_FLAGS = {
     "page_size": "--page-size",
     "format": "--format",
     "file_rows": "--file-rows",
+    "wire": "--wire",
 }
 INSERT_SHARE = 0.8  # of a day's changes; the rest are edits of existing rows
 

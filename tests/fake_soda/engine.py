@@ -382,22 +382,29 @@ def execute(query: Query, snap: Snapshot, rnd: random.Random) -> Page:
 
 def _sorted(snap: Snapshot, slots: np.ndarray, order: tuple[soql.OrderItem, ...]) -> np.ndarray:
     """Stable multi-key sort; nulls last ascending, first descending (PostgreSQL's rule)."""
-    vec_cols = snap.vector_columns()
-    data_fields = [o.column for o in order if o.column.field not in vec_cols]
-    decoded: list[dict[str, Any]] = []
-    if data_fields:
-        decoded = snap.decoded(slots)
-    idx = list(range(len(slots)))
-    for item in reversed(order):
-        col = item.column
-        if col.field in vec_cols:
-            values: list[Any] = vec_cols[col.field][slots].tolist()
-            keys = [(False, v) for v in values]
-        else:
-            typed = [soql.typed(col, d.get(col.field)) for d in decoded]
-            keys = [(v is None, v) for v in typed]
-        idx.sort(key=keys.__getitem__, reverse=item.desc)
-    return slots[np.array(idx, np.int64)] if idx else slots
+    if not len(slots):
+        return slots
+    keys = []
+    for item in reversed(order):  # np.lexsort sorts by its last key first
+        rank = _rank(snap, item.column)[slots]
+        keys.append(-rank if item.desc else rank)
+    return slots[np.lexsort(keys)]
+
+
+def _rank(snap: Snapshot, column: Column) -> np.ndarray:
+    """Every slot's dense rank by `column` (nulls last), computed once per snapshot: ordering a
+    page by a data field then costs a vector sort, not a decode of every row."""
+
+    def compute() -> np.ndarray:
+        vec = snap.vector_columns().get(column.field)
+        if vec is not None:
+            return np.unique(vec, return_inverse=True)[1].astype(np.int64)
+        decoded = snap.decoded(np.arange(len(snap.key)))
+        keys = [(v is None, v) for v in (soql.typed(column, d.get(column.field)) for d in decoded)]
+        index = {k: i for i, k in enumerate(sorted(set(keys)))}
+        return np.fromiter((index[k] for k in keys), np.int64, len(keys))
+
+    return snap.cached(f"rank:{column.field}", compute)
 
 
 def _aggregate(snap: Snapshot, query: Query, scan: _Scan) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -141,6 +141,13 @@ class Snapshot:
                 rank = data.scramble(self.by_id + (1 << 50))  # unrelated to :id and key order
                 self._lazy["shuffle"] = self.by_id[np.argsort(rank, kind="stable")]
             return self._lazy["shuffle"]
+
+    def cached(self, name: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """A value derived from this (immutable) snapshot, computed once."""
+        with self._lazy_lock:
+            if name not in self._lazy:
+                self._lazy[name] = compute()
+            return self._lazy[name]
 
     def by_key(self) -> tuple[np.ndarray, np.ndarray]:
         """(live slots sorted by the unique key, the sorted keys)."""
