@@ -261,3 +261,35 @@ def test_access_denied(soda_ro: FakeSoda, monkeypatch: pytest.MonkeyPatch) -> No
     finally:
         httpx.post(f"{url}/moto-api/reset-auth", content=b"inf")
         server.stop()
+
+
+def test_a_source_that_keeps_failing_says_so_while_it_retries(tmp_path: Path) -> None:
+    """Without -v the first retries are quiet; from the third on each says why the run waits."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nyc_collisions.cli",
+            "backfill",
+            "crashes",
+            "--retries",
+            "5",
+            "--source",
+            f"http://127.0.0.1:{port}",
+            "--dest",
+            str(tmp_path / "l"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NYC_COLLISIONS_RETRY_BASE": "0.01"},
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert [line.split("retry ")[1][:3] for line in lines[:-1]] == ["3/4", "4/4"], done.stderr
+    assert all("ConnectError" in line for line in lines[:-1])
+    assert "gave up after 5 attempts" in lines[-1]

@@ -283,12 +283,15 @@ class SodaClient:
             shown = path + ("?" + urlencode(query) if query else "")
             if last is not None:
                 pause = self.retry.delay(attempt - 1, last.retry_after)
-                logger.info(
-                    "retry %d/%d in %.1fs after %s: %s",
+                # the first retries are routine; from the third on the source is in trouble,
+                # and a user without -v should see why the run is waiting
+                logger.log(
+                    logging.WARNING if attempt >= 3 else logging.INFO,
+                    "retry %d/%d in %.1fs after %s (GET %s)",
                     attempt,
                     self.retry.attempts - 1,
                     pause,
-                    last.cause,
+                    last,
                     shown,
                 )
                 time.sleep(pause)
