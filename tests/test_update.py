@@ -56,14 +56,25 @@ def test_update_sees_late_edits_of_old_rows(soda: FakeSoda, tmp_path: Path) -> N
     exact(soda, dest, "crashes", tmp_path)
 
 
-def test_full_replace_is_a_large_update(soda: FakeSoda, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "4"], ids=["stream", "snapshot"])
+def test_full_replace_is_a_large_update(soda: FakeSoda, tmp_path: Path, workers: str) -> None:
+    """With one worker a full replace comes as one stream of changes; with more, as a fresh
+    snapshot over the partitions (every row changed, so every row is fetched either way)."""
     dest = str(tmp_path / "land")
     land(soda, dest, "persons")
+    soda.edit("f55k-p6yu", 30)
+    assert "landed a fresh snapshot" not in update(soda, dest, "persons", "--workers", workers)
     soda.replace("f55k-p6yu")
-    out = update(soda, dest, "persons", "--file-rows", "1000")
+    soda.delete("f55k-p6yu", 20)
+    out = update(soda, dest, "persons", "--file-rows", "1000", "--workers", workers)
     assert f"updated {len(soda.rows('f55k-p6yu')):,} rows" in out
+    assert ("landed a fresh snapshot over 4 partitions" in out) == (workers == "4")
+    manifest = json.loads((Path(dest) / "persons/manifest.json").read_text())
+    assert manifest["batches"][-1]["kind"] == ("snapshot" if workers == "4" else "update")
+    if workers == "1":  # the stream does not see deletions: reconcile does
+        assert cli("reconcile", "persons", "--source", soda.url, "--dest", dest).code == 0
     exact(soda, dest, "persons", tmp_path)
-    assert "total: 0 rows" in update(soda, dest, "persons")
+    assert "total: 0 rows" in update(soda, dest, "persons", "--workers", workers)
 
 
 def test_update_without_backfill_says_so(soda_ro: FakeSoda, tmp_path: Path) -> None:
@@ -183,6 +194,8 @@ def test_update_killed_mid_run_then_rerun_is_exact(tmp_path: Path) -> None:
                 "100",
                 "--file-rows",
                 "200",
+                "--workers",
+                "1",  # the stream of changes, not a fresh snapshot (that is a backfill's resume)
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -196,5 +209,39 @@ def test_update_killed_mid_run_then_rerun_is_exact(tmp_path: Path) -> None:
         proc.wait(timeout=10)
         res = cli("update", "crashes", "--source", srv.url, "--dest", dest)
         assert res.code == 0, res.text
+        exact(srv, dest, "crashes", tmp_path)
+        assert "total: 0 rows" in update(srv, dest, "crashes")
+
+
+def test_a_refresh_killed_mid_run_resumes_and_is_exact(tmp_path: Path) -> None:
+    """A full replace lands as a fresh snapshot; killed half way, the next update resumes it
+    from its committed files (as a backfill does) and the state is exact."""
+    sizes = {"h9gi-nx95": 3000, "f55k-p6yu": 10, "bm4k-52h4": 10}
+    latency = Latency(base=0.04, per_row=0.0, per_skipped=0.0, max_concurrent=3)
+    with FakeSoda(sizes=sizes, seed=5, latency=latency) as srv:
+        dest = str(tmp_path / "land")
+        land(srv, dest, "crashes")
+        srv.replace("h9gi-nx95")
+        srv.insert("h9gi-nx95", 50)
+        args = ["--source", srv.url, "--dest", dest, "--page-size", "100", "--file-rows", "200"]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nyc_collisions.cli", "update", "crashes", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        runs = Path(dest) / "crashes/runs"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(list(runs.rglob("parts/*"))) < 3:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert list(runs.rglob("parts/*")), "the refresh committed no file before the kill"
+        res = cli("update", "crashes", *args)
+        assert res.code == 0, res.text
+        assert "landed a fresh snapshot" in res.out
+        assert "resumed run " in res.out
+        assert "%" not in res.err  # no progress bar where stderr is not a terminal
+        manifest = json.loads((Path(dest) / "crashes/manifest.json").read_text())
+        assert [b["kind"] for b in manifest["batches"]] == ["snapshot", "snapshot"]
         exact(srv, dest, "crashes", tmp_path)
         assert "total: 0 rows" in update(srv, dest, "crashes")

@@ -111,7 +111,7 @@ def _summary(r: DatasetResult) -> dict[str, Any]:
         "requests": r.requests,
         "seconds": round(r.seconds, 2),
     }
-    for k in ("watermark", "missing", "stale", "vanished", "total_rows"):
+    for k in ("watermark", "missing", "stale", "vanished", "total_rows", "refreshed"):
         if k in r.extra:
             out[k] = r.extra[k]
     return out

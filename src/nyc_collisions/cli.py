@@ -337,6 +337,8 @@ def _print_changes(results: list[DatasetResult], started: float) -> None:
         click.echo(", ".join(parts))
         if r.message:
             click.echo(f"  {r.message}")
+        if r.extra.get("resumed"):
+            click.echo(f"  resumed run {r.extra['resumed']} from its committed files")
     click.echo(
         f"total: {sum(r.rows for r in results):,} rows, execution time "
         f"{time.monotonic() - started:,.1f}s"
@@ -364,6 +366,14 @@ def _print_changes(results: list[DatasetResult], started: float) -> None:
     help="Rows per landed file (each file is committed as it is written).",
 )
 @click.option(
+    "--workers",
+    type=int,
+    default=DEFAULT_WORKERS,
+    show_default=True,
+    help="When most rows changed (a full replace), land a fresh snapshot over this many "
+    "partitions instead of one stream of changes; 1 = always the stream.",
+)
+@click.option(
     "--reconcile",
     "also_reconcile",
     is_flag=True,
@@ -385,6 +395,7 @@ def update_cmd(
     fmt: str | None,
     page_size: int,
     file_rows: int,
+    workers: int,
     also_reconcile: bool,
     max_seconds: float | None,
 ) -> None:
@@ -392,7 +403,9 @@ def update_cmd(
 
     Rows whose (:updated_at, :id) is past the watermark stored at DEST are fetched in that
     order and committed file by file; the watermark moves with each commit. Running it twice
-    lands nothing the second time. Needs a committed backfill.
+    lands nothing the second time. Needs a committed backfill. When more rows changed than half
+    the last snapshot (a publisher's full replace), a fresh snapshot is landed instead, over
+    --workers partitions as a backfill does (a rerun resumes it).
 
     Example: nyc-collisions update --dest s3://nyc-application-collisions/collisions_raw_data
     """
@@ -400,10 +413,17 @@ def update_cmd(
 
     _setup_logging(verbose)
     started = time.monotonic()
-    opts = _opts(page_size=page_size, file_rows=file_rows, max_seconds=max_seconds, started=started)
+    opts = _opts(
+        page_size=page_size,
+        file_rows=file_rows,
+        max_seconds=max_seconds,
+        started=started,
+        workers=workers,
+        progress=sys.stderr.isatty(),
+    )
     storage = open_storage(dest)
     chosen = resolve_many(list(datasets))
-    with _client(source, retries) as client:
+    with _client(source, retries, workers) as client:
         storage.check_writable()
         results = _run_each(
             chosen,
