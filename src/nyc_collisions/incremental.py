@@ -87,6 +87,13 @@ def batch_files(
     )
 
 
+def _changed_after(mark: Watermark, until: str) -> str:
+    """The `$where` of the rows past `mark` up to `until` (what an update fetches)."""
+    return soql.incremental_params(
+        updated_at=mark.updated_at, row_id=mark.row_id, limit=1, until=until
+    )["$where"]
+
+
 class _BatchCommitter:
     """Commits a batch through the manifest file by file (`FileRotation.on_file`)."""
 
@@ -182,13 +189,7 @@ class Update(DatasetJob):
                     empty = 0
                     continue
                 empty += 1
-                left = soql.incremental_params(
-                    updated_at=cursor.updated_at,
-                    row_id=cursor.row_id,
-                    limit=1,
-                    until=until,
-                )["$where"]
-                if self.source.confirm_empty(left, empty):
+                if self.source.confirm_empty(_changed_after(cursor, until), empty):
                     files.commit(done=True)
                     break
         except BaseException:
@@ -210,10 +211,7 @@ class Update(DatasetJob):
         if self.opts.workers < 2:
             return False
         snapshot_rows = landed.manifest.current_batches()[0].rows
-        where = soql.incremental_params(
-            updated_at=watermark.updated_at, row_id=watermark.row_id, limit=1, until=until
-        )["$where"]
-        changed = self.source.count(where)
+        changed = self.source.count(_changed_after(watermark, until))
         if not snapshot_rows or changed <= REFRESH_SHARE * snapshot_rows:
             return False
         result.message = (

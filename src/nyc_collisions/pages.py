@@ -293,6 +293,8 @@ class CsvPageStream:
         self.rows = 0
         self._buf = bytearray()
         self._header: list[str] | None = None
+        self._read = pacsv.ReadOptions()
+        self._convert = pacsv.ConvertOptions()
         self._numbers = [c.name for c in schema.columns if c.data_type == "number"]
 
     def feed(self, chunk: bytes) -> None:
@@ -347,24 +349,24 @@ class CsvPageStream:
                 f"{len(header)} names, {len(set(header))} distinct)"
             )
         self._header = header
+        self._read = pacsv.ReadOptions(column_names=header, use_threads=True)
+        self._convert = pacsv.ConvertOptions(
+            column_types={h: pa.string() for h in header},
+            null_values=[""],
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=False,
+        )
         del self._buf[: end + 1]
         return True
 
     def _parse(self, piece: np.ndarray) -> None:
-        assert self._header is not None
+        self._read.block_size = len(piece) + 1  # one block: the piece is already a few MiB
         try:
             table = pacsv.read_csv(
                 pa.py_buffer(piece),
-                read_options=pacsv.ReadOptions(
-                    column_names=self._header, use_threads=True, block_size=len(piece) + 1
-                ),
-                parse_options=pacsv.ParseOptions(newlines_in_values=True),
-                convert_options=pacsv.ConvertOptions(
-                    column_types={h: pa.string() for h in self._header},
-                    null_values=[""],
-                    strings_can_be_null=True,
-                    quoted_strings_can_be_null=False,
-                ),
+                read_options=self._read,
+                parse_options=_CSV_PARSE,
+                convert_options=self._convert,
             )
         except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
             detail = str(exc).splitlines()[0][:200]
@@ -378,6 +380,9 @@ class CsvPageStream:
         if table.num_rows:
             self.rows += table.num_rows
             self.emit(table)
+
+
+_CSV_PARSE = pacsv.ParseOptions(newlines_in_values=True)
 
 
 def _row_end(buf: bytearray, tries: int = 64) -> int:
