@@ -406,16 +406,86 @@ def test_csv_page_equals_json_page(
     assert table.equals(want)
 
 
-def test_csv_page_cut_anywhere_is_a_prefix_or_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def _landed_csv(body: bytes, chunk: int, pass_through: bool) -> tuple[bytes, int, int]:
+    """What a CSV file holds after a page went through `CsvPageStream` into a `CsvEncoder`,
+    the rows handed on unparsed, and the rows the page counted."""
+    import io
+
+    from nyc_collisions.pages import CsvPageStream, CsvRows
+    from nyc_collisions.sink.formats import CsvEncoder
+
+    out = io.BytesIO()
+    encoder = CsvEncoder(out, csv_schema())
+    unparsed = 0
+    last = ""
+
+    def emit(table: pa.Table) -> None:
+        nonlocal last
+        encoder.write(table)
+        last = table.column("socrata_id")[-1].as_py()
+
+    def emit_rows(rows: CsvRows) -> None:
+        nonlocal unparsed, last
+        encoder.write_rows(rows.data)
+        unparsed += rows.num_rows
+        assert rows.last_id > last  # the last `:id` of the rows, in order
+        last = rows.last_id
+
+    stream = CsvPageStream(csv_schema(), emit, emit_rows if pass_through else None)
+    for i in range(0, len(body), chunk):
+        stream.feed(body[i : i + chunk])
+    n = stream.finish()
+    encoder.close()
+    return out.getvalue(), unparsed, n
+
+
+@settings(max_examples=150, deadline=None)
+@given(_csv_rows, st.booleans(), st.integers(1, 300), st.integers(40, 400))
+def test_csv_page_passed_through_lands_the_bytes_of_the_parsed_page(
+    rows: list[dict[str, str | None]], shuffle: bool, chunk: int, piece: int
+) -> None:
+    """Rows handed on unparsed land exactly the bytes the parsed rows land: pieces with a
+    number in `E` form, and pages whose header is not in the landed order, are parsed."""
+    import nyc_collisions.pages as pages
+
+    rows = sorted({r[":id"]: r for r in rows}.values(), key=lambda r: str(r[":id"]))
+    order = csv_schema().field_names
+    if shuffle:
+        order = order[1:] + order[:1]
+    body = _csv_body(rows, order)
+    old, pages.PIECE_BYTES = pages.PIECE_BYTES, piece
+    try:
+        want, none, n = _landed_csv(body, chunk, pass_through=False)
+        got, unparsed, m = _landed_csv(body, chunk, pass_through=True)
+    finally:
+        pages.PIECE_BYTES = old
+    assert none == 0
+    assert n == m == len(rows)
+    assert got == want
+    if shuffle:
+        assert unparsed == 0
+    elif not any("E" in _csv_cell(r["unique_id"], True) for r in rows) and not any(
+        "E" in _csv_cell(r["collision_id"], True) for r in rows
+    ):
+        assert unparsed == len(rows)
+
+
+@pytest.mark.parametrize("pass_through", [False, True], ids=["parsed", "passed-through"])
+def test_csv_page_cut_anywhere_is_a_prefix_or_an_error(
+    monkeypatch: pytest.MonkeyPatch, pass_through: bool
+) -> None:
     """Cut at every byte: the rows kept are the first rows, and a page reads as whole only
     when the cut fell between two rows (which keyset paging then goes on after)."""
+    import csv
+    import io
+
     import nyc_collisions.pages as pages
 
     monkeypatch.setattr(pages, "PIECE_BYTES", 64)
     rows: list[dict[str, str | None]] = [
         {
             "unique_id": str(i),
-            "collision_id": None if i % 3 else "0.0000001",
+            "collision_id": "0.0000001" if i == 5 else None if i % 3 else str(i),
             "crash_date": "2022-07-03T00:00:00.000",
             "person_type": ['multi\nline "q", x', "", None, "Pedestrian"][i % 4],
             ":id": f"row-{i:03d}",
@@ -427,16 +497,27 @@ def test_csv_page_cut_anywhere_is_a_prefix_or_an_error(monkeypatch: pytest.Monke
     order = csv_schema().field_names
     body = _csv_body(rows, order)
     row_ends = {len(_csv_body(rows[:k], order)) for k in range(len(rows) + 1)}
+    id_column = order.index(":id")
     for cut in range(len(body) + 1):
-        got: list[pa.Table] = []
-        stream = pages.CsvPageStream(csv_schema(), got.append)
+        ids: list[str] = []
+
+        def emit(table: pa.Table, ids: list[str] = ids) -> None:
+            ids.extend(table.column("socrata_id").to_pylist())
+
+        def emit_rows(rows: pages.CsvRows, ids: list[str] = ids) -> None:
+            text = io.StringIO(bytes(rows.data).decode(), newline="")
+            these = [cells[id_column] for cells in csv.reader(text)]
+            assert rows.num_rows == len(these)
+            assert rows.last_id == these[-1]
+            ids.extend(these)
+
+        stream = pages.CsvPageStream(csv_schema(), emit, emit_rows if pass_through else None)
         stream.feed(body[:cut])
         try:
             n = stream.finish()
             whole = True
         except BadResponse:
             whole = False
-        ids = [r["socrata_id"] for t in got for r in t.to_pylist()]
         assert ids == [f"row-{i:03d}" for i in range(len(ids))], cut
         assert whole == (cut in row_ends), cut
         if whole:

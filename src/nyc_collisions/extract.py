@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from .datasets import Dataset
 from .errors import AlreadyLanded, Interrupted, NycCollisionsError, StateError, UsageError
+from .pages import CsvRows
 from .plan import Partition, partition_count, partition_step
 from .schema import Schema
 from .sink.files import FileEntry, FileRotation
@@ -145,13 +146,21 @@ def _run_partition(
         after = table.column("socrata_id")[-1].as_py()
         progress.add(table.num_rows)
 
+    def emit_rows(rows: CsvRows) -> None:
+        nonlocal after
+        files.write(rows)
+        after = rows.last_id
+        progress.add(rows.num_rows)
+
+    # CSV pages go to CSV files unparsed where they can (see `CsvPageStream`)
+    pass_through = emit_rows if opts.fmt == "csv" else None
     empty = 0
     try:
         while True:
             if stop.is_set() or opts.out_of_time():
                 files.commit(done=False)
                 return files
-            if source.stream_rows(schema, params, emit) > 0:
+            if source.stream_rows(schema, params, emit, pass_through) > 0:
                 empty = 0
                 continue
             empty += 1

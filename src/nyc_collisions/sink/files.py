@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from ..pages import CsvRows
 from ..schema import Schema
-from .formats import Encoder, encoder
+from .formats import CsvEncoder, Encoder, encoder
 from .storage import Storage, Writer
 
 logger = logging.getLogger(__name__)
@@ -56,17 +57,25 @@ class FileRotation:
         self.landed_bytes = 0
         self.files = 0
 
-    def write(self, table: pa.Table) -> None:
-        if table.num_rows == 0:
+    def write(self, rows: pa.Table | CsvRows) -> None:
+        """Append a text table, or CSV rows passed through from the source (CSV files only;
+        `last_row` then holds only their last `socrata_id`)."""
+        if rows.num_rows == 0:
             return
         if self._writer is None:
             self._path = self.path_for(self.seq)
             self._writer = self.storage.open_writer(self._path)
             self._enc = encoder(self.fmt, self._writer, self.schema)
         assert self._enc is not None
-        self._enc.write(table)
-        self._rows += table.num_rows
-        self.last_row = table.slice(table.num_rows - 1)
+        if isinstance(rows, CsvRows):
+            if not isinstance(self._enc, CsvEncoder):
+                raise TypeError(f"CSV rows cannot go into a {self.fmt} file")
+            self._enc.write_rows(rows.data)
+            self.last_row = pa.table({"socrata_id": pa.array([rows.last_id], pa.string())})
+        else:
+            self._enc.write(rows)
+            self.last_row = rows.slice(rows.num_rows - 1)
+        self._rows += rows.num_rows
         if self._rows >= self.file_rows:
             self.commit(done=False)
 

@@ -36,12 +36,19 @@ class Encoder(Protocol):
 class CsvEncoder:
     def __init__(self, writer: Writer | IO[bytes], schema: Schema) -> None:
         self._schema = schema
+        self._writer = writer
+        # Arrow writes the header now and each table as it is given, so rows written as
+        # bytes (`write_rows`) keep their place among them.
         self._csv = pacsv.CSVWriter(
             writer, schema.text_schema(), write_options=pacsv.WriteOptions(include_header=True)
         )
 
     def write(self, table: pa.Table) -> None:
         self._csv.write_table(table)
+
+    def write_rows(self, data: memoryview) -> None:
+        """Whole rows already written in this format (a CSV page passed through)."""
+        self._writer.write(data)
 
     def close(self) -> None:
         self._csv.close()

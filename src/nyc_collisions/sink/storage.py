@@ -38,7 +38,7 @@ MIN_FREE_BYTES = 64 * 1024 * 1024
 class Writer(Protocol):
     """A binary, write-only file whose content becomes visible at `close()`."""
 
-    def write(self, data: bytes) -> int: ...
+    def write(self, data: bytes | memoryview) -> int: ...
     def close(self) -> None: ...
     def abort(self) -> None: ...
     @property
@@ -99,7 +99,7 @@ class _LocalWriter:
         self.bytes_written = 0
         self.closed = False
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | memoryview) -> int:
         try:
             n = self._file.write(data)
         except OSError as exc:
@@ -299,7 +299,7 @@ class _S3Writer:
         self.bytes_written = 0
         self.closed = False
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | memoryview) -> int:
         self._buffer.write(data)
         self.bytes_written += len(data)
         if self._buffer.tell() >= PART_SIZE:

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from ..datasets import Dataset
 from ..errors import BadResponse, SourceUnavailable, UsageError
-from ..pages import CsvPageStream, PageStream, parse_page
+from ..pages import CsvPageStream, CsvRows, PageStream, parse_page
 from ..schema import CSV_EXACT_TYPES, Schema
 from ..state import Watermark
 from . import soql
@@ -101,18 +101,21 @@ class DatasetSource:
         schema: Schema,
         params: Callable[[], dict[str, str]],
         emit: Callable[[pa.Table], None],
+        emit_rows: Callable[[CsvRows], None] | None = None,
     ) -> int:
         """One page of full rows, handed to `emit` a few MiB at a time as it arrives.
 
         Returns the rows of the attempt that completed. `params` is asked again before a retry,
-        so it can go on after the rows already emitted (keyset paging makes that exact).
+        so it can go on after the rows already emitted (keyset paging makes that exact). A caller
+        that lands CSV may pass `emit_rows`: CSV pages whose rows the landed file can take as they
+        are then come to it as `CsvRows`, unparsed (see `CsvPageStream`).
         """
 
         csv = self.reads_csv(schema)
         path = self.client.resource_path(self.dataset.dataset_id, "csv") if csv else self.path
 
         def consume(chunks: Iterator[bytes]) -> int:
-            page = CsvPageStream(schema, emit) if csv else PageStream(schema, emit)
+            page = CsvPageStream(schema, emit, emit_rows) if csv else PageStream(schema, emit)
             for chunk in chunks:
                 page.feed(chunk)
             return page.finish()
