@@ -547,6 +547,28 @@ def test_csv_page_rejects_what_is_not_a_page(body: bytes, error: type[Exception]
         read_all()
 
 
+@pytest.mark.parametrize("pass_through", [False, True], ids=["parsed", "passed-through"])
+def test_csv_page_that_is_not_utf8_is_refetched(pass_through: bool) -> None:
+    """A byte that is not UTF-8 in any cell makes the page a `BadResponse` (fetched again),
+    whether its rows are parsed or passed through (where only `:id` and numbers are read)."""
+    from nyc_collisions.pages import CsvPageStream
+
+    rows: list[dict[str, str | None]] = [
+        {"unique_id": str(i), "person_type": "Occupant", ":id": f"row-{i}"} for i in range(3)
+    ]
+    body = _csv_body(rows, csv_schema().field_names).replace(b"Occupant", b"Occ\xffpant", 1)
+    handed: list[object] = []
+
+    def read_all() -> None:
+        stream = CsvPageStream(csv_schema(), handed.append, handed.append if pass_through else None)
+        stream.feed(body)
+        stream.finish()
+
+    with pytest.raises(BadResponse, match="not whole CSV"):
+        read_all()
+    assert handed == []
+
+
 def test_csv_page_skips_computed_regions_as_json_pages_do() -> None:
     from nyc_collisions.pages import CsvPageStream
 
