@@ -281,7 +281,11 @@ class CsvRows:
 
     data: memoryview
     num_rows: int
-    last_id: str
+    last: pa.Table  # the last row's `socrata_id` (the only column read)
+
+    @property
+    def last_id(self) -> str:
+        return str(self.last.column(0)[0].as_py())
 
 
 class CsvPageStream:
@@ -434,7 +438,8 @@ class CsvPageStream:
         assert self.emit_rows is not None
         logger.debug("%d CSV rows passed through unparsed", checked.num_rows)
         self.rows += checked.num_rows
-        self.emit_rows(CsvRows(piece.data, checked.num_rows, ids[-1].as_py()))
+        last = pa.Table.from_arrays([ids.slice(len(ids) - 1)], names=["socrata_id"])
+        self.emit_rows(CsvRows(piece.data, checked.num_rows, last))
         return True
 
     def _parse(self, piece: np.ndarray) -> None:

@@ -71,7 +71,7 @@ class FileRotation:
             if not isinstance(self._enc, CsvEncoder):
                 raise TypeError(f"CSV rows cannot go into a {self.fmt} file")
             self._enc.write_rows(rows.data)
-            self.last_row = pa.table({"socrata_id": pa.array([rows.last_id], pa.string())})
+            self.last_row = rows.last
         else:
             self._enc.write(rows)
             self.last_row = rows.slice(rows.num_rows - 1)
