@@ -303,7 +303,7 @@ class CsvPageStream:
     so a cut inside a row leaves a line without its `\n`, an open quote or too few cells.
 
     Given `emit_rows`, rows whose header is the landed columns in the landed order (as
-    `soql.SELECT_CSV` asks for) skip the parse: a piece is checked (whole rows with every cell, an
+    `soql.SELECT_ALL` asks for) skip the parse: a piece is checked (whole rows with every cell, an
     `:id` each, valid UTF-8, no number in `E` form) and handed on as `CsvRows`, bytes the landed
     CSV file takes as they are. Anything else is parsed into a table and handed to `emit`.
     """
