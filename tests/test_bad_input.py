@@ -84,6 +84,7 @@ def test_unknown_dataset_id_is_404(soda_ro: FakeSoda, tmp_path: Path) -> None:
     assert res.code == 1
     one_line_error(res.err, "zzzz-9999", "404")
     nothing_committed(tmp_path / "l")
+    assert not (tmp_path / "l").exists()  # the run made the folder, landed nothing, removed it
 
 
 def test_invalid_token(soda_ro: FakeSoda, tmp_path: Path) -> None:
@@ -118,6 +119,15 @@ def test_unreachable_source(tmp_path: Path) -> None:
     )
     assert res.code == 1
     one_line_error(res.err, "gave up after 2 attempts")
+    assert not (tmp_path / "l").exists()
+    kept = tmp_path / "kept"  # a folder the user made is kept
+    kept.mkdir()
+    res = cli(
+        "update", "--retries", "1", "--source", f"http://127.0.0.1:{port}", "--dest", str(kept)
+    )
+    assert res.code == 1
+    assert kept.is_dir()
+    assert not list(kept.rglob("*.*"))  # no file in it
 
 
 def test_html_instead_of_json(soda: FakeSoda, tmp_path: Path) -> None:

@@ -425,12 +425,16 @@ def update_cmd(
     chosen = resolve_many(list(datasets))
     with _client(source, retries, workers) as client:
         storage.check_writable()
-        results = _run_each(
-            chosen,
-            lambda ds, stop: Update(client, storage, ds, opts, fmt.lower() if fmt else None).run(
-                stop
-            ),
-        )
+        try:
+            results = _run_each(
+                chosen,
+                lambda ds, stop: Update(
+                    client, storage, ds, opts, fmt.lower() if fmt else None
+                ).run(stop),
+            )
+        except BaseException:
+            storage.discard_if_empty()
+            raise
         if also_reconcile and not any(r.status == "stopped" for r in results):
             results += _run_each(
                 chosen, lambda ds, stop: Reconcile(client, storage, ds, opts).run(stop)

@@ -491,6 +491,20 @@ def backfill(
 ) -> list[DatasetResult]:
     """Backfill each dataset in turn; a dataset already landed is skipped with a message."""
     storage.check_writable()
+    try:
+        return _backfill_each(client, storage, datasets, opts, on_result)
+    except BaseException:
+        storage.discard_if_empty()
+        raise
+
+
+def _backfill_each(
+    client: SodaClient,
+    storage: Storage,
+    datasets: list[Dataset],
+    opts: RunOptions,
+    on_result: Callable[[DatasetResult], None] | None,
+) -> list[DatasetResult]:
     stop = threading.Event()
     results = []
     for ds in datasets:

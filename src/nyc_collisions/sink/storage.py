@@ -58,6 +58,7 @@ class Storage(Protocol):
     def delete(self, keys: list[str]) -> None: ...
     def check_writable(self) -> None: ...
     def cleanup_uploads(self, prefix: str) -> int: ...
+    def discard_if_empty(self) -> None: ...
 
 
 def open_storage(dest: str) -> Storage:
@@ -136,6 +137,7 @@ class LocalStorage:
     def __init__(self, root: Path) -> None:
         self.root = root.expanduser()
         self.url = str(self.root)
+        self._created_root = False
 
     def _path(self, key: str) -> Path:
         return self.root / key
@@ -195,6 +197,7 @@ class LocalStorage:
         if self.root.exists() and not self.root.is_dir():
             raise DestinationError(f"{self.root}: exists and is not a folder")
         probe = self.root / f".write-test-{uuid.uuid4().hex[:8]}"
+        self._created_root = self._created_root or not self.root.exists()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe.write_bytes(b"ok")
@@ -204,6 +207,18 @@ class LocalStorage:
         free = shutil.disk_usage(self.root).free
         if free < MIN_FREE_BYTES:
             raise DestinationError(f"{self.root}: only {free // 1024} KiB free on the disk")
+
+    def discard_if_empty(self) -> None:
+        """Remove the destination folder again if this run created it and it holds no file (a
+        run that failed before landing anything leaves nothing behind; its lock's folders are
+        empty once the lock is released)."""
+        if not self._created_root or not self.root.is_dir():
+            return
+        for dirpath, _dirs, files in os.walk(self.root, topdown=False):
+            if files:
+                return
+            with contextlib.suppress(OSError):
+                Path(dirpath).rmdir()
 
     def cleanup_uploads(self, prefix: str) -> int:
         """Remove temporary files left by killed runs."""
@@ -482,6 +497,9 @@ class S3Storage:
         probe = f".write-test-{uuid.uuid4().hex[:8]}"
         self.put_bytes(probe, b"ok")
         self.delete([probe])
+
+    def discard_if_empty(self) -> None:
+        """Nothing to do: S3 has no folders, only the objects a run wrote and deleted."""
 
     def cleanup_uploads(self, prefix: str) -> int:
         """Abort multipart uploads left by killed runs below `prefix` (they are never read)."""
