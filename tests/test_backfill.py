@@ -250,3 +250,4 @@ def test_wire_csv_is_refused_where_it_would_lose_data(soda_ro: FakeSoda, tmp_pat
     assert "--wire csv" in lines[0]
     assert "location" in lines[0]
     assert not (dest / "crashes" / "manifest.json").exists()
+    assert not dest.exists()  # refused before any plan was written

@@ -42,7 +42,9 @@ class DatasetSource:
         return self._metadata
 
     def schema(self) -> Schema:
-        return Schema.from_metadata(self.dataset, self.metadata())
+        schema = Schema.from_metadata(self.dataset, self.metadata())
+        self.reads_csv(schema)  # a --wire the dataset cannot take fails now, before any write
+        return schema
 
     def count(self, where: str | None = None) -> int:
         value = self.client.scalar(self.dataset.dataset_id, soql.count_params(where), "n")
