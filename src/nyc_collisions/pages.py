@@ -94,8 +94,9 @@ def parse_rows_fast(rows: np.ndarray, schema: Schema) -> pa.Table | None:
         return schema.text_schema().empty_table()
     # `\n,{` -> `\n {`: a raw newline never occurs inside a JSON string, so this only touches
     # the separators between rows.
-    commas = np.flatnonzero(rows[1:] == ord(","))
-    commas = commas[rows[commas] == ord("\n")] + 1
+    # Searched from the newlines (one a row) rather than the commas (one a field): 3x cheaper.
+    starts = np.flatnonzero(rows[:-1] == ord("\n")) + 1
+    commas = starts[rows[starts] == ord(",")]
     rows[commas] = ord(" ")
     table = _read_ndjson(rows, read_schema)
     out = None if table is None else _text_table(table, schema)
@@ -212,6 +213,17 @@ def _unknown_fields(rows: list[dict[str, Any]], fields: list[str]) -> set[str]:
 PIECE_BYTES = 4 << 20
 
 
+def _split(buf: bytearray, cut: int, skip: int) -> tuple[np.ndarray, bytearray]:
+    """`buf[:cut]` as a writable array over `buf` itself, and `buf[cut + skip:]` as a new buffer.
+
+    The piece keeps the bytes where they arrived: only the few bytes after the cut are copied
+    (copying the piece out instead cost a copy of every byte into freshly faulted memory).
+    """
+    rest = buf[cut + skip :]
+    del buf[cut:]
+    return np.frombuffer(buf, np.uint8), rest
+
+
 class PageStream:
     """Parses a page while it streams in, a few MiB of whole rows at a time.
 
@@ -244,21 +256,21 @@ class PageStream:
         if len(self._buf) >= PIECE_BYTES:
             cut = self._buf.rfind(b"\n,")
             if cut > 0:
-                piece = np.frombuffer(self._buf, np.uint8, count=cut).copy()
-                del self._buf[: cut + 2]
+                piece, self._buf = _split(self._buf, cut, 2)
                 self._parse(piece)
 
     def finish(self) -> int:
         """The end of the body: parse what is left; returns the rows of the whole page."""
         if not self._started:
             raise BadResponse("page body is empty")
-        tail = bytes(self._buf).rstrip()
-        if not tail.endswith(b"]"):
+        end = self._buf.rfind(b"]")
+        if end < 0 or self._buf[end + 1 :].strip():
             raise BadResponse(f"page cut short after {self.rows} rows")
-        tail = tail[:-1].rstrip()
-        self._buf.clear()
-        if tail:
-            self._parse(np.frombuffer(tail, np.uint8).copy())
+        while end and self._buf[end - 1] in b" \t\r\n":
+            end -= 1
+        tail, self._buf = _split(self._buf, end, len(self._buf))
+        if tail.size:
+            self._parse(tail)
         return self.rows
 
     def _parse(self, piece: np.ndarray) -> None:
@@ -336,8 +348,7 @@ class CsvPageStream:
         if len(self._buf) >= PIECE_BYTES:
             cut = _row_end(self._buf)
             if cut > 0:
-                piece = np.frombuffer(self._buf, np.uint8, count=cut + 1).copy()
-                del self._buf[: cut + 1]
+                piece, self._buf = _split(self._buf, cut + 1, 0)
                 self._parse(piece)
 
     def finish(self) -> int:
@@ -347,8 +358,7 @@ class CsvPageStream:
         if self._buf:
             if not self._buf.endswith(b"\n"):
                 raise BadResponse(f"page cut short after {self.rows} rows")
-            piece = np.frombuffer(self._buf, np.uint8).copy()
-            self._buf.clear()
+            piece, self._buf = _split(self._buf, len(self._buf), 0)
             self._parse(piece)
         return self.rows
 
