@@ -23,12 +23,20 @@ from typing import Any, Literal
 
 import numpy as np
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
 
 from . import soql
 from .schema import (
+    FIXED,
+    FLOATING,
     LOCATION,
     NUMBER,
     POINT,
+    ROW_ID,
+    ROW_VERSION,
     SYSTEM_COLUMNS,
     SYSTEM_FIELDS,
     TEXT,
@@ -38,6 +46,7 @@ from .schema import (
 from .store import Snapshot, fixed_text
 
 BLOCK = 65_536
+ARROW_CSV_ROWS = 20_000  # rows the Arrow CSV renderer writes at once
 DEFAULT_LIMIT = 1000
 _UNSUPPORTED = ("$query", "$q", "$group", "$having", "$search")
 
@@ -485,6 +494,10 @@ class Renderer:
             )
             for i in self.items
         )
+        # CSV rendered by Arrow when every cell is a JSON string as stored (see `_csv_arrow`)
+        self.csv_fast = self.fast and all(c.soda_type in _ARROW_CSV_TYPES for c in columns)
+        self._data_schema = pa.schema([pa.field(c.field, pa.string()) for c in snap.schema.columns])
+        self._csv_block: tuple[int, list[bytes]] = (0, [])
 
     def json_rows(self, page: Page, a: int, b: int) -> list[bytes]:
         if page.objects is not None:
@@ -539,6 +552,15 @@ class Renderer:
         return (",".join(_csv_cell(c.key, TEXT) for c in self.columns) + "\n").encode()
 
     def csv_rows(self, page: Page, a: int, b: int) -> list[bytes]:
+        if page.objects is None and self.csv_fast:
+            assert page.slots is not None
+            lo, cached = self._csv_block
+            if not lo <= a < b <= lo + len(cached):
+                # Arrow renders a block of rows at once; its lines are then sent in writes
+                lo, cached = a, self._csv_arrow(page.slots[a : a + ARROW_CSV_ROWS]) or []
+                self._csv_block = lo, cached
+            if lo <= a < b <= lo + len(cached):
+                return cached[a - lo : b - lo]
         if page.objects is not None:
             objects = page.objects[a:b]
         else:
@@ -557,10 +579,79 @@ class Renderer:
             lines.append((",".join(cells) + "\n").encode())
         return lines
 
+    def _csv_arrow(self, slots: np.ndarray) -> list[bytes] | None:
+        """The rows' CSV lines written by Arrow, byte for byte what `_csv_cell` writes (every
+        value quoted, `"` doubled, null empty), several times cheaper than in Python: the stored
+        JSON is read by Arrow's JSON reader, system fields come from their arrays. None (the
+        Python renderer is used) when a stored value is not a JSON string or a field unknown."""
+        if not len(slots):
+            return []
+        body = b"{" + b"}\n{".join(self.snap.inners(slots)) + b"}\n"
+        try:
+            stored = pajson.read_json(
+                pa.BufferReader(body),
+                read_options=pajson.ReadOptions(use_threads=False, block_size=len(body) + 1),
+                parse_options=pajson.ParseOptions(
+                    explicit_schema=self._data_schema, unexpected_field_behavior="error"
+                ),
+            )
+        except pa.ArrowInvalid:
+            return None
+        arrays = []
+        for c in self.columns:
+            if c.key in SYSTEM_FIELDS or c.key not in stored.column_names:
+                values = pa.array(self._system_texts(c.key, slots), pa.string())
+            else:
+                values = stored.column(c.key).combine_chunks()
+            if c.soda_type == NUMBER:
+                values = _big_decimal_texts(values)
+            arrays.append(values)
+        table = pa.Table.from_arrays(arrays, names=[f"c{i}" for i in range(len(arrays))])
+        sink = pa.BufferOutputStream()
+        pacsv.write_csv(
+            table,
+            sink,
+            write_options=pacsv.WriteOptions(include_header=False, quoting_style="all_valid"),
+        )
+        out = sink.getvalue().to_pybytes()
+        # each line's length: a quoted value is its bytes, its doubled quotes and two more
+        lengths = np.full(len(slots), len(arrays), np.int64)  # the commas and the newline
+        for values in arrays:
+            cell = pc.add(pc.binary_length(values), pc.count_substring(values, '"'))
+            lengths += pc.fill_null(pc.add(cell, 2), 0).to_numpy().astype(np.int64)
+        ends = np.cumsum(lengths)
+        if ends[-1] != len(out):
+            return None
+        return [out[a:b] for a, b in zip([0, *ends[:-1].tolist()], ends.tolist(), strict=True)]
+
+    def _system_texts(self, field: str, slots: np.ndarray) -> list[str]:
+        snap = self.snap
+        if field in (":created_at", ":updated_at"):
+            arr = snap.created if field == ":created_at" else snap.updated
+            return [fixed_text(us) for us in arr[slots].tolist()]
+        if field in (":id", ":version"):
+            values = (snap.sid if field == ":id" else snap.version)[slots].tolist()
+            return [v.decode() for v in values]
+        return [str(k) for k in snap.key[slots].tolist()]
+
 
 def _tiny(number: str) -> bool:
     """Whether Java's BigDecimal.toString writes this plain number with an exponent."""
     return number.lstrip("-").startswith("0.000000")
+
+
+_ARROW_CSV_TYPES = frozenset({TEXT, NUMBER, FLOATING, FIXED, ROW_ID, ROW_VERSION})
+
+
+def _big_decimal_texts(values: pa.Array) -> pa.Array:
+    """Numbers as `BigDecimal.toString` writes them (`1E-7`): only tiny ones differ (rare)."""
+    tiny = pc.match_substring_regex(values, r"^-?0\.000000")
+    if not pc.any(tiny).as_py():
+        return values
+    texts = values.to_pylist()
+    for i in np.flatnonzero(pc.fill_null(tiny, False).to_numpy(zero_copy_only=False)):
+        texts[i] = str(Decimal(texts[i]))
+    return pa.array(texts, pa.string())
 
 
 def _csv_cell(value: Any, soda_type: str) -> str:
