@@ -899,6 +899,7 @@ def test_csv_written_by_arrow_is_the_python_renderers_byte_for_byte(
     """The server's Arrow CSV path (fast enough not to bound a CSV benchmark) against its
     cell-by-cell Python renderer, on generated rows and on rows with quotes, newlines, empty
     strings, non-ASCII text and numbers that `BigDecimal.toString` writes as `1E-7`."""
+    import random
     from dataclasses import replace
 
     import numpy as np
@@ -923,7 +924,7 @@ def test_csv_written_by_arrow_is_the_python_renderers_byte_for_byte(
         patched[slot] = orjson.dumps(row)[1:-1]
     snap = replace(snap, patched=patched)
     query = parse_query([("$select", select), ("$order", ":id"), ("$limit", "1000")], snap.schema)
-    page = execute(query, snap, __import__("random").Random(1))
+    page = execute(query, snap, random.Random(1))
     renderer = Renderer(snap, query, page.columns)
     assert renderer.csv_fast
     assert page.slots is not None
@@ -933,3 +934,33 @@ def test_csv_written_by_arrow_is_the_python_renderers_byte_for_byte(
     assert len(slow) == len(page) > 400
     assert fast == slow
     assert any(b"1E-7" in line for line in slow) == (select != ":id,unique_id")
+
+
+def test_csv_of_a_value_arrow_cannot_take_falls_back_to_the_python_renderer() -> None:
+    """A stored value that is not a JSON string (Arrow's reader refuses it) makes the server
+    write the page cell by cell, the same bytes as ever."""
+    import random
+    from dataclasses import replace
+
+    import numpy as np
+    import orjson
+
+    from tests.fake_soda.engine import Renderer, execute, parse_query
+    from tests.fake_soda.store import Registry
+
+    snap = Registry({CRASHES: 100, PERSONS: 300, VEHICLES: 10, GENERIC: 10}, seed=3).snapshot(
+        PERSONS
+    )
+    row = orjson.loads(b"{" + bytes(snap.inners(np.array([5]))[0]) + b"}")
+    row["person_age"] = 41  # a JSON number, not a string
+    snap = replace(snap, patched={**snap.patched, 5: orjson.dumps(row)[1:-1]})
+    params = [("$select", "*,:id"), ("$order", ":id"), ("$limit", "1000")]
+    query = parse_query(params, snap.schema)
+    page = execute(query, snap, random.Random(1))
+    renderer = Renderer(snap, query, page.columns)
+    lines = [line for a in range(0, len(page), 100) for line in renderer.csv_rows(page, a, a + 100)]
+    assert not renderer.csv_fast  # Arrow gave up on the page
+    python = Renderer(snap, query, page.columns)
+    python.csv_fast = False
+    assert lines == python.csv_rows(page, 0, len(page))
+    assert len(lines) == len(page) == 300

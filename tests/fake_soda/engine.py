@@ -557,8 +557,10 @@ class Renderer:
             lo, cached = self._csv_block
             if not lo <= a < b <= lo + len(cached):
                 # Arrow renders a block of rows at once; its lines are then sent in writes
-                lo, cached = a, self._csv_arrow(page.slots[a : a + ARROW_CSV_ROWS]) or []
+                lines = self._csv_arrow(page.slots[a : a + ARROW_CSV_ROWS])
+                lo, cached = a, lines or []
                 self._csv_block = lo, cached
+                self.csv_fast = lines is not None  # else the rest of the page cell by cell
             if lo <= a < b <= lo + len(cached):
                 return cached[a - lo : b - lo]
         if page.objects is not None:
