@@ -891,14 +891,10 @@ def test_subprocess_mode_and_admin_client(tmp_path: Path) -> None:
     assert proc.returncode == 0
 
 
-@pytest.mark.parametrize("dataset", [PERSONS, VEHICLES])
-@pytest.mark.parametrize("select", ["*,:id,:created_at,:updated_at", ":*,*", ":id,unique_id"])
-def test_csv_written_by_arrow_is_the_python_renderers_byte_for_byte(
-    dataset: str, select: str
-) -> None:
-    """The server's Arrow CSV path (fast enough not to bound a CSV benchmark) against its
-    cell-by-cell Python renderer, on generated rows and on rows with quotes, newlines, empty
-    strings, non-ASCII text and numbers that `BigDecimal.toString` writes as `1E-7`."""
+def _rendered(
+    dataset: str, n: int, select: str, patch: dict[int, dict[str, Any]]
+) -> tuple[Any, Any]:
+    """A page of `n` generated rows (some fields replaced per slot) and the server's renderer."""
     import random
     from dataclasses import replace
 
@@ -908,24 +904,38 @@ def test_csv_written_by_arrow_is_the_python_renderers_byte_for_byte(
     from tests.fake_soda.engine import Renderer, execute, parse_query
     from tests.fake_soda.store import Registry
 
-    registry = Registry({CRASHES: 200, PERSONS: 600, VEHICLES: 500, GENERIC: 10}, seed=7)
-    snap = registry.snapshot(dataset)
-    text = next(c.field for c in snap.schema.columns if c.soda_type == "text")
-    number = next(
-        c.field for c in snap.schema.columns if c.soda_type == "number" and c.field != "unique_id"
-    )
-    tricky = ['say "hi", then\nleave', "", "  ÉLAN — 東京 ", '"', "a\r\nb"]
-    tiny = ["0.0000001", "-0.00000010", "0.000001", "12"]
+    sizes = {CRASHES: 200, PERSONS: 10, VEHICLES: 10, GENERIC: 10} | {dataset: n}
+    snap = Registry(sizes, seed=7).snapshot(dataset)
     patched = dict(snap.patched)
-    for slot in range(0, 40, 2):
+    for slot, fields in patch.items():
         row = orjson.loads(b"{" + bytes(snap.inners(np.array([slot]))[0]) + b"}")
-        row[text] = tricky[slot % len(tricky)]
-        row[number] = tiny[slot % len(tiny)]
-        patched[slot] = orjson.dumps(row)[1:-1]
+        patched[slot] = orjson.dumps(row | fields)[1:-1]
     snap = replace(snap, patched=patched)
     query = parse_query([("$select", select), ("$order", ":id"), ("$limit", "1000")], snap.schema)
     page = execute(query, snap, random.Random(1))
-    renderer = Renderer(snap, query, page.columns)
+    return page, Renderer(snap, query, page.columns)
+
+
+@pytest.mark.parametrize("dataset", [PERSONS, VEHICLES])
+@pytest.mark.parametrize("select", ["*,:id,:created_at,:updated_at", ":*,*", ":id,unique_id"])
+def test_csv_written_by_arrow_is_the_python_renderers_byte_for_byte(
+    dataset: str, select: str
+) -> None:
+    """The server's Arrow CSV path (fast enough not to bound a CSV benchmark) against its
+    cell-by-cell Python renderer, on generated rows and on rows with quotes, newlines, empty
+    strings, non-ASCII text and numbers that `BigDecimal.toString` writes as `1E-7`."""
+    from tests.fake_soda.schema import SCHEMAS
+
+    columns = SCHEMAS[dataset].columns
+    text = next(c.field for c in columns if c.soda_type == "text")
+    number = next(c.field for c in columns if c.soda_type == "number" and c.field != "unique_id")
+    tricky = ['say "hi", then\nleave', "", "  ÉLAN — 東京 ", '"', "a\r\nb"]
+    tiny = ["0.0000001", "-0.00000010", "0.000001", "12"]
+    patch = {
+        slot: {text: tricky[slot % len(tricky)], number: tiny[slot % len(tiny)]}
+        for slot in range(0, 40, 2)
+    }
+    page, renderer = _rendered(dataset, 500, select, patch)
     assert renderer.csv_fast
     assert page.slots is not None
     fast = renderer._csv_arrow(page.slots)  # None would mean the Python renderer is used
@@ -939,28 +949,10 @@ def test_csv_written_by_arrow_is_the_python_renderers_byte_for_byte(
 def test_csv_of_a_value_arrow_cannot_take_falls_back_to_the_python_renderer() -> None:
     """A stored value that is not a JSON string (Arrow's reader refuses it) makes the server
     write the page cell by cell, the same bytes as ever."""
-    import random
-    from dataclasses import replace
-
-    import numpy as np
-    import orjson
-
-    from tests.fake_soda.engine import Renderer, execute, parse_query
-    from tests.fake_soda.store import Registry
-
-    snap = Registry({CRASHES: 100, PERSONS: 300, VEHICLES: 10, GENERIC: 10}, seed=3).snapshot(
-        PERSONS
-    )
-    row = orjson.loads(b"{" + bytes(snap.inners(np.array([5]))[0]) + b"}")
-    row["person_age"] = 41  # a JSON number, not a string
-    snap = replace(snap, patched={**snap.patched, 5: orjson.dumps(row)[1:-1]})
-    params = [("$select", "*,:id"), ("$order", ":id"), ("$limit", "1000")]
-    query = parse_query(params, snap.schema)
-    page = execute(query, snap, random.Random(1))
-    renderer = Renderer(snap, query, page.columns)
+    page, renderer = _rendered(PERSONS, 300, "*,:id", {5: {"person_age": 41}})  # a JSON number
     lines = [line for a in range(0, len(page), 100) for line in renderer.csv_rows(page, a, a + 100)]
     assert not renderer.csv_fast  # Arrow gave up on the page
-    python = Renderer(snap, query, page.columns)
+    _, python = _rendered(PERSONS, 300, "*,:id", {5: {"person_age": 41}})
     python.csv_fast = False
     assert lines == python.csv_rows(page, 0, len(page))
     assert len(lines) == len(page) == 300

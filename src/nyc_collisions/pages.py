@@ -30,7 +30,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 
 from .errors import BadResponse, SchemaError
-from .schema import Schema
+from .schema import Schema, csv_text_options
 
 logger = logging.getLogger(__name__)
 
@@ -392,12 +392,7 @@ class CsvPageStream:
             )
         self._header = header
         self._read = pacsv.ReadOptions(column_names=header, use_threads=True)
-        self._convert = pacsv.ConvertOptions(
-            column_types={h: pa.string() for h in header},
-            null_values=[""],
-            strings_can_be_null=True,
-            quoted_strings_can_be_null=False,
-        )
+        self._convert = csv_text_options(header)
         # The rows can go to the landed file as they are when their columns are the landed ones
         # in the landed order and their lines end in `\n` as the landed file's do.
         self._pass_through = (
@@ -405,13 +400,7 @@ class CsvPageStream:
             and header == self.schema.field_names
             and not self._buf[:end].endswith(b"\r")
         )
-        self._check = pacsv.ConvertOptions(
-            column_types={h: pa.string() for h in (":id", *self._number_fields)},
-            null_values=[""],
-            strings_can_be_null=True,
-            quoted_strings_can_be_null=False,
-            include_columns=[":id", *self._number_fields],
-        )
+        self._check = csv_text_options(header, [":id", *self._number_fields])
         del self._buf[: end + 1]
         return True
 

@@ -8,11 +8,13 @@ types the metadata names.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 
 from .datasets import SYSTEM_FIELDS, Dataset, landed_name
 from .errors import BadResponse, SchemaError
@@ -28,6 +30,20 @@ def use_lean_memory_pool() -> None:
         pa.set_memory_pool(pa.jemalloc_memory_pool())
     except NotImplementedError:  # a pyarrow built without jemalloc
         pa.set_memory_pool(pa.system_memory_pool())
+
+
+def csv_text_options(
+    names: Sequence[str], include: Sequence[str] | None = None
+) -> pacsv.ConvertOptions:
+    """How CSV written the landed way (and Socrata's way) reads back as a text table: every
+    column text, an empty unquoted field null, `""` an empty string; only `include`, if given."""
+    return pacsv.ConvertOptions(
+        column_types={n: pa.string() for n in names},
+        null_values=[""],
+        strings_can_be_null=True,
+        quoted_strings_can_be_null=False,
+        include_columns=list(include or []),
+    )
 
 
 # Socrata's dataTypeName -> how the column is typed in Parquet.

@@ -18,7 +18,7 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
-from functools import lru_cache, partial
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -472,11 +472,6 @@ def _vector_aggregate(snap: Snapshot, func: str, field: str, values: np.ndarray)
 # Rendering
 
 
-@lru_cache(maxsize=65536)
-def _ts_frag(field: str, us: int) -> bytes:
-    return f'"{field}":"{fixed_text(us)}"'.encode()
-
-
 class Renderer:
     """Turns page slots into JSON objects (bytes, one per row) or CSV lines."""
 
@@ -518,16 +513,10 @@ class Renderer:
         return [b"{" + b",".join(p) + b"}" for p in zip(*parts, strict=True)]
 
     def _system_frags(self, field: str, slots: np.ndarray) -> list[bytes]:
-        snap = self.snap
-        if field in (":created_at", ":updated_at"):
-            arr = snap.created if field == ":created_at" else snap.updated
-            return [_ts_frag(field, us) for us in arr[slots].tolist()]
-        if field in (":id", ":version"):
-            head = f'"{field}":"'.encode()
-            values = (snap.sid if field == ":id" else snap.version)[slots].tolist()
-            return [head + v + b'"' for v in values]
         head = f'"{field}":"'.encode()
-        return [head + str(k).encode() + b'"' for k in snap.key[slots].tolist()]
+        if field in SYSTEM_FIELDS:
+            return [head + v + b'"' for v in self.snap.system_values(field, slots)]
+        return [head + str(k).encode() + b'"' for k in self.snap.key[slots].tolist()]
 
     def _objects(self, slots: np.ndarray) -> list[dict[str, Any]]:
         """The selected items of each row as a dict (null fields absent)."""
@@ -601,8 +590,9 @@ class Renderer:
             return None
         arrays = []
         for c in self.columns:
-            if c.key in SYSTEM_FIELDS or c.key not in stored.column_names:
-                values = pa.array(self._system_texts(c.key, slots), pa.string())
+            if c.key in SYSTEM_FIELDS:
+                values = pa.array(self.snap.system_values(c.key, slots), pa.binary())
+                values = values.cast(pa.string())
             else:
                 values = stored.column(c.key).combine_chunks()
             if c.soda_type == NUMBER:
@@ -625,16 +615,6 @@ class Renderer:
         if ends[-1] != len(out):
             return None
         return [out[a:b] for a, b in zip([0, *ends[:-1].tolist()], ends.tolist(), strict=True)]
-
-    def _system_texts(self, field: str, slots: np.ndarray) -> list[str]:
-        snap = self.snap
-        if field in (":created_at", ":updated_at"):
-            arr = snap.created if field == ":created_at" else snap.updated
-            return [fixed_text(us) for us in arr[slots].tolist()]
-        if field in (":id", ":version"):
-            values = (snap.sid if field == ":id" else snap.version)[slots].tolist()
-            return [v.decode() for v in values]
-        return [str(k) for k in snap.key[slots].tolist()]
 
 
 def _tiny(number: str) -> bool:

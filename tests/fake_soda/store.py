@@ -33,6 +33,11 @@ def fixed_text(us: int) -> str:
     return data.format_fixed(us)
 
 
+@lru_cache(maxsize=65536)
+def _fixed_bytes(us: int) -> bytes:
+    return fixed_text(us).encode()
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """One consistent state of a dataset's rows; never modified once published."""
@@ -103,6 +108,14 @@ class Snapshot:
             return bytes(self.version[slot]).decode()
         arr = self.created if fieldname == ":created_at" else self.updated
         return fixed_text(int(arr[slot]))
+
+    def system_values(self, fieldname: str, slots: np.ndarray) -> list[bytes]:
+        """A system field's text (UTF-8) for each slot: `system_value` for many slots."""
+        if fieldname in (":id", ":version"):
+            values: list[bytes] = (self.sid if fieldname == ":id" else self.version)[slots].tolist()
+            return values
+        arr = self.created if fieldname == ":created_at" else self.updated
+        return [_fixed_bytes(us) for us in arr[slots].tolist()]
 
     def typed_system(self, fieldname: str, slot: int) -> Any:
         """A system field as soql compares it: µs for timestamps, text otherwise."""

@@ -14,7 +14,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from ..errors import UsageError
-from ..schema import Schema
+from ..schema import Schema, csv_text_options
 from .storage import Writer
 
 FORMATS = ("csv", "parquet")
@@ -77,18 +77,10 @@ def read_text_batches(
 ) -> Iterator[pa.Table]:
     """Stream a landed file back as text tables (all columns, or just `columns`)."""
     if fmt == "csv":
-        names = schema.names
-        convert = pacsv.ConvertOptions(
-            column_types={n: pa.string() for n in names},
-            strings_can_be_null=True,
-            null_values=[""],
-            quoted_strings_can_be_null=False,
-            include_columns=columns,
-        )
         reader = pacsv.open_csv(
             source,
             read_options=pacsv.ReadOptions(block_size=8 << 20),
-            convert_options=convert,
+            convert_options=csv_text_options(schema.names, columns),
         )
         for batch in reader:
             yield pa.Table.from_batches([batch])
