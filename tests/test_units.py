@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from decimal import Decimal
 from typing import Any
 
@@ -617,3 +620,34 @@ def test_gzip_bodies_inflate_or_are_refused() -> None:
         body(packed[: len(packed) // 2])
     with pytest.raises(BadResponse, match="inflate"):
         body(packed[:10] + b"\x00" * 50 + packed[60:])
+
+
+_MALLOC_PROBE = """
+import ctypes, sys
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in (
+        "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split())]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+if sys.argv[1] == "tuned":
+    from nyc_collisions.schema import tune_allocators
+    tune_allocators()
+before = libc.mallinfo2().hblkhd
+block = bytearray(8 << 20)
+print(libc.mallinfo2().hblkhd - before)
+"""
+
+
+def test_tuned_malloc_keeps_page_pieces_in_its_heap() -> None:
+    """A few-MiB block (a piece of a page) comes from malloc's heap once tuned, not from a fresh
+    mapping (faulted in page by page, unmapped when freed) as glibc does by default."""
+    if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
+        pytest.skip("glibc only")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+
+    def mapped(mode: str) -> int:
+        run = [sys.executable, "-c", _MALLOC_PROBE, mode]
+        return int(subprocess.run(run, env=env, capture_output=True, check=True).stdout)
+
+    assert mapped("default") >= 8 << 20
+    assert mapped("tuned") == 0

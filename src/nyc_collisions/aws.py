@@ -32,7 +32,7 @@ import orjson
 from .datasets import resolve_many
 from .extract import DatasetResult, RunOptions, backfill
 from .incremental import Reconcile, Update
-from .schema import use_lean_memory_pool
+from .schema import tune_allocators
 from .sink.storage import open_storage
 from .socrata.client import DEFAULT_BASE_URL, RetryPolicy, SodaClient
 
@@ -121,7 +121,7 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
     started = time.monotonic()
     event = event or {}
     _configure_logging(None)
-    use_lean_memory_pool()
+    tune_allocators()
     token = app_token()
     _configure_logging(token)
     command = str(event.get("command", "update"))

@@ -28,7 +28,7 @@ from .extract import (
     backfill,
 )
 from .report import dataset_status, orphans
-from .schema import use_lean_memory_pool
+from .schema import tune_allocators
 from .sink.storage import DEFAULT_LOCAL_DEST, Storage, UploadStats, open_storage
 from .socrata.client import DEFAULT_BASE_URL, WIRES, RetryPolicy, SodaClient
 from .socrata.source import DatasetSource
@@ -169,7 +169,7 @@ def main() -> None:
 
     DATASET is crashes, persons, vehicles, or any Socrata dataset id (xxxx-xxxx).
     """
-    use_lean_memory_pool()
+    tune_allocators()
 
 
 def _print_summary(results: list[DatasetResult], started: float) -> None:
