@@ -185,9 +185,7 @@ def test_no_aws_credentials(
 
 def test_ctrl_c_mid_run_commits_nothing_partial(tmp_path: Path) -> None:
     sizes = {"h9gi-nx95": 4000, "f55k-p6yu": 10, "bm4k-52h4": 10}
-    # 40 pages at 0.4 s each over 3 slots: the first files land within ~2 s, the whole run takes
-    # ~6 s, so the interrupt comes mid-run even on a loaded machine.
-    latency = Latency(base=0.4, per_row=0.0, per_skipped=0.0, max_concurrent=3)
+    latency = Latency(base=0.1, per_row=0.0, per_skipped=0.0, max_concurrent=3)
     with FakeSoda(sizes=sizes, seed=5, latency=latency) as srv:
         dest = tmp_path / "land"
         proc = subprocess.Popen(
@@ -213,9 +211,15 @@ def test_ctrl_c_mid_run_commits_nothing_partial(tmp_path: Path) -> None:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not list(dest.rglob("runs/*/parts/*.json")):
             time.sleep(0.05)
+        # From here every page takes 3 s more, and the interrupt is sent once one is being held:
+        # however late this (loaded) test process gets there, the run is mid-page, not ending.
+        srv.add_fault("slow", times=None, match="$order", seconds=3)
+        while time.monotonic() < deadline and not srv.stats()["faults"].get("slow"):
+            time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be interrupted"
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
+        srv.clear_faults()
         assert proc.returncode == 130, out + err
         one_line_error(err, "interrupted")
         assert not (dest / "crashes/manifest.json").exists()
