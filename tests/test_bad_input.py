@@ -188,11 +188,18 @@ def test_ctrl_c_mid_run_commits_nothing_partial(tmp_path: Path) -> None:
     latency = Latency(base=0.1, per_row=0.0, per_skipped=0.0, max_concurrent=3)
     with FakeSoda(sizes=sizes, seed=5, latency=latency) as srv:
         dest = tmp_path / "land"
+        # A terminal's Ctrl-C: SIGINT raises KeyboardInterrupt in the CLI even when this test runs
+        # where SIGINT is ignored (a background job, which its children inherit and Python keeps).
+        interactive = (
+            "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler);"
+            " sys.argv[0] = 'nyc-collisions'; runpy.run_module('nyc_collisions.cli', "
+            "run_name='__main__', alter_sys=True)"
+        )
         proc = subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "nyc_collisions.cli",
+                "-c",
+                interactive,
                 "backfill",
                 "crashes",
                 "--source",
@@ -212,7 +219,7 @@ def test_ctrl_c_mid_run_commits_nothing_partial(tmp_path: Path) -> None:
         while time.monotonic() < deadline and not list(dest.rglob("runs/*/parts/*.json")):
             time.sleep(0.05)
         # From here every page takes 3 s more, and the interrupt is sent once one is being held:
-        # however late this (loaded) test process gets there, the run is mid-page, not ending.
+        # however late this (loaded) test process gets there, the run is mid-run.
         srv.add_fault("slow", times=None, match="$order", seconds=3)
         while time.monotonic() < deadline and not srv.stats()["faults"].get("slow"):
             time.sleep(0.05)
