@@ -152,33 +152,30 @@ def _quoted(values: pa.ChunkedArray) -> pa.ChunkedArray:
 
 def _location_text(array: pa.ChunkedArray) -> pa.ChunkedArray | None:
     """Struct locations -> compact JSON text with sorted keys, members that are null omitted."""
-    members = []  # (values, whether they are JSON string literals already)
+    members = []  # (values, the quote to put around them: none when already JSON literals)
     for member in LOCATION_MEMBERS:
         values = pc.struct_field(array, member)  # null where the location is null, too
         if pc.any(pc.match_substring_regex(values, '["\\\\\\x00-\\x1f]')).as_py():
             if pc.any(pc.match_substring_regex(values, "[\\x00-\\x1f]")).as_py():
                 return None  # control characters: leave the escaping to orjson
-            members.append((_quoted(values), True))
+            members.append((_quoted(values), ""))
         else:
-            members.append((values, False))
+            members.append((values, '"'))
     if all(values.null_count == array.null_count for values, _ in members):
         # The usual page: a location has all of its members (or is null), so one join writes
         # the text, a null location staying null: `{"human_address":"..","latitude":"..",..}`.
         pieces: list[Any] = []
-        close = ""  # the quote that ends the previous member's value, when added here
-        for i, (member, (values, literal)) in enumerate(
-            zip(LOCATION_MEMBERS, members, strict=True)
-        ):
-            quote = "" if literal else '"'
+        close = ""  # the quote that ends the previous member's value
+        for i, (member, (values, quote)) in enumerate(zip(LOCATION_MEMBERS, members, strict=True)):
             sep = "," if i else "{"
             pieces += [f'{close}{sep}"{member}":{quote}', values]
             close = quote
         return pc.binary_join_element_wise(*pieces, close + "}", "")
     # `"member":"value",` or "" when the member is null; the last comma is trimmed below
-    parts = []
-    for member, (values, literal) in zip(LOCATION_MEMBERS, members, strict=True):
-        quote = "" if literal else '"'
-        parts.append(pc.binary_join_element_wise(f'"{member}":{quote}', values, f"{quote},", ""))
+    parts = [
+        pc.binary_join_element_wise(f'"{member}":{quote}', values, f"{quote},", "")
+        for member, (values, quote) in zip(LOCATION_MEMBERS, members, strict=True)
+    ]
     joined = pc.binary_join_element_wise(*parts, "", null_handling="replace")
     text = pc.binary_join_element_wise("{", pc.utf8_rtrim(joined, characters=","), "}", "")
     return pc.if_else(pc.is_valid(array), text, pa.scalar(None, pa.string()))
