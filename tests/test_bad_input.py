@@ -237,6 +237,28 @@ def test_ctrl_c_mid_run_commits_nothing_partial(tmp_path: Path) -> None:
         assert "resumed run" in res.out
 
 
+def test_ctrl_c_while_the_command_loads_is_one_line(tmp_path: Path) -> None:
+    """The installed `nyc-collisions` command, interrupted while it imports pyarrow."""
+    dest = tmp_path / "land"
+    child = (
+        "import importlib.metadata as md, sys\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'pyarrow':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "[command] = [e for e in md.entry_points(group='console_scripts')"
+        " if e.name == 'nyc-collisions']\n"
+        "sys.argv[0] = 'nyc-collisions'\n"
+        "command.load()()\n"
+    )
+    args = ["backfill", "crashes", "--dest", str(dest)]
+    done = subprocess.run([sys.executable, "-c", child, *args], capture_output=True, text=True)
+    assert done.returncode == 130, done.stderr
+    one_line_error(done.stderr, "interrupted")
+    assert not dest.exists()
+
+
 def test_access_denied(soda_ro: FakeSoda, monkeypatch: pytest.MonkeyPatch) -> None:
     """moto enforcing IAM: a user who may read the bucket but not write to it."""
     import json
