@@ -12,5 +12,9 @@ COPY src/ ./src/
 RUN pip install --no-cache-dir . \
     && rm -rf /tmp/build
 
+# numpy (loaded by pyarrow) would start an OpenBLAS thread per core that spins beside the
+# workers; nothing here uses BLAS (the `nyc-collisions` command sets the same default).
+ENV OPENBLAS_NUM_THREADS=1
+
 WORKDIR ${LAMBDA_TASK_ROOT}
 CMD ["nyc_collisions.aws.handler"]

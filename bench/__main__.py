@@ -173,7 +173,7 @@ def _nyc_collisions() -> list[str]:
     exe = shutil.which("nyc-collisions")
     if exe:
         return [exe]
-    return [sys.executable, "-c", "from nyc_collisions.cli import main; main()"]
+    return [sys.executable, "-c", "from nyc_collisions.__main__ import main; main()"]
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:

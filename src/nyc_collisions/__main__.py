@@ -2,14 +2,21 @@
 
 Loading the CLI takes a fraction of a second (pyarrow, httpx); a Ctrl-C in that time gets the
 same one line and exit status 130 as one during a run, not a traceback.
+
+numpy, which pyarrow loads, starts an OpenBLAS thread per core that spins beside the workers;
+nothing here uses BLAS, so the command asks for none (unless `OPENBLAS_NUM_THREADS` is set).
+A crashes backfill of 460,000 rows with no added latency, median of 10 alternating runs:
+4.46 -> 4.27 CPU s.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 
 def main() -> None:
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         from .cli import main as cli
     except KeyboardInterrupt:
