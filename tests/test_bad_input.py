@@ -87,6 +87,19 @@ def test_unknown_dataset_id_is_404(soda_ro: FakeSoda, tmp_path: Path) -> None:
     assert not (tmp_path / "l").exists()  # the run made the folder, landed nothing, removed it
 
 
+def test_a_failed_run_leaves_an_existing_folder_as_it_was(
+    soda_ro: FakeSoda, tmp_path: Path
+) -> None:
+    dest = tmp_path / "l"
+    (dest / "mine").mkdir(parents=True)  # the user's own (empty) folder stays
+    res = cli("backfill", "crashes", "zzzz-9999", "--source", soda_ro.url, "--dest", str(dest))
+    assert res.code == 1
+    one_line_error(res.err, "zzzz-9999", "404")
+    # crashes landed before the 404 and stays; zzzz-9999's lock folder is gone again
+    assert (dest / "crashes" / "manifest.json").exists()
+    assert sorted(p.name for p in dest.iterdir()) == ["crashes", "mine"]
+
+
 def test_invalid_token(soda_ro: FakeSoda, tmp_path: Path) -> None:
     res = cli(
         "backfill",

@@ -17,6 +17,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
@@ -89,11 +90,11 @@ def _disk_error(path: Path | str, exc: OSError) -> DestinationError:
 
 
 class _LocalWriter:
-    def __init__(self, final: Path) -> None:
+    def __init__(self, final: Path, make_folder: Callable[[Path], None]) -> None:
         self._final = final
         self._tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
+            make_folder(final.parent)
             self._file: IO[bytes] = open(self._tmp, "wb", buffering=1 << 20)  # noqa: SIM115
         except OSError as exc:
             raise _disk_error(final, exc) from exc
@@ -137,19 +138,31 @@ class LocalStorage:
     def __init__(self, root: Path) -> None:
         self.root = root.expanduser()
         self.url = str(self.root)
-        self._created_root = False
+        self._made: set[Path] = set()  # folders this run created (removed again if left empty)
+        self._made_lock = threading.Lock()
 
     def _path(self, key: str) -> Path:
         return self.root / key
 
+    def _make_folder(self, folder: Path) -> None:
+        """`mkdir -p`, remembering which folders did not exist before."""
+        missing = []
+        parent = folder
+        while not parent.exists() and parent != parent.parent:
+            missing.append(parent)
+            parent = parent.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        with self._made_lock:
+            self._made.update(missing)
+
     def open_writer(self, key: str) -> Writer:
-        return _LocalWriter(self._path(key))
+        return _LocalWriter(self._path(key), self._make_folder)
 
     def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         path = self._path(key)
         if if_absent:
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                self._make_folder(path.parent)
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 return False
@@ -158,7 +171,7 @@ class LocalStorage:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             return True
-        writer = _LocalWriter(path)
+        writer = _LocalWriter(path, self._make_folder)
         writer.write(data)
         writer.close()
         return True
@@ -197,9 +210,8 @@ class LocalStorage:
         if self.root.exists() and not self.root.is_dir():
             raise DestinationError(f"{self.root}: exists and is not a folder")
         probe = self.root / f".write-test-{uuid.uuid4().hex[:8]}"
-        self._created_root = self._created_root or not self.root.exists()
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self._make_folder(self.root)
             probe.write_bytes(b"ok")
             probe.unlink()
         except OSError as exc:
@@ -209,16 +221,14 @@ class LocalStorage:
             raise DestinationError(f"{self.root}: only {free // 1024} KiB free on the disk")
 
     def discard_if_empty(self) -> None:
-        """Remove the destination folder again if this run created it and it holds no file (a
-        run that failed before landing anything leaves nothing behind; its lock's folders are
-        empty once the lock is released)."""
-        if not self._created_root or not self.root.is_dir():
-            return
-        for dirpath, _dirs, files in os.walk(self.root, topdown=False):
-            if files:
-                return
+        """Remove the folders this run created that hold no file, deepest first: a run that
+        failed before landing anything leaves nothing behind, in a new destination folder or in
+        one that already existed (its lock's folders are empty once the lock is released)."""
+        with self._made_lock:
+            made = sorted(self._made, key=lambda folder: len(folder.parts), reverse=True)
+        for folder in made:
             with contextlib.suppress(OSError):
-                Path(dirpath).rmdir()
+                folder.rmdir()  # only ever removes an empty folder
 
     def cleanup_uploads(self, prefix: str) -> int:
         """Remove temporary files left by killed runs."""
