@@ -654,3 +654,38 @@ def test_tuned_malloc_keeps_page_pieces_in_its_heap() -> None:
 
     assert mapped("default") >= 8 << 20
     assert mapped("tuned") == 0
+
+
+_ARENA_PROBE = """
+import ctypes, sys, threading
+if sys.argv[1] == "tuned":
+    from nyc_collisions.schema import tune_allocators
+    tune_allocators()
+ready, done = threading.Barrier(9), threading.Event()
+def work():
+    block = bytearray(1 << 20)  # held until all threads have allocated
+    ready.wait()
+    done.wait()
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads:
+    t.start()
+ready.wait()
+ctypes.CDLL(None).malloc_stats()  # one "Arena N:" block per arena, on stderr
+done.set()
+"""
+
+
+def test_tuned_malloc_keeps_to_two_arenas() -> None:
+    """Threads share 2 malloc arenas once tuned, instead of one each (each arena keeps what its
+    threads freed)."""
+    if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
+        pytest.skip("glibc only")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+
+    def arenas(mode: str) -> int:
+        run = [sys.executable, "-c", _ARENA_PROBE, mode]
+        err = subprocess.run(run, env=env, capture_output=True, text=True, check=True).stderr
+        return sum(line.startswith("Arena ") for line in err.splitlines())
+
+    assert arenas("default") > 2
+    assert arenas("tuned") <= 2
