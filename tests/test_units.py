@@ -689,3 +689,60 @@ def test_tuned_malloc_keeps_to_two_arenas() -> None:
 
     assert arenas("default") > 2
     assert arenas("tuned") <= 2
+
+
+class _SlowS3:
+    """Just the multipart calls, each part held a while; records how many are in flight."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.lock = threading.Lock()
+        self.now = self.most = self.parts = 0
+
+    def create_multipart_upload(self, **kw: Any) -> dict[str, Any]:
+        return {"UploadId": "u"}
+
+    def upload_part(self, **kw: Any) -> dict[str, Any]:
+        import time
+
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(0.02)
+        with self.lock:
+            self.now -= 1
+            self.parts += 1
+        return {"ETag": f"e{kw['PartNumber']}"}
+
+    def complete_multipart_upload(self, **kw: Any) -> None:
+        pass
+
+
+def test_s3_parts_in_flight_are_bounded_across_writers(
+    monkeypatch: pytest.MonkeyPatch, s3_env: str
+) -> None:
+    """However many partitions write at once, at most PARTS_IN_FLIGHT parts (the memory of
+    parts not yet sent) are uploading; a writer waits for a slot instead."""
+    import threading
+
+    from nyc_collisions.sink import storage as st_mod
+
+    monkeypatch.setattr(st_mod, "PART_SIZE", 1024)
+    storage = st_mod.S3Storage("bucket", "prefix")
+    slow = _SlowS3()
+    storage.client = slow  # type: ignore[assignment]
+
+    def partition(i: int) -> None:
+        writer = storage.open_writer(f"part-{i}.csv")
+        for _ in range(6):
+            writer.write(b"x" * 1024)
+        writer.close()
+
+    threads = [threading.Thread(target=partition, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert slow.parts == 36
+    assert slow.most == st_mod.PARTS_IN_FLIGHT

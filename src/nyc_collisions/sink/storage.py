@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_LOCAL_DEST = "./nyc-collisions-data"
 PART_SIZE = 8 * 1024 * 1024
+PARTS_IN_FLIGHT = 4
 READ_AHEAD = 8 * 1024 * 1024
 MIN_FREE_BYTES = 64 * 1024 * 1024
 
@@ -320,7 +321,7 @@ class _S3Writer:
         self._upload_id: str | None = None
         self._parts: list[Future[dict[str, Any]]] = []
         self._pool = storage.upload_pool
-        self._slots = threading.Semaphore(2)  # parts in flight per writer: bounds memory
+        self._slots = storage.part_slots
         self.bytes_written = 0
         self.closed = False
 
@@ -413,6 +414,8 @@ class S3Storage:
         self.url = f"s3://{bucket}/{prefix}".rstrip("/")
         self.client = s3_client()
         self.upload_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="s3-upload")
+        # Parts in flight, all writers together: bounds the memory of parts not yet sent
+        self.part_slots = threading.BoundedSemaphore(PARTS_IN_FLIGHT)
         self.stats = UploadStats()
 
     def full_key(self, key: str) -> str:
