@@ -6,6 +6,8 @@ import ctypes
 import os
 import subprocess
 import sys
+import threading
+import time
 from decimal import Decimal
 from typing import Any
 
@@ -695,8 +697,6 @@ class _SlowS3:
     """Just the multipart calls, each part held a while; records how many are in flight."""
 
     def __init__(self) -> None:
-        import threading
-
         self.lock = threading.Lock()
         self.now = self.most = self.parts = 0
 
@@ -704,8 +704,6 @@ class _SlowS3:
         return {"UploadId": "u"}
 
     def upload_part(self, **kw: Any) -> dict[str, Any]:
-        import time
-
         with self.lock:
             self.now += 1
             self.most = max(self.most, self.now)
@@ -724,8 +722,6 @@ def test_s3_parts_in_flight_are_bounded_across_writers(
 ) -> None:
     """However many partitions write at once, at most PARTS_IN_FLIGHT parts (the memory of
     parts not yet sent) are uploading; a writer waits for a slot instead."""
-    import threading
-
     from nyc_collisions.sink import storage as st_mod
 
     monkeypatch.setattr(st_mod, "PART_SIZE", 1024)
@@ -745,4 +741,4 @@ def test_s3_parts_in_flight_are_bounded_across_writers(
     for t in threads:
         t.join()
     assert slow.parts == 36
-    assert slow.most == st_mod.PARTS_IN_FLIGHT
+    assert 1 < slow.most <= st_mod.PARTS_IN_FLIGHT  # 8 before: 2 per writer, 8 upload threads

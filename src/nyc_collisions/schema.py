@@ -39,8 +39,8 @@ def tune_allocators() -> None:
 
     It is also told to use at most 2 arenas: by default each thread that allocates may get its
     own (up to 8 per core), and each kept its freed pieces (and an S3 run's 8 MiB parts) for
-    itself. Crashes at scale 0.1 (`python -m bench --scale 0.1 --s3`): peak RSS 210-213 -> 191
-    MiB to a local folder, 277-280 -> 246 MiB to S3, CPU unchanged.
+    itself. Crashes at scale 0.1 (`python -m bench --scale 0.1 --s3`): peak RSS 210-213 -> 195-196
+    MiB to a local folder, 277-280 -> 251-252 MiB to S3, CPU unchanged.
     """
     try:
         pa.set_memory_pool(pa.jemalloc_memory_pool())
