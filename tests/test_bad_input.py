@@ -205,7 +205,7 @@ def test_ctrl_c_mid_run_commits_nothing_partial(tmp_path: Path) -> None:
         # where SIGINT is ignored (a background job, which its children inherit and Python keeps).
         interactive = (
             "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler);"
-            " sys.argv[0] = 'nyc-collisions'; runpy.run_module('nyc_collisions.cli', "
+            " sys.argv[0] = 'nyc-collisions'; runpy.run_module('nyc_collisions', "
             "run_name='__main__', alter_sys=True)"
         )
         proc = subprocess.Popen(

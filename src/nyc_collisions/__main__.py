@@ -14,13 +14,15 @@ from __future__ import annotations
 import os
 import sys
 
+from .errors import CTRL_C_LINE
+
 
 def main() -> None:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         from .cli import main as cli
     except KeyboardInterrupt:
-        sys.stderr.write("nyc-collisions: interrupted; nothing partial was committed\n")
+        sys.stderr.write(CTRL_C_LINE + "\n")
         sys.exit(130)
     cli()
 

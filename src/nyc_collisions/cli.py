@@ -18,7 +18,7 @@ import orjson
 from . import __version__
 from .current import open_landed
 from .datasets import resolve, resolve_many
-from .errors import Interrupted, NycCollisionsError, UsageError
+from .errors import CTRL_C_LINE, Interrupted, NycCollisionsError, UsageError
 from .extract import (
     DEFAULT_FILE_ROWS,
     DEFAULT_PAGE_SIZE,
@@ -149,7 +149,7 @@ def handle_errors(f: F) -> F:
             click.echo(f"nyc-collisions: {exc}", err=True)
             sys.exit(130)
         except KeyboardInterrupt:
-            click.echo("nyc-collisions: interrupted; nothing partial was committed", err=True)
+            click.echo(CTRL_C_LINE, err=True)
             sys.exit(130)
         except UsageError as exc:
             click.echo(f"nyc-collisions: error: {exc}", err=True)

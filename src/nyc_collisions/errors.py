@@ -83,3 +83,7 @@ class AlreadyLanded(StateError):
 
 class Interrupted(NycCollisionsError):
     """The run stopped before its end (Ctrl-C or a time budget); committed work is kept."""
+
+
+# What the command prints for a Ctrl-C that reached it before or outside a run's own handling.
+CTRL_C_LINE = "nyc-collisions: interrupted; nothing partial was committed"
