@@ -155,8 +155,14 @@ def test_parse_page_typed_roundtrip() -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [b'[{"collision_id":"7",":id":"r"}\n,{"collision_id":"8"', b"", b'{"a":1}', b"[1,2]"],
-    ids=["cut_short", "empty", "object", "not_rows"],
+    [
+        b'[{"collision_id":"7",":id":"r"}\n,{"collision_id":"8"',
+        b"",
+        b'{"a":1}',
+        b"[1,2]",
+        b'[{"borough":"\xff",":id":"r"}\n]',
+    ],
+    ids=["cut_short", "empty", "object", "not_rows", "not_utf8"],
 )
 def test_parse_page_rejects_incomplete_bodies(body: bytes) -> None:
     with pytest.raises(BadResponse):

@@ -92,6 +92,8 @@ def parse_rows_fast(rows: np.ndarray, schema: Schema) -> pa.Table | None:
         return None
     if not rows.size or rows.max() <= 32:
         return schema.text_schema().empty_table()
+    if not _utf8(rows):
+        return None  # Arrow's JSON reader would take it: the plain parser refuses it
     # `\n,{` -> `\n {`: a raw newline never occurs inside a JSON string, so this only touches
     # the separators between rows.
     # Searched from the newlines (one a row) rather than the commas (one a field): 3x cheaper.
