@@ -5,12 +5,18 @@ FROM public.ecr.aws/lambda/python:3.11
 
 # Install the package (and its pinned-by-range dependencies) into the image's site-packages,
 # /var/lang/lib/python3.11/site-packages: the Lambda runtime imports the handler from there and
-# the `nyc-collisions` console script lands on PATH (/var/lang/bin).
+# the `nyc-collisions` console script lands on PATH (/var/lang/bin). gcc compiles the native
+# JSON -> CSV converter (src/nyc_collisions/_jsoncsv.c; the image has the Python headers) and is
+# removed in the same layer; the build fails if the converter did not compile.
 WORKDIR /tmp/build
 COPY pyproject.toml README.md ./
 COPY src/ ./src/
-RUN pip install --no-cache-dir . \
-    && rm -rf /tmp/build
+# hadolint ignore=DL3033
+RUN yum install -y gcc \
+    && pip install --no-cache-dir . \
+    && python -c "import nyc_collisions._jsoncsv" \
+    && yum remove -y gcc && yum clean all \
+    && rm -rf /var/cache/yum /tmp/build
 
 # numpy (loaded by pyarrow) would start an OpenBLAS thread per core that spins beside the
 # workers; nothing here uses BLAS (the `nyc-collisions` command sets the same default).

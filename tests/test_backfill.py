@@ -237,7 +237,8 @@ def test_wire_is_csv_where_exact_and_lands_what_json_lands(
             assert {f for _, f in formats} == {"json"}
         for name in NAMES:
             exact(soda, str(dest), name, tmp_path / wire, ".csv")
-        landed[wire] = sorted(p.read_bytes() for p in dest.rglob("data/*.csv"))
+        landed[wire] = sorted(p.read_bytes() for p in dest.rglob("data/*/part-*.csv"))
+    assert len(landed["auto"]) >= 3
     assert landed["auto"] == landed["json"]
 
 
@@ -251,3 +252,28 @@ def test_wire_csv_is_refused_where_it_would_lose_data(soda_ro: FakeSoda, tmp_pat
     assert "location" in lines[0]
     assert not (dest / "crashes" / "manifest.json").exists()
     assert not dest.exists()  # refused before any plan was written
+
+
+def test_crashes_land_the_same_bytes_with_or_without_the_native_converter(
+    soda_ro: FakeSoda,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Crash pages (JSON) go to CSV through the native converter when it is built; without it
+    (a machine with no C compiler) they take Arrow's path and land the same bytes."""
+    from nyc_collisions import pages
+
+    landed: dict[bool, list[bytes]] = {}
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(pages, "_jsoncsv", None)
+        dest = tmp_path / str(native)
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="nyc_collisions.pages"):
+            backfill(soda_ro, str(dest), "crashes", "--page-size", "900", "--file-rows", "2000")
+        assert ("JSON rows converted to CSV natively" in caplog.text) == native
+        exact(soda_ro, str(dest), "crashes", tmp_path / str(native), ".csv")
+        landed[native] = sorted(p.read_bytes() for p in dest.rglob("data/*/part-*.csv"))
+    assert len(landed[True]) > 1
+    assert landed[True] == landed[False]

@@ -627,6 +627,9 @@ def test_dockerfile_builds_the_handler_image() -> None:
     assert not [w for w, _ in instructions if w == "ENTRYPOINT"], "keep the Lambda entrypoint"
     runs = " ".join(arg for word, arg in instructions if word == "RUN")
     assert re.search(r"pip install --no-cache-dir \.(\s|$)", runs)
+    # the native converter is compiled (and checked) in the image, not left to Arrow's path
+    assert "yum install -y gcc" in runs
+    assert 'python -c "import nyc_collisions._jsoncsv"' in runs
 
 
 def test_dockerfile_copies_what_pip_install_needs_and_the_context_has_it() -> None:

@@ -32,6 +32,11 @@ import pyarrow.json as pajson
 from .errors import BadResponse, SchemaError
 from .schema import Schema, csv_text_options
 
+try:
+    from . import _jsoncsv
+except ImportError:  # installed without a C compiler: Arrow converts every JSON page
+    _jsoncsv = None  # type: ignore[assignment]
+
 logger = logging.getLogger(__name__)
 
 # System fields `:*` selects that we do not land.
@@ -249,12 +254,19 @@ class PageStream:
     emitted before the cut are kept, and the caller goes on after the last of them.
     """
 
-    def __init__(self, schema: Schema, emit: Callable[[pa.Table], None]) -> None:
+    def __init__(
+        self,
+        schema: Schema,
+        emit: Callable[[pa.Table], None],
+        emit_rows: Callable[[CsvRows], None] | None = None,
+    ) -> None:
         self.schema = schema
         self.emit = emit
+        self.emit_rows = emit_rows
         self.rows = 0
         self._buf = bytearray()
         self._started = False
+        self._to_csv = JsonRowsToCsv.for_schema(schema) if emit_rows is not None else None
 
     def feed(self, chunk: bytes) -> None:
         self._buf += chunk
@@ -289,12 +301,70 @@ class PageStream:
         return self.rows
 
     def _parse(self, piece: np.ndarray) -> None:
+        if self._to_csv is not None:
+            rows = self._to_csv(piece.data)
+            if rows is not None:
+                if rows.num_rows:
+                    assert self.emit_rows is not None
+                    self.rows += rows.num_rows
+                    self.emit_rows(rows)
+                return
         table = parse_rows_fast(piece, self.schema)
         if table is None:
             table = parse_page_plain(b"[" + piece.tobytes() + b"]", self.schema)
         if table.num_rows:
             self.rows += table.num_rows
             self.emit(table)
+
+
+# Types whose JSON value is a string (SODA 2.1 writes numbers as strings), landed as sent.
+_NATIVE_TEXT_TYPES = frozenset(
+    {"text", "number", "calendar_date", "floating_timestamp", "fixed_timestamp"}
+)
+
+
+class JsonRowsToCsv:
+    """JSON rows straight to the landed CSV's rows, in native code (`_jsoncsv.c`), for a
+    `PageStream` whose rows go to a CSV file (`emit_rows`).
+
+    It writes the bytes that the table path (`parse_rows_fast`, then Arrow's CSV writer) writes,
+    for the rows it accepts: objects whose values are strings or null, and legacy locations whose
+    members are strings. Anything else (another value type, a field the metadata does not name,
+    a key given twice, a row without `:id`, invalid UTF-8 or JSON) makes it decline the piece,
+    which then takes the table path, where the errors are raised. On one 50,000-row crashes page,
+    per million rows: 0.8 CPU s against 5.4-5.7 for the table path and the CSV writer.
+    """
+
+    def __init__(self, schema: Schema) -> None:
+        self.fields = tuple(schema.field_names)
+        self.kinds = bytes(c.data_type == "location" for c in schema.columns)
+        self.skip = tuple(sorted(_IGNORED_SYSTEM))
+        self.id_index = self.fields.index(":id")
+
+    @classmethod
+    def for_schema(cls, schema: Schema) -> JsonRowsToCsv | None:
+        """A converter for the schema, or None when the native module is not built or a column
+        has a type it does not convert (checkboxes, points, urls...)."""
+        if _jsoncsv is None:
+            return None
+        if not all(
+            c.data_type == "location" or c.data_type in _NATIVE_TEXT_TYPES for c in schema.columns
+        ):
+            return None
+        return cls(schema)
+
+    def __call__(self, rows: memoryview | bytes) -> CsvRows | None:
+        """Rows separated by commas (a page without its brackets) -> the landed CSV rows, or
+        None when the piece needs the table path."""
+        assert _jsoncsv is not None
+        done = _jsoncsv.convert(rows, self.fields, self.kinds, self.skip, self.id_index)
+        if done is None:
+            logger.debug("JSON rows left to Arrow: the native converter declined them")
+            return None
+        data, num_rows, last_id = done
+        logger.debug("%d JSON rows converted to CSV natively", num_rows)
+        last = pa.Table.from_arrays([pa.array([last_id], pa.string())], names=["socrata_id"])
+        return CsvRows(memoryview(data), num_rows, last)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -110,14 +110,19 @@ class DatasetSource:
         Returns the rows of the attempt that completed. `params` is asked again before a retry,
         so it can go on after the rows already emitted (keyset paging makes that exact). A caller
         that lands CSV may pass `emit_rows`: CSV pages whose rows the landed file can take as they
-        are then come to it as `CsvRows`, unparsed (see `CsvPageStream`).
+        are then come to it as `CsvRows`, unparsed (see `CsvPageStream`), and so do JSON rows
+        converted to CSV in native code (see `JsonRowsToCsv`).
         """
 
         csv = self.reads_csv(schema)
         path = self.client.resource_path(self.dataset.dataset_id, "csv") if csv else self.path
 
         def consume(chunks: Iterator[bytes]) -> int:
-            page = CsvPageStream(schema, emit, emit_rows) if csv else PageStream(schema, emit)
+            page = (
+                CsvPageStream(schema, emit, emit_rows)
+                if csv
+                else PageStream(schema, emit, emit_rows)
+            )
             for chunk in chunks:
                 page.feed(chunk)
             return page.finish()

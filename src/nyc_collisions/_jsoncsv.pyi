@@ -1,0 +1,10 @@
+from _typeshed import ReadableBuffer
+
+def convert(
+    rows: ReadableBuffer,
+    fields: tuple[str, ...],
+    kinds: bytes,
+    skip: tuple[str, ...],
+    id_index: int,
+    /,
+) -> tuple[bytes, int, str | None] | None: ...
