@@ -265,6 +265,7 @@ def test_a_page_lands_the_same_bytes_converted_or_not(
     """Pieces of a page are converted as they arrive; one the converter declines (a number
     value in the middle) takes the table path in its place among the others."""
     monkeypatch.setattr(pages, "PIECE_BYTES", 300)
+    monkeypatch.setattr(pages, "NATIVE_PIECE_BYTES", 300)
     rows = [
         orjson.dumps({"borough": f'B "{i}"', "collision_id": str(i), ":id": f"row-{i:04d}"})
         for i in range(60)

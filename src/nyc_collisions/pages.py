@@ -231,6 +231,10 @@ def _unknown_fields(rows: list[dict[str, Any]], fields: list[str]) -> set[str]:
 
 
 PIECE_BYTES = 4 << 20
+# Pieces for the native converter (`JsonRowsToCsv`), whose cost per call is small: a crashes
+# backfill of 460,000 rows peaked at 162 MB instead of 207 with 4 MiB pieces, and used 3% less
+# CPU (median of 5 alternating runs; 256 KiB pieces were no cheaper).
+NATIVE_PIECE_BYTES = 1 << 20
 
 
 def _split(buf: bytearray, cut: int, skip: int) -> tuple[np.ndarray, bytearray]:
@@ -280,7 +284,8 @@ class PageStream:
                 raise BadResponse(f"page is not a JSON array: {bytes(stripped[:60])!r}")
             del self._buf[: len(self._buf) - len(stripped) + 1]
             self._started = True
-        if len(self._buf) >= PIECE_BYTES:
+        limit = NATIVE_PIECE_BYTES if self._to_csv is not None else PIECE_BYTES
+        if len(self._buf) >= limit:
             cut = self._buf.rfind(b"\n,")
             if cut > 0:
                 piece, self._buf = _split(self._buf, cut, 2)
