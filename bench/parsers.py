@@ -9,7 +9,8 @@ the best of `--repeat` runs of `time.process_time()` (all threads), per million 
 Readers: gzip inflate (ISA-L, as the client does; zlib), Arrow's JSON reader (with and without
 threads, as `pages.parse_rows_fast` calls it), orjson, and, when installed (they are not
 dependencies of the project), polars' `read_ndjson`, DuckDB's `read_json`, arro3-io's
-`read_json` and msgspec. Arrow's CSV reader on the persons page shows what the CSV wire costs.
+`read_json` and msgspec; and this tool's native converter (`_jsoncsv`), which goes from the JSON
+straight to the landed CSV. Arrow's CSV reader on the persons page shows what the CSV wire costs.
 
     pip install polars duckdb arro3-io msgspec   # optional, to compare them too
     python -m bench.parsers
@@ -125,6 +126,17 @@ def readers(body_gz: bytes, csv_gz: bytes, tmp: Path) -> dict[str, Callable[[], 
 
         decoder = msgspec.json.Decoder()
         out["msgspec decode (Python objects)"] = lambda: decoder.decode(body)
+
+    if importlib.util.find_spec("nyc_collisions._jsoncsv"):
+        from nyc_collisions import _jsoncsv
+
+        fields = tuple(f.name for f in schema if f.name != ":version")
+        kinds = bytes(f == "location" for f in fields)
+        inner = body[body.find(b"[") + 1 : body.rfind(b"]")]
+        ids = fields.index(":id")
+        out["native JSON -> landed CSV (this tool's _jsoncsv)"] = lambda: _jsoncsv.convert(
+            inner, fields, kinds, (":version",), ids
+        )
 
     csv_body = isal_zlib.decompress(csv_gz, 31)
     header, _, rows = csv_body.partition(b"\n")

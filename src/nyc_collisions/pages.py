@@ -11,6 +11,10 @@ layout, booleans, other object types, unknown fields, a broken body) goes to the
 (orjson), which is the reference and the one that raises the errors. A body that is not a
 complete JSON array is a `BadResponse`, so the client fetches it again: a page cut short is never
 taken for the last one. A field the metadata does not name is a `SchemaError`, never dropped.
+
+Rows bound for a CSV file skip the table: a native converter (`JsonRowsToCsv`, `_jsoncsv.c`)
+writes the landed CSV rows straight from the JSON, the same bytes as the fast parser and Arrow's
+CSV writer, and declines to the parsers above whatever it does not cover.
 """
 
 from __future__ import annotations
@@ -256,6 +260,10 @@ class PageStream:
     once, and memory stays at a piece, not a page. A body in another layout is parsed whole at the
     end. `finish` raises `BadResponse` if the body did not end with the array's `]`: the rows
     emitted before the cut are kept, and the caller goes on after the last of them.
+
+    Given `emit_rows` (the rows go to a CSV file) and a schema the native converter covers,
+    pieces go straight to landed CSV rows (`JsonRowsToCsv`) and are handed on as `CsvRows`; a
+    piece it declines is parsed into a table and handed to `emit`, in its place among the others.
     """
 
     def __init__(
@@ -378,8 +386,9 @@ class JsonRowsToCsv:
 
 @dataclass(frozen=True)
 class CsvRows:
-    """Whole rows of a CSV page, already in the landed CSV's columns, order and convention (see
-    `CsvPageStream`): a file writes them as they are."""
+    """Whole rows already in the landed CSV's columns, order and convention: a CSV page's rows
+    passed through (see `CsvPageStream`) or JSON rows converted natively (see `JsonRowsToCsv`).
+    A file writes them as they are."""
 
     data: memoryview
     num_rows: int
