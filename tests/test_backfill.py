@@ -268,11 +268,13 @@ def test_crashes_land_the_same_bytes_with_or_without_the_native_converter(
     for native in (True, False):
         if not native:
             monkeypatch.setattr(pages, "_jsoncsv", None)
+            pages._say_not_built.cache_clear()  # said once a process
         dest = tmp_path / str(native)
         caplog.clear()
         with caplog.at_level(logging.DEBUG, logger="nyc_collisions.pages"):
             backfill(soda_ro, str(dest), "crashes", "--page-size", "900", "--file-rows", "2000")
         assert ("JSON rows converted to CSV natively" in caplog.text) == native
+        assert ("converter is not built" in caplog.text) == (not native)
         exact(soda_ro, str(dest), "crashes", tmp_path / str(native), ".csv")
         landed[native] = sorted(p.read_bytes() for p in dest.rglob("data/*/part-*.csv"))
     assert len(landed[True]) > 1

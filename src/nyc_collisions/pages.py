@@ -20,6 +20,7 @@ CSV writer, and declines to the parsers above whatever it does not cover.
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -336,6 +337,11 @@ _NATIVE_TEXT_TYPES = frozenset(
 )
 
 
+@functools.cache
+def _say_not_built() -> None:
+    logger.info("the native JSON -> CSV converter is not built: JSON pages take Arrow's path")
+
+
 class JsonRowsToCsv:
     """JSON rows straight to the landed CSV's rows, in native code (`_jsoncsv.c`), for a
     `PageStream` whose rows go to a CSV file (`emit_rows`).
@@ -359,6 +365,7 @@ class JsonRowsToCsv:
         """A converter for the schema, or None when the native module is not built or a column
         has a type it does not convert (checkboxes, points, urls...)."""
         if _jsoncsv is None:
+            _say_not_built()
             return None
         if not all(
             c.data_type == "location" or c.data_type in _NATIVE_TEXT_TYPES for c in schema.columns
