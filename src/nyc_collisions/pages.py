@@ -253,7 +253,35 @@ def _split(buf: bytearray, cut: int, skip: int) -> tuple[np.ndarray, bytearray]:
     return np.frombuffer(buf, np.uint8), rest
 
 
-class PageStream:
+class _Stream:
+    """What both page streams keep: where the rows go (tables to `emit`; rows already in the
+    landed CSV's form to `emit_rows`, when the caller lands CSV), the rows handed on so far and
+    the bytes received but not yet parsed."""
+
+    def __init__(
+        self,
+        schema: Schema,
+        emit: Callable[[pa.Table], None],
+        emit_rows: Callable[[CsvRows], None] | None = None,
+    ) -> None:
+        self.schema = schema
+        self.emit = emit
+        self.emit_rows = emit_rows
+        self.rows = 0
+        self._buf = bytearray()
+
+    def _hand_on(self, rows: pa.Table | CsvRows) -> None:
+        if not rows.num_rows:
+            return
+        self.rows += rows.num_rows
+        if isinstance(rows, CsvRows):
+            assert self.emit_rows is not None
+            self.emit_rows(rows)
+        else:
+            self.emit(rows)
+
+
+class PageStream(_Stream):
     """Parses a page while it streams in, a few MiB of whole rows at a time.
 
     SODA writes one row per line with the separators at line starts (`[{..}\\n,{..}\\n]`), so the
@@ -273,11 +301,7 @@ class PageStream:
         emit: Callable[[pa.Table], None],
         emit_rows: Callable[[CsvRows], None] | None = None,
     ) -> None:
-        self.schema = schema
-        self.emit = emit
-        self.emit_rows = emit_rows
-        self.rows = 0
-        self._buf = bytearray()
+        super().__init__(schema, emit, emit_rows)
         self._started = False
         self._to_csv = JsonRowsToCsv.for_schema(schema) if emit_rows is not None else None
 
@@ -315,20 +339,12 @@ class PageStream:
         return self.rows
 
     def _parse(self, piece: np.ndarray) -> None:
-        if self._to_csv is not None:
-            rows = self._to_csv(piece.data)
-            if rows is not None:
-                if rows.num_rows:
-                    assert self.emit_rows is not None
-                    self.rows += rows.num_rows
-                    self.emit_rows(rows)
-                return
-        table = parse_rows_fast(piece, self.schema)
-        if table is None:
-            table = parse_page_plain(b"[" + piece.tobytes() + b"]", self.schema)
-        if table.num_rows:
-            self.rows += table.num_rows
-            self.emit(table)
+        rows = self._to_csv(piece.data) if self._to_csv is not None else None
+        if rows is None:
+            rows = parse_rows_fast(piece, self.schema)
+        if rows is None:
+            rows = parse_page_plain(b"[" + piece.tobytes() + b"]", self.schema)
+        self._hand_on(rows)
 
 
 # Types whose JSON value is a string (SODA 2.1 writes numbers as strings), landed as sent.
@@ -406,7 +422,7 @@ class CsvRows:
         return str(self.last.column(0)[0].as_py())
 
 
-class CsvPageStream:
+class CsvPageStream(_Stream):
     """A `/resource/{id}.csv` page parsed while it streams in, a few MiB of whole rows at a time.
 
     Socrata's CSV (soda-fountain `CsvExporter`) is a header row of field names, then one line per
@@ -434,11 +450,7 @@ class CsvPageStream:
         emit: Callable[[pa.Table], None],
         emit_rows: Callable[[CsvRows], None] | None = None,
     ) -> None:
-        self.schema = schema
-        self.emit = emit
-        self.emit_rows = emit_rows
-        self.rows = 0
-        self._buf = bytearray()
+        super().__init__(schema, emit, emit_rows)
         self._header: list[str] | None = None
         self._read = pacsv.ReadOptions()
         self._convert = pacsv.ConvertOptions()
@@ -540,11 +552,9 @@ class CsvPageStream:
                 return False
         if not _utf8(piece):
             raise BadResponse(f"page is not whole CSV after {self.rows} rows (not UTF-8)")
-        assert self.emit_rows is not None
         logger.debug("%d CSV rows passed through unparsed", checked.num_rows)
-        self.rows += checked.num_rows
         last = pa.Table.from_arrays([ids.slice(len(ids) - 1)], names=["socrata_id"])
-        self.emit_rows(CsvRows(piece.data, checked.num_rows, last))
+        self._hand_on(CsvRows(piece.data, checked.num_rows, last))
         return True
 
     def _parse(self, piece: np.ndarray) -> None:
@@ -557,9 +567,7 @@ class CsvPageStream:
             table = table.set_column(index, name, plain_numbers(table.column(name)))
         if table.num_rows and table.column("socrata_id").null_count:
             raise BadResponse("CSV rows lack :id (was $select=*,:id sent?)")
-        if table.num_rows:
-            self.rows += table.num_rows
-            self.emit(table)
+        self._hand_on(table)
 
 
 _CSV_PARSE = pacsv.ParseOptions(newlines_in_values=True)
