@@ -281,8 +281,10 @@ static inline void put(Out *o, const char *s, size_t n) {
     o->n += n;
 }
 
-/* A raw (unescaped) location member inside the location's text: no `"` or `\`, and control
-   characters are not raw in JSON; so it is copied as is. */
+/* A location's CSV cell: `"{""human_address"":""..."",...}"`, members in sorted order, absent
+   ones left out. A member without escapes holds no `"`, `\` or control character (JSON allows
+   none of them raw), so it is copied as is; one with escapes is decoded and escaped again as
+   the Python path writes it (-1 for a control character: the Python path decides). */
 static int put_location(Out *o, const Slot *slot) {
     put(o, "\"{", 2);
     int first = 1;
