@@ -1,246 +1,40 @@
-"""Storage behind one small interface: a local folder or an S3 prefix.
+"""An S3 prefix as storage (the interface is in `storage.py`).
 
-Keys are relative, `/`-separated paths below the destination root. Writers make a file visible
-only when it is complete: a local file is written under a temporary name and renamed; an S3 object
-is a multipart upload (parts sent in the background while rows keep arriving) that is completed on
-`close()` and aborted on `abort()`. Small metadata objects (manifests, plans) are written whole.
+Data files stream as multipart uploads whose parts go up in the background while rows keep
+arriving. Conditional writes are S3's own: `If-None-Match: *` (create only if absent) and
+`If-Match: <etag>` on PutObject and DeleteObject; a store that ignores them is refused up front
+(`check_conditional`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import logging
-import os
-import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol
-from urllib.parse import urlparse
+from email.utils import parsedate_to_datetime
+from typing import IO, TYPE_CHECKING, Any
 
-from ..errors import DestinationError, UsageError
+from ..errors import DestinationError
+from .storage import Versioned, Writer
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LOCAL_DEST = "./nyc-collisions-data"
 PART_SIZE = 8 * 1024 * 1024
 PARTS_IN_FLIGHT = 4
 READ_AHEAD = 8 * 1024 * 1024
-MIN_FREE_BYTES = 64 * 1024 * 1024
-
-
-class Writer(Protocol):
-    """A binary, write-only file whose content becomes visible at `close()`."""
-
-    def write(self, data: bytes | memoryview) -> int: ...
-    def close(self) -> None: ...
-    def abort(self) -> None: ...
-    @property
-    def closed(self) -> bool: ...
-    @property
-    def bytes_written(self) -> int: ...
-
-
-class Storage(Protocol):
-    url: str
-
-    def open_writer(self, key: str) -> Writer: ...
-    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool: ...
-    def get_bytes(self, key: str) -> bytes | None: ...
-    def open_reader(self, key: str) -> IO[bytes]: ...
-    def list_keys(self, prefix: str) -> list[str]: ...
-    def delete(self, keys: list[str]) -> None: ...
-    def check_writable(self) -> None: ...
-    def cleanup_uploads(self, prefix: str) -> int: ...
-    def discard_if_empty(self) -> None: ...
-
-
-def open_storage(dest: str) -> Storage:
-    """`s3://bucket/prefix` or a local path (`file://` allowed)."""
-    if not dest or not dest.strip():
-        raise UsageError("--dest is empty")
-    if "://" in dest:
-        parsed = urlparse(dest)
-        if parsed.scheme == "s3":
-            if not parsed.netloc or parsed.query or parsed.fragment:
-                raise UsageError(f"--dest {dest!r} is not s3://bucket/prefix")
-            return S3Storage(parsed.netloc, parsed.path.strip("/"))
-        if parsed.scheme == "file":
-            return LocalStorage(Path(parsed.path))
-        raise UsageError(f"--dest {dest!r}: use s3://bucket/prefix or a local folder")
-    return LocalStorage(Path(dest))
-
-
-# -- local folder ---------------------------------------------------------------------------
-
-
-def _disk_error(path: Path | str, exc: OSError) -> DestinationError:
-    if exc.errno == errno.ENOSPC:
-        return DestinationError(f"{path}: no space left on device")
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return DestinationError(f"{path}: not writable ({exc.strerror})")
-    return DestinationError(f"{path}: {exc.strerror or exc}")
-
-
-class _LocalWriter:
-    def __init__(self, final: Path, make_folder: Callable[[Path], None]) -> None:
-        self._final = final
-        self._tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            make_folder(final.parent)
-            self._file: IO[bytes] = open(self._tmp, "wb", buffering=1 << 20)  # noqa: SIM115
-        except OSError as exc:
-            raise _disk_error(final, exc) from exc
-        self.bytes_written = 0
-        self.closed = False
-
-    def write(self, data: bytes | memoryview) -> int:
-        try:
-            n = self._file.write(data)
-        except OSError as exc:
-            self.abort()
-            raise _disk_error(self._final, exc) from exc
-        self.bytes_written += n
-        return n
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            os.replace(self._tmp, self._final)
-        except OSError as exc:
-            self.abort()
-            raise _disk_error(self._final, exc) from exc
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-        with contextlib.suppress(OSError):
-            self._file.close()
-        with contextlib.suppress(OSError):
-            self._tmp.unlink()
-
-
-class LocalStorage:
-    def __init__(self, root: Path) -> None:
-        self.root = root.expanduser()
-        self.url = str(self.root)
-        self._made: set[Path] = set()  # folders this run created (removed again if left empty)
-        self._made_lock = threading.Lock()
-
-    def _path(self, key: str) -> Path:
-        return self.root / key
-
-    def _make_folder(self, folder: Path) -> None:
-        """`mkdir -p`, remembering which folders did not exist before."""
-        missing = []
-        parent = folder
-        while not parent.exists() and parent != parent.parent:
-            missing.append(parent)
-            parent = parent.parent
-        folder.mkdir(parents=True, exist_ok=True)
-        with self._made_lock:
-            self._made.update(missing)
-
-    def open_writer(self, key: str) -> Writer:
-        return _LocalWriter(self._path(key), self._make_folder)
-
-    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
-        path = self._path(key)
-        if if_absent:
-            try:
-                self._make_folder(path.parent)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                return False
-            except OSError as exc:
-                raise _disk_error(path, exc) from exc
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            return True
-        writer = _LocalWriter(path, self._make_folder)
-        writer.write(data)
-        writer.close()
-        return True
-
-    def get_bytes(self, key: str) -> bytes | None:
-        try:
-            return self._path(key).read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise _disk_error(self._path(key), exc) from exc
-
-    def open_reader(self, key: str) -> IO[bytes]:
-        try:
-            return open(self._path(key), "rb")
-        except OSError as exc:
-            raise _disk_error(self._path(key), exc) from exc
-
-    def list_keys(self, prefix: str) -> list[str]:
-        base = self._path(prefix)
-        if not base.is_dir():
-            return []
-        out = []
-        for dirpath, _dirs, files in os.walk(base):
-            for name in files:
-                full = Path(dirpath) / name
-                out.append(full.relative_to(self.root).as_posix())
-        return sorted(out)
-
-    def delete(self, keys: list[str]) -> None:
-        for key in keys:
-            with contextlib.suppress(FileNotFoundError):
-                self._path(key).unlink()
-
-    def check_writable(self) -> None:
-        if self.root.exists() and not self.root.is_dir():
-            raise DestinationError(f"{self.root}: exists and is not a folder")
-        probe = self.root / f".write-test-{uuid.uuid4().hex[:8]}"
-        try:
-            self._make_folder(self.root)
-            probe.write_bytes(b"ok")
-            probe.unlink()
-        except OSError as exc:
-            raise _disk_error(self.root, exc) from exc
-        free = shutil.disk_usage(self.root).free
-        if free < MIN_FREE_BYTES:
-            raise DestinationError(f"{self.root}: only {free // 1024} KiB free on the disk")
-
-    def discard_if_empty(self) -> None:
-        """Remove the folders this run created that hold no file, deepest first: a run that
-        failed before landing anything leaves nothing behind, in a new destination folder or in
-        one that already existed (its lock's folders are empty once the lock is released)."""
-        with self._made_lock:
-            made = sorted(self._made, key=lambda folder: len(folder.parts), reverse=True)
-        for folder in made:
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only ever removes an empty folder
-
-    def cleanup_uploads(self, prefix: str) -> int:
-        """Remove temporary files left by killed runs."""
-        stale = [
-            k for k in self.list_keys(prefix) if Path(k).name.startswith(".") and k.endswith(".tmp")
-        ]
-        self.delete(stale)
-        return len(stale)
-
-
-# -- S3 -------------------------------------------------------------------------------------
+# What S3 answers when a conditional write's condition fails: 412, or 409 when another
+# conditional write to the key is in flight; 404 for If-Match on a key that is gone
+_CONDITION_FAILED = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
+_GONE = ("NoSuchKey", "404")
+# What a store that does not implement conditional writes answers to them
+_NOT_IMPLEMENTED = ("NotImplemented", "501")
 
 
 def s3_client(max_pool: int = 32) -> S3Client:
@@ -280,6 +74,10 @@ def _s3_error(where: str, exc: Exception) -> DestinationError:
             return DestinationError(f"{where}: access denied ({code})")
         return DestinationError(f"{where}: S3 error {code}: {err.get('Message', '')}")
     return DestinationError(f"{where}: {type(exc).__name__}: {exc}")
+
+
+def _code(exc: Any) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 class UploadStats:
@@ -417,6 +215,7 @@ class S3Storage:
         # Parts in flight, all writers together: bounds the memory of parts not yet sent
         self.part_slots = threading.BoundedSemaphore(PARTS_IN_FLIGHT)
         self.stats = UploadStats()
+        self._conditional_ok = False
 
     def full_key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -424,20 +223,14 @@ class S3Storage:
     def open_writer(self, key: str) -> Writer:
         return _S3Writer(self, key)
 
-    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
-        from botocore.exceptions import ClientError
+    def where(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self.full_key(key)}"
 
-        extra: dict[str, Any] = {"IfNoneMatch": "*"} if if_absent else {}
+    def put_bytes(self, key: str, data: bytes) -> None:
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self.full_key(key), Body=data, **extra)
-        except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if if_absent and code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                return False
-            raise _s3_error(f"s3://{self.bucket}/{self.full_key(key)}", exc) from exc
+            self.client.put_object(Bucket=self.bucket, Key=self.full_key(key), Body=data)
         except Exception as exc:
-            raise _s3_error(f"s3://{self.bucket}/{self.full_key(key)}", exc) from exc
-        return True
+            raise _s3_error(self.where(key), exc) from exc
 
     def get_bytes(self, key: str) -> bytes | None:
         from botocore.exceptions import ClientError
@@ -531,6 +324,100 @@ class S3Storage:
         except Exception as exc:
             raise _s3_error(f"s3://{self.bucket}/{full}", exc) from exc
         return n
+
+    # -- conditional writes ---------------------------------------------------------------------
+    def get_versioned(self, key: str, *, with_age: bool = False) -> Versioned | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self.full_key(key))
+            data = obj["Body"].read()
+        except ClientError as exc:
+            code = _code(exc)
+            if code in _GONE or (code in ("AccessDenied", "403") and not self._listed(key)):
+                return None
+            raise _s3_error(self.where(key), exc) from exc
+        except Exception as exc:
+            raise _s3_error(self.where(key), exc) from exc
+        age = None
+        date = obj["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
+        if with_age and date and obj.get("LastModified"):
+            # both by S3's clock: when it answered, and when the object was written
+            with contextlib.suppress(TypeError, ValueError):
+                age = max(0.0, (parsedate_to_datetime(date) - obj["LastModified"]).total_seconds())
+        return Versioned(data, str(obj["ETag"]), age)
+
+    def put_if(self, key: str, data: bytes, *, expect: str | None) -> str | None:
+        from botocore.exceptions import ClientError
+
+        condition = {"IfNoneMatch": "*"} if expect is None else {"IfMatch": expect}
+        for _attempt in range(3):
+            try:
+                put = self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=self.full_key(key),
+                    Body=data,
+                    **condition,  # type: ignore[arg-type]
+                )
+                return str(put["ETag"])
+            except ClientError as exc:
+                code = _code(exc)
+                if code in _NOT_IMPLEMENTED:
+                    raise self._unconditional() from exc
+                if code not in _CONDITION_FAILED and not (expect is not None and code in _GONE):
+                    raise _s3_error(self.where(key), exc) from exc
+            except Exception as exc:
+                raise _s3_error(self.where(key), exc) from exc
+            now = self.get_versioned(key)
+            if now is not None and now.data == data:
+                return now.version  # a retried request whose first attempt had landed
+            if (None if now is None else now.version) != expect:
+                return None
+            # 409: another conditional write to the key was in flight, and it did not land
+        return None
+
+    def delete_if(self, key: str, *, expect: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.full_key(key), IfMatch=expect)
+        except ClientError as exc:
+            code = _code(exc)
+            if code in _CONDITION_FAILED or code in _GONE:
+                return False
+            if code not in _NOT_IMPLEMENTED:
+                raise _s3_error(self.where(key), exc) from exc
+            # a store without conditional deletes: compare, then delete
+            now = self.get_versioned(key)
+            if now is None or now.version != expect:
+                return False
+            self.delete([key])
+        except Exception as exc:
+            raise _s3_error(self.where(key), exc) from exc
+        return True
+
+    def _unconditional(self) -> DestinationError:
+        return DestinationError(
+            f"{self.url}: this store ignores conditional writes (If-None-Match / If-Match on "
+            "PutObject); nyc-collisions needs them to keep two runs from writing at once: use "
+            "Amazon S3 or a store that honours them"
+        )
+
+    def check_conditional(self) -> None:
+        """Create a probe object with `If-None-Match: *` twice, and replace it with a wrong
+        `If-Match`: the store must refuse both."""
+        if self._conditional_ok:
+            return
+        probe = f".conditional-probe-{uuid.uuid4().hex[:8]}"
+        try:
+            first = self.put_if(probe, b"first", expect=None)
+            again = self.put_if(probe, b"again", expect=None)
+            stale = self.put_if(probe, b"stale", expect='"00000000000000000000000000000000"')
+        finally:
+            self.delete([probe])
+        if first is None or again is not None or stale is not None:
+            raise self._unconditional()
+        self._conditional_ok = True
 
 
 class _S3Reader(io.RawIOBase):
