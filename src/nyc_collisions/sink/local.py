@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-from ..errors import DestinationError
+from ..errors import DestinationBusy, DestinationError
 from ..host import boot_id, process_gone
 from .storage import Versioned, Writer
 
@@ -269,9 +269,9 @@ class LocalStorage:
                         break
                     except BlockingIOError:
                         if time.monotonic() > deadline:
-                            raise DestinationError(
-                                f"{guard}: another process has held this lock for over "
-                                f"{GUARD_WAIT:.0f}s; if none is running, delete the file"
+                            raise DestinationBusy(
+                                f"{guard}: another run holds this file's lock for over "
+                                f"{GUARD_WAIT:.0f}s (stopped?); if none is running, delete it"
                             ) from None
                         time.sleep(0.005)
                 mine = os.fstat(fd)
@@ -286,25 +286,29 @@ class LocalStorage:
                 raise
             os.close(fd)  # we locked a guard file its holder had removed: lock the new one
 
-    def _replace(self, path: Path, data: bytes) -> None:
-        """Write `data` to a temporary file, flush it to disk, rename it into place."""
+    def _staged(self, path: Path, data: bytes) -> Path:
+        """`data` in a temporary file beside `path`, flushed to disk: ready to rename."""
+        self._make_folder(path.parent)
         tmp = _tmp_for(path)
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
+        return tmp
+
+    def _synced(self, folder: Path) -> None:
+        """Flush a folder's entries (a rename) to disk."""
         with contextlib.suppress(OSError):
-            folder = os.open(path.parent, os.O_RDONLY)
+            fd = os.open(folder, os.O_RDONLY)
             try:
-                os.fsync(folder)  # the rename itself survives a crash
+                os.fsync(fd)
             finally:
-                os.close(folder)
+                os.close(fd)
 
     def _current(self, path: Path) -> bytes | None:
         try:
@@ -338,16 +342,24 @@ class LocalStorage:
         return max(0.0, (now - written) / 1e9)
 
     def put_if(self, key: str, data: bytes, *, expect: str | None) -> str | None:
+        """Compare and rename under the guard's lock, a few microseconds: the new content is
+        written and flushed before (a process stopped there holds nobody up)."""
         path = self._path(key)
+        tmp: Path | None = None
         try:
+            tmp = self._staged(path, data)
             with self._guarded(path):
                 current = self._current(path)
-                now = None if current is None else _version(current)
-                if now != expect:
+                if (None if current is None else _version(current)) != expect:
                     return None
-                self._replace(path, data)
+                os.replace(tmp, path)
+            self._synced(path.parent)
         except OSError as exc:
             raise _disk_error(path, exc) from exc
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
         return _version(data)
 
     def delete_if(self, key: str, *, expect: str) -> bool:
