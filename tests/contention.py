@@ -157,7 +157,7 @@ class Contention:
             }[kind]
             if kind == "backfill":
                 args += ["--file-rows", "250", "--no-progress"]
-            run = Run(args, offset=self.rng.uniform(0.0, 1.5))
+            run = Run(args, offset=self.rng.uniform(0.0, 3.0))
             if self.rng.random() < 0.5:  # "another host", its clock off by up to 15 minutes
                 run.host = {
                     "FAKEHOST_NAME": f"host-{self.rng.randint(1, 3)}",
@@ -166,8 +166,8 @@ class Contention:
             roll = self.rng.random()
             if roll < 0.3:
                 run.kill_after = self.rng.uniform(0.4, 3.0)
-            elif roll < 0.4:
-                run.pause = (self.rng.uniform(0.4, 1.5), self.rng.uniform(1.5, 2.5) * TTL)
+            elif roll < 0.5:  # long enough for a run that comes meanwhile to take the lease over
+                run.pause = (self.rng.uniform(1.2, 2.5), self.rng.uniform(2.0, 3.0) * TTL)
             runs.append(run)
         return runs
 
