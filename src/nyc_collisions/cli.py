@@ -101,6 +101,14 @@ def common(f: F) -> F:
     return f
 
 
+def key_option(help_text: str) -> Callable[[F], F]:
+    """`--key FIELD`: the unique key of a dataset given by id (the manifest's key once landed)."""
+    return click.option("--key", default=None, metavar="FIELD", help=help_text)
+
+
+LANDED_KEY_HELP = "The dataset's unique key; if given, it must be the key it was landed with."
+
+
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(
@@ -228,12 +236,7 @@ def _print_summary(results: list[DatasetResult], started: float) -> None:
 @click.option(
     "--page-size", type=int, default=DEFAULT_PAGE_SIZE, show_default=True, help="Rows per request."
 )
-@click.option(
-    "--key",
-    default=None,
-    metavar="FIELD",
-    help="Unique key of a dataset given by id (default :id).",
-)
+@key_option("Unique key of a dataset given by id (default :id; once landed, the key it has).")
 @click.option(
     "--file-rows",
     type=int,
@@ -385,6 +388,7 @@ def _print_changes(results: list[DatasetResult], started: float) -> None:
     default=None,
     help="Stop cleanly before this many seconds; the next run goes on.",
 )
+@key_option(LANDED_KEY_HELP)
 @handle_errors
 def update_cmd(
     datasets: tuple[str, ...],
@@ -392,6 +396,7 @@ def update_cmd(
     dest: str,
     verbose: int,
     retries: int,
+    key: str | None,
     fmt: str | None,
     page_size: int,
     file_rows: int,
@@ -422,7 +427,7 @@ def update_cmd(
         progress=sys.stderr.isatty(),
     )
     storage = open_storage(dest)
-    chosen = resolve_many(list(datasets))
+    chosen = resolve_many(list(datasets), key)
     with _client(source, retries, workers) as client:
         storage.check_writable()
         try:
@@ -447,9 +452,10 @@ def update_cmd(
 @main.command("reconcile")
 @click.argument("datasets", nargs=-1, metavar="[DATASET]...")
 @common
+@key_option(LANDED_KEY_HELP)
 @handle_errors
 def reconcile_cmd(
-    datasets: tuple[str, ...], source: str, dest: str, verbose: int, retries: int
+    datasets: tuple[str, ...], source: str, dest: str, verbose: int, retries: int, key: str | None
 ) -> None:
     """Find deletions and gaps: compare the source's key set with what landed.
 
@@ -467,7 +473,7 @@ def reconcile_cmd(
     with _client(source, retries) as client:
         storage.check_writable()
         results = _run_each(
-            resolve_many(list(datasets)),
+            resolve_many(list(datasets), key),
             lambda ds, stop: Reconcile(client, storage, ds, opts).run(stop),
         )
     _print_changes(results, started)
@@ -603,9 +609,10 @@ def status_cmd(
 @main.command("verify")
 @click.argument("datasets", nargs=-1, metavar="[DATASET]...")
 @common
+@key_option(LANDED_KEY_HELP)
 @handle_errors
 def verify_cmd(
-    datasets: tuple[str, ...], source: str, dest: str, verbose: int, retries: int
+    datasets: tuple[str, ...], source: str, dest: str, verbose: int, retries: int, key: str | None
 ) -> None:
     """Compare what landed with the source now: row count and the full set of unique keys.
 
@@ -617,9 +624,12 @@ def verify_cmd(
     storage = open_storage(dest)
     ok = True
     with _client(source, retries) as client:
-        for ds in resolve_many(list(datasets)):
+        for ds in resolve_many(list(datasets), key):
             landed = open_landed(storage, ds)
-            diff = verify(DatasetSource(client, ds), landed)
+            where = f"{storage.url}/{ds.name}/"
+            diff = verify(
+                DatasetSource(client, ds.keyed_as_landed(landed.manifest.key, where)), landed
+            )
             if diff.ok:
                 click.echo(f"{ds.name}: OK: {diff.landed_rows:,} rows, keys match the source")
                 continue
