@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -146,24 +147,41 @@ def _opts(
     return RunOptions(page_size=page_size, file_rows=file_rows, deadline=deadline, **kw)
 
 
+def _say(text: str) -> None:
+    """Print to stderr, with the app token masked should any message ever carry it."""
+    token = os.environ.get("SOCRATA_APP_TOKEN")
+    click.echo(text.replace(token, "***") if token else text, err=True)
+
+
 def handle_errors(f: F) -> F:
-    """Library errors -> one clear line on stderr and a non-zero exit."""
+    """Errors -> one clear line on stderr and a non-zero exit; anything unforeseen too, with
+    its traceback only under -v."""
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return f(*args, **kwargs)
         except Interrupted as exc:
-            click.echo(f"nyc-collisions: {exc}", err=True)
+            _say(f"nyc-collisions: {exc}")
             sys.exit(130)
         except KeyboardInterrupt:
-            click.echo(CTRL_C_LINE, err=True)
+            _say(CTRL_C_LINE)
             sys.exit(130)
         except UsageError as exc:
-            click.echo(f"nyc-collisions: error: {exc}", err=True)
+            _say(f"nyc-collisions: error: {exc}")
             sys.exit(2)
         except NycCollisionsError as exc:
-            click.echo(f"nyc-collisions: error: {exc}", err=True)
+            _say(f"nyc-collisions: error: {exc}")
+            sys.exit(1)
+        except Exception as exc:
+            if kwargs.get("verbose"):
+                _say(traceback.format_exc().rstrip())
+            text = " ".join(str(exc).split()) or "(no message)"
+            _say(
+                f"nyc-collisions: error: unexpected {type(exc).__name__}: {text} "
+                "(nothing partial was committed; rerun with -v for the traceback, and please "
+                "report it)"
+            )
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
