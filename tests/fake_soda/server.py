@@ -792,9 +792,10 @@ class FakeSoda(AdminMethods):
         cache_dir: str | Path | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        hostile_text: bool = False,
     ) -> None:
         self.sizes = resolve_sizes(sizes, scale)
-        self._registry = Registry(self.sizes, seed, cache_dir)
+        self._registry = Registry(self.sizes, seed, cache_dir, hostile_text)
         self._app = App(self._registry, tokens, require_token, no_token_status, latency, gzip, seed)
         self._address = (host, port)
         self._server: _Server | None = None
