@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from . import settings
 from .current import iter_current, open_landed
 from .datasets import resolve
 from .errors import UsageError
@@ -17,7 +18,7 @@ from .pages import parse_page
 from .sink.formats import READ_BATCH_ROWS
 from .sink.storage import DEFAULT_LOCAL_DEST, LocalStorage, open_storage
 from .socrata import soql
-from .socrata.client import DEFAULT_BASE_URL, SodaClient
+from .socrata.client import DEFAULT_BASE_URL, WIRES, RetryPolicy, SodaClient
 from .socrata.source import DatasetSource
 
 if TYPE_CHECKING:
@@ -29,9 +30,12 @@ def _dest(dest: str | None) -> str:
 
 
 def _client(source: str | None) -> SodaClient:
+    """A client as the CLI makes one: the same environment variables, checked the same way."""
     return SodaClient(
         source or os.environ.get("SOCRATA_BASE_URL") or DEFAULT_BASE_URL,
         app_token=os.environ.get("SOCRATA_APP_TOKEN") or None,
+        retry=RetryPolicy.from_env(),
+        wire=settings.env_choice(settings.WIRE, "auto", WIRES),
     )
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
-import os
+import math
 import random
 import threading
 import time
@@ -31,7 +31,7 @@ import httpx
 import orjson
 from isal import isal_zlib
 
-from .. import __version__
+from .. import __version__, settings
 from ..errors import (
     BadResponse,
     DatasetNotFound,
@@ -56,11 +56,17 @@ class RetryPolicy:
     cap: float = 60.0
     max_retry_after: float = 300.0
 
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise UsageError(f"retry attempts must be at least 1, not {self.attempts}")
+
     @classmethod
-    def from_env(cls, attempts: int = 10) -> RetryPolicy:
-        """The policy, with the base delay from `NYC_COLLISIONS_RETRY_BASE` (seconds) if set."""
-        base = float(os.environ.get("NYC_COLLISIONS_RETRY_BASE", "1.0"))
-        attempts = int(os.environ.get("NYC_COLLISIONS_RETRIES", str(attempts)))
+    def from_env(cls, attempts: int | None = None) -> RetryPolicy:
+        """The policy: `attempts`, else `NYC_COLLISIONS_RETRIES` (1-100, default 10); the base
+        delay from `NYC_COLLISIONS_RETRY_BASE` (0-60 seconds, default 1)."""
+        base = settings.env_float(settings.RETRY_BASE, cls.base, 0.0, 60.0)
+        if attempts is None:
+            attempts = settings.env_int(settings.RETRIES, cls.attempts, 1, 100)
         return cls(attempts=attempts, base=base)
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
@@ -155,14 +161,19 @@ def validate_base_url(base_url: str) -> str:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("Retry-After")
+    """Seconds the server asks us to wait: a number or an HTTP date; anything else is ignored
+    (the usual backoff applies)."""
+    value = response.headers.get("Retry-After", "").strip()
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value)
-        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError):
+            return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def _clip(text: str, n: int = 300) -> str:
@@ -205,6 +216,8 @@ class SodaClient:
     ) -> None:
         self.base_url = validate_base_url(base_url)
         self.wire = check_wire(wire)
+        if not (timeout > 0 and connect_timeout > 0):
+            raise UsageError(f"timeouts must be positive, not {timeout} and {connect_timeout}")
         self.retry = retry or RetryPolicy()
         self.limit = AdaptiveLimit(concurrency)
         self.stats = ClientStats()
@@ -353,10 +366,16 @@ class SodaClient:
         return self.fetch(path, params, parse_json_document)
 
     def metadata(self, dataset_id: str) -> dict[str, Any]:
-        doc = self.get_json(f"/api/views/{dataset_id}.json")
-        if not isinstance(doc, dict) or not isinstance(doc.get("columns"), list):
-            raise BadResponse(f"{self.base_url}/api/views/{dataset_id}.json: no columns")
-        return doc
+        """The dataset's metadata; a document without columns is fetched again, like a body cut
+        short."""
+
+        def with_columns(body: bytes) -> dict[str, Any]:
+            doc = parse_json_document(body)
+            if not isinstance(doc, dict) or not isinstance(doc.get("columns"), list):
+                raise BadResponse(f"metadata without columns: {_clip(str(doc), 80)}")
+            return doc
+
+        return self.fetch(f"/api/views/{dataset_id}.json", None, with_columns)
 
     def resource_path(self, dataset_id: str, fmt: str = "json") -> str:
         return f"/resource/{dataset_id}.{fmt}"
