@@ -363,6 +363,7 @@ def test_a_source_that_keeps_failing_says_so_while_it_retries(tmp_path: Path) ->
         ("NYC_COLLISIONS_RETRY_BASE", "-1"),
         ("NYC_COLLISIONS_RETRY_BASE", "inf"),
         ("NYC_COLLISIONS_WIRE", "xml"),
+        ("NYC_COLLISIONS_ALLOW_HTTP", "maybe"),
     ],
 )
 def test_bad_environment_values(soda: FakeSoda, tmp_path: Path, var: str, value: str) -> None:
@@ -384,6 +385,7 @@ def test_bad_environment_values(soda: FakeSoda, tmp_path: Path, var: str, value:
         ("NYC_COLLISIONS_WIRE", "xml"),
         ("NYC_COLLISIONS_FORMAT", "xlsx"),
         ("NYC_COLLISIONS_RECONCILE_WEEKDAY", "someday"),
+        ("NYC_COLLISIONS_ALLOW_HTTP", "maybe"),
     ],
 )
 def test_bad_environment_values_in_lambda(

@@ -6,9 +6,9 @@ Configuration comes from the environment:
   (`crashes,persons,vehicles`), `SOCRATA_BASE_URL`, `NYC_COLLISIONS_FORMAT` (for a backfill),
   `NYC_COLLISIONS_RECONCILE_WEEKDAY`
   (`SUN`: that day's run also reconciles deletions), `NYC_COLLISIONS_WIRE` (`auto`, `json` or
-  `csv`: how rows come from the source, as `--wire`), `NYC_COLLISIONS_RETRIES` (as `--retries`);
-  each is checked before anything is done, and a bad value is a `UsageError` naming the
-  variable;
+  `csv`: how rows come from the source, as `--wire`), `NYC_COLLISIONS_RETRIES` (as `--retries`),
+  `NYC_COLLISIONS_ALLOW_HTTP` (as `--allow-http`); each is checked before anything is done, and
+  a bad value is a `UsageError` naming the variable;
 - the app token: `SOCRATA_APP_TOKEN`, or the name of a Secrets Manager secret
   (`SOCRATA_APP_TOKEN_SECRET`) or an SSM SecureString parameter (`SOCRATA_APP_TOKEN_PARAMETER`),
   fetched once and cached across warm invocations.
@@ -39,7 +39,7 @@ from .incremental import Reconcile, Update
 from .schema import tune_allocators
 from .sink.formats import FORMATS
 from .sink.storage import open_storage
-from .socrata.client import DEFAULT_BASE_URL, WIRES, RetryPolicy, SodaClient
+from .socrata.client import DEFAULT_BASE_URL, WIRES, RetryPolicy, SodaClient, validate_base_url
 
 logger = logging.getLogger("nyc_collisions.aws")
 SAFETY_SECONDS = 90.0  # stop this long before Lambda's deadline (a quarter of short budgets)
@@ -153,7 +153,12 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
     if not dest:
         raise UsageError("NYC_COLLISIONS_DEST is not set")
     weekday = _reconcile_weekday()
-    source = os.environ.get("SOCRATA_BASE_URL") or DEFAULT_BASE_URL
+    allow_http = settings.env_flag(settings.ALLOW_HTTP)
+    source = validate_base_url(
+        os.environ.get("SOCRATA_BASE_URL") or DEFAULT_BASE_URL,
+        allow_http=allow_http,
+        name="SOCRATA_BASE_URL",
+    )
     retry = RetryPolicy.from_env()
     wire = settings.env_choice(settings.WIRE, "auto", WIRES)
     fmt = settings.env_choice("NYC_COLLISIONS_FORMAT", "csv", FORMATS)
@@ -183,6 +188,7 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
             concurrency=opts.workers,
             retry=retry,
             wire=wire,
+            allow_http=allow_http,
         ) as client:
             if command == "backfill":
                 results = backfill(client, storage, datasets, opts)

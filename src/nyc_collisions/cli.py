@@ -84,6 +84,14 @@ def common(f: F) -> F:
         "the environment variable SOCRATA_APP_TOKEN.",
     )(f)
     f = click.option(
+        "--allow-http",
+        is_flag=True,
+        expose_value=False,
+        callback=_or_env(lambda: settings.env_flag(settings.ALLOW_HTTP), "allow_http"),
+        help="Allow a plain http:// --source on another machine (env "
+        "NYC_COLLISIONS_ALLOW_HTTP=1): the app token and the data would travel unencrypted.",
+    )(f)
+    f = click.option(
         "--dest",
         envvar="NYC_COLLISIONS_DEST",
         default=DEFAULT_LOCAL_DEST,
@@ -148,6 +156,7 @@ def _client(source: str, retries: int, workers: int = DEFAULT_WORKERS) -> SodaCl
         concurrency=workers,
         retry=RetryPolicy.from_env(attempts=retries),
         timeout=timeout,
+        allow_http=bool(ctx.meta.get("allow_http")) if ctx else False,
     )
 
 

@@ -15,6 +15,10 @@ from .errors import UsageError
 RETRIES = "NYC_COLLISIONS_RETRIES"
 RETRY_BASE = "NYC_COLLISIONS_RETRY_BASE"
 WIRE = "NYC_COLLISIONS_WIRE"
+ALLOW_HTTP = "NYC_COLLISIONS_ALLOW_HTTP"
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 def _raw(name: str) -> str | None:
@@ -59,3 +63,15 @@ def env_choice(name: str, default: str, choices: Iterable[str]) -> str:
     if raw.lower() not in allowed:
         raise UsageError(f"{name}={raw!r}: must be one of {', '.join(allowed)}")
     return raw.lower()
+
+
+def env_flag(name: str) -> bool:
+    """A yes/no switch: 1/true/yes/on or 0/false/no/off; off when unset."""
+    raw = _raw(name)
+    if raw is None:
+        return False
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise UsageError(f"{name}={raw!r}: must be 1/true/yes/on or 0/false/no/off")

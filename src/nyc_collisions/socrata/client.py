@@ -10,12 +10,15 @@ Every request goes through `SodaClient.fetch`, which classifies responses in one
 All workers share one `AdaptiveLimit`: the number of requests in flight halves when the source
 throttles (429/403 throttle) and grows back by one after a run of successes (AIMD).
 One INFO log line per request; the token travels only in the `X-App-Token` header and is never
-logged or put in a message.
+logged or put in a message. Requests go only to the source's own origin (scheme, host, port): a
+redirect elsewhere is refused before it is followed, so the token never leaves with it; plain
+http is refused for any host but this machine unless allowed.
 """
 
 from __future__ import annotations
 
 import email.utils
+import ipaddress
 import logging
 import math
 import random
@@ -147,17 +150,39 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
-def validate_base_url(base_url: str) -> str:
-    """Check `--source`: an http(s) URL of a host, without query; returns it without a final /."""
+def validate_base_url(base_url: str, *, allow_http: bool = False, name: str = "--source") -> str:
+    """Check a source URL (`name` says where it came from): an http(s) URL of a host, without
+    query, and https unless the host is this machine or `allow_http`; returns it without a
+    final /."""
     try:
         url = httpx.URL(base_url)
     except (httpx.InvalidURL, TypeError) as exc:
-        raise UsageError(f"--source {base_url!r} is not a URL: {exc}") from None
+        raise UsageError(f"{name} {base_url!r} is not a URL: {exc}") from None
     if url.scheme not in ("http", "https") or not url.host or url.query or url.fragment:
         raise UsageError(
-            f"--source {base_url!r} is not a base URL like https://data.cityofnewyork.us"
+            f"{name} {base_url!r} is not a base URL like https://data.cityofnewyork.us"
+        )
+    if url.scheme == "http" and not allow_http and not _is_loopback(url.host):
+        raise UsageError(
+            f"{name} {base_url!r}: plain http would send the app token and the data unencrypted;"
+            f" use https, or allow it with --allow-http ({settings.ALLOW_HTTP}=1)"
         )
     return str(url).rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _origin(url: httpx.URL) -> str:
+    """scheme://host[:port], the port only when it is not the scheme's default (as httpx keeps
+    it); never user or password."""
+    return f"{url.scheme}://{url.netloc.decode('ascii')}"
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -213,8 +238,10 @@ class SodaClient:
         timeout: float = 120.0,
         connect_timeout: float = 10.0,
         wire: str = "auto",
+        allow_http: bool = False,
     ) -> None:
-        self.base_url = validate_base_url(base_url)
+        self.base_url = validate_base_url(base_url, allow_http=allow_http)
+        self._origin = _origin(httpx.URL(self.base_url))
         self.wire = check_wire(wire)
         if not (timeout > 0 and connect_timeout > 0):
             raise UsageError(f"timeouts must be positive, not {timeout} and {connect_timeout}")
@@ -235,7 +262,17 @@ class SodaClient:
                 max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4
             ),
             follow_redirects=True,
+            event_hooks={"request": [self._same_origin]},
         )
+
+    def _same_origin(self, request: httpx.Request) -> None:
+        """Before every request, redirects included: only to the source's own origin."""
+        origin = _origin(request.url)
+        if origin != self._origin:
+            raise SourceRejected(
+                f"{self.base_url}: the source redirected to {origin}{request.url.path}, another "
+                f"origin; refused: requests and the app token go only to {self._origin}"
+            )
 
     def close(self) -> None:
         self._http.close()
@@ -351,6 +388,8 @@ class SodaClient:
                         result = consume(counted(_body(response)))
                     except BadResponse as exc:
                         raise _Retryable("bad body", str(exc)) from None
+            except httpx.TooManyRedirects:
+                raise SourceRejected(f"{self.base_url}{shown}: too many redirects") from None
             except httpx.TimeoutException as exc:
                 raise _Retryable("timeout", f"timed out ({type(exc).__name__})") from None
             except httpx.TransportError as exc:
