@@ -7,8 +7,8 @@ Every request goes through `SodaClient.fetch`, which classifies responses in one
 - 404 is `DatasetNotFound`, 403 `permission_denied` is `InvalidAppToken`, any other 4xx is
   `SourceRejected` with the server's message (both of SODA's error shapes are read).
 
-All workers share one `AdaptiveLimit`: the number of requests in flight halves when the source
-throttles (429/403 throttle) and grows back by one after a run of successes (AIMD).
+All workers share one `AdaptiveLimit`: the number of requests in flight halves once per
+throttling event (429/403 throttle) and grows back by one after a run of successes (AIMD).
 One INFO log line per request; the token travels only in the `X-App-Token` header and is never
 logged or put in a message. Requests go only to the source's own origin (scheme, host, port): a
 redirect elsewhere is refused before it is followed, so the token never leaves with it; plain
@@ -80,43 +80,56 @@ class RetryPolicy:
 
 
 class AdaptiveLimit:
-    """A concurrency limit shared by all workers: multiplicative decrease, additive increase."""
+    """A concurrency limit shared by all workers: multiplicative decrease, additive increase.
+
+    `with limit as epoch:` holds one of `limit` slots for a request; `epoch` counts the decreases
+    so far. One throttling event halves the limit once: the requests in flight when it happens
+    were all sent at the old rate, so only a throttle of a request sent after the last decrease
+    (same epoch) halves it again. After `GROW_AFTER * limit` successes in a row, one more request
+    may be in flight, up to `maximum`.
+    """
+
+    GROW_AFTER = 4  # full windows of successes before the limit grows by one
 
     def __init__(self, maximum: int) -> None:
         self.maximum = max(1, maximum)
         self.limit = self.maximum
         self._in_flight = 0
         self._successes = 0
+        self._epoch = 0
         self._cond = threading.Condition()
 
-    def __enter__(self) -> AdaptiveLimit:
+    def __enter__(self) -> int:
         with self._cond:
             while self._in_flight >= self.limit:
                 self._cond.wait()
             self._in_flight += 1
-        return self
+            return self._epoch
 
     def __exit__(self, *exc: object) -> None:
         with self._cond:
             self._in_flight -= 1
             self._cond.notify_all()
 
-    def throttled(self) -> None:
-        """The source throttled us: halve the limit."""
+    def throttled(self, epoch: int) -> None:
+        """A request sent in `epoch` was throttled: halve the limit, once per event."""
         with self._cond:
+            if epoch != self._epoch:
+                return  # sent before the last decrease: the same event, already answered
+            self._epoch += 1
+            self._successes = 0
             new = max(1, self.limit // 2)
             if new != self.limit:
                 logger.warning("source throttles: concurrency %d -> %d", self.limit, new)
             self.limit = new
-            self._successes = 0
 
     def succeeded(self) -> None:
-        """One success: after `limit` successes in a row, allow one more request in flight."""
+        """One success; after `GROW_AFTER * limit` in a row, one more request in flight."""
         with self._cond:
             if self.limit >= self.maximum:
                 return
             self._successes += 1
-            if self._successes >= self.limit * 4:
+            if self._successes >= self.limit * self.GROW_AFTER:
                 self.limit += 1
                 self._successes = 0
                 self._cond.notify_all()
@@ -148,6 +161,9 @@ class _Retryable(Exception):
         super().__init__(detail)
         self.cause = cause
         self.retry_after = retry_after
+
+
+_THROTTLES = ("429", "403 throttle")
 
 
 def validate_base_url(base_url: str, *, allow_http: bool = False, name: str = "--source") -> str:
@@ -349,8 +365,6 @@ class SodaClient:
                 result = self._stream_attempt(path, query, consume, shown)
             except _Retryable as exc:
                 self.stats.retried(exc.cause)
-                if exc.cause in ("429", "403 throttle"):
-                    self.limit.throttled()
                 last = exc
                 continue
             self.limit.succeeded()
@@ -377,7 +391,7 @@ class SodaClient:
                 received += len(chunk)
                 yield chunk
 
-        with self.limit:
+        with self.limit as epoch:
             try:
                 with self._http.stream("GET", path, params=query) as response:
                     if response.status_code != 200 or looks_like_html(response, b""):
@@ -388,6 +402,10 @@ class SodaClient:
                         result = consume(counted(_body(response)))
                     except BadResponse as exc:
                         raise _Retryable("bad body", str(exc)) from None
+            except _Retryable as exc:
+                if exc.cause in _THROTTLES:
+                    self.limit.throttled(epoch)
+                raise
             except httpx.TooManyRedirects:
                 raise SourceRejected(f"{self.base_url}{shown}: too many redirects") from None
             except httpx.TimeoutException as exc:
