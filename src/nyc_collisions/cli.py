@@ -10,13 +10,13 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any, TypeVar
 
 import click
 import orjson
+from click.core import ParameterSource
 
-from . import __version__
+from . import __version__, settings
 from .current import open_landed
 from .datasets import resolve, resolve_many
 from .errors import CTRL_C_LINE, Interrupted, NycCollisionsError, UsageError
@@ -47,6 +47,32 @@ def _human_bytes(n: float) -> str:
     return f"{n:,.1f} TiB"
 
 
+class _EnvError(click.ClickException):
+    """A bad environment variable found while the options are read: one line, exit 2."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"nyc-collisions: error: {self.message}", err=True)
+
+
+def _or_env(read: Callable[[], Any], meta: str | None = None) -> Callable[..., Any]:
+    """Option callback: the value given, else `read()` (a checked environment variable, or the
+    default); also kept in `ctx.meta[meta]` for options the commands do not take as arguments."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if param.name and ctx.get_parameter_source(param.name) is ParameterSource.DEFAULT:
+            try:
+                value = read()
+            except UsageError as exc:
+                raise _EnvError(str(exc)) from None
+        if meta:
+            ctx.meta[meta] = value
+        return value
+
+    return callback
+
+
 def common(f: F) -> F:
     """Options every command takes: where the source and the destination are, how loud to be."""
     f = click.option(
@@ -57,6 +83,14 @@ def common(f: F) -> F:
         metavar="URL",
         help="Socrata base URL (env SOCRATA_BASE_URL). The app token is read from "
         "the environment variable SOCRATA_APP_TOKEN.",
+    )(f)
+    f = click.option(
+        "--allow-http",
+        is_flag=True,
+        expose_value=False,
+        callback=_or_env(lambda: settings.env_flag(settings.ALLOW_HTTP), "allow_http"),
+        help="Allow a plain http:// --source on another machine (env "
+        "NYC_COLLISIONS_ALLOW_HTTP=1): the app token and the data would travel unencrypted.",
     )(f)
     f = click.option(
         "--dest",
@@ -77,7 +111,8 @@ def common(f: F) -> F:
         type=click.IntRange(1, 100),
         default=10,
         show_default=True,
-        help="Attempts per request before giving up.",
+        callback=_or_env(lambda: settings.env_int(settings.RETRIES, 10, 1, 100)),
+        help="Attempts per request before giving up (env NYC_COLLISIONS_RETRIES).",
     )(f)
     f = click.option(
         "--timeout",
@@ -93,11 +128,11 @@ def common(f: F) -> F:
         type=click.Choice(list(WIRES), case_sensitive=False),
         default="auto",
         show_default=True,
-        envvar="NYC_COLLISIONS_WIRE",
         expose_value=False,
-        callback=lambda ctx, _param, value: ctx.meta.__setitem__("wire", value),
+        callback=_or_env(lambda: settings.env_choice(settings.WIRE, "auto", WIRES), "wire"),
         help="How rows come from the source: auto = CSV for datasets whose columns CSV "
-        "carries exactly (persons, vehicles), JSON otherwise (crashes' location).",
+        "carries exactly (persons, vehicles), JSON otherwise (crashes' location); env "
+        "NYC_COLLISIONS_WIRE.",
     )(f)
     return f
 
@@ -128,8 +163,9 @@ def _client(source: str, retries: int, workers: int = DEFAULT_WORKERS) -> SodaCl
         wire=wire,
         app_token=os.environ.get("SOCRATA_APP_TOKEN") or None,
         concurrency=workers,
-        retry=replace(RetryPolicy.from_env(), attempts=retries),
+        retry=RetryPolicy.from_env(attempts=retries),
         timeout=timeout,
+        allow_http=bool(ctx.meta.get("allow_http")) if ctx else False,
     )
 
 

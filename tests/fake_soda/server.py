@@ -384,6 +384,7 @@ class _Exchange:
         self.fault = app.faults.pick(f"{target}\n{unquote_plus(target)}", self.kind == "data")
         if self.fault is not None:
             app.stats.fault(self.fault.kind)
+            app.faults.gather(self.fault)
             if self.fault.kind in IMMEDIATE:
                 self._fault_response(self.fault)
                 return
@@ -477,7 +478,10 @@ class _Exchange:
         headers = {}
         if fault.retry_after is not None and fault.kind in ("429", "503"):
             ra = fault.retry_after
-            headers["Retry-After"] = str(int(ra)) if float(ra).is_integer() else str(ra)
+            if isinstance(ra, str):
+                headers["Retry-After"] = ra  # as given, even when it is not a number or date
+            else:
+                headers["Retry-After"] = str(int(ra)) if float(ra).is_integer() else str(ra)
         match fault.kind:
             case "429":
                 self._send_json(429, _THROTTLED, headers)
@@ -508,6 +512,13 @@ class _Exchange:
                 )
             case "202":
                 self._send_json(202, {"message": "processing"})
+            case "redirect":
+                assert fault.location is not None
+                target = fault.location.rstrip("/") + self.h.path
+                self._send(fault.status or 302, "text/plain", b"", {"Location": target})
+            case "body":
+                body = (fault.body or "").encode()
+                self._send(fault.status or 200, "application/json; charset=utf-8", body)
             case _:
                 status = fault.status or 503
                 self._send_html(
