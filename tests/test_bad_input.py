@@ -474,3 +474,27 @@ def test_a_body_that_is_not_what_soda_sends(
     res = cli(*args, "--dest", str(dest))
     assert res.code == 0, res.text
     exact(soda, str(dest), "crashes", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["backfill", "crashes", "--retries", "0"], ["--retries", "backfill --help"]),
+        (["backfill", "crashes", "--timeout", "0"], ["--timeout"]),
+        (["backfill", "crashes", "--format", "xml"], ["--format", "xml"]),
+        (["update", "--no-such-option"], ["--no-such-option", "update --help"]),
+        (["no-such-command"], ["no-such-command"]),
+        (["export", "crashes"], ["--output"]),
+    ],
+    ids=["retries_0", "timeout_0", "format_xml", "unknown_option", "unknown_command", "no_output"],
+)
+def test_option_errors_are_one_line(tmp_path: Path, args: list[str], needles: list[str]) -> None:
+    """What click itself refuses reads like every other error: one line, exit 2."""
+    done = subprocess.run(
+        [sys.executable, "-m", "nyc_collisions", *args, "--dest", str(tmp_path / "land")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2, done.stderr
+    one_line_error(done.stderr, "error", *needles)
+    assert not (tmp_path / "land").exists()

@@ -223,7 +223,55 @@ def handle_errors(f: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _NeverRaised(click.UsageError):
+    pass
+
+
+# click >= 8.2 raises this for a group called without a command (8.1 shows its help itself)
+_NO_ARGS: type[click.UsageError] = getattr(click.exceptions, "NoArgsIsHelpError", _NeverRaised)
+
+
+class _Commands(click.Group):
+    """click's group, with its usage errors (a bad option value, an unknown option) as one line
+    like every other error, instead of a usage block."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: list[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        def run() -> Any:
+            return super(_Commands, self).main(
+                args, prog_name, complete_var, standalone_mode=False, **extra
+            )
+
+        if not standalone_mode:
+            return run()
+        try:
+            code = run()
+        except _NO_ARGS as exc:  # the bare command: its help, as click shows it
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx else "nyc-collisions"
+            _say(f"nyc-collisions: error: {exc.format_message()} (see {where} --help)")
+            sys.exit(2)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            _say(CTRL_C_LINE)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(
+    cls=_Commands,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="nyc-collisions")
 def main() -> None:
     """Land NYC Motor Vehicle Collisions open data (crashes, persons, vehicles) from Socrata
