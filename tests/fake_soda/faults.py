@@ -16,6 +16,8 @@ Kinds and their knobs:
 | `reset` | `after_rows` rows (default half the page), part of the next, then a TCP RST |
 | `truncate_rows` | `after_rows` rows, then a clean end: a well-formed shorter page (rows only) |
 | `truncate_mid` | `after_rows` rows and half of the next, then a clean end |
+| `bad_row` | JSON row `after_rows` (mid-page; < 0 from the end) is `row` (`null`) + `pad` blanks |
+| `duplicate_field` | metadata whose `columns` name `field` (the first column by default) twice |
 """
 
 from __future__ import annotations
@@ -39,13 +41,17 @@ KINDS = (
     "reset",
     "truncate_rows",
     "truncate_mid",
+    "bad_row",
+    "duplicate_field",
 )
 IMMEDIATE = ("429", "403_throttle", "500", "502", "503", "202", "html")
 """Kinds answered at once, instead of the real answer."""
 CUTTING = ("reset", "truncate_rows", "truncate_mid")
 """Kinds that cut the body after `after_rows` rows."""
-ROWS_ONLY = ("truncate_rows",)
+ROWS_ONLY = ("truncate_rows", "bad_row")
 """Kinds that need a rows response (a well-formed shorter metadata document does not exist)."""
+METADATA_ONLY = ("duplicate_field",)
+"""Kinds that change a metadata document."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,9 @@ class Fault:
     retry_after: float | None = None
     seconds: float | None = None
     status: int | None = None
+    row: str | None = None
+    pad: int | None = None
+    field: str | None = None
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> Fault:
@@ -74,7 +83,7 @@ class Fault:
         return {k: v for k, v in asdict(self).items() if v is not None or k == "times"}
 
     def applies(self, target: str, rows: bool) -> bool:
-        if self.kind in ROWS_ONLY and not rows:
+        if (self.kind in ROWS_ONLY and not rows) or (self.kind in METADATA_ONLY and rows):
             return False
         return self.match is None or self.match in target
 
