@@ -32,11 +32,13 @@ PIECE_START = {"after_rows": 1200, "pad": 2 << 20}
 before it (it holds no row separator), so a piece starts with it."""
 
 
-def backfill(url: str, dest: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    """`python -m nyc_collisions backfill crashes` in a process of its own."""
+def backfill(
+    url: str, dest: str, *extra: str, dataset: str = "crashes"
+) -> subprocess.CompletedProcess[str]:
+    """`python -m nyc_collisions backfill DATASET` in a process of its own."""
     done = subprocess.run(
         [
-            *(sys.executable, "-m", "nyc_collisions", "backfill", "crashes", "--retries", "3"),
+            *(sys.executable, "-m", "nyc_collisions", "backfill", dataset, "--retries", "3"),
             *("--source", url, "--dest", dest, *extra),
         ],
         capture_output=True,
@@ -58,7 +60,7 @@ def one_line(stderr: str, *needles: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("row", "where", "fmt"),
+    ("text", "where", "fmt"),
     [
         ("null", {"after_rows": 0}, "csv"),
         ("null", {"after_rows": 0}, "parquet"),
@@ -81,14 +83,26 @@ def one_line(stderr: str, *needles: str) -> None:
     ],
 )
 def test_a_row_that_is_not_an_object_fails_the_run_with_one_line(
-    row: str, where: dict[str, int], fmt: str, soda: FakeSoda, tmp_path: Path
+    text: str, where: dict[str, int], fmt: str, soda: FakeSoda, tmp_path: Path
 ) -> None:
-    soda.add_fault("bad_row", times=None, match="$select=*", row=row, **where)
+    soda.add_fault("bad_row", times=None, match="$select=*", text=text, **where)
     dest = tmp_path / "land"
     done = backfill(soda.url, str(dest), "--format", fmt)
     assert done.returncode == 1, done.stderr
     one_line(done.stderr, "gave up after 3 attempts", "rows are not JSON objects")
     assert soda.stats()["faults"]["bad_row"] == 3
+    assert not list(dest.rglob("manifest.json"))
+
+
+def test_a_csv_header_with_a_raw_line_break_fails_the_run_with_one_line(
+    soda: FakeSoda, tmp_path: Path
+) -> None:
+    """Python's CSV reader raised its own error on it: a traceback, not one line."""
+    soda.add_fault("bad_header", times=None, match="$select=*", text="\r")
+    dest = tmp_path / "land"
+    done = backfill(soda.url, str(dest), "--wire", "csv", dataset="persons")
+    assert done.returncode == 1, done.stderr
+    one_line(done.stderr, "gave up after 3 attempts", "CSV header")
     assert not list(dest.rglob("manifest.json"))
 
 
@@ -205,3 +219,37 @@ def test_soda_layout_still_takes_arrows_path() -> None:
     assert pages.parse_page_fast(b"[" + b"\n,".join(rows) + b"\n]\n", SCHEMA) is not None
     for body in (b"[null]", b"[ null ]", b"[null\n,{}]", b'[{":id":"a"}\r,null]'):
         assert pages.parse_page_fast(body, SCHEMA) is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'[{":id":"a"}{":id":"b"}\n]',
+        b'[{":id":"a"} {":id":"b"}\n,{":id":"c"}\n]',
+        b'[{":id":"a","location":\n,{"latitude":"1"}}\n]',
+        b'[{":id":"a","location":{"latitude":"1"}\n,{"longitude":"2"}}\n]',
+        b'[{":id":"a"}\n,\n,{":id":"b"}\n]',
+    ],
+    ids=["no_comma", "no_comma_then_rows", "row_broken_at_a_colon", "row_broken_at_a_brace", "two"],
+)
+def test_a_page_that_is_not_a_json_array_of_objects_is_not_read_by_arrow(body: bytes) -> None:
+    """Arrow's reader takes line-delimited JSON, laxer than an array: it read `{..}{..}` as two
+    rows, and a row broken by a `\n,` (blanked as a separator) as one; only the reference
+    parser decides such a page (it refuses it)."""
+    assert pages.parse_page_fast(body, SCHEMA) is None
+    with pytest.raises(BadResponse, match="not complete JSON"):
+        parse_page(body, SCHEMA)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "arrow"])
+def test_a_page_ending_with_a_comma_is_refused_when_a_piece_was_cut_there(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`[{..}\n,{..}\n,\n]`: the last piece is cut at the last `\n,`, which leaves nothing."""
+    body = b"[" + b"\n,".join(good_row(i) for i in range(20)) + b"\n,\n]"
+    monkeypatch.setattr(pages, "PIECE_BYTES", len(body) - 4)
+    monkeypatch.setattr(pages, "NATIVE_PIECE_BYTES", len(body) - 4)
+    ids, error = stream([body[:-2], body[-2:]], native)
+    assert isinstance(error, BadResponse)
+    assert "not complete JSON" in str(error)
+    assert len(ids) == 20  # the rows are kept; the run goes on after them

@@ -107,10 +107,14 @@ def parse_rows_fast(rows: np.ndarray, schema: Schema) -> pa.Table | None:
     commas = _row_separators(rows)
     if commas is None:
         return None
-    # `\n,{` -> `\n {`: a raw newline never occurs inside a JSON string, so this only touches
+    # `}\n,{` -> `}\n {`: a raw newline never occurs inside a JSON string, so this only touches
     # the separators between rows.
     rows[commas] = ord(" ")
     table = _read_ndjson(rows, read_schema)
+    # One object a line, as the JSON array had: Arrow also reads `{..}{..}` as two rows, and
+    # an object that went on past a blanked separator (`"a":{..}\n,{..}`) as one.
+    if table is not None and table.num_rows != commas.size + 1:
+        table = None
     out = None if table is None else _text_table(table, schema)
     if out is None:
         rows[commas] = ord(",")
@@ -118,8 +122,8 @@ def parse_rows_fast(rows: np.ndarray, schema: Schema) -> pa.Table | None:
 
 
 def _row_separators(rows: np.ndarray) -> np.ndarray | None:
-    """The commas of the `\n,` between rows in SODA's layout (`{..}\n,{..}`), or None unless
-    every line of `rows` starts with an object: the first with `{`, each other with `,{`.
+    """The commas of the `}\n,{` between rows in SODA's layout (`{..}\n,{..}`), or None unless
+    every line of `rows` is an object: the first starting with `{`, each line break `}\n,{`.
 
     Arrow's JSON reader cuts its input into blocks at line breaks (`\n` and `\r`) and crashes
     the process on a block that starts with a top-level `null` (apache/arrow#47409): it is only
@@ -139,7 +143,11 @@ def _row_separators(rows: np.ndarray) -> np.ndarray | None:
     commas = breaks + 1
     if commas.size and commas[-1] + 1 >= rows.size:
         return None
-    if not (np.all(rows[commas] == ord(",")) and np.all(rows[commas + 1] == ord("{"))):
+    if not (
+        np.all(rows[breaks - 1] == ord("}"))
+        and np.all(rows[commas] == ord(","))
+        and np.all(rows[commas + 1] == ord("{"))
+    ):
         return None
     return commas
 
@@ -339,6 +347,7 @@ class PageStream(_Stream):
     ) -> None:
         super().__init__(schema, emit, emit_rows)
         self._started = False
+        self._separated = False  # a piece was cut at a `\n,`: a row must follow it
         self._to_csv = JsonRowsToCsv.for_schema(schema) if emit_rows is not None else None
 
     def feed(self, chunk: bytes) -> None:
@@ -358,6 +367,7 @@ class PageStream(_Stream):
             cut = self._buf.rfind(b"\n,")
             if cut > 0:
                 piece, self._buf = _split(self._buf, cut, 2)
+                self._separated = True
                 self._parse(piece)
 
     def finish(self) -> int:
@@ -372,6 +382,8 @@ class PageStream(_Stream):
         tail, self._buf = _split(self._buf, end, len(self._buf))
         if tail.size:
             self._parse(tail)
+        elif self._separated:
+            raise BadResponse(f"page is not complete JSON: a `,` and no row after {self.rows} rows")
         return self.rows
 
     def _parse(self, piece: np.ndarray) -> None:
@@ -528,7 +540,10 @@ class CsvPageStream(_Stream):
                 raise BadResponse("CSV page without a header line")
             return False
         line = bytes(self._buf[:end]).decode("utf-8", "replace").rstrip("\r")
-        header = next(csv.reader([line]), [])
+        try:
+            header = next(csv.reader([line]), [])
+        except csv.Error as exc:  # a raw line break or a NUL in it
+            raise BadResponse(f"CSV header unreadable ({exc}): {line[:60]!r}") from None
         known = set(self.schema.field_names)
         # computed regions (`:@...`) and `:version` are not landed, as in JSON pages
         unknown = [

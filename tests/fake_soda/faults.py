@@ -16,7 +16,8 @@ Kinds and their knobs:
 | `reset` | `after_rows` rows (default half the page), part of the next, then a TCP RST |
 | `truncate_rows` | `after_rows` rows, then a clean end: a well-formed shorter page (rows only) |
 | `truncate_mid` | `after_rows` rows and half of the next, then a clean end |
-| `bad_row` | JSON row `after_rows` (mid-page; < 0 from the end) is `row` (`null`) + `pad` blanks |
+| `bad_row` | JSON row `after_rows` (mid-page; < 0 from the end) is `text` (`null`) + `pad` blanks |
+| `bad_header` | a CSV page whose header has `text` after its first field name |
 | `duplicate_field` | metadata whose `columns` name `field` (the first column by default) twice |
 """
 
@@ -42,13 +43,14 @@ KINDS = (
     "truncate_rows",
     "truncate_mid",
     "bad_row",
+    "bad_header",
     "duplicate_field",
 )
 IMMEDIATE = ("429", "403_throttle", "500", "502", "503", "202", "html")
 """Kinds answered at once, instead of the real answer."""
 CUTTING = ("reset", "truncate_rows", "truncate_mid")
 """Kinds that cut the body after `after_rows` rows."""
-ROWS_ONLY = ("truncate_rows", "bad_row")
+ROWS_ONLY = ("truncate_rows", "bad_row", "bad_header")
 """Kinds that need a rows response (a well-formed shorter metadata document does not exist)."""
 METADATA_ONLY = ("duplicate_field",)
 """Kinds that change a metadata document."""
@@ -63,7 +65,7 @@ class Fault:
     retry_after: float | None = None
     seconds: float | None = None
     status: int | None = None
-    row: str | None = None
+    text: str | None = None
     pad: int | None = None
     field: str | None = None
 

@@ -427,11 +427,14 @@ class _Exchange:
             "ETag": f'"{etag}"',
         }
         if self.format == "csv":
+            head = renderer.csv_header()
+            if self.fault is not None and self.fault.kind == "bad_header":
+                head = head.replace(b",", (self.fault.text or "").encode() + b",", 1)
             self._stream(
                 200,
                 "text/csv; charset=UTF-8",
                 headers,
-                renderer.csv_header(),
+                head,
                 _lines(page, renderer.csv_rows, csv=True),
                 lambda sent: b"",
                 len(page),
@@ -635,12 +638,12 @@ def _lines(
 
 def _bad_row(blocks: Iterator[list[bytes]], fault: Fault, total: int) -> Iterator[list[bytes]]:
     """JSON page lines with the row at `fault.after_rows` (half the page by default, negative
-    from the end) replaced by `fault.row` (`null` by default) and `fault.pad` bytes of spaces and
+    from the end) replaced by `fault.text` (`null` by default) and `fault.pad` bytes of spaces and
     tabs (random, so that gzip cannot shrink them to nothing)."""
     at = total // 2 if fault.after_rows is None else fault.after_rows
     at = min(max(at if at >= 0 else total + at, 0), total - 1)
     pad = random.Random(at).choices(b" \t", k=fault.pad or 0)
-    text = (fault.row if fault.row is not None else "null").encode() + bytes(pad) + b"\n"
+    text = (fault.text if fault.text is not None else "null").encode() + bytes(pad) + b"\n"
     seen = 0
     for lines in blocks:
         if seen <= at < seen + len(lines):
