@@ -6,11 +6,13 @@ as `location`) become compact JSON text with sorted keys and booleans `true`/`fa
 Two parsers give the same table. The fast one hands the body to Arrow's multi-threaded JSON
 reader (SODA writes one row per line, `[{..}\n,{..}\n]`, which is line-delimited JSON once the
 leading commas are blanked) and builds `location` text with vectorised string kernels; it covers
-pages whose values are all strings and whose objects are legacy locations. Anything else (another
-layout, booleans, other object types, unknown fields, a broken body) goes to the plain parser
-(orjson), which is the reference and the one that raises the errors. A body that is not a
-complete JSON array is a `BadResponse`, so the client fetches it again: a page cut short is never
-taken for the last one. A field the metadata does not name is a `SchemaError`, never dropped.
+pages in that layout (Arrow's reader is given nothing else: other input can crash it) whose
+values are all strings and whose objects are legacy locations. Anything else (another layout,
+a row that is not an object, booleans, other object types, unknown fields, a broken body) goes
+to the plain parser (orjson), which is the reference and the one that raises the errors. A body
+that is not a complete JSON array is a `BadResponse`, so the client fetches it again: a page cut
+short is never taken for the last one. A field the metadata does not name is a `SchemaError`,
+never dropped.
 
 Rows bound for a CSV file skip the table: a native converter (`JsonRowsToCsv`, `_jsoncsv.c`)
 writes the landed CSV rows straight from the JSON, the same bytes as the fast parser and Arrow's
