@@ -1,8 +1,9 @@
 """A hostile or broken source never takes the process down: a page row that is not an object
 (`null`, a number, a string, an array), wherever it falls in a page or in a piece of one, is a
-bad page (fetched again, then one clear line), and metadata that names a field twice is refused.
-Arrow's JSON reader crashes the process on a `null` row that starts its input (apache/arrow#47409),
-so the runs here are processes of their own: a crash shows as a signal, not as a dead test run."""
+bad page (fetched again, then one clear line), and so is a CSV header Python cannot read;
+metadata that names a field twice is refused. Arrow's JSON reader crashes the process on a
+`null` row that starts its input (apache/arrow#47409), so the CLI runs here are processes of
+their own: a crash shows as a signal, not as a dead test run."""
 
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ from nyc_collisions.sink.formats import CsvEncoder
 from tests.fake_soda import FakeSoda
 from tests.helpers import cli, exact
 
-SIZES = {"h9gi-nx95": 2_500, "f55k-p6yu": 10, "bm4k-52h4": 10}
 PIECE_START = {"after_rows": 1200, "pad": 2 << 20}
 """A bad row in the middle of the page, 2 MiB long: the client's 1 MiB piece is cut just
 before it (it holds no row separator), so a piece starts with it."""
