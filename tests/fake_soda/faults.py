@@ -18,6 +18,9 @@ Kinds and their knobs:
 | `truncate_mid` | `after_rows` rows and half of the next, then a clean end |
 | `redirect` | `status` (302) to `location` (a base URL) + the request's own path and query |
 | `body` | `status` (200) with `body` (empty by default) as `application/json` |
+| `bad_row` | JSON row `after_rows` (mid-page; < 0 from the end) is `text` (`null`) + `pad` blanks |
+| `bad_header` | a CSV page whose header has `text` after its first field name |
+| `duplicate_field` | metadata whose `columns` name `field` (the first column by default) twice |
 
 With `together=N`, a request that drew the fault waits until N requests have drawn it (or 10 s)
 and they are answered at once: one event seen by N requests in flight.
@@ -46,13 +49,18 @@ KINDS = (
     "truncate_mid",
     "redirect",
     "body",
+    "bad_row",
+    "bad_header",
+    "duplicate_field",
 )
 IMMEDIATE = ("429", "403_throttle", "500", "502", "503", "202", "html", "redirect", "body")
 """Kinds answered at once, instead of the real answer."""
 CUTTING = ("reset", "truncate_rows", "truncate_mid")
 """Kinds that cut the body after `after_rows` rows."""
-ROWS_ONLY = ("truncate_rows",)
+ROWS_ONLY = ("truncate_rows", "bad_row", "bad_header")
 """Kinds that need a rows response (a well-formed shorter metadata document does not exist)."""
+METADATA_ONLY = ("duplicate_field",)
+"""Kinds that change a metadata document."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,9 @@ class Fault:
     location: str | None = None
     body: str | None = None
     together: int | None = None
+    text: str | None = None
+    pad: int | None = None
+    field: str | None = None
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> Fault:
@@ -88,7 +99,7 @@ class Fault:
         return {k: v for k, v in asdict(self).items() if v is not None or k == "times"}
 
     def applies(self, target: str, rows: bool) -> bool:
-        if self.kind in ROWS_ONLY and not rows:
+        if (self.kind in ROWS_ONLY and not rows) or (self.kind in METADATA_ONLY and rows):
             return False
         return self.match is None or self.match in target
 

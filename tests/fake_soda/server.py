@@ -428,23 +428,29 @@ class _Exchange:
             "ETag": f'"{etag}"',
         }
         if self.format == "csv":
+            head = renderer.csv_header()
+            if self.fault is not None and self.fault.kind == "bad_header":
+                head = head.replace(b",", (self.fault.text or "").encode() + b",", 1)
             self._stream(
                 200,
                 "text/csv; charset=UTF-8",
                 headers,
-                renderer.csv_header(),
+                head,
                 _lines(page, renderer.csv_rows, csv=True),
                 lambda sent: b"",
                 len(page),
                 pace,
             )
         else:
+            blocks = _lines(page, renderer.json_rows, csv=False)
+            if self.fault is not None and self.fault.kind == "bad_row":
+                blocks = _bad_row(blocks, self.fault, len(page))
             self._stream(
                 200,
                 "application/json;charset=utf-8",
                 headers,
                 b"",
-                _lines(page, renderer.json_rows, csv=False),
+                blocks,
                 lambda sent: b"]" if sent else b"[]",
                 len(page),
                 pace,
@@ -458,7 +464,10 @@ class _Exchange:
             self._send_json(404, _not_found(f"Cannot find view with id {self.dataset}"))
             return
         snap = app.registry.snapshot(self.dataset)
-        body = orjson.dumps(_metadata_doc(snap), option=orjson.OPT_INDENT_2)
+        doc = _metadata_doc(snap)
+        if self.fault is not None and self.fault.kind == "duplicate_field":
+            _duplicate_field(doc, self.fault.field)
+        body = orjson.dumps(doc, option=orjson.OPT_INDENT_2)
         lines = body.splitlines(keepends=True)
         headers = {
             "Last-Modified": formatdate(snap.changed_at / 1e6, usegmt=True),
@@ -636,6 +645,29 @@ def _lines(
             yield rows
         else:
             yield [(b"," if a or i else b"[") + r + b"\n" for i, r in enumerate(rows)]
+
+
+def _bad_row(blocks: Iterator[list[bytes]], fault: Fault, total: int) -> Iterator[list[bytes]]:
+    """JSON page lines with the row at `fault.after_rows` (half the page by default, negative
+    from the end) replaced by `fault.text` (`null` by default) and `fault.pad` bytes of spaces and
+    tabs (random, so that gzip cannot shrink them to nothing)."""
+    at = total // 2 if fault.after_rows is None else fault.after_rows
+    at = min(max(at if at >= 0 else total + at, 0), total - 1)
+    pad = random.Random(at).choices(b" \t", k=fault.pad or 0)
+    text = (fault.text if fault.text is not None else "null").encode() + bytes(pad) + b"\n"
+    seen = 0
+    for lines in blocks:
+        if seen <= at < seen + len(lines):
+            lines[at - seen] = lines[at - seen][:1] + text  # keeps its `[` or `,`
+        seen += len(lines)
+        yield lines
+
+
+def _duplicate_field(doc: dict[str, Any], field: str | None) -> None:
+    """Metadata naming a field twice: a copy of its column, at the next position."""
+    columns = doc["columns"]
+    column = next((c for c in columns if field in (None, c["fieldName"])), columns[0])
+    columns.append({**column, "id": column["id"] + 1000, "position": len(columns) + 1})
 
 
 def _not_found(message: str) -> dict[str, Any]:
