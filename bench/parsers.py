@@ -11,6 +11,8 @@ threads, as `pages.parse_rows_fast` calls it), orjson, and, when installed (they
 dependencies of the project), polars' `read_ndjson`, DuckDB's `read_json`, arro3-io's
 `read_json` and msgspec; and this tool's native converter (`_jsoncsv`), which goes from the JSON
 straight to the landed CSV. Arrow's CSV reader on the persons page shows what the CSV wire costs.
+Last, the tool's own page parsers on the same crashes page, with their checks: the Arrow path
+(`pages.parse_page_fast`) and the page stream to landed CSV rows (`pages.PageStream`, native).
 
     pip install polars duckdb arro3-io msgspec   # optional, to compare them too
     python -m bench.parsers
@@ -42,6 +44,14 @@ from .servers import FakeSodaServer
 ROWS = 50_000
 CRASHES, PERSONS = "h9gi-nx95", "f55k-p6yu"
 SELECT = "*,:id,:created_at,:updated_at"
+
+
+def metadata(url: str, dataset: str) -> dict[str, Any]:
+    with httpx.Client(base_url=url, timeout=600, trust_env=False) as client:
+        response = client.get(f"/api/views/{dataset}.json")
+        response.raise_for_status()
+        doc: dict[str, Any] = response.json()
+        return doc
 
 
 def fetch(url: str, dataset: str, fmt: str) -> bytes:
@@ -76,7 +86,9 @@ def arrow_schema(lines: bytes) -> pa.Schema:
     )
 
 
-def readers(body_gz: bytes, csv_gz: bytes, tmp: Path) -> dict[str, Callable[[], Any]]:
+def readers(
+    body_gz: bytes, csv_gz: bytes, meta: dict[str, Any], tmp: Path
+) -> dict[str, Callable[[], Any]]:
     body = isal_zlib.decompress(body_gz, 16 + isal_zlib.MAX_WBITS)
     lines = ndjson(body)
     schema = arrow_schema(lines)
@@ -115,7 +127,7 @@ def readers(body_gz: bytes, csv_gz: bytes, tmp: Path) -> dict[str, Callable[[], 
         )
         query = f"SELECT * FROM read_json('{path}', format='newline_delimited', columns={{{cols}}})"
         out["DuckDB read_json"] = lambda: con.sql(query).to_arrow_table()
-    if importlib.util.find_spec("arro3.io"):
+    if importlib.util.find_spec("arro3") and importlib.util.find_spec("arro3.io"):
         import arro3.io as aio
 
         out["arro3-io read_json"] = lambda: pa.table(
@@ -159,7 +171,30 @@ def readers(body_gz: bytes, csv_gz: bytes, tmp: Path) -> dict[str, Callable[[], 
     out["persons CSV: inflate (isal)"] = lambda: isal_zlib.decompress(csv_gz, 31)
     out["persons CSV: Arrow read_csv, all columns"] = arrow_csv(None)
     out["persons CSV: Arrow read_csv, :id only (pass-through check)"] = arrow_csv([":id"])
+    out.update(tool_pages(body, meta))
     return out
+
+
+def tool_pages(body: bytes, meta: dict[str, Any]) -> dict[str, Callable[[], Any]]:
+    """This tool's own parsers of the crashes page, checks included."""
+    from nyc_collisions import pages
+    from nyc_collisions.datasets import KNOWN
+    from nyc_collisions.schema import Schema
+
+    schema = Schema.from_metadata(KNOWN["crashes"], meta)
+
+    def stream() -> None:
+        page = pages.PageStream(schema, lambda table: None, lambda rows: None)
+        for at in range(0, len(body), 1 << 16):
+            page.feed(body[at : at + (1 << 16)])
+        page.finish()
+
+    return {
+        "crashes page, Arrow path (pages.parse_page_fast)": lambda: pages.parse_page_fast(
+            body, schema
+        ),
+        "crashes page -> landed CSV rows (pages.PageStream, native)": stream,
+    }
 
 
 def best_cpu(fn: Callable[[], Any], repeat: int) -> float:
@@ -180,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         with FakeSodaServer(root, Path(tmp) / "logs", scale=0.03, latency=None) as server:
             crashes = fetch(server.url, CRASHES, "json")
             persons_csv = fetch(server.url, PERSONS, "csv")
+            meta = metadata(server.url, CRASHES)
         print(f"one page of {ROWS:,} rows; CPU seconds per million rows, best of {args.repeat}")
-        for name, fn in readers(crashes, persons_csv, Path(tmp)).items():
+        for name, fn in readers(crashes, persons_csv, meta, Path(tmp)).items():
             seconds = best_cpu(fn, args.repeat)
             print(f"  {name:58s} {seconds * 1e6 / ROWS:6.2f}")
     return 0

@@ -73,9 +73,14 @@ def source_text(value: Any) -> str | None:
 
 
 def read_export(path: Path) -> list[dict[str, Any]]:
+    return read_export_table(path).to_pylist()
+
+
+def read_export_table(path: Path) -> pa.Table:
     if path.suffix == ".csv":
         table = pacsv.read_csv(
             path,
+            parse_options=pacsv.ParseOptions(newlines_in_values=True),
             convert_options=pacsv.ConvertOptions(
                 strings_can_be_null=True,
                 quoted_strings_can_be_null=False,
@@ -85,7 +90,7 @@ def read_export(path: Path) -> list[dict[str, Any]]:
         )
     else:
         table = pq.read_table(path)
-    return table.to_pylist()
+    return table
 
 
 def _header(path: Path) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.fake_soda import FakeSoda, Latency
-from tests.helpers import cli
+from tests.helpers import cli, exact
 
 
 def one_line_error(text: str, *needles: str) -> None:
@@ -352,3 +352,149 @@ def test_a_source_that_keeps_failing_says_so_while_it_retries(tmp_path: Path) ->
     assert [line.split("retry ")[1][:3] for line in lines[:-1]] == ["3/4", "4/4"], done.stderr
     assert all("ConnectError" in line for line in lines[:-1])
     assert "gave up after 5 attempts" in lines[-1]
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("NYC_COLLISIONS_RETRIES", "many"),
+        ("NYC_COLLISIONS_RETRIES", "0"),
+        ("NYC_COLLISIONS_RETRY_BASE", "soon"),
+        ("NYC_COLLISIONS_RETRY_BASE", "-1"),
+        ("NYC_COLLISIONS_RETRY_BASE", "inf"),
+        ("NYC_COLLISIONS_WIRE", "xml"),
+        ("NYC_COLLISIONS_ALLOW_HTTP", "maybe"),
+    ],
+)
+def test_bad_environment_values(soda: FakeSoda, tmp_path: Path, var: str, value: str) -> None:
+    res = cli(
+        "backfill", "crashes", "--source", soda.url, "--dest", str(tmp_path / "l"), env={var: value}
+    )
+    assert res.code == 2, res.text
+    one_line_error(res.err, var, repr(value))
+    assert not (tmp_path / "l").exists()
+    assert soda.requests() == [], "checked before asking the source anything"
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("NYC_COLLISIONS_RETRIES", "0"),
+        ("NYC_COLLISIONS_RETRIES", "ten"),
+        ("NYC_COLLISIONS_RETRY_BASE", "x"),
+        ("NYC_COLLISIONS_WIRE", "xml"),
+        ("NYC_COLLISIONS_FORMAT", "xlsx"),
+        ("NYC_COLLISIONS_RECONCILE_WEEKDAY", "someday"),
+        ("NYC_COLLISIONS_ALLOW_HTTP", "maybe"),
+    ],
+)
+def test_bad_environment_values_in_lambda(
+    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, var: str, value: str
+) -> None:
+    from nyc_collisions import aws
+    from nyc_collisions.errors import UsageError
+
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
+    monkeypatch.setenv("NYC_COLLISIONS_DEST", str(tmp_path / "l"))
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
+    monkeypatch.setenv(var, value)
+    aws._token_cache.clear()
+    with pytest.raises(UsageError) as caught:
+        aws.handler({"command": "backfill"}, None)
+    assert len(str(caught.value).splitlines()) == 1
+    assert var in str(caught.value)
+    assert repr(value) in str(caught.value)
+    assert not (tmp_path / "l").exists()
+    assert soda.requests() == []
+
+
+def test_the_cli_honours_retries_from_the_environment(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["backfill", "crashes", "--source", f"http://127.0.0.1:{port}"]
+    env = {"NYC_COLLISIONS_RETRIES": "2"}
+    res = cli(*args, "--dest", str(tmp_path / "l"), env=env)
+    assert res.code == 1
+    one_line_error(res.err, "gave up after 2 attempts")
+    res = cli(*args, "--retries", "1", "--dest", str(tmp_path / "l"), env=env)
+    assert res.code == 1
+    one_line_error(res.err, "gave up after 1 attempt;")  # the option wins over the variable
+
+
+@pytest.mark.parametrize("value", ["soon", "Sun, 99 Foo 2026 25:61:00 GMT", "inf", "nan"])
+def test_a_retry_after_that_is_no_number_or_date_is_retried_normally(
+    soda: FakeSoda, tmp_path: Path, value: str
+) -> None:
+    soda.add_fault("429", times=2, match="$order", retry_after=value)
+    soda.add_fault("503", times=1, match="/api/views/", retry_after=value)
+    dest = str(tmp_path / "land")
+    res = cli("backfill", "crashes", "--source", soda.url, "--dest", dest)
+    assert res.code == 0, res.text
+    assert soda.stats()["faults"] == {"429": 2, "503": 1}
+    exact(soda, dest, "crashes", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("match", "body", "needle"),
+    [
+        ("/api/views/", "", "complete JSON"),
+        ("/api/views/", "<html><body>Maintenance</body></html>", "HTML"),
+        ("/api/views/", '["not", "metadata"]', "without columns"),
+        ("count(*)", "", "complete JSON"),
+        ("count(*)", '{"n": "12"}', "aggregate"),
+        ("$order", "", "empty"),
+        ("$order", "rows: none", "not a JSON array"),
+        ("$order", '{"rows": []}', "not a JSON array"),
+    ],
+    ids=[
+        "metadata_empty",
+        "metadata_html",
+        "metadata_not_metadata",
+        "count_empty",
+        "count_object",
+        "page_empty",
+        "page_garbage",
+        "page_object",
+    ],
+)
+def test_a_body_that_is_not_what_soda_sends(
+    soda: FakeSoda, tmp_path: Path, match: str, body: str, needle: str
+) -> None:
+    """Fetched again; when it stays broken: one line, exit 1, nothing committed."""
+    soda.add_fault("body", times=None, match=match, body=body)
+    dest = tmp_path / "l"
+    args = ["backfill", "crashes", "--wire", "json", "--retries", "2", "--source", soda.url]
+    res = cli(*args, "--dest", str(dest))
+    assert res.code == 1, res.text
+    one_line_error(res.err, "gave up after 2 attempts", needle)
+    nothing_committed(dest)
+    soda.clear_faults()
+    soda.add_fault("body", times=1, match=match, body=body)
+    res = cli(*args, "--dest", str(dest))
+    assert res.code == 0, res.text
+    exact(soda, str(dest), "crashes", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["backfill", "crashes", "--retries", "0"], ["--retries", "backfill --help"]),
+        (["backfill", "crashes", "--timeout", "0"], ["--timeout"]),
+        (["backfill", "crashes", "--format", "xml"], ["--format", "xml"]),
+        (["update", "--no-such-option"], ["--no-such-option", "update --help"]),
+        (["no-such-command"], ["no-such-command"]),
+        (["export", "crashes"], ["--output"]),
+    ],
+    ids=["retries_0", "timeout_0", "format_xml", "unknown_option", "unknown_command", "no_output"],
+)
+def test_option_errors_are_one_line(tmp_path: Path, args: list[str], needles: list[str]) -> None:
+    """What click itself refuses reads like every other error: one line, exit 2."""
+    done = subprocess.run(
+        [sys.executable, "-m", "nyc_collisions", *args, "--dest", str(tmp_path / "land")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2, done.stderr
+    one_line_error(done.stderr, "error", *needles)
+    assert not (tmp_path / "land").exists()

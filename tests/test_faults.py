@@ -153,18 +153,46 @@ def test_disk_filling_up_mid_run_commits_nothing(
 
 def test_throttling_halves_the_shared_limit_and_it_recovers_slowly() -> None:
     limit = AdaptiveLimit(8)
-    limit.throttled()
+
+    def one_throttled_request() -> None:
+        with limit as epoch:
+            limit.throttled(epoch)
+
+    one_throttled_request()
     assert limit.limit == 4
-    limit.throttled()
-    limit.throttled()
-    limit.throttled()
-    assert limit.limit == 1
     for _ in range(3):
-        limit.succeeded()
+        one_throttled_request()
     assert limit.limit == 1
-    for _ in range(4 * 8 * 8):
+    # one more in flight after `GROW_AFTER * limit` successes in a row, as the docstring says
+    for size in range(1, 8):
+        for _ in range(AdaptiveLimit.GROW_AFTER * size - 1):
+            limit.succeeded()
+        assert limit.limit == size
+        limit.succeeded()
+        assert limit.limit == size + 1
+    for _ in range(100):
         limit.succeeded()
     assert limit.limit == 8
+
+
+def test_one_throttling_event_seen_by_every_request_in_flight_halves_the_limit_once() -> None:
+    limit = AdaptiveLimit(4)
+    in_flight = threading.Barrier(4)
+
+    def request() -> None:
+        with limit as epoch:
+            in_flight.wait(timeout=10)  # all four were sent before any answer came
+            limit.throttled(epoch)
+
+    threads = [threading.Thread(target=request) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert limit.limit == 2
+    with limit as epoch:  # a request sent after the decrease that is throttled: a new event
+        limit.throttled(epoch)
+    assert limit.limit == 1
 
 
 def test_limit_bounds_requests_in_flight() -> None:
@@ -213,6 +241,31 @@ def test_throttled_parallel_backfill_backs_off(
     assert res.code == 0, res.text
     assert "source throttles: concurrency 4 -> 2" in caplog.text
     assert GOOD_TOKEN not in res.text + caplog.text
+    exact(soda, dest, "persons", tmp_path)
+
+
+def test_one_throttling_event_seen_by_four_workers_halves_concurrency_once(
+    soda: FakeSoda, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first page of each of the four partitions is answered 429 at once."""
+    soda.add_fault("429", times=4, match="$limit=500", together=4)
+    dest = str(tmp_path / "land")
+    res = cli(
+        "backfill",
+        "persons",
+        "--workers",
+        "4",
+        "--page-size",
+        "500",
+        "--source",
+        soda.url,
+        "--dest",
+        dest,
+    )
+    assert res.code == 0, res.text
+    assert soda.stats()["faults"] == {"429": 4}
+    throttles = [r.getMessage() for r in caplog.records if "throttles" in r.getMessage()]
+    assert throttles == ["source throttles: concurrency 4 -> 2"]
     exact(soda, dest, "persons", tmp_path)
 
 

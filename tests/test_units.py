@@ -23,7 +23,12 @@ from nyc_collisions.pages import parse_page, parse_page_fast, parse_page_plain
 from nyc_collisions.plan import partition_count, partition_step
 from nyc_collisions.schema import Schema
 from nyc_collisions.socrata import soql
-from nyc_collisions.socrata.client import RetryPolicy, error_message, validate_base_url
+from nyc_collisions.socrata.client import (
+    RetryPolicy,
+    SodaClient,
+    error_message,
+    validate_base_url,
+)
 
 META = {
     "columns": [
@@ -748,3 +753,32 @@ def test_s3_parts_in_flight_are_bounded_across_writers(
         t.join()
     assert slow.parts == 36
     assert 1 < slow.most <= st_mod.PARTS_IN_FLIGHT  # 8 before: 2 per writer, 8 upload threads
+
+
+@pytest.mark.parametrize(
+    "url", ["http://localhost:8080", "http://127.0.0.9", "http://[::1]:9", "https://192.0.2.1"]
+)
+def test_plain_http_is_fine_to_this_machine(url: str) -> None:
+    assert validate_base_url(url) == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://192.0.2.1",
+        "http://data.cityofnewyork.us",
+        "http://127.0.0.1.example.org",
+        "http://localhost.example.org",
+    ],
+)
+def test_plain_http_to_another_host_needs_allowing(url: str) -> None:
+    with pytest.raises(UsageError, match="--allow-http"):
+        validate_base_url(url)
+    assert validate_base_url(url, allow_http=True) == url
+
+
+def test_a_client_that_would_never_try_is_refused() -> None:
+    with pytest.raises(UsageError, match="attempts"):
+        RetryPolicy(attempts=0)
+    with pytest.raises(UsageError, match="timeout"):
+        SodaClient("http://127.0.0.1:9", timeout=0)

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from . import settings
 from .current import iter_current, open_landed
 from .datasets import resolve
 from .errors import UsageError
@@ -18,7 +19,7 @@ from .sink.formats import READ_BATCH_ROWS
 from .sink.local import LocalStorage
 from .sink.storage import DEFAULT_LOCAL_DEST, open_storage
 from .socrata import soql
-from .socrata.client import DEFAULT_BASE_URL, SodaClient
+from .socrata.client import DEFAULT_BASE_URL, WIRES, RetryPolicy, SodaClient
 from .socrata.source import DatasetSource
 
 if TYPE_CHECKING:
@@ -29,10 +30,14 @@ def _dest(dest: str | None) -> str:
     return dest or os.environ.get("NYC_COLLISIONS_DEST") or DEFAULT_LOCAL_DEST
 
 
-def _client(source: str | None) -> SodaClient:
+def _client(source: str | None, allow_http: bool) -> SodaClient:
+    """A client as the CLI makes one: the same environment variables, checked the same way."""
     return SodaClient(
         source or os.environ.get("SOCRATA_BASE_URL") or DEFAULT_BASE_URL,
         app_token=os.environ.get("SOCRATA_APP_TOKEN") or None,
+        retry=RetryPolicy.from_env(),
+        wire=settings.env_choice(settings.WIRE, "auto", WIRES),
+        allow_http=allow_http or settings.env_flag(settings.ALLOW_HTTP),
     )
 
 
@@ -43,16 +48,18 @@ def fetch(
     *,
     source: str | None = None,
     page_size: int = 50_000,
+    allow_http: bool = False,
 ) -> pd.DataFrame:
     """Rows straight from the API as a typed DataFrame (for notebooks).
 
     `where` is a SoQL condition (`"borough = 'BROOKLYN'"`); `limit` caps the number of rows.
-    Pages are keyset pages on `:id`, so nothing is skipped or repeated.
+    Pages are keyset pages on `:id`, so nothing is skipped or repeated. `allow_http` allows a
+    plain http `source` on another machine (as `--allow-http`).
     """
     if limit is not None and limit < 0:
         raise UsageError(f"limit must not be negative, not {limit}")
     ds = resolve(dataset)
-    with _client(source) as client:
+    with _client(source, allow_http) as client:
         src = DatasetSource(client, ds)
         schema = src.schema()
         tables: list[pa.Table] = []

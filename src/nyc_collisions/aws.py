@@ -6,7 +6,9 @@ Configuration comes from the environment:
   (`crashes,persons,vehicles`), `SOCRATA_BASE_URL`, `NYC_COLLISIONS_FORMAT` (for a backfill),
   `NYC_COLLISIONS_RECONCILE_WEEKDAY`
   (`SUN`: that day's run also reconciles deletions), `NYC_COLLISIONS_WIRE` (`auto`, `json` or
-  `csv`: how rows come from the source, as `--wire`);
+  `csv`: how rows come from the source, as `--wire`), `NYC_COLLISIONS_RETRIES` (as `--retries`),
+  `NYC_COLLISIONS_ALLOW_HTTP` (as `--allow-http`); each is checked before anything is done, and
+  a bad value is a `UsageError` naming the variable;
 - the app token: `SOCRATA_APP_TOKEN`, or the name of a Secrets Manager secret
   (`SOCRATA_APP_TOKEN_SECRET`) or an SSM SecureString parameter (`SOCRATA_APP_TOKEN_PARAMETER`),
   fetched once and cached across warm invocations.
@@ -29,15 +31,19 @@ from typing import Any
 
 import orjson
 
+from . import settings
 from .datasets import resolve_many
+from .errors import UsageError
 from .extract import DatasetResult, RunOptions, backfill
 from .incremental import Reconcile, Update
 from .schema import tune_allocators
+from .sink.formats import FORMATS
 from .sink.storage import open_storage
-from .socrata.client import DEFAULT_BASE_URL, RetryPolicy, SodaClient
+from .socrata.client import DEFAULT_BASE_URL, WIRES, RetryPolicy, SodaClient, validate_base_url
 
 logger = logging.getLogger("nyc_collisions.aws")
 SAFETY_SECONDS = 90.0  # stop this long before Lambda's deadline (a quarter of short budgets)
+WEEKDAYS = ("MONDAY", "TUESDAY", "WEDNESDAY", "THURSDAY", "FRIDAY", "SATURDAY", "SUNDAY")
 _token_cache: dict[str, str | None] = {}
 
 
@@ -117,6 +123,18 @@ def _summary(r: DatasetResult) -> dict[str, Any]:
     return out
 
 
+def _reconcile_weekday() -> str | None:
+    """`NYC_COLLISIONS_RECONCILE_WEEKDAY` as MON..SUN: a day's English name or its first three
+    letters, any case; None when unset."""
+    raw = os.environ.get("NYC_COLLISIONS_RECONCILE_WEEKDAY", "").strip()
+    day = raw.upper()
+    if day and day not in WEEKDAYS and day not in [d[:3] for d in WEEKDAYS]:
+        raise UsageError(
+            f"NYC_COLLISIONS_RECONCILE_WEEKDAY={raw!r}: must be a day of the week, like SUN"
+        )
+    return day[:3] or None
+
+
 def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
     started = time.monotonic()
     event = event or {}
@@ -133,8 +151,17 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
     datasets = resolve_many(list(names))
     dest = os.environ.get("NYC_COLLISIONS_DEST")
     if not dest:
-        raise ValueError("NYC_COLLISIONS_DEST is not set")
-    weekday = os.environ.get("NYC_COLLISIONS_RECONCILE_WEEKDAY", "").strip().upper()[:3]
+        raise UsageError("NYC_COLLISIONS_DEST is not set")
+    weekday = _reconcile_weekday()
+    allow_http = settings.env_flag(settings.ALLOW_HTTP)
+    source = validate_base_url(
+        os.environ.get("SOCRATA_BASE_URL") or DEFAULT_BASE_URL,
+        allow_http=allow_http,
+        name="SOCRATA_BASE_URL",
+    )
+    retry = RetryPolicy.from_env()
+    wire = settings.env_choice(settings.WIRE, "auto", WIRES)
+    fmt = settings.env_choice("NYC_COLLISIONS_FORMAT", "csv", FORMATS)
     reconcile = bool(event.get("reconcile")) or (
         bool(weekday) and datetime.now(UTC).strftime("%a").upper() == weekday
     )
@@ -144,13 +171,8 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
         else 900.0
     )
     deadline = started + remaining - min(SAFETY_SECONDS, remaining / 4)
-    opts = RunOptions(
-        fmt=os.environ.get("NYC_COLLISIONS_FORMAT", "csv").lower(),
-        deadline=deadline,
-        progress=False,
-    )
+    opts = RunOptions(fmt=fmt, deadline=deadline, progress=False)
     storage = open_storage(dest)
-    source = os.environ.get("SOCRATA_BASE_URL") or DEFAULT_BASE_URL
     logger.info(
         "start %s %s -> %s (reconcile=%s)",
         command,
@@ -164,8 +186,9 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
             source,
             app_token=token,
             concurrency=opts.workers,
-            retry=RetryPolicy.from_env(),
-            wire=os.environ.get("NYC_COLLISIONS_WIRE", "auto"),
+            retry=retry,
+            wire=wire,
+            allow_http=allow_http,
         ) as client:
             if command == "backfill":
                 results = backfill(client, storage, datasets, opts)

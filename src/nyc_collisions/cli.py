@@ -8,14 +8,15 @@ import os
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any, TypeVar
 
 import click
 import orjson
+from click.core import ParameterSource
 
-from . import __version__
+from . import __version__, settings
 from .current import open_landed
 from .datasets import resolve, resolve_many
 from .errors import CTRL_C_LINE, Interrupted, NycCollisionsError, UsageError
@@ -47,6 +48,32 @@ def _human_bytes(n: float) -> str:
     return f"{n:,.1f} TiB"
 
 
+class _EnvError(click.ClickException):
+    """A bad environment variable found while the options are read: one line, exit 2."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"nyc-collisions: error: {self.message}", err=True)
+
+
+def _or_env(read: Callable[[], Any], meta: str | None = None) -> Callable[..., Any]:
+    """Option callback: the value given, else `read()` (a checked environment variable, or the
+    default); also kept in `ctx.meta[meta]` for options the commands do not take as arguments."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if param.name and ctx.get_parameter_source(param.name) is ParameterSource.DEFAULT:
+            try:
+                value = read()
+            except UsageError as exc:
+                raise _EnvError(str(exc)) from None
+        if meta:
+            ctx.meta[meta] = value
+        return value
+
+    return callback
+
+
 def common(f: F) -> F:
     """Options every command takes: where the source and the destination are, how loud to be."""
     f = click.option(
@@ -57,6 +84,14 @@ def common(f: F) -> F:
         metavar="URL",
         help="Socrata base URL (env SOCRATA_BASE_URL). The app token is read from "
         "the environment variable SOCRATA_APP_TOKEN.",
+    )(f)
+    f = click.option(
+        "--allow-http",
+        is_flag=True,
+        expose_value=False,
+        callback=_or_env(lambda: settings.env_flag(settings.ALLOW_HTTP), "allow_http"),
+        help="Allow a plain http:// --source on another machine (env "
+        "NYC_COLLISIONS_ALLOW_HTTP=1): the app token and the data would travel unencrypted.",
     )(f)
     f = click.option(
         "--dest",
@@ -77,7 +112,8 @@ def common(f: F) -> F:
         type=click.IntRange(1, 100),
         default=10,
         show_default=True,
-        help="Attempts per request before giving up.",
+        callback=_or_env(lambda: settings.env_int(settings.RETRIES, 10, 1, 100)),
+        help="Attempts per request before giving up (env NYC_COLLISIONS_RETRIES).",
     )(f)
     f = click.option(
         "--timeout",
@@ -93,13 +129,21 @@ def common(f: F) -> F:
         type=click.Choice(list(WIRES), case_sensitive=False),
         default="auto",
         show_default=True,
-        envvar="NYC_COLLISIONS_WIRE",
         expose_value=False,
-        callback=lambda ctx, _param, value: ctx.meta.__setitem__("wire", value),
+        callback=_or_env(lambda: settings.env_choice(settings.WIRE, "auto", WIRES), "wire"),
         help="How rows come from the source: auto = CSV for datasets whose columns CSV "
-        "carries exactly (persons, vehicles), JSON otherwise (crashes' location).",
+        "carries exactly (persons, vehicles), JSON otherwise (crashes' location); env "
+        "NYC_COLLISIONS_WIRE.",
     )(f)
     return f
+
+
+def key_option(help_text: str) -> Callable[[F], F]:
+    """`--key FIELD`: the unique key of a dataset given by id (the manifest's key once landed)."""
+    return click.option("--key", default=None, metavar="FIELD", help=help_text)
+
+
+LANDED_KEY_HELP = "The dataset's unique key; if given, it must be the key it was landed with."
 
 
 def _setup_logging(verbose: int) -> None:
@@ -120,8 +164,9 @@ def _client(source: str, retries: int, workers: int = DEFAULT_WORKERS) -> SodaCl
         wire=wire,
         app_token=os.environ.get("SOCRATA_APP_TOKEN") or None,
         concurrency=workers,
-        retry=replace(RetryPolicy.from_env(), attempts=retries),
+        retry=RetryPolicy.from_env(attempts=retries),
         timeout=timeout,
+        allow_http=bool(ctx.meta.get("allow_http")) if ctx else False,
     )
 
 
@@ -139,30 +184,95 @@ def _opts(
     return RunOptions(page_size=page_size, file_rows=file_rows, deadline=deadline, **kw)
 
 
+def _say(text: str) -> None:
+    """Print to stderr, with the app token masked should any message ever carry it."""
+    token = os.environ.get("SOCRATA_APP_TOKEN")
+    click.echo(text.replace(token, "***") if token else text, err=True)
+
+
 def handle_errors(f: F) -> F:
-    """Library errors -> one clear line on stderr and a non-zero exit."""
+    """Errors -> one clear line on stderr and a non-zero exit; anything unforeseen too, with
+    its traceback only under -v."""
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return f(*args, **kwargs)
         except Interrupted as exc:
-            click.echo(f"nyc-collisions: {exc}", err=True)
+            _say(f"nyc-collisions: {exc}")
             sys.exit(130)
         except KeyboardInterrupt:
-            click.echo(CTRL_C_LINE, err=True)
+            _say(CTRL_C_LINE)
             sys.exit(130)
         except UsageError as exc:
-            click.echo(f"nyc-collisions: error: {exc}", err=True)
+            _say(f"nyc-collisions: error: {exc}")
             sys.exit(2)
         except NycCollisionsError as exc:
-            click.echo(f"nyc-collisions: error: {exc}", err=True)
+            _say(f"nyc-collisions: error: {exc}")
+            sys.exit(1)
+        except Exception as exc:
+            if kwargs.get("verbose"):
+                _say(traceback.format_exc().rstrip())
+            text = " ".join(str(exc).split()) or "(no message)"
+            _say(
+                f"nyc-collisions: error: unexpected {type(exc).__name__}: {text} "
+                "(nothing partial was committed; rerun with -v for the traceback, and please "
+                "report it)"
+            )
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _NeverRaised(click.UsageError):
+    pass
+
+
+# click >= 8.2 raises this for a group called without a command (8.1 shows its help itself)
+_NO_ARGS: type[click.UsageError] = getattr(click.exceptions, "NoArgsIsHelpError", _NeverRaised)
+
+
+class _Commands(click.Group):
+    """click's group, with its usage errors (a bad option value, an unknown option) as one line
+    like every other error, instead of a usage block."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: list[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        def run() -> Any:
+            return super(_Commands, self).main(
+                args, prog_name, complete_var, standalone_mode=False, **extra
+            )
+
+        if not standalone_mode:
+            return run()
+        try:
+            code = run()
+        except _NO_ARGS as exc:  # the bare command: its help, as click shows it
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx else "nyc-collisions"
+            _say(f"nyc-collisions: error: {exc.format_message()} (see {where} --help)")
+            sys.exit(2)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            _say(CTRL_C_LINE)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(
+    cls=_Commands,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="nyc-collisions")
 def main() -> None:
     """Land NYC Motor Vehicle Collisions open data (crashes, persons, vehicles) from Socrata
@@ -229,12 +339,7 @@ def _print_summary(results: list[DatasetResult], started: float) -> None:
 @click.option(
     "--page-size", type=int, default=DEFAULT_PAGE_SIZE, show_default=True, help="Rows per request."
 )
-@click.option(
-    "--key",
-    default=None,
-    metavar="FIELD",
-    help="Unique key of a dataset given by id (default :id).",
-)
+@key_option("Unique key of a dataset given by id (default :id; once landed, the key it has).")
 @click.option(
     "--file-rows",
     type=int,
@@ -386,6 +491,7 @@ def _print_changes(results: list[DatasetResult], started: float) -> None:
     default=None,
     help="Stop cleanly before this many seconds; the next run goes on.",
 )
+@key_option(LANDED_KEY_HELP)
 @handle_errors
 def update_cmd(
     datasets: tuple[str, ...],
@@ -393,6 +499,7 @@ def update_cmd(
     dest: str,
     verbose: int,
     retries: int,
+    key: str | None,
     fmt: str | None,
     page_size: int,
     file_rows: int,
@@ -423,7 +530,7 @@ def update_cmd(
         progress=sys.stderr.isatty(),
     )
     storage = open_storage(dest)
-    chosen = resolve_many(list(datasets))
+    chosen = resolve_many(list(datasets), key)
     with _client(source, retries, workers) as client:
         storage.check_writable()
         try:
@@ -448,9 +555,10 @@ def update_cmd(
 @main.command("reconcile")
 @click.argument("datasets", nargs=-1, metavar="[DATASET]...")
 @common
+@key_option(LANDED_KEY_HELP)
 @handle_errors
 def reconcile_cmd(
-    datasets: tuple[str, ...], source: str, dest: str, verbose: int, retries: int
+    datasets: tuple[str, ...], source: str, dest: str, verbose: int, retries: int, key: str | None
 ) -> None:
     """Find deletions and gaps: compare the source's key set with what landed.
 
@@ -468,7 +576,7 @@ def reconcile_cmd(
     with _client(source, retries) as client:
         storage.check_writable()
         results = _run_each(
-            resolve_many(list(datasets)),
+            resolve_many(list(datasets), key),
             lambda ds, stop: Reconcile(client, storage, ds, opts).run(stop),
         )
     _print_changes(results, started)
@@ -616,9 +724,10 @@ def status_cmd(
 @main.command("verify")
 @click.argument("datasets", nargs=-1, metavar="[DATASET]...")
 @common
+@key_option(LANDED_KEY_HELP)
 @handle_errors
 def verify_cmd(
-    datasets: tuple[str, ...], source: str, dest: str, verbose: int, retries: int
+    datasets: tuple[str, ...], source: str, dest: str, verbose: int, retries: int, key: str | None
 ) -> None:
     """Compare what landed with the source now: row count and the full set of unique keys.
 
@@ -630,9 +739,12 @@ def verify_cmd(
     storage = open_storage(dest)
     ok = True
     with _client(source, retries) as client:
-        for ds in resolve_many(list(datasets)):
+        for ds in resolve_many(list(datasets), key):
             landed = open_landed(storage, ds)
-            diff = verify(DatasetSource(client, ds), landed)
+            where = f"{storage.url}/{ds.name}/"
+            diff = verify(
+                DatasetSource(client, ds.keyed_as_landed(landed.manifest.key, where)), landed
+            )
             if diff.ok:
                 click.echo(f"{ds.name}: OK: {diff.landed_rows:,} rows, keys match the source")
                 continue

@@ -8,6 +8,7 @@ new snapshot), never by the rows: files are streamed in record batches.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -16,8 +17,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .datasets import Dataset, landed_name, resolve
-from .errors import NothingLanded
+from .errors import NothingLanded, StateError
 from .schema import Column, Schema
+from .sink.files import FileEntry
 from .sink.formats import read_text_batches
 from .sink.storage import Storage
 from .state import Batch, DatasetState, Manifest
@@ -63,11 +65,31 @@ def key_schema(landed: Landed) -> Schema:
 
 
 def _file_batches(
-    landed: Landed, batch: Batch, path: str, columns: list[str] | None = None
+    landed: Landed, batch: Batch, entry: FileEntry, columns: list[str] | None = None
 ) -> Iterator[pa.Table]:
+    """One landed file's rows; a file that is not as committed is a `StateError` naming it."""
     schema = key_schema(landed) if batch.kind == "tombstones" else landed.schema
-    with landed.storage.open_reader(path) as f:
-        yield from read_text_batches(batch.format, f, schema, columns)
+    where = f"{landed.storage.url}/{entry.path}"
+    way_out = (
+        f"`nyc-collisions backfill {landed.dataset.name} --force` lands a fresh snapshot "
+        "(and `compact --prune` then drops the damaged batch)"
+    )
+    with landed.storage.open_reader(entry.path) as f:
+        size = f.seek(0, io.SEEK_END)
+        f.seek(0)
+        if entry.bytes > 0 and size != entry.bytes:
+            raise StateError(
+                f"{where}: landed file is {size:,} bytes, but {entry.bytes:,} were committed; "
+                + way_out
+            )
+        want = list(columns or schema.names)
+        try:
+            for table in read_text_batches(batch.format, f, schema, columns):
+                if table.column_names != want:
+                    raise ValueError(f"its columns are not the committed ones: {want}")
+                yield table
+        except (pa.ArrowException, ValueError) as exc:  # ValueError: bytes that are not UTF-8
+            raise StateError(f"{where}: landed file unreadable ({exc}); {way_out}") from exc
 
 
 def iter_current(landed: Landed, columns: list[str] | None = None) -> Iterator[pa.Table]:
@@ -77,12 +99,12 @@ def iter_current(landed: Landed, columns: list[str] | None = None) -> Iterator[p
     key = landed.key_column
     if not later:
         for entry in snapshot.files:
-            yield from _file_batches(landed, snapshot, entry.path, columns)
+            yield from _file_batches(landed, snapshot, entry, columns)
         return
     read = None if columns is None else list(dict.fromkeys([*columns, key]))
     later_keys, winners = _winners(landed, later)
     for entry in snapshot.files:
-        for table in _file_batches(landed, snapshot, entry.path, read):
+        for table in _file_batches(landed, snapshot, entry, read):
             keep = pc.invert(pc.is_in(table.column(key), value_set=later_keys))
             yield table.filter(keep).select(columns or table.column_names)
     seq = 0
@@ -91,7 +113,7 @@ def iter_current(landed: Landed, columns: list[str] | None = None) -> Iterator[p
             if batch.kind == "tombstones":
                 seq += entry.rows
                 continue
-            for table in _file_batches(landed, batch, entry.path, columns):
+            for table in _file_batches(landed, batch, entry, columns):
                 seqs = pa.array(np.arange(seq, seq + table.num_rows, dtype=np.int64))
                 seq += table.num_rows
                 yield table.filter(pc.is_in(seqs, value_set=winners))
@@ -110,7 +132,7 @@ def _winners(landed: Landed, later: list[Batch]) -> tuple[pa.Array, pa.Array]:
     seq = 0
     for batch in later:
         for entry in batch.files:
-            for table in _file_batches(landed, batch, entry.path, [key]):
+            for table in _file_batches(landed, batch, entry, [key]):
                 n = table.num_rows
                 keys.append(table.column(key).combine_chunks())
                 seqs.append(pa.array(np.arange(seq, seq + n, dtype=np.int64)))

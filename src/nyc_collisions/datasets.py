@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import UsageError
 
@@ -19,11 +19,27 @@ class Dataset:
     dataset_id: str
     key: str
     integer_fields: frozenset[str] = field(default_factory=frozenset)
+    key_given: bool = False  # the user named the key (`--key`); else it is the default
 
     @property
     def key_column(self) -> str:
         """The key's column name in landed files (system fields are renamed)."""
         return landed_name(self.key)
+
+    def keyed_as_landed(self, key: str, where: str) -> Dataset:
+        """This dataset keyed as it was landed (`key`, from its manifest or unfinished plan).
+
+        What is landed decides the key: a default key gives way to it, and a `--key` that
+        names another field is refused, since the current state was merged by `key`.
+        """
+        if key == self.key:
+            return self
+        if self.key_given:
+            raise UsageError(
+                f"{self.name}: --key {self.key} contradicts the key {key} it was landed with "
+                f"at {where}; drop --key (or pass --key {key}), or land it in another --dest"
+            )
+        return replace(self, key=key)
 
 
 _COUNTS = frozenset(
@@ -80,6 +96,8 @@ def resolve(name_or_id: str, key: str | None = None) -> Dataset:
         if not FIELD_NAME_RE.match(key):
             raise UsageError(f"--key {key!r} is not a field name")
         ds = Dataset(ds.name, ds.dataset_id, key, ds.integer_fields)
+    if key is not None:
+        ds = replace(ds, key_given=True)
     return ds
 
 

@@ -206,6 +206,9 @@ class DatasetJob:
             with Lease(self.storage, self.dataset.name, self.command, stop) as lease:
                 self.state.lease = lease
                 try:
+                    manifest = self.state.load()
+                    if manifest is not None:
+                        self._keyed_as_landed(manifest.key)
                     self._run(stop, result)
                     lease.check()  # a lease lost during the run fails it; during cleanup, not
                     lease.finished()
@@ -217,6 +220,13 @@ class DatasetJob:
             result.wire_bytes = self.client.stats.bytes - bytes0
             result.seconds = time.monotonic() - started
         return result
+
+    def _keyed_as_landed(self, key: str) -> None:
+        """Work with the key the dataset was landed with (see `Dataset.keyed_as_landed`)."""
+        dataset = self.dataset.keyed_as_landed(key, f"{self.storage.url}/{self.dataset.name}/")
+        if dataset is not self.dataset:
+            self.dataset = dataset
+            self.source = DatasetSource(self.client, dataset)
 
     def _run(self, stop: threading.Event, result: DatasetResult) -> None:
         raise NotImplementedError
@@ -253,8 +263,10 @@ class Backfill(DatasetJob):
                 and plan.get("kind") == "snapshot"
                 and plan.get("format") == self.opts.fmt
                 and plan.get("columns") == columns
-                and plan.get("key") == self.dataset.key
+                and isinstance(plan.get("key"), str)
+                and (plan["key"] == self.dataset.key or not self.dataset.key_given)
             ):
+                self._keyed_as_landed(plan["key"])  # a rerun without --key keeps the run's key
                 logger.info("%s: resuming run %s", self.dataset.name, batch_id)
                 result.extra["resumed"] = batch_id
                 return plan

@@ -6,11 +6,13 @@ as `location`) become compact JSON text with sorted keys and booleans `true`/`fa
 Two parsers give the same table. The fast one hands the body to Arrow's multi-threaded JSON
 reader (SODA writes one row per line, `[{..}\n,{..}\n]`, which is line-delimited JSON once the
 leading commas are blanked) and builds `location` text with vectorised string kernels; it covers
-pages whose values are all strings and whose objects are legacy locations. Anything else (another
-layout, booleans, other object types, unknown fields, a broken body) goes to the plain parser
-(orjson), which is the reference and the one that raises the errors. A body that is not a
-complete JSON array is a `BadResponse`, so the client fetches it again: a page cut short is never
-taken for the last one. A field the metadata does not name is a `SchemaError`, never dropped.
+pages in that layout (Arrow's reader is given nothing else: other input can crash it) whose
+values are all strings and whose objects are legacy locations. Anything else (another layout,
+a row that is not an object, booleans, other object types, unknown fields, a broken body) goes
+to the plain parser (orjson), which is the reference and the one that raises the errors. A body
+that is not a complete JSON array is a `BadResponse`, so the client fetches it again: a page cut
+short is never taken for the last one. A field the metadata does not name is a `SchemaError`,
+never dropped.
 
 Rows bound for a CSV file skip the table: a native converter (`JsonRowsToCsv`, `_jsoncsv.c`)
 writes the landed CSV rows straight from the JSON, the same bytes as the fast parser and Arrow's
@@ -104,20 +106,56 @@ def parse_rows_fast(rows: np.ndarray, schema: Schema) -> pa.Table | None:
         return schema.text_schema().empty_table()
     if not _utf8(rows):
         return None  # Arrow's JSON reader would take it: the plain parser refuses it
-    # `\n,{` -> `\n {`: a raw newline never occurs inside a JSON string, so this only touches
+    commas = _row_separators(rows)
+    if commas is None:
+        return None
+    # `}\n,{` -> `}\n {`: a raw newline never occurs inside a JSON string, so this only touches
     # the separators between rows.
-    # Searched from the newlines (one a row) rather than the commas (one a field): 3x cheaper.
-    starts = np.flatnonzero(rows[:-1] == ord("\n")) + 1
-    commas = starts[rows[starts] == ord(",")]
     rows[commas] = ord(" ")
     table = _read_ndjson(rows, read_schema)
+    # One object a line, as the JSON array had: Arrow also reads `{..}{..}` as two rows, and
+    # an object that went on past a blanked separator (`"a":{..}\n,{..}`) as one.
+    if table is not None and table.num_rows != commas.size + 1:
+        table = None
     out = None if table is None else _text_table(table, schema)
     if out is None:
         rows[commas] = ord(",")
     return out
 
 
+def _row_separators(rows: np.ndarray) -> np.ndarray | None:
+    """The commas of the `}\n,{` between rows in SODA's layout (`{..}\n,{..}`), or None unless
+    every line of `rows` is an object: the first starting with `{`, each line break `}\n,{`.
+
+    Arrow's JSON reader cuts its input into blocks at line breaks (`\n` and `\r`) and crashes
+    the process on a block that starts with a top-level `null` (apache/arrow#47409): it is only
+    given rows whose every line starts with `{`. Searched from the line breaks (one a row)
+    rather than the commas (one a field): 3x cheaper.
+    """
+    if rows[:64].tobytes().lstrip()[:1] != b"{":
+        return None
+    # `\n`, `\r`, and the other control bytes below them (a tab is JSON's whitespace; the rest
+    # are not JSON outside strings, nor allowed raw inside them)
+    breaks = np.flatnonzero(rows[:-1] <= ord("\r"))
+    found = rows[breaks]
+    if not np.all(found == ord("\n")):
+        breaks = breaks[found != ord("\t")]
+        if not np.all(rows[breaks] == ord("\n")):
+            return None
+    commas = breaks + 1
+    if commas.size and commas[-1] + 1 >= rows.size:
+        return None
+    if not (
+        np.all(rows[breaks - 1] == ord("}"))
+        and np.all(rows[commas] == ord(","))
+        and np.all(rows[commas + 1] == ord("{"))
+    ):
+        return None
+    return commas
+
+
 def _read_ndjson(rows: np.ndarray, read_schema: pa.Schema) -> pa.Table | None:
+    """Arrow's JSON reader on rows one object a line (checked by `_row_separators` first)."""
     try:
         return pajson.read_json(
             pa.BufferReader(pa.py_buffer(rows)),
@@ -201,8 +239,9 @@ def parse_page_plain(body: bytes, schema: Schema) -> pa.Table:
         raise BadResponse(f"page is not complete JSON ({exc}; {len(body)} bytes)") from None
     if not isinstance(rows, list):
         raise BadResponse(f"page is not a JSON array but {type(rows).__name__}")
-    if not all(isinstance(row, dict) for row in rows):
-        raise BadResponse("page rows are not JSON objects")
+    for row in rows:
+        if not isinstance(row, dict):
+            raise BadResponse(f"page rows are not JSON objects (one is {_json_kind(row)})")
     fields = schema.field_names
     arrays = []
     seen = 0
@@ -223,6 +262,13 @@ def parse_page_plain(body: bytes, schema: Schema) -> pa.Table:
     if rows and table.column("socrata_id").null_count:
         raise BadResponse("page rows lack :id (was $select=:*,* sent?)")
     return table
+
+
+def _json_kind(value: Any) -> str:
+    if value is None or isinstance(value, bool):
+        return orjson.dumps(value).decode()
+    kinds = {int: "a number", float: "a number", str: "a string", list: "an array"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def _unknown_fields(rows: list[dict[str, Any]], fields: list[str]) -> set[str]:
@@ -303,6 +349,7 @@ class PageStream(_Stream):
     ) -> None:
         super().__init__(schema, emit, emit_rows)
         self._started = False
+        self._separated = False  # a piece was cut at a `\n,`: a row must follow it
         self._to_csv = JsonRowsToCsv.for_schema(schema) if emit_rows is not None else None
 
     def feed(self, chunk: bytes) -> None:
@@ -322,6 +369,7 @@ class PageStream(_Stream):
             cut = self._buf.rfind(b"\n,")
             if cut > 0:
                 piece, self._buf = _split(self._buf, cut, 2)
+                self._separated = True
                 self._parse(piece)
 
     def finish(self) -> int:
@@ -336,6 +384,8 @@ class PageStream(_Stream):
         tail, self._buf = _split(self._buf, end, len(self._buf))
         if tail.size:
             self._parse(tail)
+        elif self._separated:
+            raise BadResponse(f"page is not complete JSON: a `,` and no row after {self.rows} rows")
         return self.rows
 
     def _parse(self, piece: np.ndarray) -> None:
@@ -492,7 +542,10 @@ class CsvPageStream(_Stream):
                 raise BadResponse("CSV page without a header line")
             return False
         line = bytes(self._buf[:end]).decode("utf-8", "replace").rstrip("\r")
-        header = next(csv.reader([line]), [])
+        try:
+            header = next(csv.reader([line]), [])
+        except csv.Error as exc:  # a raw line break or a NUL in it
+            raise BadResponse(f"CSV header unreadable ({exc}): {line[:60]!r}") from None
         known = set(self.schema.field_names)
         # computed regions (`:@...`) and `:version` are not landed, as in JSON pages
         unknown = [

@@ -134,6 +134,23 @@ class Column:
         return self.data_type in _OBJECT_TYPES
 
 
+def _refuse_repeated_names(dataset: Dataset, columns: list[Column]) -> None:
+    """A row has one value a field and a landed file one column a name: metadata that names a
+    field twice, or two fields that land under one name (`socrata_id` beside `:id`), is refused
+    (the two paths would land such a column differently)."""
+    fields: dict[str, list[str]] = {}
+    for column in columns:
+        fields.setdefault(column.name, []).append(column.field_name)
+    for name, named in fields.items():
+        if len(named) > 1:
+            said = (
+                f"the field {named[0]!r} more than once"
+                if len(set(named)) == 1
+                else f"fields {' and '.join(map(repr, named))}, which both land as {name!r}"
+            )
+            raise SchemaError(f"{dataset.dataset_id}: the metadata names {said}")
+
+
 @dataclass(frozen=True)
 class Schema:
     """The columns of a dataset in metadata order, followed by the system fields."""
@@ -153,6 +170,7 @@ class Schema:
             raise BadResponse(f"{dataset.dataset_id}: metadata columns unreadable: {exc}") from exc
         system = {":id": "text", ":created_at": "fixed_timestamp", ":updated_at": "fixed_timestamp"}
         columns += [Column(f, system[f]) for f in SYSTEM_FIELDS]
+        _refuse_repeated_names(dataset, columns)
         names = [c.field_name for c in columns]
         if dataset.key not in names:
             raise SchemaError(

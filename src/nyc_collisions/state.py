@@ -129,8 +129,15 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> Manifest:
+        folder = where.rsplit("/", 1)[0]
+        way_out = (
+            f"restore it from a copy (S3 versioning keeps earlier ones), or move {folder} "
+            "aside and backfill again"
+        )
         try:
             d = orjson.loads(data)
+            if not isinstance(d, dict):
+                raise TypeError(f"a JSON {type(d).__name__}, not an object")
             if d.get("version") != MANIFEST_VERSION:
                 raise StateError(f"{where}: manifest version {d.get('version')} is not supported")
             return cls(
@@ -145,7 +152,7 @@ class Manifest:
                 retired=[Retired(**r) for r in d.get("retired", [])],
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise StateError(f"{where}: manifest unreadable: {exc}") from exc
+            raise StateError(f"{where}: manifest unreadable ({exc}); {way_out}") from exc
 
 
 class DatasetState:

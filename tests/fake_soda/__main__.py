@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-gzip", action="store_true")
     p.add_argument("--cache", help="folder to keep generated data in across runs")
     p.add_argument("--latency", action="store_true", help="turn the latency model on")
+    p.add_argument(
+        "--hostile-text",
+        action="store_true",
+        help="newlines, quotes, emoji, multi-KB values... in the text columns",
+    )
     defaults = Latency()
     p.add_argument("--base", type=float, help=f"seconds per rows request ({defaults.base})")
     p.add_argument("--per-row", type=float, help=f"seconds per row ({defaults.per_row})")
@@ -72,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         cache_dir=args.cache,
         host=args.host,
         port=args.port,
+        hostile_text=args.hostile_text,
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -31,6 +31,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from . import hostile
 from .schema import CRASHES, GENERIC, PERSONS, SCHEMAS, VEHICLES, Schema
 
 GENERATOR_VERSION = 1
@@ -747,9 +748,15 @@ def _generic_rows(rng: np.random.Generator, keys: np.ndarray) -> pa.Array:
 
 
 def new_rows(
-    schema: Schema, rng: np.random.Generator, keys: np.ndarray, day: int, parents: Parents | None
+    schema: Schema,
+    rng: np.random.Generator,
+    keys: np.ndarray,
+    day: int,
+    parents: Parents | None,
+    hostile_text: bool = False,
 ) -> list[bytes]:
-    """Inner JSON of freshly inserted rows (crashes dated `day`; children need `parents`)."""
+    """Inner JSON of freshly inserted rows (crashes dated `day`; children need `parents`);
+    with `hostile_text`, half of them get hostile values (see `hostile`)."""
     n = len(keys)
     if n == 0:
         return []
@@ -761,6 +768,8 @@ def new_rows(
         arr = build(rng, keys, parents)
     else:
         arr = _generic_rows(rng, keys)
+    if hostile_text:
+        arr = hostile.rows(schema, arr, rng, share=0.5)
     return [s.encode() for s in arr.to_pylist()]
 
 
@@ -919,7 +928,12 @@ _ARRAYS = ("data", "offsets", "key", "sid", "created", "updated", "version")
 
 
 def generate_table(
-    schema: Schema, n: int, seed: int, n_crashes: int, cache_dir: str | Path | None = None
+    schema: Schema,
+    n: int,
+    seed: int,
+    n_crashes: int,
+    cache_dir: str | Path | None = None,
+    hostile_text: bool = False,
 ) -> Table:
     """Generate (or load from `cache_dir`) `n` rows of `schema`; children reference the first
     `n_crashes` crashes of the same seed. A cache entry is a folder of `.npy` files, published
@@ -927,6 +941,7 @@ def generate_table(
     folder = None
     if cache_dir is not None:
         name = f"{schema.dataset_id}-n{n}-s{seed}-c{n_crashes}-v{GENERATOR_VERSION}"
+        name += "-hostile" if hostile_text else ""
         folder = Path(cache_dir) / name
         if folder.is_dir():
             arrays = {
@@ -934,7 +949,7 @@ def generate_table(
                 for a in _ARRAYS
             }
             return Table(**arrays)
-    table = _generate(schema, n, seed, n_crashes)
+    table = _generate(schema, n, seed, n_crashes, hostile_text)
     if folder is not None:
         tmp = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex}")
         tmp.mkdir(parents=True)
@@ -947,9 +962,11 @@ def generate_table(
     return table
 
 
-def _generate(schema: Schema, n: int, seed: int, n_crashes: int) -> Table:
+def _generate(schema: Schema, n: int, seed: int, n_crashes: int, hostile_text: bool) -> Table:
     index = list(SCHEMAS).index(schema.dataset_id)
     rng = np.random.default_rng([seed, index])
+    # hostile values come from a generator of their own: the rest of the data stays the same
+    rng_hostile = np.random.default_rng([seed, index, 1]) if hostile_text else None
     if schema.dataset_id == CRASHES:
         cal = crash_calendar(seed, n)
         keys = cal.keys
@@ -972,6 +989,8 @@ def _generate(schema: Schema, n: int, seed: int, n_crashes: int) -> Table:
             )
             build = _person_rows if schema.dataset_id == PERSONS else _vehicle_rows
             chunk = build(rng, keys[lo:hi], part)
+        if rng_hostile is not None:
+            chunk = hostile.rows(schema, chunk, rng_hostile)
         _, offs_buf, data_buf = chunk.buffers()
         offs = np.frombuffer(offs_buf, np.int32, len(chunk) + 1).astype(np.int64)
         offsets[lo + 1 : hi + 1] = len(buf) + offs[1:] - offs[0]

@@ -384,6 +384,7 @@ class _Exchange:
         self.fault = app.faults.pick(f"{target}\n{unquote_plus(target)}", self.kind == "data")
         if self.fault is not None:
             app.stats.fault(self.fault.kind)
+            app.faults.gather(self.fault)
             if self.fault.kind in IMMEDIATE:
                 self._fault_response(self.fault)
                 return
@@ -427,23 +428,29 @@ class _Exchange:
             "ETag": f'"{etag}"',
         }
         if self.format == "csv":
+            head = renderer.csv_header()
+            if self.fault is not None and self.fault.kind == "bad_header":
+                head = head.replace(b",", (self.fault.text or "").encode() + b",", 1)
             self._stream(
                 200,
                 "text/csv; charset=UTF-8",
                 headers,
-                renderer.csv_header(),
+                head,
                 _lines(page, renderer.csv_rows, csv=True),
                 lambda sent: b"",
                 len(page),
                 pace,
             )
         else:
+            blocks = _lines(page, renderer.json_rows, csv=False)
+            if self.fault is not None and self.fault.kind == "bad_row":
+                blocks = _bad_row(blocks, self.fault, len(page))
             self._stream(
                 200,
                 "application/json;charset=utf-8",
                 headers,
                 b"",
-                _lines(page, renderer.json_rows, csv=False),
+                blocks,
                 lambda sent: b"]" if sent else b"[]",
                 len(page),
                 pace,
@@ -457,7 +464,10 @@ class _Exchange:
             self._send_json(404, _not_found(f"Cannot find view with id {self.dataset}"))
             return
         snap = app.registry.snapshot(self.dataset)
-        body = orjson.dumps(_metadata_doc(snap), option=orjson.OPT_INDENT_2)
+        doc = _metadata_doc(snap)
+        if self.fault is not None and self.fault.kind == "duplicate_field":
+            _duplicate_field(doc, self.fault.field)
+        body = orjson.dumps(doc, option=orjson.OPT_INDENT_2)
         lines = body.splitlines(keepends=True)
         headers = {
             "Last-Modified": formatdate(snap.changed_at / 1e6, usegmt=True),
@@ -477,7 +487,10 @@ class _Exchange:
         headers = {}
         if fault.retry_after is not None and fault.kind in ("429", "503"):
             ra = fault.retry_after
-            headers["Retry-After"] = str(int(ra)) if float(ra).is_integer() else str(ra)
+            if isinstance(ra, str):
+                headers["Retry-After"] = ra  # as given, even when it is not a number or date
+            else:
+                headers["Retry-After"] = str(int(ra)) if float(ra).is_integer() else str(ra)
         match fault.kind:
             case "429":
                 self._send_json(429, _THROTTLED, headers)
@@ -508,6 +521,13 @@ class _Exchange:
                 )
             case "202":
                 self._send_json(202, {"message": "processing"})
+            case "redirect":
+                assert fault.location is not None
+                target = fault.location.rstrip("/") + self.h.path
+                self._send(fault.status or 302, "text/plain", b"", {"Location": target})
+            case "body":
+                body = (fault.body or "").encode()
+                self._send(fault.status or 200, "application/json; charset=utf-8", body)
             case _:
                 status = fault.status or 503
                 self._send_html(
@@ -625,6 +645,29 @@ def _lines(
             yield rows
         else:
             yield [(b"," if a or i else b"[") + r + b"\n" for i, r in enumerate(rows)]
+
+
+def _bad_row(blocks: Iterator[list[bytes]], fault: Fault, total: int) -> Iterator[list[bytes]]:
+    """JSON page lines with the row at `fault.after_rows` (half the page by default, negative
+    from the end) replaced by `fault.text` (`null` by default) and `fault.pad` bytes of spaces and
+    tabs (random, so that gzip cannot shrink them to nothing)."""
+    at = total // 2 if fault.after_rows is None else fault.after_rows
+    at = min(max(at if at >= 0 else total + at, 0), total - 1)
+    pad = random.Random(at).choices(b" \t", k=fault.pad or 0)
+    text = (fault.text if fault.text is not None else "null").encode() + bytes(pad) + b"\n"
+    seen = 0
+    for lines in blocks:
+        if seen <= at < seen + len(lines):
+            lines[at - seen] = lines[at - seen][:1] + text  # keeps its `[` or `,`
+        seen += len(lines)
+        yield lines
+
+
+def _duplicate_field(doc: dict[str, Any], field: str | None) -> None:
+    """Metadata naming a field twice: a copy of its column, at the next position."""
+    columns = doc["columns"]
+    column = next((c for c in columns if field in (None, c["fieldName"])), columns[0])
+    columns.append({**column, "id": column["id"] + 1000, "position": len(columns) + 1})
 
 
 def _not_found(message: str) -> dict[str, Any]:
@@ -792,9 +835,10 @@ class FakeSoda(AdminMethods):
         cache_dir: str | Path | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        hostile_text: bool = False,
     ) -> None:
         self.sizes = resolve_sizes(sizes, scale)
-        self._registry = Registry(self.sizes, seed, cache_dir)
+        self._registry = Registry(self.sizes, seed, cache_dir, hostile_text)
         self._app = App(self._registry, tokens, require_token, no_token_status, latency, gzip, seed)
         self._address = (host, port)
         self._server: _Server | None = None

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from . import data
+from . import data, hostile
 from .schema import CRASHES, PERSONS, SCHEMAS, VEHICLES, Schema
 
 
@@ -209,14 +209,21 @@ class Registry:
     """All datasets of one server, their clock and their mutations."""
 
     def __init__(
-        self, sizes: dict[str, int], seed: int, cache_dir: str | Path | None = None
+        self,
+        sizes: dict[str, int],
+        seed: int,
+        cache_dir: str | Path | None = None,
+        hostile_text: bool = False,
     ) -> None:
         self.seed = seed
+        self.hostile_text = hostile_text
         self._lock = threading.Lock()
         self._rng = np.random.default_rng([seed, 99])
         self._datasets: dict[str, _Dataset] = {}
         for index, (dataset_id, schema) in enumerate(SCHEMAS.items()):
-            table = data.generate_table(schema, sizes[dataset_id], seed, sizes[CRASHES], cache_dir)
+            table = data.generate_table(
+                schema, sizes[dataset_id], seed, sizes[CRASHES], cache_dir, hostile_text
+            )
             self._datasets[dataset_id] = _Dataset(
                 schema, index, _initial(schema, table), len(table)
             )
@@ -272,7 +279,9 @@ class Registry:
             parents = None
             if dataset_id in (PERSONS, VEHICLES):
                 parents = self._parents(n)
-            rows = data.new_rows(ds.schema, self._rng, keys, stamp // 86_400_000_000, parents)
+            rows = data.new_rows(
+                ds.schema, self._rng, keys, stamp // 86_400_000_000, parents, self.hostile_text
+            )
             start = len(old.key)
             slots = np.arange(start, start + n, dtype=np.int64)
             sids = data.row_ids(ds.index, self.seed, slots)
@@ -325,8 +334,13 @@ class Registry:
             stamp = self._stamp()
             slots = self._pick(old, n)
             patched = dict(old.patched)
+            fields = hostile.text_fields(ds.schema)
             for slot, row in zip(slots.tolist(), old.decoded(slots), strict=True):
-                patched[slot] = orjson.dumps(data.edit_row(ds.schema, row, self._rng))[1:-1]
+                edited = data.edit_row(ds.schema, row, self._rng)
+                if self.hostile_text and self._rng.random() < 0.5:
+                    patched[slot] = hostile.put(ds.schema, edited, fields, self._rng).encode()
+                else:
+                    patched[slot] = orjson.dumps(edited)[1:-1]
             updated = old.updated.copy()
             updated[slots] = stamp
             version = old.version.copy()

@@ -19,6 +19,10 @@ from .storage import Writer
 
 FORMATS = ("csv", "parquet")
 READ_BATCH_ROWS = 65_536
+READ_BLOCK_BYTES = 8 << 20
+# A landed CSV value may hold newlines (`\n`, `\r\n`, `\r`), so Arrow must cut its read blocks
+# at row ends found by parsing the quotes, not at the last newline of a block.
+_READ_PARSE = pacsv.ParseOptions(newlines_in_values=True)
 
 
 def check_format(fmt: str) -> str:
@@ -79,7 +83,8 @@ def read_text_batches(
     if fmt == "csv":
         reader = pacsv.open_csv(
             source,
-            read_options=pacsv.ReadOptions(block_size=8 << 20),
+            read_options=pacsv.ReadOptions(block_size=READ_BLOCK_BYTES),
+            parse_options=_READ_PARSE,
             convert_options=csv_text_options(schema.names, columns),
         )
         for batch in reader:

@@ -71,8 +71,11 @@ class _LocalWriter:
             raise _disk_error(final, exc) from exc
         self.bytes_written = 0
         self.closed = False
+        self._aborted = False
 
     def write(self, data: bytes | memoryview) -> int:
+        if self._aborted:  # an encoder closing after an abort (e.g. at garbage collection)
+            return len(data)
         try:
             n = self._file.write(data)
         except OSError as exc:
@@ -98,7 +101,7 @@ class _LocalWriter:
         self.closed = True
 
     def abort(self) -> None:
-        self.closed = True
+        self.closed = self._aborted = True
         with contextlib.suppress(OSError):
             self._file.close()
         with contextlib.suppress(OSError):

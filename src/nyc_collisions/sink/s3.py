@@ -64,14 +64,25 @@ def _s3_error(where: str, exc: Exception) -> DestinationError:
         code = str(err.get("Code", ""))
         if code == "NoSuchBucket":
             return DestinationError(f"{where}: the bucket does not exist")
-        if code in (
-            "AccessDenied",
-            "403",
-            "InvalidAccessKeyId",
-            "SignatureDoesNotMatch",
-            "AllAccessDisabled",
-        ):
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
+            return DestinationError(
+                f"{where}: S3 refused the AWS credentials ({code}); check AWS_PROFILE or "
+                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN)"
+            )
+        if code in ("AccessDenied", "403", "AllAccessDisabled"):
             return DestinationError(f"{where}: access denied ({code})")
+        if code in (
+            "PermanentRedirect",
+            "301",
+            "AuthorizationHeaderMalformed",
+            "IllegalLocationConstraintException",
+        ):
+            headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+            region = err.get("Region") or headers.get("x-amz-bucket-region") or "?"
+            return DestinationError(
+                f"{where}: the bucket is in another region ({region}); "
+                f"set AWS_DEFAULT_REGION={region}"
+            )
         return DestinationError(f"{where}: S3 error {code}: {err.get('Message', '')}")
     return DestinationError(f"{where}: {type(exc).__name__}: {exc}")
 
@@ -122,8 +133,11 @@ class _S3Writer:
         self._slots = storage.part_slots
         self.bytes_written = 0
         self.closed = False
+        self._aborted = False
 
     def write(self, data: bytes | memoryview) -> int:
+        if self._aborted:  # an encoder closing after an abort (e.g. at garbage collection)
+            return len(data)
         self._buffer.write(data)
         self.bytes_written += len(data)
         if self._buffer.tell() >= PART_SIZE:
@@ -194,7 +208,7 @@ class _S3Writer:
         self.closed = True
 
     def abort(self) -> None:
-        self.closed = True
+        self.closed = self._aborted = True
         for f in self._parts:
             with contextlib.suppress(Exception):
                 f.result()

@@ -7,17 +7,20 @@ Every request goes through `SodaClient.fetch`, which classifies responses in one
 - 404 is `DatasetNotFound`, 403 `permission_denied` is `InvalidAppToken`, any other 4xx is
   `SourceRejected` with the server's message (both of SODA's error shapes are read).
 
-All workers share one `AdaptiveLimit`: the number of requests in flight halves when the source
-throttles (429/403 throttle) and grows back by one after a run of successes (AIMD).
+All workers share one `AdaptiveLimit`: the number of requests in flight halves once per
+throttling event (429/403 throttle) and grows back by one after a run of successes (AIMD).
 One INFO log line per request; the token travels only in the `X-App-Token` header and is never
-logged or put in a message.
+logged or put in a message. Requests go only to the source's own origin (scheme, host, port): a
+redirect elsewhere is refused before it is followed, so the token never leaves with it; plain
+http is refused for any host but this machine unless allowed.
 """
 
 from __future__ import annotations
 
 import email.utils
+import ipaddress
 import logging
-import os
+import math
 import random
 import threading
 import time
@@ -31,7 +34,7 @@ import httpx
 import orjson
 from isal import isal_zlib
 
-from .. import __version__
+from .. import __version__, settings
 from ..errors import (
     BadResponse,
     DatasetNotFound,
@@ -56,11 +59,17 @@ class RetryPolicy:
     cap: float = 60.0
     max_retry_after: float = 300.0
 
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise UsageError(f"retry attempts must be at least 1, not {self.attempts}")
+
     @classmethod
-    def from_env(cls, attempts: int = 10) -> RetryPolicy:
-        """The policy, with the base delay from `NYC_COLLISIONS_RETRY_BASE` (seconds) if set."""
-        base = float(os.environ.get("NYC_COLLISIONS_RETRY_BASE", "1.0"))
-        attempts = int(os.environ.get("NYC_COLLISIONS_RETRIES", str(attempts)))
+    def from_env(cls, attempts: int | None = None) -> RetryPolicy:
+        """The policy: `attempts`, else `NYC_COLLISIONS_RETRIES` (1-100, default 10); the base
+        delay from `NYC_COLLISIONS_RETRY_BASE` (0-60 seconds, default 1)."""
+        base = settings.env_float(settings.RETRY_BASE, cls.base, 0.0, 60.0)
+        if attempts is None:
+            attempts = settings.env_int(settings.RETRIES, cls.attempts, 1, 100)
         return cls(attempts=attempts, base=base)
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
@@ -71,43 +80,56 @@ class RetryPolicy:
 
 
 class AdaptiveLimit:
-    """A concurrency limit shared by all workers: multiplicative decrease, additive increase."""
+    """A concurrency limit shared by all workers: multiplicative decrease, additive increase.
+
+    `with limit as epoch:` holds one of `limit` slots for a request; `epoch` counts the decreases
+    so far. One throttling event halves the limit once: the requests in flight when it happens
+    were all sent at the old rate, so only a throttle of a request sent after the last decrease
+    (same epoch) halves it again. After `GROW_AFTER * limit` successes in a row, one more request
+    may be in flight, up to `maximum`.
+    """
+
+    GROW_AFTER = 4  # full windows of successes before the limit grows by one
 
     def __init__(self, maximum: int) -> None:
         self.maximum = max(1, maximum)
         self.limit = self.maximum
         self._in_flight = 0
         self._successes = 0
+        self._epoch = 0
         self._cond = threading.Condition()
 
-    def __enter__(self) -> AdaptiveLimit:
+    def __enter__(self) -> int:
         with self._cond:
             while self._in_flight >= self.limit:
                 self._cond.wait()
             self._in_flight += 1
-        return self
+            return self._epoch
 
     def __exit__(self, *exc: object) -> None:
         with self._cond:
             self._in_flight -= 1
             self._cond.notify_all()
 
-    def throttled(self) -> None:
-        """The source throttled us: halve the limit."""
+    def throttled(self, epoch: int) -> None:
+        """A request sent in `epoch` was throttled: halve the limit, once per event."""
         with self._cond:
+            if epoch != self._epoch:
+                return  # sent before the last decrease: the same event, already answered
+            self._epoch += 1
+            self._successes = 0
             new = max(1, self.limit // 2)
             if new != self.limit:
                 logger.warning("source throttles: concurrency %d -> %d", self.limit, new)
             self.limit = new
-            self._successes = 0
 
     def succeeded(self) -> None:
-        """One success: after `limit` successes in a row, allow one more request in flight."""
+        """One success; after `GROW_AFTER * limit` in a row, one more request in flight."""
         with self._cond:
             if self.limit >= self.maximum:
                 return
             self._successes += 1
-            if self._successes >= self.limit * 4:
+            if self._successes >= self.limit * self.GROW_AFTER:
                 self.limit += 1
                 self._successes = 0
                 self._cond.notify_all()
@@ -141,28 +163,58 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
-def validate_base_url(base_url: str) -> str:
-    """Check `--source`: an http(s) URL of a host, without query; returns it without a final /."""
+_THROTTLES = ("429", "403 throttle")
+
+
+def validate_base_url(base_url: str, *, allow_http: bool = False, name: str = "--source") -> str:
+    """Check a source URL (`name` says where it came from): an http(s) URL of a host, without
+    query, and https unless the host is this machine or `allow_http`; returns it without a
+    final /."""
     try:
         url = httpx.URL(base_url)
     except (httpx.InvalidURL, TypeError) as exc:
-        raise UsageError(f"--source {base_url!r} is not a URL: {exc}") from None
+        raise UsageError(f"{name} {base_url!r} is not a URL: {exc}") from None
     if url.scheme not in ("http", "https") or not url.host or url.query or url.fragment:
         raise UsageError(
-            f"--source {base_url!r} is not a base URL like https://data.cityofnewyork.us"
+            f"{name} {base_url!r} is not a base URL like https://data.cityofnewyork.us"
+        )
+    if url.scheme == "http" and not allow_http and not _is_loopback(url.host):
+        raise UsageError(
+            f"{name} {base_url!r}: plain http would send the app token and the data unencrypted;"
+            f" use https, or allow it with --allow-http ({settings.ALLOW_HTTP}=1)"
         )
     return str(url).rstrip("/")
 
 
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _origin(url: httpx.URL) -> str:
+    """scheme://host[:port], the port only when it is not the scheme's default (as httpx keeps
+    it); never user or password."""
+    return f"{url.scheme}://{url.netloc.decode('ascii')}"
+
+
 def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("Retry-After")
+    """Seconds the server asks us to wait: a number or an HTTP date; anything else is ignored
+    (the usual backoff applies)."""
+    value = response.headers.get("Retry-After", "").strip()
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value)
-        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError):
+            return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def _clip(text: str, n: int = 300) -> str:
@@ -202,9 +254,13 @@ class SodaClient:
         timeout: float = 120.0,
         connect_timeout: float = 10.0,
         wire: str = "auto",
+        allow_http: bool = False,
     ) -> None:
-        self.base_url = validate_base_url(base_url)
+        self.base_url = validate_base_url(base_url, allow_http=allow_http)
+        self._origin = _origin(httpx.URL(self.base_url))
         self.wire = check_wire(wire)
+        if not (timeout > 0 and connect_timeout > 0):
+            raise UsageError(f"timeouts must be positive, not {timeout} and {connect_timeout}")
         self.retry = retry or RetryPolicy()
         self.limit = AdaptiveLimit(concurrency)
         self.stats = ClientStats()
@@ -222,7 +278,17 @@ class SodaClient:
                 max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4
             ),
             follow_redirects=True,
+            event_hooks={"request": [self._same_origin]},
         )
+
+    def _same_origin(self, request: httpx.Request) -> None:
+        """Before every request, redirects included: only to the source's own origin."""
+        origin = _origin(request.url)
+        if origin != self._origin:
+            raise SourceRejected(
+                f"{self.base_url}: the source redirected to {origin}{request.url.path}, another "
+                f"origin; refused: requests and the app token go only to {self._origin}"
+            )
 
     def close(self) -> None:
         self._http.close()
@@ -299,8 +365,6 @@ class SodaClient:
                 result = self._stream_attempt(path, query, consume, shown)
             except _Retryable as exc:
                 self.stats.retried(exc.cause)
-                if exc.cause in ("429", "403 throttle"):
-                    self.limit.throttled()
                 last = exc
                 continue
             self.limit.succeeded()
@@ -327,7 +391,7 @@ class SodaClient:
                 received += len(chunk)
                 yield chunk
 
-        with self.limit:
+        with self.limit as epoch:
             try:
                 with self._http.stream("GET", path, params=query) as response:
                     if response.status_code != 200 or looks_like_html(response, b""):
@@ -338,6 +402,12 @@ class SodaClient:
                         result = consume(counted(_body(response)))
                     except BadResponse as exc:
                         raise _Retryable("bad body", str(exc)) from None
+            except _Retryable as exc:
+                if exc.cause in _THROTTLES:
+                    self.limit.throttled(epoch)
+                raise
+            except httpx.TooManyRedirects:
+                raise SourceRejected(f"{self.base_url}{shown}: too many redirects") from None
             except httpx.TimeoutException as exc:
                 raise _Retryable("timeout", f"timed out ({type(exc).__name__})") from None
             except httpx.TransportError as exc:
@@ -353,10 +423,16 @@ class SodaClient:
         return self.fetch(path, params, parse_json_document)
 
     def metadata(self, dataset_id: str) -> dict[str, Any]:
-        doc = self.get_json(f"/api/views/{dataset_id}.json")
-        if not isinstance(doc, dict) or not isinstance(doc.get("columns"), list):
-            raise BadResponse(f"{self.base_url}/api/views/{dataset_id}.json: no columns")
-        return doc
+        """The dataset's metadata; a document without columns is fetched again, like a body cut
+        short."""
+
+        def with_columns(body: bytes) -> dict[str, Any]:
+            doc = parse_json_document(body)
+            if not isinstance(doc, dict) or not isinstance(doc.get("columns"), list):
+                raise BadResponse(f"metadata without columns: {_clip(str(doc), 80)}")
+            return doc
+
+        return self.fetch(f"/api/views/{dataset_id}.json", None, with_columns)
 
     def resource_path(self, dataset_id: str, fmt: str = "json") -> str:
         return f"/resource/{dataset_id}.{fmt}"

@@ -1,0 +1,203 @@
+"""Broken state and unexpected failures: one line that names the file and the way out, exit 1."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nyc_collisions.sink.storage import open_storage
+from nyc_collisions.state import DatasetState
+from tests.conftest import GOOD_TOKEN
+from tests.fake_soda import FakeSoda
+from tests.helpers import cli, exact
+
+
+def one_line(text: str, *needles: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, text
+    assert lines[0].startswith("nyc-collisions: error: "), text
+    for needle in needles:
+        assert needle.lower() in lines[0].lower(), (needle, lines[0])
+    return lines[0]
+
+
+def land_crashes(soda: FakeSoda, dest: str, *extra: str) -> DatasetState:
+    res = cli("backfill", "crashes", "--source", soda.url, "--dest", dest, *extra)
+    assert res.code == 0, res.text
+    return DatasetState(open_storage(dest), "crashes")
+
+
+def snapshot_of(state: DatasetState) -> dict[str, bytes | None]:
+    keys = state.storage.list_keys("crashes/")
+    return {k: state.storage.get_bytes(k) for k in keys if not k.endswith("lock.json")}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"version": 1, "dataset": "cra', b"null", b"[]", b"\x00\xff garbage", b""],
+    ids=["truncated", "null", "array", "binary", "empty"],
+)
+def test_a_corrupt_manifest_is_one_line_naming_it(
+    soda_ro: FakeSoda, dest: str, body: bytes, tmp_path: Path
+) -> None:
+    state = land_crashes(soda_ro, dest)
+    state.storage.put_bytes(state.manifest_key, body)
+    before = snapshot_of(state)
+    where = ("--source", soda_ro.url, "--dest", dest)
+    for command in (
+        ("export", "crashes", "--dest", dest, "-o", str(tmp_path / "out.csv")),
+        ("status", "crashes", *where),
+        ("update", "crashes", *where),
+        ("backfill", "crashes", "--force", *where),
+        ("compact", "crashes", "--dest", dest),
+    ):
+        res = cli(*command)
+        assert res.code == 1, (command, res.text)
+        one_line(res.err, "crashes/manifest.json", "backfill")
+    assert snapshot_of(state) == before  # nothing was written or removed
+    assert not (tmp_path / "out.csv").exists()
+
+
+def _cut(data: bytes) -> bytes:
+    """The first half of the file, cut inside a row."""
+    return data[: len(data) // 2]
+
+
+def _cut_at_row(data: bytes) -> bytes:
+    """Whole rows only: the cut a reader cannot see from the bytes themselves."""
+    half = data[: len(data) // 2]
+    return half[: half.rindex(b"\n") + 1]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "damage"),
+    [
+        ("csv", _cut),
+        ("csv", _cut_at_row),
+        ("csv", lambda d: b"\xff" * len(d)),
+        ("parquet", _cut),
+        ("parquet", lambda d: b"\xff" * len(d)),
+    ],
+    ids=["csv-cut", "csv-cut_at_row", "csv-overwritten", "parquet-cut", "parquet-overwritten"],
+)
+def test_a_damaged_data_file_is_one_line_naming_it(
+    soda_ro: FakeSoda, dest: str, fmt: str, damage: Any, tmp_path: Path
+) -> None:
+    state = land_crashes(
+        soda_ro, dest, "--format", fmt, "--file-rows", "1000", "--page-size", "500"
+    )
+    manifest = state.load()
+    assert manifest is not None
+    victim = manifest.batches[-1].files[1].path
+    data = state.storage.get_bytes(victim)
+    assert data is not None
+    state.storage.put_bytes(victim, damage(data))
+    where = ("--source", soda_ro.url, "--dest", dest)
+    for command in (
+        ("export", "crashes", "--dest", dest, "-o", str(tmp_path / "out.parquet")),
+        ("verify", "crashes", *where),
+        ("compact", "crashes", "--dest", dest),
+    ):
+        res = cli(*command)
+        assert res.code == 1, (command, res.text)
+        one_line(res.err, victim, "--force")
+    assert not (tmp_path / "out.parquet").exists()
+    # the way out the line gives works
+    res = cli("backfill", "crashes", "--force", *where)
+    assert res.code == 0, res.text
+    exact(soda_ro, dest, "crashes", tmp_path)
+
+
+def test_an_unexpected_failure_is_one_line_and_the_traceback_only_with_v(
+    soda_ro: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nyc_collisions import extract
+
+    token = GOOD_TOKEN
+    monkeypatch.setenv("SOCRATA_APP_TOKEN", token)
+
+    def broken(*_args: Any, **_kw: Any) -> None:
+        raise RuntimeError(f"something nobody foresaw (with {token})")
+
+    monkeypatch.setattr(extract.Backfill, "_plan", broken)
+    args = ("backfill", "crashes", "--source", soda_ro.url, "--dest", str(tmp_path / "land"))
+    res = cli(*args)
+    assert res.code == 1, res.text
+    line = one_line(res.err, "RuntimeError", "something nobody foresaw", "-v")
+    assert token not in res.text
+    assert "***" in line
+    res = cli(*args, "-v")
+    assert res.code == 1
+    assert "Traceback" in res.err
+    assert token not in res.text
+    assert not list((tmp_path / "land").rglob("manifest.json"))
+
+
+class _S3Refuses(BaseHTTPRequestHandler):
+    """An S3 endpoint that answers every request with one error."""
+
+    status = 403
+    code = "InvalidAccessKeyId"
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        if length:
+            self.rfile.read(length)
+        body = (
+            f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{self.code}</Code>"
+            f"<Message>refused</Message><Region>eu-west-1</Region></Error>"
+        ).encode()
+        self.send_response(self.status)
+        self.send_header("x-amz-bucket-region", "eu-west-1")
+        self.send_header("content-type", "application/xml")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _answer
+
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def s3_refusing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    status, code = request.param
+    handler = type("Handler", (_S3Refuses,), {"status": status, "code": code})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEKEYID0001")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "example-secret-value-never-shown")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    yield code
+    server.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("s3_refusing", "needles"),
+    [
+        ((301, "PermanentRedirect"), ["another region", "eu-west-1"]),
+        ((400, "AuthorizationHeaderMalformed"), ["another region", "eu-west-1"]),
+        ((403, "InvalidAccessKeyId"), ["credentials"]),
+        ((403, "SignatureDoesNotMatch"), ["credentials"]),
+    ],
+    indirect=["s3_refusing"],
+    ids=["redirect", "auth_region", "bad_key_id", "bad_secret"],
+)
+def test_an_s3_refusal_says_what_to_fix(
+    soda_ro: FakeSoda, s3_refusing: str, needles: list[str]
+) -> None:
+    for command in (
+        ("backfill", "crashes", "--source", soda_ro.url),
+        ("status", "crashes", "--source", soda_ro.url),
+    ):
+        res = cli(*command, "--dest", "s3://some-bucket/prefix")
+        assert res.code == 1, res.text
+        one_line(res.err, "s3://some-bucket", *needles)
+        assert "example-secret-value" not in res.text

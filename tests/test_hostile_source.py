@@ -1,0 +1,255 @@
+"""A hostile or broken source never takes the process down: a page row that is not an object
+(`null`, a number, a string, an array), wherever it falls in a page or in a piece of one, is a
+bad page (fetched again, then one clear line), and so is a CSV header Python cannot read;
+metadata that names a field twice is refused. Arrow's JSON reader crashes the process on a
+`null` row that starts its input (apache/arrow#47409), so the CLI runs here are processes of
+their own: a crash shows as a signal, not as a dead test run."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pytest
+
+from nyc_collisions import pages
+from nyc_collisions.datasets import KNOWN
+from nyc_collisions.errors import BadResponse, SchemaError
+from nyc_collisions.pages import PageStream, parse_page
+from nyc_collisions.schema import Schema
+from nyc_collisions.sink.formats import CsvEncoder
+from tests.fake_soda import FakeSoda
+from tests.helpers import cli, exact
+
+PIECE_START = {"after_rows": 1200, "pad": 2 << 20}
+"""A bad row in the middle of the page, 2 MiB long: the client's 1 MiB piece is cut just
+before it (it holds no row separator), so a piece starts with it."""
+
+
+def backfill(
+    url: str, dest: str, *extra: str, dataset: str = "crashes"
+) -> subprocess.CompletedProcess[str]:
+    """`python -m nyc_collisions backfill DATASET` in a process of its own."""
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "nyc_collisions", "backfill", dataset, "--retries", "3"),
+            *("--source", url, "--dest", dest, *extra),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NYC_COLLISIONS_RETRY_BASE": "0.01"},
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode >= 0, f"killed by signal {-done.returncode}: {done.stderr[-3000:]}"
+    return done
+
+
+def one_line(stderr: str, *needles: str) -> None:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("nyc-collisions: error: "), stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "fmt"),
+    [
+        ("null", {"after_rows": 0}, "csv"),
+        ("null", {"after_rows": 0}, "parquet"),
+        ("null", PIECE_START, "csv"),
+        ("null", {}, "csv"),
+        ("null", {"after_rows": -1}, "csv"),
+        ("7", {"after_rows": 0}, "csv"),
+        ('"x"', PIECE_START, "csv"),
+        ("[1]", {"after_rows": -1}, "parquet"),
+    ],
+    ids=[
+        "null_first_row",
+        "null_first_row_parquet",
+        "null_starts_a_piece",
+        "null_mid_page",
+        "null_last_row",
+        "number_first_row",
+        "string_starts_a_piece",
+        "array_last_row_parquet",
+    ],
+)
+def test_a_row_that_is_not_an_object_fails_the_run_with_one_line(
+    text: str, where: dict[str, int], fmt: str, soda: FakeSoda, tmp_path: Path
+) -> None:
+    soda.add_fault("bad_row", times=None, match="$select=*", text=text, **where)
+    dest = tmp_path / "land"
+    done = backfill(soda.url, str(dest), "--format", fmt)
+    assert done.returncode == 1, done.stderr
+    one_line(done.stderr, "gave up after 3 attempts", "rows are not JSON objects")
+    assert soda.stats()["faults"]["bad_row"] == 3
+    assert not list(dest.rglob("manifest.json"))
+
+
+def test_a_csv_header_with_a_raw_line_break_fails_the_run_with_one_line(
+    soda: FakeSoda, tmp_path: Path
+) -> None:
+    """Python's CSV reader raised its own error on it: a traceback, not one line."""
+    soda.add_fault("bad_header", times=None, match="$select=*", text="\r")
+    dest = tmp_path / "land"
+    done = backfill(soda.url, str(dest), "--wire", "csv", dataset="persons")
+    assert done.returncode == 1, done.stderr
+    one_line(done.stderr, "gave up after 3 attempts", "CSV header")
+    assert not list(dest.rglob("manifest.json"))
+
+
+def test_a_null_row_that_starts_a_piece_once_lands_exactly_after_a_retry(
+    soda: FakeSoda, dest: str, tmp_path: Path
+) -> None:
+    """Once the source answers well, the run goes on after the rows it already had."""
+    soda.add_fault("bad_row", match="$select=*", **PIECE_START)
+    done = backfill(soda.url, dest)
+    assert done.returncode == 0, done.stderr
+    assert soda.stats()["faults"]["bad_row"] == 1
+    exact(soda, dest, "crashes", tmp_path)
+
+
+def test_metadata_naming_a_field_twice_is_refused(soda: FakeSoda, tmp_path: Path) -> None:
+    soda.add_fault("duplicate_field", times=None, field="borough")
+    dest = tmp_path / "land"
+    res = cli("backfill", "crashes", "--source", soda.url, "--dest", str(dest))
+    assert res.code == 1, res.text
+    one_line(res.err, "h9gi-nx95", "'borough'")
+    assert not dest.exists() or not [p for p in dest.rglob("*") if p.is_file()]
+
+
+def test_metadata_with_two_fields_landing_as_one_column_is_refused() -> None:
+    meta = {"columns": [{"fieldName": "socrata_id", "dataTypeName": "text", "position": 1}]}
+    meta["columns"].append({"fieldName": "collision_id", "dataTypeName": "number"})
+    with pytest.raises(SchemaError, match="'socrata_id' and ':id'"):
+        Schema.from_metadata(KNOWN["crashes"], meta)
+
+
+# -- the same rows in process, each at an exact place in a page and in a piece ----------------
+
+META = {
+    "columns": [
+        {"fieldName": "borough", "dataTypeName": "text", "position": 1},
+        {"fieldName": "location", "dataTypeName": "location", "position": 2},
+        {"fieldName": "collision_id", "dataTypeName": "number", "position": 3},
+    ]
+}
+SCHEMA = Schema.from_metadata(KNOWN["crashes"], META)
+
+
+def good_row(i: int) -> bytes:
+    location = {"latitude": "40.5", "longitude": "-73.9", "human_address": '{"zip": ""}'}
+    row = {"borough": "QUEENS", "location": location, "collision_id": str(i), ":id": f"row-{i:05d}"}
+    return orjson.dumps(row)
+
+
+def chunks(body: bytes, rows: list[bytes], bad: int, place: str) -> list[bytes]:
+    """The page in two chunks, the first ending just inside row `bad` (the piece cut from it
+    ends before that row, so the next piece starts with it) or just inside the row after it (a
+    piece ends with it); or in one chunk."""
+    start = 1 + sum(len(r) + 2 for r in rows[:bad])
+    if place == "piece_start":
+        cut = start + 1
+    elif place == "piece_end":
+        cut = start + len(rows[bad]) + 3
+    else:
+        cut = len(body)
+    return [body[:cut], body[cut:]]
+
+
+def stream(parts: list[bytes], native: bool) -> tuple[list[str], BadResponse | None]:
+    """The `:id`s a `PageStream` hands on (landed as CSV), and the error it raised."""
+    out = io.BytesIO()
+    encoder = CsvEncoder(out, SCHEMA)
+    page = PageStream(
+        SCHEMA, encoder.write, (lambda rows: encoder.write_rows(rows.data)) if native else None
+    )
+    error = None
+    try:
+        for part in parts:
+            page.feed(part)
+        page.finish()
+    except BadResponse as exc:
+        error = exc
+    encoder.close()
+    convert = pacsv.ConvertOptions(column_types={"socrata_id": pa.string()})
+    landed = pacsv.read_csv(io.BytesIO(out.getvalue()), convert_options=convert)
+    return landed.column("socrata_id").to_pylist(), error
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "arrow"])
+@pytest.mark.parametrize("place", ["piece_start", "piece_end", "whole_page"])
+@pytest.mark.parametrize("at", [0, 100, 199], ids=["first", "middle", "last"])
+@pytest.mark.parametrize("value", [b"null", b" null ", b"7", b'"x"', b"[1]", b"[null]", b"true"])
+def test_a_bad_row_anywhere_is_a_bad_page(
+    value: bytes, at: int, place: str, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A piece is cut from the first chunk (the piece size is that chunk's length), so the bad
+    row starts or ends a piece; the good rows before it are handed on, in order."""
+    rows = [good_row(i) for i in range(200)]
+    rows[at] = value
+    body = b"[" + b"\n,".join(rows) + b"\n]\n"
+    parts = chunks(body, rows, at, place)
+    piece = len(parts[0]) - 1  # the stream keeps no `[`
+    monkeypatch.setattr(pages, "PIECE_BYTES", piece)
+    monkeypatch.setattr(pages, "NATIVE_PIECE_BYTES", piece)
+    ids, error = stream(parts, native)
+    assert error is not None
+    assert "not JSON objects" in str(error)
+    # the rows of the pieces before the bad one: all of them when it starts a piece or ends
+    # the page, none when it ends the first piece (or the page is one piece and its tail)
+    handed = at if place == "piece_start" or at == len(rows) - 1 else 0
+    assert ids == [f"row-{i:05d}" for i in range(handed)]
+    with pytest.raises(BadResponse, match="not JSON objects"):
+        parse_page(body, SCHEMA)
+
+
+def test_soda_layout_still_takes_arrows_path() -> None:
+    """Only what Arrow's reader must not see is kept from it: SODA's own layout still reads
+    there (a table, not None: the fast path), the rest goes to the reference parser."""
+    rows = [good_row(i) for i in range(50)]
+    assert pages.parse_page_fast(b"[" + b"\n,".join(rows) + b"\n]\n", SCHEMA) is not None
+    for body in (b"[null]", b"[ null ]", b"[null\n,{}]", b'[{":id":"a"}\r,null]'):
+        assert pages.parse_page_fast(body, SCHEMA) is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'[{":id":"a"}{":id":"b"}\n]',
+        b'[{":id":"a"} {":id":"b"}\n,{":id":"c"}\n]',
+        b'[{":id":"a","location":\n,{"latitude":"1"}}\n]',
+        b'[{":id":"a","location":{"latitude":"1"}\n,{"longitude":"2"}}\n]',
+        b'[{":id":"a"}\n,\n,{":id":"b"}\n]',
+    ],
+    ids=["no_comma", "no_comma_then_rows", "row_broken_at_a_colon", "row_broken_at_a_brace", "two"],
+)
+def test_a_page_that_is_not_a_json_array_of_objects_is_not_read_by_arrow(body: bytes) -> None:
+    """Arrow's reader takes line-delimited JSON, laxer than an array: it read `{..}{..}` as two
+    rows, and a row broken by a `\n,` (blanked as a separator) as one; only the reference
+    parser decides such a page (it refuses it)."""
+    assert pages.parse_page_fast(body, SCHEMA) is None
+    with pytest.raises(BadResponse, match="not complete JSON"):
+        parse_page(body, SCHEMA)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "arrow"])
+def test_a_page_ending_with_a_comma_is_refused_when_a_piece_was_cut_there(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`[{..}\n,{..}\n,\n]`: the last piece is cut at the last `\n,`, which leaves nothing."""
+    body = b"[" + b"\n,".join(good_row(i) for i in range(20)) + b"\n,\n]"
+    monkeypatch.setattr(pages, "PIECE_BYTES", len(body) - 4)
+    monkeypatch.setattr(pages, "NATIVE_PIECE_BYTES", len(body) - 4)
+    ids, error = stream([body[:-2], body[-2:]], native)
+    assert isinstance(error, BadResponse)
+    assert "not complete JSON" in str(error)
+    assert len(ids) == 20  # the rows are kept; the run goes on after them

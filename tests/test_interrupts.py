@@ -1,0 +1,90 @@
+"""Ctrl-C in each phase of each command: one line, exit 130, nothing partial, and a rerun works."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fake_soda import FakeSoda
+from tests.helpers import cli, exact
+
+# A terminal's Ctrl-C: SIGINT raises KeyboardInterrupt in the CLI even when the test runs where
+# SIGINT is ignored (a background job, which its children inherit and Python keeps).
+INTERACTIVE = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler);"
+    " sys.argv[0] = 'nyc-collisions'; runpy.run_module('nyc_collisions', "
+    "run_name='__main__', alter_sys=True)"
+)
+
+
+def interrupt_while_held(soda: FakeSoda, match: str, args: list[str]) -> subprocess.Popen[str]:
+    """Start the CLI, hold the first request that matches `match`, and Ctrl-C it there."""
+    soda.add_fault("slow", times=None, match=match, seconds=30)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", INTERACTIVE, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not soda.stats()["faults"].get("slow"):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the phase was never reached"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    return proc
+
+
+def assert_one_interrupted_line(proc: subprocess.Popen[str]) -> None:
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("nyc-collisions: "), err
+    assert "interrupted" in lines[0], err
+
+
+@pytest.mark.parametrize(
+    ("command", "match"),
+    [
+        ("backfill", "$offset"),  # planning: a partition boundary probe
+        ("backfill", "count(*)"),  # starting: the source's count
+        ("update", ":updated_at,:id"),  # a page of changes
+        ("reconcile", ":id,collision_id,:updated_at"),  # the source's keys
+        ("verify", ":id,collision_id"),  # the source's keys
+    ],
+    ids=["backfill_planning", "backfill_count", "update", "reconcile", "verify"],
+)
+def test_ctrl_c_in_each_phase(soda: FakeSoda, tmp_path: Path, command: str, match: str) -> None:
+    dest = str(tmp_path / "land")
+    where = ["--source", soda.url, "--dest", dest]
+    manifest = tmp_path / "land" / "crashes" / "manifest.json"
+    if command != "backfill":
+        res = cli("backfill", "crashes", *where)
+        assert res.code == 0, res.text
+        soda.insert("h9gi-nx95", 30)
+        soda.edit("h9gi-nx95", 20)
+        soda.delete("h9gi-nx95", 10)
+    before = manifest.read_bytes() if manifest.exists() else None
+    paged = ["--page-size", "400"] if command in ("backfill", "update") else []
+    proc = interrupt_while_held(soda, match, [command, "crashes", *where, *paged])
+    assert_one_interrupted_line(proc)
+    soda.clear_faults()
+    assert (manifest.read_bytes() if manifest.exists() else None) == before
+    assert not (tmp_path / "land" / "crashes" / "lock.json").exists()
+    # the same command again finishes the work
+    res = cli(command, "crashes", *where)
+    if command == "verify":
+        assert "MISMATCH" in res.out, res.text  # it ran to the end: the source changed
+        return
+    assert res.code == 0, res.text
+    # what the source holds now, whatever phase was interrupted
+    for catch_up in ("update", "reconcile"):
+        res = cli(catch_up, "crashes", *where)
+        assert res.code == 0, res.text
+    exact(soda, dest, "crashes", tmp_path)

@@ -1,0 +1,106 @@
+"""A dataset landed with its own key (`backfill ID --key F`) keeps that key in every command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import nyc_collisions
+from nyc_collisions import aws
+from tests.fake_soda import GENERIC, FakeSoda
+from tests.helpers import assert_exact, cli, columns, read_export
+
+KEY = "id"  # test-0001's own unique field; its default key would be `:id`
+
+
+def export_equals_source(soda: FakeSoda, dest: str, tmp_path: Path) -> None:
+    out = tmp_path / "generic.csv"
+    res = cli("export", GENERIC, "--dest", dest, "-o", str(out))
+    assert res.code == 0, res.text
+    assert_exact(soda.rows(GENERIC), read_export(out), columns(soda.url, GENERIC), KEY)
+
+
+def run(*args: str) -> str:
+    res = cli(*args)
+    assert res.code == 0, res.text
+    return res.out
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_custom_key_through_every_command(
+    soda: FakeSoda, dest: str, fmt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    where = ("--source", soda.url, "--dest", dest)
+    run("backfill", GENERIC, "--key", KEY, "--format", fmt, *where)
+    for cycle in range(2):
+        soda.insert(GENERIC, 7)
+        soda.edit(GENERIC, 5)
+        soda.delete(GENERIC, 3 + cycle)
+        run("update", GENERIC, *where)
+        out = run("reconcile", GENERIC, *where)
+        assert f"vanished {3 + cycle}" in out, out
+        assert "missing 0" in out, out  # nothing re-landed: the keys compared are the same field
+        assert "OK" in run("verify", GENERIC, *where)
+        export_equals_source(soda, dest, tmp_path)
+    # a publisher's full replace: the refresh lands a new snapshot, still keyed by the field
+    soda.replace(GENERIC)
+    run("update", GENERIC, *where)
+    soda.delete(GENERIC, 2)
+    out = run("reconcile", GENERIC, *where)
+    assert "vanished 2" in out, out
+    assert "missing 0" in out, out
+    run("compact", GENERIC, "--dest", dest)
+    assert "OK" in run("verify", GENERIC, *where)
+    export_equals_source(soda, dest, tmp_path)
+    status = json.loads(run("status", GENERIC, "--json", *where))
+    assert status[0]["agree"], status
+    frame = nyc_collisions.read(GENERIC, dest=dest)
+    assert sorted(frame[KEY].astype(int)) == sorted(int(r[KEY]) for r in soda.rows(GENERIC))
+    # the Lambda handler resolves the dataset by name alone, as its schedule does
+    soda.insert(GENERIC, 4)
+    soda.delete(GENERIC, 1)
+    monkeypatch.setenv("NYC_COLLISIONS_DEST", dest)
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
+    summary = aws.handler({"datasets": [GENERIC], "reconcile": True}, None)
+    assert summary["done"], summary
+    assert [r.get("vanished") for r in summary["results"]] == [None, 1], summary
+    assert "OK" in run("verify", GENERIC, *where)
+    export_equals_source(soda, dest, tmp_path)
+
+
+def test_a_key_that_contradicts_the_manifest_is_refused(soda: FakeSoda, tmp_path: Path) -> None:
+    dest = str(tmp_path / "land")
+    where = ("--source", soda.url, "--dest", dest)
+    run("backfill", GENERIC, "--key", KEY, *where)
+    before = sorted(p.name for p in (tmp_path / "land" / GENERIC).rglob("*"))
+    for command in (
+        ("backfill", GENERIC, "--key", ":id", "--force"),
+        ("update", GENERIC, "--key", "name"),
+        ("reconcile", GENERIC, "--key", ":id"),
+        ("verify", GENERIC, "--key", ":id"),
+    ):
+        res = cli(*command, *where)
+        assert res.code == 2, (command, res.text)
+        lines = res.err.strip().splitlines()
+        assert len(lines) == 1, (command, res.err)
+        assert f"the key {KEY} it was landed with" in lines[0], (command, res.err)
+    # the same key is accepted, and nothing was changed by the refused commands
+    assert sorted(p.name for p in (tmp_path / "land" / GENERIC).rglob("*")) == before
+    run("update", GENERIC, "--key", KEY, *where)
+
+
+def test_an_unfinished_custom_key_backfill_resumes_with_its_key(
+    soda: FakeSoda, tmp_path: Path
+) -> None:
+    dest = str(tmp_path / "land")
+    where = ("--source", soda.url, "--dest", dest, "--page-size", "20", "--file-rows", "20")
+    soda.add_fault("500", times=None, match=":id >")  # every page after the first fails
+    res = cli("backfill", GENERIC, "--key", KEY, "--retries", "1", *where)
+    assert res.code == 1, res.text
+    soda.clear_faults()
+    out = run("backfill", GENERIC, *where)  # no --key: the unfinished run's key is kept
+    assert "resumed run" in out, out
+    assert "OK" in run("verify", GENERIC, "--source", soda.url, "--dest", dest)
+    export_equals_source(soda, dest, tmp_path)

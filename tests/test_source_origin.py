@@ -1,0 +1,151 @@
+"""The app token goes only to the source's own origin: a redirect elsewhere is refused before any
+request leaves for it, and plain http is refused for any host but this machine's unless allowed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import nyc_collisions
+from nyc_collisions import aws
+from nyc_collisions.errors import SourceRejected
+from tests.conftest import GOOD_TOKEN
+from tests.fake_soda import FakeSoda
+from tests.helpers import cli, exact
+from tests.test_bad_input import nothing_committed, one_line_error
+
+METADATA = "/api/views/"
+DATA_PAGE = "$order"  # the rows pages (and boundary probes), not metadata or aggregates
+
+
+@pytest.fixture
+def elsewhere() -> Iterator[FakeSoda]:
+    """A second server (another origin) that would accept the token and records what it gets."""
+    with FakeSoda(sizes={"h9gi-nx95": 50}, seed=3, tokens=(GOOD_TOKEN,)) as srv:
+        yield srv
+
+
+def never_saw_the_token(srv: FakeSoda) -> None:
+    log = srv.requests()
+    assert not [r for r in log if r["has_token"]], log
+    assert log == [], "a redirect to another origin is not followed at all"
+
+
+@pytest.mark.parametrize("match", [METADATA, DATA_PAGE], ids=["metadata", "data_page"])
+def test_cli_refuses_a_redirect_to_another_origin(
+    soda: FakeSoda, elsewhere: FakeSoda, tmp_path: Path, match: str
+) -> None:
+    soda.add_fault("redirect", times=None, match=match, location=elsewhere.url)
+    dest = tmp_path / "land"
+    res = cli(
+        "backfill",
+        "crashes",
+        "--source",
+        soda.url,
+        "--dest",
+        str(dest),
+        env={"SOCRATA_APP_TOKEN": GOOD_TOKEN},
+    )
+    assert res.code == 1, res.text
+    one_line_error(res.err, soda.url, elsewhere.url, "redirect")
+    assert GOOD_TOKEN not in res.text
+    never_saw_the_token(elsewhere)
+    nothing_committed(dest)
+
+
+def test_api_fetch_refuses_a_redirect_to_another_origin(
+    soda: FakeSoda, elsewhere: FakeSoda, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SOCRATA_APP_TOKEN", GOOD_TOKEN)
+    soda.add_fault("redirect", times=None, match=DATA_PAGE, location=elsewhere.url)
+    with pytest.raises(SourceRejected, match="redirect") as caught:
+        nyc_collisions.fetch("crashes", source=soda.url, page_size=100)
+    assert GOOD_TOKEN not in str(caught.value)
+    never_saw_the_token(elsewhere)
+
+
+def test_lambda_refuses_a_redirect_to_another_origin(
+    soda: FakeSoda, elsewhere: FakeSoda, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    dest = tmp_path / "land"
+    monkeypatch.setenv("SOCRATA_APP_TOKEN", GOOD_TOKEN)
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
+    monkeypatch.setenv("NYC_COLLISIONS_DEST", str(dest))
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
+    aws._token_cache.clear()
+    soda.add_fault("redirect", times=None, match=METADATA, location=elsewhere.url)
+    try:
+        with pytest.raises(SourceRejected, match="redirect"):
+            aws.handler({"command": "backfill"}, None)
+    finally:
+        aws._token_cache.clear()
+    never_saw_the_token(elsewhere)
+    nothing_committed(dest)
+
+
+def test_a_redirect_within_the_source_is_followed(soda: FakeSoda, tmp_path: Path) -> None:
+    """Same origin, same token: a page moved on the source itself still lands exactly."""
+    soda.add_fault("redirect", times=3, match=DATA_PAGE, location=soda.url)
+    soda.add_fault("redirect", times=1, match=METADATA, location=soda.url)
+    dest = str(tmp_path / "land")
+    res = cli(
+        "backfill",
+        "crashes",
+        "--source",
+        soda.url,
+        "--dest",
+        dest,
+        env={"SOCRATA_APP_TOKEN": GOOD_TOKEN},
+    )
+    assert res.code == 0, res.text
+    assert soda.stats()["faults"]["redirect"] == 4
+    assert all(r["has_token"] for r in soda.requests())
+    exact(soda, dest, "crashes", tmp_path, token=GOOD_TOKEN)
+
+
+def test_a_redirect_loop_is_one_line(soda: FakeSoda, tmp_path: Path) -> None:
+    soda.add_fault("redirect", times=None, match=METADATA, location=soda.url)
+    res = cli("backfill", "crashes", "--source", soda.url, "--dest", str(tmp_path / "land"))
+    assert res.code == 1, res.text
+    one_line_error(res.err, "too many redirects")
+    nothing_committed(tmp_path / "land")
+
+
+# TEST-NET-1 (RFC 5737): not this machine, and never routed; the tests' guard blocks it anyway.
+REMOTE_HTTP = "http://192.0.2.1"
+
+
+def test_plain_http_to_another_host_is_refused(tmp_path: Path) -> None:
+    dest = tmp_path / "land"
+    res = cli("backfill", "crashes", "--retries", "1", "--source", REMOTE_HTTP, "--dest", str(dest))
+    assert res.code == 2, res.text
+    one_line_error(res.err, "--source", REMOTE_HTTP, "--allow-http")
+    assert not dest.exists()
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_plain_http_to_another_host_when_allowed(tmp_path: Path, how: str) -> None:
+    """Allowed, the request is made (and fails here: the tests reach no network)."""
+    args = ["backfill", "crashes", "--retries", "1", "--source", REMOTE_HTTP]
+    env = {"NYC_COLLISIONS_ALLOW_HTTP": "1"} if how == "env" else None
+    if how == "flag":
+        args.append("--allow-http")
+    res = cli(*args, "--dest", str(tmp_path / "land"), env=env)
+    assert res.code == 1, res.text
+    one_line_error(res.err, "gave up after 1 attempt")
+
+
+def test_api_and_lambda_refuse_plain_http_to_another_host(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    with pytest.raises(nyc_collisions.UsageError, match="allow"):
+        nyc_collisions.fetch("crashes", source=REMOTE_HTTP)
+    monkeypatch.setenv("SOCRATA_BASE_URL", REMOTE_HTTP)
+    monkeypatch.setenv("NYC_COLLISIONS_DEST", str(tmp_path / "land"))
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
+    aws._token_cache.clear()
+    with pytest.raises(nyc_collisions.UsageError, match="SOCRATA_BASE_URL"):
+        aws.handler({"command": "backfill"}, None)
+    assert not (tmp_path / "land").exists()
