@@ -3,6 +3,8 @@
 Seeded: each request is answered by a fault with `probability`, else forwarded as is. Faults are
 the ones S3 really sends under load: 503 SlowDown, 500 InternalError, and a connection dropped
 before the answer. Counts of requests and faults by kind are kept for the test's report.
+`strip` names request headers dropped on the way (e.g. `if-none-match`: a store that ignores
+conditional writes).
 """
 
 from __future__ import annotations
@@ -48,9 +50,15 @@ _ERRORS = {
 
 class S3FaultProxy:
     def __init__(
-        self, upstream: str, probability: float = 0.0, seed: int = 0, kinds: tuple[str, ...] = KINDS
+        self,
+        upstream: str,
+        probability: float = 0.0,
+        seed: int = 0,
+        kinds: tuple[str, ...] = KINDS,
+        strip: tuple[str, ...] = (),
     ) -> None:
         self.upstream = urlparse(upstream)
+        self.strip = {h.lower() for h in strip}
         self.probability = probability
         self.kinds = kinds
         self.rng = random.Random(seed)
@@ -101,7 +109,11 @@ class S3FaultProxy:
                     if self.command != "HEAD":
                         self.wfile.write(xml)
                     return
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                headers = {
+                    k: v
+                    for k, v in self.headers.items()
+                    if k.lower() not in _HOP and k.lower() not in proxy.strip
+                }
                 headers["Content-Length"] = str(len(body))
                 conn = http.client.HTTPConnection(
                     proxy.upstream.hostname, proxy.upstream.port, timeout=60

@@ -272,6 +272,29 @@ def test_prefix_cannot_smuggle_a_wildcard_into_the_policy(template: dict[str, An
     assert not re.fullmatch(secret_pattern, "nyc-*")
 
 
+def test_a_created_bucket_aborts_unfinished_uploads_under_the_prefix(
+    template: dict[str, Any],
+) -> None:
+    """Multipart uploads of killed runs are aborted by the next run; a lifecycle rule on the
+    bucket (when the stack creates it) aborts them when no run comes, and keeps the data."""
+    (name,) = _resources(template, "AWS::S3::Bucket")
+    bucket = template["Resources"][name]
+    assert bucket["Condition"] == "CreatesBucket"
+    assert bucket["DeletionPolicy"] == bucket["UpdateReplacePolicy"] == "Retain"
+    props = bucket["Properties"]
+    assert props["BucketName"] == {"Ref": "BucketName"}
+    assert all(props["PublicAccessBlockConfiguration"].values())
+    (rule,) = [
+        r for r in props["LifecycleConfiguration"]["Rules"] if "AbortIncompleteMultipartUpload" in r
+    ]
+    assert rule["Status"] == "Enabled"
+    assert _text(rule["Prefix"]) == "${Prefix}/"
+    assert 1 <= rule["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] <= 7
+    assert "Expiration" not in rule  # it never deletes landed data
+    assert template["Parameters"]["CreateBucket"]["Default"] == "false"
+    assert "put-bucket-lifecycle-configuration" in DEPLOY_README.read_text(encoding="utf-8")
+
+
 def test_function_is_the_container_image_running_the_handler(template: dict[str, Any]) -> None:
     fn = template["Resources"][FUNCTION]
     assert fn["Type"] == "AWS::Serverless::Function"

@@ -99,7 +99,7 @@ def test_a_second_run_on_the_same_destination_is_refused(tmp_path: Path) -> None
             time.sleep(0.05)
         second = cli("backfill", "crashes", "--source", srv.url, "--dest", str(dest))
         assert second.code == 1
-        assert "another run holds the lock" in second.err
+        assert "another run holds the lease" in second.err
         assert len(second.err.strip().splitlines()) == 1
         out, err = first.communicate(timeout=120)
         assert first.returncode == 0, out + err
@@ -139,9 +139,9 @@ def test_disk_filling_up_mid_run_commits_nothing(
     if done.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
     try:
-        from nyc_collisions.sink import storage
+        from nyc_collisions.sink import local
 
-        monkeypatch.setattr(storage, "MIN_FREE_BYTES", 0)
+        monkeypatch.setattr(local, "MIN_FREE_BYTES", 0)
         res = cli("backfill", "persons", "--source", soda_ro.url, "--dest", str(mount / "d"))
         assert res.code == 1
         assert "no space left on device" in res.err

@@ -733,7 +733,7 @@ def test_s3_parts_in_flight_are_bounded_across_writers(
 ) -> None:
     """However many partitions write at once, at most PARTS_IN_FLIGHT parts (the memory of
     parts not yet sent) are uploading; a writer waits for a slot instead."""
-    from nyc_collisions.sink import storage as st_mod
+    from nyc_collisions.sink import s3 as st_mod
 
     monkeypatch.setattr(st_mod, "PART_SIZE", 1024)
     storage = st_mod.S3Storage("bucket", "prefix")

@@ -139,7 +139,7 @@ def test_compact_then_prune(soda: FakeSoda, tmp_path: Path) -> None:
         "snapshot",
     ]
     exact(soda, str(dest), "crashes", tmp_path)
-    res = cli("compact", "crashes", "--prune", "--dest", str(dest))
+    res = cli("compact", "crashes", "--prune", "--grace", "0", "--dest", str(dest))
     assert res.code == 0, res.text
     manifest = json.loads((dest / "crashes/manifest.json").read_text())
     assert len(manifest["batches"]) == 1

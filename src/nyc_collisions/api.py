@@ -16,7 +16,8 @@ from .datasets import resolve
 from .errors import UsageError
 from .pages import parse_page
 from .sink.formats import READ_BATCH_ROWS
-from .sink.storage import DEFAULT_LOCAL_DEST, LocalStorage, open_storage
+from .sink.local import LocalStorage
+from .sink.storage import DEFAULT_LOCAL_DEST, open_storage
 from .socrata import soql
 from .socrata.client import DEFAULT_BASE_URL, WIRES, RetryPolicy, SodaClient
 from .socrata.source import DatasetSource

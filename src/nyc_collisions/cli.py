@@ -30,7 +30,8 @@ from .extract import (
 )
 from .report import dataset_status, orphans
 from .schema import tune_allocators
-from .sink.storage import DEFAULT_LOCAL_DEST, Storage, UploadStats, open_storage
+from .sink.s3 import UploadStats
+from .sink.storage import DEFAULT_LOCAL_DEST, Storage, open_storage
 from .socrata.client import DEFAULT_BASE_URL, WIRES, RetryPolicy, SodaClient
 from .socrata.source import DatasetSource
 from .verify import verify
@@ -595,6 +596,16 @@ def reconcile_cmd(
     "--prune", is_flag=True, help="Also forget and delete the batches the new snapshot supersedes."
 )
 @click.option(
+    "--grace",
+    "grace_hours",
+    type=click.FloatRange(min=0),
+    default=24.0,
+    show_default=True,
+    metavar="HOURS",
+    help="With --prune: keep the superseded files this long for readers of the previous "
+    "manifest (a later run deletes them); 0 deletes them at once.",
+)
+@click.option(
     "--file-rows",
     type=int,
     default=DEFAULT_FILE_ROWS,
@@ -602,7 +613,9 @@ def reconcile_cmd(
     help="Rows per file of the new snapshot.",
 )
 @handle_errors
-def compact_cmd(datasets: tuple[str, ...], dest: str, prune: bool, file_rows: int) -> None:
+def compact_cmd(
+    datasets: tuple[str, ...], dest: str, prune: bool, grace_hours: float, file_rows: int
+) -> None:
     """Write the current state of each DATASET as one fresh snapshot batch.
 
     Readers then need not merge years of daily batches. Older batches stay (raw data is never
@@ -616,7 +629,7 @@ def compact_cmd(datasets: tuple[str, ...], dest: str, prune: bool, file_rows: in
     storage = open_storage(dest)
     _opts(file_rows=file_rows, started=started)
     for ds in resolve_many(list(datasets)):
-        r = compact(storage, ds, prune=prune, file_rows=file_rows)
+        r = compact(storage, ds, prune=prune, file_rows=file_rows, grace_hours=grace_hours)
         pruned = f", pruned {r.extra['pruned_batches']} batches" if prune else ""
         click.echo(
             f"{r.dataset}: compacted {r.rows:,} rows into {r.files} files{pruned} "

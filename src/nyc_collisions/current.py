@@ -40,8 +40,9 @@ class Landed:
         return landed_name(self.manifest.key)
 
 
-def open_landed(storage: Storage, dataset: Dataset) -> Landed:
-    state = DatasetState(storage, dataset.name)
+def open_landed(storage: Storage, dataset: Dataset, state: DatasetState | None = None) -> Landed:
+    """The committed manifest of `dataset` (read through `state`, the run's, when given)."""
+    state = state or DatasetState(storage, dataset.name)
     manifest = state.load()
     if manifest is None or not manifest.current_batches():
         raise NothingLanded(

@@ -12,7 +12,9 @@
     │   └── BadResponse                the body is not what SODA sends (HTML page, broken JSON)
     ├── SchemaError                    rows do not fit the dataset's columns (drift, bad numbers)
     ├── DestinationError               the destination cannot be used (missing bucket, access, disk)
-    │   └── DestinationBusy            another run holds the destination's lock
+    │   └── DestinationBusy            another run holds the dataset's lease
+    │       ├── LeaseLost              another run took the lease over from this one
+    │       └── ManifestChanged        another run committed since this one read the manifest
     ├── StateError                     what is landed is not in the expected state
     │   ├── NothingLanded              no committed backfill yet (run `backfill` first)
     │   └── AlreadyLanded              a backfill is already committed (use --force)
@@ -66,7 +68,15 @@ class DestinationError(NycCollisionsError):
 
 
 class DestinationBusy(DestinationError):
-    """Another run holds the destination's lock."""
+    """Another run holds the dataset's lease at the destination."""
+
+
+class LeaseLost(DestinationBusy):
+    """This run lost its lease (another run took it over); it stopped before committing more."""
+
+
+class ManifestChanged(DestinationBusy):
+    """The manifest changed since this run read it; nothing more of this run was committed."""
 
 
 class StateError(NycCollisionsError):

@@ -10,7 +10,7 @@ Only this module knows both the source and the sink. A backfill of one dataset:
    `file_rows` rows and recording it under `runs/<batch>/parts/` (the unit a rerun resumes from);
 4. when every partition has reached its end (an empty page that a count confirms, never just a
    short page), one manifest write commits the snapshot batch and its watermark; leftovers of
-   killed runs are removed.
+   killed runs are removed (`tidy`, as after every command that writes).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from .datasets import Dataset
 from .errors import AlreadyLanded, Interrupted, NycCollisionsError, StateError, UsageError
+from .lease import Lease
 from .pages import CsvRows
 from .plan import Partition, partition_count, partition_step
 from .schema import Schema
@@ -37,7 +38,8 @@ from .sink.storage import Storage
 from .socrata import soql
 from .socrata.client import SodaClient
 from .socrata.source import DatasetSource, SourceInfo
-from .state import Batch, DatasetState, Manifest, Watermark, new_batch_id, utc_now
+from .state import Batch, DatasetState, Manifest, PartRecord, Watermark, new_batch_id, utc_now
+from .tidy import tidy
 
 logger = logging.getLogger(__name__)
 
@@ -113,17 +115,18 @@ def _run_partition(
 ) -> FileRotation:
     def record(entry: FileEntry | None, last: pa.Table | None, done: bool) -> None:
         last_id = last.column("socrata_id")[0].as_py() if last is not None else after
-        doc = {
-            "partition": partition.index,
-            "seq": files.seq,
-            "done": done,
-            "path": entry.path if entry else None,
-            "rows": entry.rows if entry else 0,
-            "bytes": entry.bytes if entry else 0,
-            "last_id": last_id,
-        }
+        record = PartRecord(
+            partition=partition.index,
+            seq=files.seq,
+            done=done,
+            path=entry.path if entry else None,
+            rows=entry.rows if entry else 0,
+            bytes=entry.bytes if entry else 0,
+            last_id=last_id,
+        )
         state.put_json(
-            f"{state.run_prefix(batch_id)}/parts/{partition.index:04d}-{files.seq:06d}.json", doc
+            f"{state.run_prefix(batch_id)}/parts/{partition.index:04d}-{files.seq:06d}.json",
+            record.to_dict(),
         )
 
     files = FileRotation(
@@ -176,10 +179,12 @@ def _run_partition(
 
 
 class DatasetJob:
-    """One command on one dataset: holds its lease and measures what it did."""
+    """One command on one dataset: holds its lease, measures what it did, and cleans up after
+    killed runs before it gives the lease back (`tidy`)."""
 
     command = ""
     status = ""
+    snapshot_committed = False  # a new snapshot supersedes unfinished backfills too
 
     def __init__(
         self, client: SodaClient, storage: Storage, dataset: Dataset, opts: RunOptions
@@ -198,11 +203,18 @@ class DatasetJob:
             self.dataset.name, self.status, location=f"{self.storage.url}/{self.dataset.name}/"
         )
         try:
-            with self.state.lease(self.command):
-                manifest = self.state.load()
-                if manifest is not None:
-                    self._keyed_as_landed(manifest.key)
-                self._run(stop, result)
+            with Lease(self.storage, self.dataset.name, self.command, stop) as lease:
+                self.state.lease = lease
+                try:
+                    manifest = self.state.load()
+                    if manifest is not None:
+                        self._keyed_as_landed(manifest.key)
+                    self._run(stop, result)
+                    lease.check()  # a lease lost during the run fails it; during cleanup, not
+                    lease.finished()
+                    tidy(self.state, lease, drop_unfinished=self.snapshot_committed)
+                finally:
+                    self.state.lease = None
         finally:
             result.requests = self.client.stats.requests - requests0
             result.wire_bytes = self.client.stats.bytes - bytes0
@@ -312,19 +324,13 @@ class Backfill(DatasetJob):
             p["index"]: {"after": None, "next_seq": 0, "done": False} for p in plan["partitions"]
         }
         rows = 0
-        prefix = f"{self.state.run_prefix(plan['batch_id'])}/parts/"
-        for key in self.storage.list_keys(prefix):
-            rec = self.state.get_json(key)
-            if rec is None:
-                continue
-            point = points.setdefault(
-                int(rec["partition"]), {"after": None, "next_seq": 0, "done": False}
-            )
-            if int(rec["seq"]) >= point["next_seq"]:
-                point["next_seq"] = int(rec["seq"]) + 1
-                point["after"] = rec["last_id"]
-            point["done"] = point["done"] or bool(rec["done"])
-            rows += int(rec["rows"])
+        for rec in self.state.part_records(plan["batch_id"]):
+            point = points.setdefault(rec.partition, {"after": None, "next_seq": 0, "done": False})
+            if rec.seq >= point["next_seq"]:
+                point["next_seq"] = rec.seq + 1
+                point["after"] = rec.last_id
+            point["done"] = point["done"] or rec.done
+            rows += rec.rows
         return points, rows
 
     def _fetch(
@@ -432,11 +438,10 @@ class Backfill(DatasetJob):
     def _commit(
         self, manifest: Manifest | None, schema: Schema, plan: dict[str, Any], result: DatasetResult
     ) -> None:
-        prefix = f"{self.state.run_prefix(plan['batch_id'])}/parts/"
-        records = [r for k in self.storage.list_keys(prefix) if (r := self.state.get_json(k))]
-        records.sort(key=lambda r: (int(r["partition"]), int(r["seq"])))
         files = [
-            FileEntry(r["path"], int(r["rows"]), int(r["bytes"])) for r in records if r["path"]
+            FileEntry(r.path, r.rows, r.bytes)
+            for r in self.state.part_records(plan["batch_id"])
+            if r.path
         ]
         total = sum(f.rows for f in files)
         batch = Batch(
@@ -475,23 +480,11 @@ class Backfill(DatasetJob):
         ]
         manifest.batches.append(batch)
         self.state.commit(manifest)
+        self.snapshot_committed = True
         result.batch_id = batch.batch_id
         result.source_count = plan["source_count"]
         result.extra["total_rows"] = total
         result.extra["total_files"] = len(files)
-        self._cleanup(manifest)
-
-    def _cleanup(self, manifest: Manifest) -> None:
-        """After a commit: drop run records, leftover files of killed runs, dangling uploads."""
-        for batch_id in self.state.unfinished_runs():
-            self.state.drop_run(batch_id)
-        for batch in manifest.batches:
-            self.state.drop_run(batch.batch_id)
-        leftovers = self.state.uncommitted_data(manifest, keep_runs=set())
-        if leftovers:
-            logger.info("%s: removing %d uncommitted files", self.dataset.name, len(leftovers))
-            self.storage.delete(leftovers)
-        self.storage.cleanup_uploads(f"{self.dataset.name}/")
 
 
 def backfill(

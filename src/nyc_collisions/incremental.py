@@ -10,8 +10,9 @@
 - `Reconcile` compares the source's full key set (keys only, keyset-paged) with the landed current
   state: keys that vanished get tombstones, keys that are missing or whose `:updated_at` differs
   are fetched again by `:id`. Socrata reports no deletions; this is how they are seen.
-- `Compact` writes the current state as a fresh snapshot batch (and, with `prune`, forgets and
-  deletes the batches it supersedes).
+- `compact` writes the current state as a fresh snapshot batch (and, with `prune`, forgets the
+  batches it supersedes; their files are deleted once `grace_hours` have passed, so that readers
+  still holding the previous manifest can finish).
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ from .current import Landed, current_keys, iter_current, open_landed
 from .datasets import Dataset, landed_name
 from .errors import NothingLanded, SchemaError
 from .extract import Backfill, DatasetJob, DatasetResult, RunOptions
+from .lease import Lease
 from .schema import Column, Schema
 from .sink.files import FileEntry, FileRotation, OnFile
 from .sink.storage import Storage
 from .socrata import soql
 from .socrata.client import SodaClient
-from .state import Batch, DatasetState, Watermark, new_batch_id, utc_now
+from .state import Batch, DatasetState, Retired, Watermark, new_batch_id, utc_now
+from .tidy import retire_after, tidy
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ IDS_PER_QUERY = 100
 # snapshot: fetching every row over the partitions in parallel is then faster than the changes
 # in one stream (3 server slots against 1: break-even near a third).
 REFRESH_SHARE = 0.5
+# `compact --prune` keeps the files it supersedes this long for readers of the previous manifest
+DEFAULT_GRACE_HOURS = 24.0
 
 
 def _check_columns(landed: Landed, schema: Schema) -> None:
@@ -59,11 +64,11 @@ def _check_columns(landed: Landed, schema: Schema) -> None:
         )
 
 
-def _open(storage: Storage, dataset: Dataset) -> Landed:
+def _open(state: DatasetState, dataset: Dataset) -> Landed:
+    storage = state.storage
     try:
-        return open_landed(storage, dataset)
+        return open_landed(storage, dataset, state)
     except NothingLanded:
-        state = DatasetState(storage, dataset.name)
         if state.unfinished_runs():
             raise NothingLanded(
                 f"{dataset.name}: the backfill at {storage.url}/{dataset.name}/ has not finished; "
@@ -135,7 +140,7 @@ class Update(DatasetJob):
         self.fmt = fmt
 
     def _run(self, stop: threading.Event, result: DatasetResult) -> None:
-        landed = _open(self.storage, self.dataset)
+        landed = _open(self.state, self.dataset)
         schema = self.source.schema()
         _check_columns(landed, schema)
         watermark = landed.manifest.watermark or Watermark("1970-01-01T00:00:00.000Z")
@@ -147,7 +152,9 @@ class Update(DatasetJob):
                 self.client, self.storage, self.dataset, replace(self.opts, fmt=fmt, force=True)
             )
             refresh.source = self.source
-            refresh._run(stop, result)  # under this job's lease
+            refresh.state = self.state  # under this job's lease
+            refresh._run(stop, result)
+            self.snapshot_committed = refresh.snapshot_committed
             after = self.state.load()
             wm = None if after is None else after.watermark
             result.extra["watermark"] = None if wm is None else wm.__dict__
@@ -249,7 +256,7 @@ class Reconcile(DatasetJob):
         )
 
     def _run(self, stop: threading.Event, result: DatasetResult) -> None:
-        landed = _open(self.storage, self.dataset)
+        landed = _open(self.state, self.dataset)
         schema = self.source.schema()
         _check_columns(landed, schema)
         src = self._source_keys()
@@ -312,55 +319,84 @@ class Reconcile(DatasetJob):
 
 
 def compact(
-    storage: Storage, dataset: Dataset, *, prune: bool, file_rows: int, fmt: str | None = None
+    storage: Storage,
+    dataset: Dataset,
+    *,
+    prune: bool,
+    file_rows: int,
+    fmt: str | None = None,
+    grace_hours: float = DEFAULT_GRACE_HOURS,
 ) -> DatasetResult:
-    """Write the current state as a new snapshot batch; with `prune`, drop what it supersedes."""
+    """Write the current state as a new snapshot batch; with `prune`, forget what it supersedes
+    and delete its files after `grace_hours` (at once with 0)."""
     started = time.monotonic()
     state = DatasetState(storage, dataset.name)
     result = DatasetResult(dataset.name, "compacted", location=f"{storage.url}/{dataset.name}/")
-    with state.lease("compact"):
-        try:
-            landed = _open(storage, dataset)
-            manifest = landed.manifest
-            fmt = fmt or manifest.current_batches()[-1].format
-            batch = Batch(
-                new_batch_id("compact"),
-                "snapshot",
-                fmt,
-                utc_now(),
-                [],
-                0,
-                watermark=manifest.watermark,
-                info={"compacted": [b.batch_id for b in manifest.current_batches()]},
-            )
-            entries: list[FileEntry] = []
-
-            def collect(entry: FileEntry | None, _last: Any, _done: bool) -> None:
-                if entry is not None:
-                    entries.append(entry)
-
-            files = batch_files(state, landed.schema, batch, file_rows, collect)
-            try:
-                for table in iter_current(landed):
-                    files.write(table)
-                files.commit(done=True)
-            except BaseException:
-                files.abort()
-                raise
-            batch.files = entries
-            batch.rows = sum(e.rows for e in entries)
-            batch.source_count = None
-            old = list(manifest.batches)
-            manifest.batches.append(batch)
-            state.commit(manifest)
-            result.rows, result.files = batch.rows, len(entries)
-            result.bytes = sum(e.bytes for e in entries)
-            result.batch_id = batch.batch_id
-            if prune:
-                manifest.batches = [batch]
-                state.commit(manifest)
-                storage.delete([f.path for b in old for f in b.files])
-                result.extra["pruned_batches"] = len(old)
-        finally:
-            result.seconds = time.monotonic() - started
+    try:
+        with Lease(storage, dataset.name, "compact") as lease:
+            state.lease = lease
+            _compact(state, dataset, prune, file_rows, fmt, grace_hours, result)
+            lease.check()
+            lease.finished()
+            tidy(state, lease, drop_unfinished=False)
+    finally:
+        result.seconds = time.monotonic() - started
     return result
+
+
+def _compact(
+    state: DatasetState,
+    dataset: Dataset,
+    prune: bool,
+    file_rows: int,
+    fmt: str | None,
+    grace_hours: float,
+    result: DatasetResult,
+) -> None:
+    landed = _open(state, dataset)
+    manifest = landed.manifest
+    fmt = fmt or manifest.current_batches()[-1].format
+    batch = Batch(
+        new_batch_id("compact"),
+        "snapshot",
+        fmt,
+        utc_now(),
+        [],
+        0,
+        watermark=manifest.watermark,
+        info={"compacted": [b.batch_id for b in manifest.current_batches()]},
+    )
+    entries: list[FileEntry] = []
+
+    def collect(entry: FileEntry | None, _last: Any, _done: bool) -> None:
+        if entry is not None:
+            entries.append(entry)
+
+    files = batch_files(state, landed.schema, batch, file_rows, collect)
+    try:
+        for table in iter_current(landed):
+            files.write(table)
+        files.commit(done=True)
+    except BaseException:
+        files.abort()
+        raise
+    batch.files = entries
+    batch.rows = sum(e.rows for e in entries)
+    batch.source_count = None
+    old = list(manifest.batches)
+    if prune:
+        # one commit: the new snapshot alone; the old files retired, deleted after the grace
+        for b in old:
+            state.drop_run(b.batch_id)  # a run record left by a kill must not look resumable
+        manifest.batches = [batch]
+        if grace_hours > 0:
+            until = retire_after(grace_hours)
+            manifest.retired += [Retired(f.path, until) for b in old for f in b.files]
+        result.extra["pruned_batches"] = len(old)
+    else:
+        manifest.batches.append(batch)
+    state.commit(manifest)
+    result.rows, result.files = batch.rows, len(entries)
+    result.bytes = sum(e.bytes for e in entries)
+    result.batch_id = batch.batch_id
+    # with no grace, the old files are no longer named by the manifest: `tidy` deletes them

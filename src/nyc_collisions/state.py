@@ -11,31 +11,31 @@ Layout below `<dest>/<dataset>/`::
 
 Readers trust only what `manifest.json` names. A batch's files are complete before the manifest
 that names them is written; the watermark lives in the manifest, so both move in one atomic write.
+A commit is optimistic: it replaces the very version of the manifest the run read (a conditional
+write), and only while the run holds the dataset's lease (`lease.py`); otherwise it stops with
+`LeaseLost` or `ManifestChanged` and commits nothing.
 """
 
 from __future__ import annotations
 
-import getpass
 import logging
-import os
-import socket
-import threading
-import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .errors import DestinationBusy, StateError
+from .errors import ManifestChanged, StateError
 from .sink.files import FileEntry
 from .sink.storage import Storage
+
+if TYPE_CHECKING:
+    from .lease import Lease
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
-LOCK_TTL_SECONDS = 120.0
 
 
 def utc_now() -> str:
@@ -85,6 +85,15 @@ class Batch:
         )
 
 
+@dataclass(frozen=True)
+class Retired:
+    """A file a pruned batch named, kept until `delete_after` (UTC) for readers of the manifest
+    that named it."""
+
+    path: str
+    delete_after: str
+
+
 @dataclass
 class Manifest:
     dataset: str
@@ -94,6 +103,10 @@ class Manifest:
     batches: list[Batch] = field(default_factory=list)
     version: int = MANIFEST_VERSION
     updated: str = ""
+    revision: int = 0  # one more at every commit: no two commits write the same bytes
+    retired: list[Retired] = field(default_factory=list)
+    # the store's version of the manifest this was read from (None: none yet); not written
+    base: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def watermark(self) -> Watermark | None:
@@ -110,7 +123,9 @@ class Manifest:
         return []
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2)
+        doc = asdict(self)
+        del doc["base"]
+        return orjson.dumps(doc, option=orjson.OPT_INDENT_2)
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> Manifest:
@@ -133,17 +148,23 @@ class Manifest:
                 batches=[Batch.from_dict(b) for b in d["batches"]],
                 version=d["version"],
                 updated=d.get("updated", ""),
+                revision=int(d.get("revision", 0)),
+                retired=[Retired(**r) for r in d.get("retired", [])],
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise StateError(f"{where}: manifest unreadable ({exc}); {way_out}") from exc
 
 
 class DatasetState:
-    """The committed state of one dataset at a destination, and the keys of its objects."""
+    """The committed state of one dataset at a destination, and the keys of its objects.
+
+    `lease` is set while a run holds the dataset's lease; only then may it `commit`.
+    """
 
     def __init__(self, storage: Storage, folder: str) -> None:
         self.storage = storage
         self.folder = folder
+        self.lease: Lease | None = None
 
     @property
     def manifest_key(self) -> str:
@@ -156,15 +177,30 @@ class DatasetState:
         return f"{self.folder}/runs/{batch_id}"
 
     def load(self) -> Manifest | None:
-        data = self.storage.get_bytes(self.manifest_key)
-        if data is None:
+        got = self.storage.get_versioned(self.manifest_key)
+        if got is None:
             return None
-        return Manifest.from_bytes(data, f"{self.storage.url}/{self.manifest_key}")
+        manifest = Manifest.from_bytes(got.data, f"{self.storage.url}/{self.manifest_key}")
+        manifest.base = got.version
+        return manifest
 
     def commit(self, manifest: Manifest) -> None:
-        """Write the manifest whole (atomic rename locally, one PUT on S3): the commit point."""
+        """Write the manifest whole, only over the version it was read from (`manifest.base`;
+        only if there is none when it is new) and only while this run holds the lease."""
+        if self.lease is None:
+            raise RuntimeError(f"{self.folder}: a commit without the dataset's lease")
+        self.lease.check()
+        manifest.revision += 1
         manifest.updated = utc_now()
-        self.storage.put_bytes(self.manifest_key, manifest.to_bytes())
+        version = self.storage.put_if(self.manifest_key, manifest.to_bytes(), expect=manifest.base)
+        if version is None:
+            manifest.revision -= 1
+            raise ManifestChanged(
+                f"{self.storage.url}/{self.manifest_key}: the manifest changed since this run "
+                "read it (another run committed); this run stopped before committing more, "
+                "run it again"
+            )
+        manifest.base = version
 
     # -- runs in progress ------------------------------------------------------------------
     def unfinished_runs(self) -> list[str]:
@@ -193,131 +229,53 @@ class DatasetState:
     def drop_run(self, batch_id: str) -> None:
         self.storage.delete(self.storage.list_keys(self.run_prefix(batch_id) + "/"))
 
-    def uncommitted_data(self, manifest: Manifest | None, keep_runs: set[str]) -> list[str]:
-        """Data files no manifest names and no live run owns: leftovers of killed runs."""
-        named = {f.path for b in (manifest.batches if manifest else []) for f in b.files}
-        out = []
-        for key in self.storage.list_keys(f"{self.folder}/data/"):
-            batch_id = key.split("/")[-2]
-            if key not in named and batch_id not in keep_runs:
-                out.append(key)
-        return out
+    def part_records(self, batch_id: str) -> list[PartRecord]:
+        """The finished files of backfill run `batch_id`, in (partition, seq) order."""
+        prefix = f"{self.run_prefix(batch_id)}/parts/"
+        records = []
+        for key in self.storage.list_keys(prefix):
+            doc = self.get_json(key)
+            if doc is not None:
+                records.append(PartRecord.from_dict(doc, f"{self.storage.url}/{key}"))
+        return sorted(records, key=lambda r: (r.partition, r.seq))
 
-    # -- the lock ---------------------------------------------------------------------------
-    @property
-    def lock_key(self) -> str:
-        return f"{self.folder}/lock.json"
 
-    def lease(self, command: str) -> Lease:
-        return Lease(self, command)
+@dataclass(frozen=True)
+class PartRecord:
+    """One finished data file of a backfill run (`runs/<batch>/parts/PPPP-SSSSSS.json`), or the
+    end of a partition that needed no more file (`path` None)."""
 
-    def acquire(self, command: str) -> str:
-        """Take the dataset's lease, or raise `DestinationBusy` while another run holds it.
+    partition: int
+    seq: int
+    done: bool
+    path: str | None
+    rows: int
+    bytes: int
+    last_id: str | None
 
-        The lease is created with a conditional write (create-if-absent), so two runs cannot
-        both take it. A lease whose holder is dead may be taken over: one past its expiry (its
-        holder stopped renewing it), or one held by a process of this machine that is gone.
-        """
-        token = uuid.uuid4().hex
-        body = orjson.dumps(self._lease_doc(token, command))
-        if self.storage.put_bytes(self.lock_key, body, if_absent=True):
-            return token
-        held = self.get_json(self.lock_key) or {}
-        if not _holder_is_dead(held):
-            raise DestinationBusy(
-                f"{self.storage.url}/{self.folder}: another run holds the lock "
-                f"({held.get('command')} on {held.get('host')} pid {held.get('pid')} "
-                f"since {held.get('since')}); wait for it to end"
-            )
-        logger.warning(
-            "%s: taking over the lock of a dead run (%s pid %s)",
-            self.folder,
-            held.get("host"),
-            held.get("pid"),
-        )
-        self.storage.delete([self.lock_key])
-        if self.storage.put_bytes(self.lock_key, body, if_absent=True):
-            return token
-        raise DestinationBusy(f"{self.storage.url}/{self.folder}: another run took the lock")
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
-    def _lease_doc(self, token: str, command: str) -> dict[str, Any]:
-        return {
-            "token": token,
-            "command": command,
-            "host": socket.gethostname(),
-            "boot": _boot_id(),
-            "pid": os.getpid(),
-            "user": _user(),
-            "since": utc_now(),
-            "expires": time.time() + LOCK_TTL_SECONDS,
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], where: str) -> PartRecord:
+        kinds: dict[str, Any] = {
+            "partition": int,
+            "seq": int,
+            "done": bool,
+            "path": str | None,
+            "rows": int,
+            "bytes": int,
+            "last_id": str | None,
         }
-
-    def renew(self, token: str) -> None:
-        held = self.get_json(self.lock_key) or {}
-        if held.get("token") != token:
-            raise DestinationBusy(f"{self.storage.url}/{self.folder}: lost the lock")
-        held["expires"] = time.time() + LOCK_TTL_SECONDS
-        self.storage.put_bytes(self.lock_key, orjson.dumps(held))
-
-    def release(self, token: str) -> None:
-        held = self.get_json(self.lock_key) or {}
-        if held.get("token") == token:
-            self.storage.delete([self.lock_key])
-
-
-class Lease:
-    """Holds a dataset's lock for a `with` block, renewing it in the background."""
-
-    def __init__(self, state: DatasetState, command: str) -> None:
-        self.state = state
-        self.command = command
-        self.token = ""
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> Lease:
-        self.token = self.state.acquire(self.command)
-        self._thread = threading.Thread(target=self._renew, daemon=True, name="lease")
-        self._thread.start()
-        return self
-
-    def _renew(self) -> None:
-        while not self._stop.wait(LOCK_TTL_SECONDS / 4):
-            try:
-                self.state.renew(self.token)
-            except Exception as exc:
-                logger.warning("%s: could not renew the lock: %s", self.state.folder, exc)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self.state.release(self.token)
-
-
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _holder_is_dead(held: dict[str, Any]) -> bool:
-    if float(held.get("expires", 0)) < time.time():
-        return True
-    if held.get("host") == socket.gethostname() and held.get("boot") == _boot_id():
         try:
-            os.kill(int(held.get("pid", 0)), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, ValueError, OverflowError):
-            return False
-    return False
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "?"
+            for name, kind in kinds.items():
+                value = doc[name]
+                if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                    raise TypeError(f"{name} is {value!r}")
+            return cls(**{name: doc[name] for name in kinds})
+        except (KeyError, TypeError) as exc:
+            run = where.rsplit("/parts/", 1)[0]
+            raise StateError(
+                f"{where}: a corrupt part record ({type(exc).__name__}: {exc}); delete {run}/ "
+                "to start that backfill over"
+            ) from exc
