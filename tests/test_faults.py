@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nyc_collisions.socrata.client import AdaptiveLimit
+from nyc_collisions.socrata.concurrency import ConcurrencyLimit
 from tests.conftest import GOOD_TOKEN
 from tests.fake_soda import FakeSoda, Latency
 from tests.faultsuite import Schedule
@@ -152,11 +152,15 @@ def test_disk_filling_up_mid_run_commits_nothing(
 
 
 def test_throttling_halves_the_shared_limit_and_it_recovers_slowly() -> None:
-    limit = AdaptiveLimit(8)
+    limit = ConcurrencyLimit(8)  # fixed (--workers 8): only throttling moves it
 
     def one_throttled_request() -> None:
-        with limit as epoch:
-            limit.throttled(epoch)
+        with limit.request() as ticket:
+            limit.throttled(ticket.epoch)
+
+    def one_success() -> None:
+        with limit.request() as ticket:
+            ticket.done(100)
 
     one_throttled_request()
     assert limit.limit == 4
@@ -165,24 +169,24 @@ def test_throttling_halves_the_shared_limit_and_it_recovers_slowly() -> None:
     assert limit.limit == 1
     # one more in flight after `GROW_AFTER * limit` successes in a row, as the docstring says
     for size in range(1, 8):
-        for _ in range(AdaptiveLimit.GROW_AFTER * size - 1):
-            limit.succeeded()
+        for _ in range(ConcurrencyLimit.GROW_AFTER * size - 1):
+            one_success()
         assert limit.limit == size
-        limit.succeeded()
+        one_success()
         assert limit.limit == size + 1
     for _ in range(100):
-        limit.succeeded()
+        one_success()
     assert limit.limit == 8
 
 
 def test_one_throttling_event_seen_by_every_request_in_flight_halves_the_limit_once() -> None:
-    limit = AdaptiveLimit(4)
+    limit = ConcurrencyLimit(4)
     in_flight = threading.Barrier(4)
 
     def request() -> None:
-        with limit as epoch:
+        with limit.request() as ticket:
             in_flight.wait(timeout=10)  # all four were sent before any answer came
-            limit.throttled(epoch)
+            limit.throttled(ticket.epoch)
 
     threads = [threading.Thread(target=request) for _ in range(4)]
     for t in threads:
@@ -190,20 +194,20 @@ def test_one_throttling_event_seen_by_every_request_in_flight_halves_the_limit_o
     for t in threads:
         t.join()
     assert limit.limit == 2
-    with limit as epoch:  # a request sent after the decrease that is throttled: a new event
-        limit.throttled(epoch)
+    with limit.request() as ticket:  # a request sent after the decrease that is throttled
+        limit.throttled(ticket.epoch)
     assert limit.limit == 1
 
 
 def test_limit_bounds_requests_in_flight() -> None:
-    limit = AdaptiveLimit(2)
+    limit = ConcurrencyLimit(2)
     peak = 0
     now = 0
     lock = threading.Lock()
 
     def work() -> None:
         nonlocal peak, now
-        with limit:
+        with limit.request():
             with lock:
                 now += 1
                 peak = max(peak, now)

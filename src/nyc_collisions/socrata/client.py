@@ -7,8 +7,10 @@ Every request goes through `SodaClient.fetch`, which classifies responses in one
 - 404 is `DatasetNotFound`, 403 `permission_denied` is `InvalidAppToken`, any other 4xx is
   `SourceRejected` with the server's message (both of SODA's error shapes are read).
 
-All workers share one `AdaptiveLimit`: the number of requests in flight halves once per
-throttling event (429/403 throttle) and grows back by one after a run of successes (AIMD).
+All workers share one `ConcurrencyLimit` (see `concurrency.py`): the requests in flight follow
+what the source serves at once, found from how long its answers take, never above a polite
+ceiling (`--max-concurrency`, default 8), or fixed (`--workers`); a throttle (429/403 throttle)
+halves it once per event.
 One INFO log line per request; the token travels only in the `X-App-Token` header and is never
 logged or put in a message. Requests go only to the source's own origin (scheme, host, port): a
 redirect elsewhere is refused before it is followed, so the token never leaves with it; plain
@@ -43,6 +45,7 @@ from ..errors import (
     SourceUnavailable,
     UsageError,
 )
+from .concurrency import ConcurrencyLimit
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,62 +80,6 @@ class RetryPolicy:
         if retry_after is not None:
             return min(retry_after, self.max_retry_after)
         return random.uniform(0, min(self.cap, self.base * 2**attempt))
-
-
-class AdaptiveLimit:
-    """A concurrency limit shared by all workers: multiplicative decrease, additive increase.
-
-    `with limit as epoch:` holds one of `limit` slots for a request; `epoch` counts the decreases
-    so far. One throttling event halves the limit once: the requests in flight when it happens
-    were all sent at the old rate, so only a throttle of a request sent after the last decrease
-    (same epoch) halves it again. After `GROW_AFTER * limit` successes in a row, one more request
-    may be in flight, up to `maximum`.
-    """
-
-    GROW_AFTER = 4  # full windows of successes before the limit grows by one
-
-    def __init__(self, maximum: int) -> None:
-        self.maximum = max(1, maximum)
-        self.limit = self.maximum
-        self._in_flight = 0
-        self._successes = 0
-        self._epoch = 0
-        self._cond = threading.Condition()
-
-    def __enter__(self) -> int:
-        with self._cond:
-            while self._in_flight >= self.limit:
-                self._cond.wait()
-            self._in_flight += 1
-            return self._epoch
-
-    def __exit__(self, *exc: object) -> None:
-        with self._cond:
-            self._in_flight -= 1
-            self._cond.notify_all()
-
-    def throttled(self, epoch: int) -> None:
-        """A request sent in `epoch` was throttled: halve the limit, once per event."""
-        with self._cond:
-            if epoch != self._epoch:
-                return  # sent before the last decrease: the same event, already answered
-            self._epoch += 1
-            self._successes = 0
-            new = max(1, self.limit // 2)
-            if new != self.limit:
-                logger.warning("source throttles: concurrency %d -> %d", self.limit, new)
-            self.limit = new
-
-    def succeeded(self) -> None:
-        """One success; after `GROW_AFTER * limit` in a row, one more request in flight."""
-        with self._cond:
-            if self.limit >= self.maximum:
-                return
-            self._successes += 1
-            if self._successes >= self.limit * self.GROW_AFTER:
-                self.limit += 1
-                self._successes = 0
-                self._cond.notify_all()
 
 
 @dataclass
@@ -249,7 +196,8 @@ class SodaClient:
         base_url: str = DEFAULT_BASE_URL,
         *,
         app_token: str | None = None,
-        concurrency: int = 4,
+        concurrency: int | None = None,
+        adaptive: bool = True,
         retry: RetryPolicy | None = None,
         timeout: float = 120.0,
         connect_timeout: float = 10.0,
@@ -262,7 +210,11 @@ class SodaClient:
         if not (timeout > 0 and connect_timeout > 0):
             raise UsageError(f"timeouts must be positive, not {timeout} and {connect_timeout}")
         self.retry = retry or RetryPolicy()
-        self.limit = AdaptiveLimit(concurrency)
+        if concurrency is None:
+            concurrency = max_concurrency()
+        elif concurrency < 1:
+            raise UsageError(f"concurrency must be at least 1, not {concurrency}")
+        self.limit = ConcurrencyLimit(concurrency, adaptive=adaptive)
         self.stats = ClientStats()
         headers = {
             "User-Agent": f"nyc-collisions/{__version__}",
@@ -337,11 +289,13 @@ class SodaClient:
         path: str,
         params: Callable[[], dict[str, str]],
         consume: Callable[[Iterator[bytes]], T],
+        sample: bool = False,
     ) -> T:
         """GET `path` and hand the body to `consume` as it arrives, retrying like `fetch`.
 
         `params` is called before every attempt, so a retry after a body cut short can ask for
-        what comes after the rows `consume` already took.
+        what comes after the rows `consume` already took. `sample`: the request is a page of
+        rows, whose latencies tell the concurrency limit how busy the source is.
         """
         last: _Retryable | None = None
         for attempt in range(self.retry.attempts):
@@ -362,12 +316,11 @@ class SodaClient:
                 )
                 time.sleep(pause)
             try:
-                result = self._stream_attempt(path, query, consume, shown)
+                result = self._stream_attempt(path, query, consume, shown, sample)
             except _Retryable as exc:
                 self.stats.retried(exc.cause)
                 last = exc
                 continue
-            self.limit.succeeded()
             return result
         assert last is not None
         raise SourceUnavailable(
@@ -381,6 +334,7 @@ class SodaClient:
         query: dict[str, str],
         consume: Callable[[Iterator[bytes]], T],
         shown: str,
+        sample: bool,
     ) -> T:
         started = time.monotonic()
         received = 0
@@ -391,20 +345,21 @@ class SodaClient:
                 received += len(chunk)
                 yield chunk
 
-        with self.limit as epoch:
+        with self.limit.request(sample) as ticket:
             try:
                 with self._http.stream("GET", path, params=query) as response:
                     if response.status_code != 200 or looks_like_html(response, b""):
                         body = response.read()
                         self.stats.add(len(body))
                         self._classify(response, body, shown, path)
+                    ticket.first_byte()
                     try:
                         result = consume(counted(_body(response)))
                     except BadResponse as exc:
                         raise _Retryable("bad body", str(exc)) from None
             except _Retryable as exc:
                 if exc.cause in _THROTTLES:
-                    self.limit.throttled(epoch)
+                    self.limit.throttled(ticket.epoch)
                 raise
             except httpx.TooManyRedirects:
                 raise SourceRejected(f"{self.base_url}{shown}: too many redirects") from None
@@ -415,6 +370,7 @@ class SodaClient:
             finally:
                 if received:
                     self.stats.add(received)
+            ticket.done(received)
         logger.info("GET %s -> 200 (%d bytes, %.2fs)", shown, received, time.monotonic() - started)
         return result
 
@@ -474,6 +430,14 @@ def _body(response: httpx.Response) -> Iterator[bytes]:
         raise BadResponse(f"gzip body does not inflate: {exc}") from None
     if not inflate.eof:
         raise BadResponse("gzip body cut short")
+
+
+DEFAULT_MAX_CONCURRENCY = 8
+
+
+def max_concurrency() -> int:
+    """The polite ceiling of requests in flight: `NYC_COLLISIONS_MAX_CONCURRENCY` (1-64), or 8."""
+    return settings.env_int(settings.MAX_CONCURRENCY, DEFAULT_MAX_CONCURRENCY, 1, 64)
 
 
 WIRES = ("auto", "json", "csv")

@@ -1,0 +1,140 @@
+"""The concurrency controller against a simulated source: virtual time, synthetic latencies, no
+sleeps (see tests/simserver.py). What the user sees of it end to end is in test_capacity.py."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import Counter
+
+import pytest
+
+from nyc_collisions.socrata.concurrency import ConcurrencyLimit, _Core
+from tests.simserver import SimSource, run
+
+CEILING = 8
+
+
+def settled(limits: list[int]) -> int:
+    """The limit held longest over the second half of a run."""
+    return Counter(limits[len(limits) // 2 :]).most_common(1)[0][0]
+
+
+@pytest.mark.parametrize("capacity", [1, 2, 3, 4, 5, 6, 7])
+def test_settles_one_above_what_a_queueing_source_serves(capacity: int) -> None:
+    """One request waits at the source, so that no slot idles between two pages."""
+    core = _Core(CEILING, 4, adaptive=True)
+    source = SimSource(capacity)
+    limits = run(core, source, 60)
+    assert settled(limits) == capacity + 1
+    assert set(limits[len(limits) // 2 :]) == {capacity + 1}  # and stays there
+    assert source.peak <= CEILING
+
+
+@pytest.mark.parametrize("capacity", [8, 12, 30])
+def test_a_source_that_serves_more_gets_the_ceiling_and_never_more(capacity: int) -> None:
+    core = _Core(CEILING, 4, adaptive=True)
+    source = SimSource(capacity)
+    limits = run(core, source, 30)
+    assert max(limits) == CEILING
+    assert settled(limits) == CEILING
+    assert source.peak == CEILING
+
+
+def test_it_grows_within_a_second_on_a_source_with_room() -> None:
+    """Slow start: growth is earned by first bytes (0.15 s here), not by whole pages (5 s)."""
+    core = _Core(CEILING, 4, adaptive=True)
+    limits = run(core, SimSource(12), 1.0)
+    assert limits[-1] == CEILING
+
+
+@pytest.mark.parametrize(("before", "after"), [(6, 2), (2, 6), (8, 3)])
+def test_it_follows_the_source_when_its_capacity_changes(before: int, after: int) -> None:
+    core = _Core(CEILING, 4, adaptive=True)
+    source = SimSource(before)
+
+    def change(now: float) -> None:
+        if now >= 40:
+            source.capacity = after
+
+    limits = run(core, source, 120, each=change)
+    assert Counter(limits[2000:4000]).most_common(1)[0][0] == min(before + 1, CEILING)
+    assert settled(limits) == min(after + 1, CEILING)
+
+
+def test_a_source_that_shares_and_slows_down_is_seen() -> None:
+    """A source that serves every request at once but streams each more slowly when it has
+    more: pages slower than the fastest seen lower the limit."""
+    core = _Core(CEILING, 4, adaptive=True)
+    source = SimSource(8, shared=True)
+
+    def change(now: float) -> None:
+        if now >= 40:
+            source.capacity = 2
+
+    limits = run(core, source, 120, each=change)
+    assert max(limits[3000:4000]) == CEILING
+    assert max(limits[-3000:]) <= 5
+
+
+def test_probes_and_counts_teach_it_nothing() -> None:
+    """Only pages of rows are latency samples: a slow probe (a deep $offset) is no queue."""
+    core = _Core(CEILING, 4, adaptive=True)
+    page = core.sent(0.0, sample=True)
+    core.first_byte(page, 0.15)
+    probe = core.sent(0.0, sample=False)
+    core.tick(10.0)
+    core.first_byte(probe, 10.0)
+    core.finished(probe, 10.1, 31)
+    assert core.limit == 4
+    assert core.ttfb_min == pytest.approx(0.15)
+
+
+def test_a_fixed_limit_does_not_adapt() -> None:
+    """`--workers 3` on a source that serves one request at a time: 3 in flight, always."""
+    core = _Core(3, 4, adaptive=False)
+    source = SimSource(1)
+    limits = run(core, source, 60)
+    assert set(limits) == {3}
+    assert source.peak == 3
+
+
+def test_a_throttle_halves_once_and_growth_is_slow_after() -> None:
+    core = _Core(CEILING, 4, adaptive=True)
+    source = SimSource(12, throttle_at={40})
+    limits = run(core, source, 60)
+    assert core.throttles == 1
+    at = next(i for i, (a, b) in enumerate(itertools.pairwise(limits)) if b < a)
+    assert limits[at + 1] == limits[at] // 2
+    # back up by one per GROW_AFTER x limit pages without waiting, not by slow start
+    assert all(b - a <= 1 for a, b in itertools.pairwise(limits[at + 1 :]))
+
+
+def test_threads_never_have_more_in_flight_than_the_ceiling() -> None:
+    """Many threads, each asking for a slot and answering at once: the limit grows, but the
+    requests in flight never pass the ceiling."""
+    limit = ConcurrencyLimit(3, adaptive=True, initial=1)
+    peak = 0
+    now = 0
+    lock = threading.Lock()
+
+    def work() -> None:
+        nonlocal peak, now
+        for _ in range(20):
+            with limit.request(sample=True) as ticket:
+                with lock:
+                    now += 1
+                    peak = max(peak, now)
+                ticket.first_byte()
+                ticket.done(1 << 20)
+                with lock:
+                    now -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak <= 3
+    assert limit.usage().peak <= 3
+    assert limit.in_flight() == 0
