@@ -185,7 +185,6 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
         with SodaClient(
             source,
             app_token=token,
-            concurrency=opts.workers,
             retry=retry,
             wire=wire,
             allow_http=allow_http,

@@ -23,7 +23,6 @@ from .errors import CTRL_C_LINE, Interrupted, NycCollisionsError, UsageError
 from .extract import (
     DEFAULT_FILE_ROWS,
     DEFAULT_PAGE_SIZE,
-    DEFAULT_WORKERS,
     DatasetResult,
     RunOptions,
     backfill,
@@ -146,6 +145,23 @@ def key_option(help_text: str) -> Callable[[F], F]:
 LANDED_KEY_HELP = "The dataset's unique key; if given, it must be the key it was landed with."
 
 
+def concurrency_options(workers_help: str) -> Callable[[F], F]:
+    """`--max-concurrency N` (the ceiling of what is found at run time) and `--workers N`."""
+
+    def decorate(f: F) -> F:
+        f = click.option(
+            "--max-concurrency",
+            type=int,
+            default=None,
+            metavar="N",
+            help="Requests in flight at most; how many the source serves is found at run time "
+            f"up to this (default 8, env {settings.MAX_CONCURRENCY}).",
+        )(f)
+        return click.option("--workers", type=int, default=None, metavar="N", help=workers_help)(f)
+
+    return decorate
+
+
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(
@@ -155,7 +171,16 @@ def _setup_logging(verbose: int) -> None:
     logging.getLogger("botocore").setLevel(logging.WARNING)
 
 
-def _client(source: str, retries: int, workers: int = DEFAULT_WORKERS) -> SodaClient:
+def _client(
+    source: str, retries: int, workers: int | None = None, max_concurrency: int | None = None
+) -> SodaClient:
+    if workers is not None and max_concurrency is not None:
+        raise UsageError(
+            "--workers fixes the requests in flight and --max-concurrency bounds the number "
+            "found at run time: give one of them"
+        )
+    if max_concurrency is not None and not 1 <= max_concurrency <= 64:
+        raise UsageError(f"--max-concurrency must be from 1 to 64, not {max_concurrency}")
     ctx = click.get_current_context(silent=True)
     timeout = float(ctx.meta.get("timeout", 120.0)) if ctx else 120.0
     wire = str(ctx.meta.get("wire", "auto")) if ctx else "auto"
@@ -163,7 +188,8 @@ def _client(source: str, retries: int, workers: int = DEFAULT_WORKERS) -> SodaCl
         source,
         wire=wire,
         app_token=os.environ.get("SOCRATA_APP_TOKEN") or None,
-        concurrency=workers,
+        concurrency=workers if workers is not None else max_concurrency,
+        adaptive=workers is None,
         retry=RetryPolicy.from_env(attempts=retries),
         timeout=timeout,
         allow_http=bool(ctx.meta.get("allow_http")) if ctx else False,
@@ -295,6 +321,7 @@ def _print_summary(results: list[DatasetResult], started: float) -> None:
             f"-> {r.location}"
         )
         click.echo(line)
+        _print_concurrency(r)
         if r.extra.get("resumed"):
             click.echo(
                 f"  resumed run {r.extra['resumed']}: "
@@ -318,6 +345,16 @@ def _print_summary(results: list[DatasetResult], started: float) -> None:
     )
 
 
+def _print_concurrency(r: DatasetResult) -> None:
+    c = r.extra.get("concurrency")
+    if c:
+        how = f"found at run time, at most {c['ceiling']}" if c["adaptive"] else "--workers"
+        click.echo(
+            f"  concurrency: {c['settled']} requests in flight ({how}); "
+            f"{r.extra.get('splits', 0)} ranges split"
+        )
+
+
 @main.command("backfill")
 @click.argument("datasets", nargs=-1, metavar="[DATASET]...")
 @common
@@ -329,13 +366,7 @@ def _print_summary(results: list[DatasetResult], started: float) -> None:
     show_default=True,
     help="File format of the landed data.",
 )
-@click.option(
-    "--workers",
-    type=int,
-    default=DEFAULT_WORKERS,
-    show_default=True,
-    help="Partitions fetched at once (1 = sequential).",
-)
+@concurrency_options("Requests in flight, fixed (1 = sequential); default: found at run time.")
 @click.option(
     "--page-size", type=int, default=DEFAULT_PAGE_SIZE, show_default=True, help="Rows per request."
 )
@@ -363,7 +394,8 @@ def backfill_cmd(
     verbose: int,
     retries: int,
     fmt: str,
-    workers: int,
+    workers: int | None,
+    max_concurrency: int | None,
     page_size: int,
     key: str | None,
     file_rows: int,
@@ -373,10 +405,11 @@ def backfill_cmd(
 ) -> None:
     """Mass upload: land every row of each DATASET (default: all three) as a snapshot.
 
-    Rows are fetched by keyset pages on :id over --workers partitions and streamed into files
-    under DEST/<dataset>/data/; DEST/<dataset>/manifest.json commits them at the end. An
-    interrupted run resumes from its committed files when run again. A dataset that already has
-    a committed backfill is skipped unless --force.
+    Rows are fetched by keyset pages on :id over partitions, as many at once as the source
+    serves (found at run time), and streamed into files under DEST/<dataset>/data/;
+    DEST/<dataset>/manifest.json commits them at the end. An interrupted run resumes from its
+    committed files when run again. A dataset that already has a committed backfill is skipped
+    unless --force.
 
     Example: nyc-collisions backfill crashes --dest s3://nyc-application-collisions/collisions_raw_data
     """
@@ -394,7 +427,7 @@ def backfill_cmd(
     )
     chosen = resolve_many(list(datasets), key)
     storage = open_storage(dest)
-    with _client(source, retries, workers) as client:
+    with _client(source, retries, workers, max_concurrency) as client:
         results = backfill(client, storage, chosen, opts)
     _print_summary(results, started)
     _print_upload(storage, started)
@@ -471,13 +504,9 @@ def _print_changes(results: list[DatasetResult], started: float) -> None:
     show_default=True,
     help="Rows per landed file (each file is committed as it is written).",
 )
-@click.option(
-    "--workers",
-    type=int,
-    default=DEFAULT_WORKERS,
-    show_default=True,
-    help="When most rows changed (a full replace), land a fresh snapshot over this many "
-    "partitions instead of one stream of changes; 1 = always the stream.",
+@concurrency_options(
+    "When most rows changed (a full replace), a fresh snapshot is landed over partitions "
+    "instead of one stream of changes: fix its requests in flight; 1 = always the stream."
 )
 @click.option(
     "--reconcile",
@@ -503,7 +532,8 @@ def update_cmd(
     fmt: str | None,
     page_size: int,
     file_rows: int,
-    workers: int,
+    workers: int | None,
+    max_concurrency: int | None,
     also_reconcile: bool,
     max_seconds: float | None,
 ) -> None:
@@ -513,7 +543,7 @@ def update_cmd(
     order and committed file by file; the watermark moves with each commit. Running it twice
     lands nothing the second time. Needs a committed backfill. When more rows changed than half
     the last snapshot (a publisher's full replace), a fresh snapshot is landed instead, over
-    --workers partitions as a backfill does (a rerun resumes it).
+    partitions as a backfill does (a rerun resumes it).
 
     Example: nyc-collisions update --dest s3://nyc-application-collisions/collisions_raw_data
     """
@@ -531,7 +561,7 @@ def update_cmd(
     )
     storage = open_storage(dest)
     chosen = resolve_many(list(datasets), key)
-    with _client(source, retries, workers) as client:
+    with _client(source, retries, workers, max_concurrency) as client:
         storage.check_writable()
         try:
             results = _run_each(

@@ -8,42 +8,40 @@ Only this module knows both the source and the sink. A backfill of one dataset:
    from, so rows changed during the backfill are picked up), then probes partition boundaries;
 3. workers fetch partitions by keyset pages and stream them into files, closing a file every
    `file_rows` rows and recording it under `runs/<batch>/parts/` (the unit a rerun resumes from);
-4. when every partition has reached its end (an empty page that a count confirms, never just a
-   short page), one manifest write commits the snapshot batch and its watermark; leftovers of
-   killed runs are removed (`tidy`, as after every command that writes).
+   as many at once as the source serves (`workers.py`), splitting ranges to keep its slots busy;
+4. when every partition has reached its end (its upper row landed, or an empty page that a count
+   confirms, never just a short page), one manifest write commits the snapshot batch and its
+   watermark; leftovers of killed runs are removed (`tidy`, as after every command that writes).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
 from tqdm import tqdm
 
 from .datasets import Dataset
-from .errors import AlreadyLanded, Interrupted, NycCollisionsError, StateError, UsageError
+from .errors import AlreadyLanded, NycCollisionsError, StateError, UsageError
 from .lease import Lease
-from .pages import CsvRows
-from .plan import Partition, partition_count, partition_step
+from .partition import FetchContext, PlanBook
+from .plan import Partition, ResumePoint, partition_count, partition_step
 from .schema import Schema
-from .sink.files import FileEntry, FileRotation
+from .sink.files import FileEntry
 from .sink.formats import check_format
 from .sink.storage import Storage
-from .socrata import soql
 from .socrata.client import SodaClient
 from .socrata.source import DatasetSource, SourceInfo
-from .state import Batch, DatasetState, Manifest, PartRecord, Watermark, new_batch_id, utc_now
+from .state import Batch, DatasetState, Manifest, Watermark, new_batch_id, utc_now
 from .tidy import tidy
+from .workers import BarProgress, fetch_partitions
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_WORKERS = 4
 DEFAULT_PAGE_SIZE = 50_000
 DEFAULT_FILE_ROWS = 500_000
 EPOCH = "1970-01-01T00:00:00.000Z"
@@ -52,7 +50,7 @@ EPOCH = "1970-01-01T00:00:00.000Z"
 @dataclass(frozen=True)
 class RunOptions:
     fmt: str = "csv"
-    workers: int = DEFAULT_WORKERS
+    workers: int | None = None  # a fixed number of requests in flight; None: found at run time
     page_size: int = DEFAULT_PAGE_SIZE
     file_rows: int = DEFAULT_FILE_ROWS
     force: bool = False
@@ -64,7 +62,7 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         check_format(self.fmt)
-        if self.workers < 1:
+        if self.workers is not None and self.workers < 1:
             raise UsageError(f"--workers must be at least 1, not {self.workers}")
         if self.page_size < 1:
             raise UsageError(f"--page-size must be a positive number of rows, not {self.page_size}")
@@ -87,92 +85,6 @@ class DatasetResult:
     source_count: int | None = None
     message: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-# -- partition workers -------------------------------------------------------------------------
-
-
-@dataclass
-class _Progress:
-    bar: Any
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add(self, n: int) -> None:
-        with self.lock:
-            self.bar.update(n)
-
-
-def _run_partition(
-    source: DatasetSource,
-    state: DatasetState,
-    schema: Schema,
-    opts: RunOptions,
-    batch_id: str,
-    partition: Partition,
-    resume: dict[str, Any],
-    stop: threading.Event,
-    progress: _Progress,
-) -> FileRotation:
-    def record(entry: FileEntry | None, last: pa.Table | None, done: bool) -> None:
-        last_id = last.column("socrata_id")[0].as_py() if last is not None else after
-        record = PartRecord(
-            partition=partition.index,
-            seq=files.seq,
-            done=done,
-            path=entry.path if entry else None,
-            rows=entry.rows if entry else 0,
-            bytes=entry.bytes if entry else 0,
-            last_id=last_id,
-        )
-        state.put_json(
-            f"{state.run_prefix(batch_id)}/parts/{partition.index:04d}-{files.seq:06d}.json",
-            record.to_dict(),
-        )
-
-    files = FileRotation(
-        state.storage,
-        schema,
-        opts.fmt,
-        opts.file_rows,
-        lambda seq: state.data_key(batch_id, partition.index, seq, opts.fmt),
-        resume["next_seq"],
-        record,
-    )
-    after: str | None = resume["after"] if resume["after"] is not None else partition.lower
-
-    def params() -> dict[str, str]:
-        return source.page_params(after=after, upper=partition.upper, limit=opts.page_size)
-
-    def emit(table: pa.Table) -> None:
-        nonlocal after
-        files.write(table)
-        after = table.column("socrata_id")[-1].as_py()
-        progress.add(table.num_rows)
-
-    def emit_rows(rows: CsvRows) -> None:
-        nonlocal after
-        files.write(rows)
-        after = rows.last_id
-        progress.add(rows.num_rows)
-
-    # CSV pages go to CSV files unparsed where they can (see `CsvPageStream`)
-    pass_through = emit_rows if opts.fmt == "csv" else None
-    empty = 0
-    try:
-        while True:
-            if stop.is_set() or opts.out_of_time():
-                files.commit(done=False)
-                return files
-            if source.stream_rows(schema, params, emit, pass_through) > 0:
-                empty = 0
-                continue
-            empty += 1
-            if source.confirm_empty(soql.id_range(after, partition.upper), empty):
-                files.commit(done=True)
-                return files
-    except BaseException:
-        files.abort()
-        raise
 
 
 # -- one dataset's backfill -------------------------------------------------------------------
@@ -278,7 +190,7 @@ class Backfill(DatasetJob):
             self.state.drop_run(batch_id)
         info: SourceInfo = self.source.info()
         batch_id = new_batch_id("backfill")
-        n = partition_count(info.count, self.opts.workers, self.opts.page_size)
+        n = partition_count(info.count, self.client.limit.ceiling, self.opts.page_size)
         plan = {
             "kind": "snapshot",
             "batch_id": batch_id,
@@ -291,45 +203,46 @@ class Backfill(DatasetJob):
             "max_updated_at": info.max_updated_at,
             "rows_updated_at": info.rows_updated_at,
             "page_size": self.opts.page_size,
-            # partitions are added as their boundaries are found (see `_planner`)
+            # partitions are added as their boundaries are found (see `_planner`), then split
             "planned": n,
             "step": partition_step(info.count, n),
             "complete": False,
+            "splits": 0,
             "partitions": [],
         }
         self.state.put_json(f"{self.state.run_prefix(batch_id)}/plan.json", plan)
         return plan
 
-    def _planner(self, plan: dict[str, Any], stop: threading.Event) -> Iterator[Partition]:
+    def _planner(self, book: PlanBook, stop: threading.Event) -> Iterator[Partition]:
         """Partitions as their boundaries are found, each recorded in the plan before it is used.
 
         Fetching starts with the first boundary instead of after the last: the probes skip
         rows by `$offset`, slow on the real server, and run beside the partitions' pages.
         """
-        parts: list[dict[str, Any]] = plan["partitions"]
+        plan = book.plan
         while not plan["complete"] and not stop.is_set() and not self.opts.out_of_time():
-            after = parts[-1]["upper"] if parts else None
+            parts = book.partitions()
+            after = parts[-1].upper if parts else None
             bound = None
             if len(parts) < plan["planned"] - 1:
                 bound = self.source.probe(after, plan["step"] - 1)
-            partition = Partition(len(parts), after, bound)
-            plan["complete"] = bound is None
-            parts.append(partition.to_dict())
-            self.state.put_json(f"{self.state.run_prefix(plan['batch_id'])}/plan.json", plan)
+            left = plan["source_count"] - plan["step"] * len(parts)
+            rows = plan["step"] if bound else max(0, left)
+            partition = Partition(len(parts), after, bound, rows)
+            book.append(partition, complete=bound is None)
             yield partition
 
-    def _resume_points(self, plan: dict[str, Any]) -> tuple[dict[int, dict[str, Any]], int]:
-        """Per partition: where to go on (`after`, `next_seq`, `done`); and rows already landed."""
-        points: dict[int, dict[str, Any]] = {
-            p["index"]: {"after": None, "next_seq": 0, "done": False} for p in plan["partitions"]
-        }
+    def _resume_points(self, plan: dict[str, Any]) -> tuple[dict[int, ResumePoint], int]:
+        """Per partition: where to go on; and rows already landed."""
+        points: dict[int, ResumePoint] = {}
         rows = 0
         for rec in self.state.part_records(plan["batch_id"]):
-            point = points.setdefault(rec.partition, {"after": None, "next_seq": 0, "done": False})
-            if rec.seq >= point["next_seq"]:
-                point["next_seq"] = rec.seq + 1
-                point["after"] = rec.last_id
-            point["done"] = point["done"] or rec.done
+            point = points.get(rec.partition, ResumePoint())
+            if rec.seq >= point.next_seq:
+                point = ResumePoint(rec.last_id, rec.seq + 1, point.done, point.rows)
+            points[rec.partition] = ResumePoint(
+                point.after, point.next_seq, point.done or rec.done, point.rows + rec.rows
+            )
             rows += rec.rows
         return points, rows
 
@@ -341,8 +254,7 @@ class Backfill(DatasetJob):
         stop: threading.Event,
     ) -> None:
         points, landed_before = self._resume_points(plan)
-        partitions = [Partition.from_dict(p) for p in plan["partitions"]]
-        todo = [p for p in partitions if not points[p.index]["done"]]
+        book = PlanBook(self.state, plan)
         bar = tqdm(
             total=plan["source_count"],
             initial=landed_before,
@@ -353,80 +265,39 @@ class Backfill(DatasetJob):
             dynamic_ncols=True,
             smoothing=0.1,
         )
-        progress = _Progress(bar)
-        work: queue.Queue[Partition | None] = queue.Queue()
-        for p in todo:
-            work.put(p)
-        n_threads = max(1, min(self.opts.workers, plan.get("planned", len(partitions))))
-        errors: list[BaseException] = []
-        finished: list[FileRotation] = []
-        lock = threading.Lock()
-
-        def worker() -> None:
-            while not stop.is_set():
-                p = work.get()
-                if p is None:
-                    return
-                try:
-                    files = _run_partition(
-                        self.source,
-                        self.state,
-                        schema,
-                        self.opts,
-                        plan["batch_id"],
-                        p,
-                        points.get(p.index, {"after": None, "next_seq": 0, "done": False}),
-                        stop,
-                        progress,
-                    )
-                except BaseException as exc:
-                    with lock:
-                        errors.append(exc)
-                    stop.set()
-                    return
-                with lock:
-                    finished.append(files)
-
-        threads = [
-            threading.Thread(target=worker, daemon=True, name=f"partition-{i}")
-            for i in range(n_threads)
-        ]
-        for t in threads:
-            t.start()
+        limit = self.client.limit
+        limit.reset_usage()
+        ctx = FetchContext(
+            self.source, self.state, schema, self.opts, plan["batch_id"], stop, BarProgress(bar)
+        )
         try:
-            try:
-                for p in self._planner(plan, stop):
-                    work.put(p)
-            except KeyboardInterrupt:
-                raise
-            except BaseException as exc:  # a failed probe: stop the workers, then raise it
-                with lock:
-                    errors.append(exc)
-                stop.set()
-            finally:
-                for _ in threads:
-                    work.put(None)
-            for t in threads:
-                while t.is_alive():
-                    t.join(timeout=0.5)
-        except KeyboardInterrupt:
-            stop.set()
-            for t in threads:
-                t.join(timeout=30)
-            raise Interrupted(
-                f"{self.dataset.name}: interrupted; committed files are kept and a rerun of "
-                "the same command resumes from them"
-            ) from None
+            done = fetch_partitions(
+                ctx, book, points, limit, self._planner(book, stop), self.dataset.name
+            )
         finally:
             bar.close()
-        result.files = sum(f.files for f in finished)
-        result.rows = sum(f.landed_rows for f in finished)
-        result.bytes = sum(f.landed_bytes for f in finished)
-        if errors:
-            raise errors[0]
+        result.files, result.rows, result.bytes = done.files, done.rows, done.bytes
+        usage = limit.usage()
+        result.extra["concurrency"] = {
+            "settled": usage.settled,
+            "peak": usage.peak,
+            "ceiling": usage.ceiling,
+            "adaptive": usage.adaptive,
+            "throttles": usage.throttles,
+        }
+        result.extra["splits"] = done.splits
+        logger.info(
+            "%s: concurrency settled at %d requests in flight (%s %d; peak %d), %d splits",
+            self.dataset.name,
+            usage.settled,
+            "ceiling" if usage.adaptive else "fixed at",
+            usage.ceiling,
+            usage.peak,
+            done.splits,
+        )
         points_after, _ = self._resume_points(plan)
         if not plan.get("complete", True) or not all(
-            points_after.get(p["index"], {}).get("done") for p in plan["partitions"]
+            points_after.get(p["index"], ResumePoint()).done for p in plan["partitions"]
         ):
             result.status = "stopped"
             result.batch_id = plan["batch_id"]
@@ -457,6 +328,8 @@ class Backfill(DatasetJob):
                 "started": plan["started"],
                 "rows_updated_at": plan["rows_updated_at"],
                 "partitions": len(plan["partitions"]),
+                "planned": plan.get("planned"),
+                "splits": plan.get("splits", 0),
             },
         )
         if manifest is None:

@@ -6,7 +6,7 @@
   of the files it names: a run killed at any point loses nothing (the next run starts from the
   watermark) and duplicates nothing in the current state (a key's latest version wins). When most
   rows changed (a publisher's full replace), it lands a fresh snapshot instead, the way a backfill
-  does: over `workers` partitions at once rather than one stream ordered by `:updated_at`.
+  does: over partitions fetched at once rather than one stream ordered by `:updated_at`.
 - `Reconcile` compares the source's full key set (keys only, keyset-paged) with the landed current
   state: keys that vanished get tombstones, keys that are missing or whose `:updated_at` differs
   are fetched again by `:id`. Socrata reports no deletions; this is how they are seen.
@@ -215,7 +215,7 @@ class Update(DatasetJob):
         self, landed: Landed, watermark: Watermark, until: str, result: DatasetResult
     ) -> bool:
         """Whether most rows changed since the watermark (one count request to know)."""
-        if self.opts.workers < 2:
+        if self.opts.workers is not None and self.opts.workers < 2:
             return False
         snapshot_rows = landed.manifest.current_batches()[0].rows
         changed = self.source.count(_changed_after(watermark, until))
@@ -223,7 +223,7 @@ class Update(DatasetJob):
             return False
         result.message = (
             f"{changed:,} rows changed since the watermark, against {snapshot_rows:,} in the "
-            f"last snapshot: landed a fresh snapshot over {self.opts.workers} partitions"
+            f"last snapshot: landed a fresh snapshot over partitions, as a backfill does"
         )
         result.extra["refreshed"] = True
         logger.info("%s: %s", self.dataset.name, result.message)

@@ -7,12 +7,20 @@ found with one-row probes, each starting after the previous boundary
 (`$select=:id&$where=:id > 'b'&$order=:id&$limit=1&$offset=step-1`): so the boundaries increase in
 the server's order by construction even while rows are added or deleted, and no probe skips more
 than one partition's worth of rows.
+
+A partition can be split while it is fetched: its worker stops where it is (after the last row
+it landed, `after`), probes the `:id` half its remaining rows further (`split_offset`), and the
+range beyond that boundary becomes a new partition. The split is recorded in the plan before
+either half is fetched, so a rerun resumes both.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+
+MAX_PARTITIONS = 10_000  # data files are named part-PPPP-SSSSSS
+MIN_SPLIT_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -20,13 +28,36 @@ class Partition:
     index: int
     lower: str | None
     upper: str | None
+    rows: int | None = None  # rows it held when planned or split (an estimate: rows change)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "lower": self.lower, "upper": self.upper}
+        d: dict[str, Any] = {"index": self.index, "lower": self.lower, "upper": self.upper}
+        if self.rows is not None:
+            d["rows"] = self.rows
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Partition:
-        return cls(int(d["index"]), d.get("lower"), d.get("upper"))
+        rows = d.get("rows")
+        return cls(
+            int(d["index"]), d.get("lower"), d.get("upper"), None if rows is None else int(rows)
+        )
+
+    def split_at(self, bound: str, index: int, kept: int, rest: int) -> tuple[Partition, Partition]:
+        """This partition up to `bound` (holding `kept` rows in all), and a new one (`index`)
+        from `bound` to where this one ended (`rest` rows)."""
+        return replace(self, upper=bound, rows=kept), Partition(index, bound, self.upper, rest)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a partition goes on: after `after` (None: from its lower bound), with file number
+    `next_seq`; `done` once its end was confirmed; `rows` landed in its committed files."""
+
+    after: str | None = None
+    next_seq: int = 0
+    done: bool = False
+    rows: int = 0
 
 
 def partition_count(rows: int, workers: int, page_size: int) -> int:
@@ -37,3 +68,21 @@ def partition_count(rows: int, workers: int, page_size: int) -> int:
 def partition_step(rows: int, partitions: int) -> int:
     """Rows per partition: the `$offset` of each boundary probe is `step - 1`."""
     return max(1, -(-rows // partitions))
+
+
+def min_split_rows(first_byte: float | None, row_seconds: float | None, page_size: int) -> int:
+    """The fewest rows left in a partition that are worth a split.
+
+    A split costs about three first bytes (the probe, the page the partition asks again, the
+    new partition's first page) and gains the time to stream half the rows left; it is worth it
+    when that half takes at least twice as long as one first byte. Before both are measured, a
+    quarter page.
+    """
+    if not first_byte or not row_seconds:
+        return max(MIN_SPLIT_ROWS, page_size // 4)
+    return max(MIN_SPLIT_ROWS, int(4 * first_byte / row_seconds))
+
+
+def split_offset(remaining: int) -> int:
+    """The rows a split partition keeps: the first half of those it has left."""
+    return max(1, remaining // 2)

@@ -83,11 +83,13 @@ def max_updated_params() -> dict[str, str]:
     return {"$select": "max(:updated_at) AS m"}
 
 
-def boundary_params(after: str | None, offset: int) -> dict[str, str]:
-    """The `:id` `offset` rows past `after` in `:id` order: one column, one row."""
+def boundary_params(after: str | None, offset: int, upper: str | None = None) -> dict[str, str]:
+    """The `:id` `offset` rows past `after` (in the range up to `upper`) in `:id` order: one
+    column, one row."""
     params = {"$select": ":id", "$order": ":id", "$limit": "1", "$offset": str(offset)}
-    if after is not None:
-        params["$where"] = f":id > {quote(after)}"
+    clause = id_range(after, upper)
+    if clause:
+        params["$where"] = clause
     return params
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,10 @@ from ..schema import CSV_EXACT_TYPES, Schema
 from ..state import Watermark
 from . import soql
 from .client import SodaClient, parse_json_document
+
+
+class PageCancelled(Exception):
+    """A page dropped on the caller's request (`stream_rows(cancelled=...)`); not an error."""
 
 
 @dataclass
@@ -59,23 +64,32 @@ class DatasetSource:
         return self.client.scalar(self.dataset.dataset_id, soql.max_updated_params(), "m")
 
     def info(self) -> SourceInfo:
+        """The count and the latest `:updated_at`, asked at once (both before any page)."""
         meta = self.metadata()
         rows_updated = meta.get("rowsUpdatedAt")
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="info") as pool:
+            latest = pool.submit(self.max_updated_at)
+            count = self.count()
+            max_updated_at = latest.result()
         return SourceInfo(
-            count=self.count(),
-            max_updated_at=self.max_updated_at(),
+            count=count,
+            max_updated_at=max_updated_at,
             rows_updated_at=int(rows_updated) if isinstance(rows_updated, int | float) else None,
             name=str(meta.get("name", self.dataset.dataset_id)),
         )
 
-    def confirm_empty(self, where: str | None, pages_seen_empty: int) -> bool:
-        """Whether the source has no rows left where an empty page said so.
+    def confirm_empty(
+        self, where: str | None, pages_seen_empty: int, left: int | None = None
+    ) -> bool:
+        """Whether the source has no rows left where an empty page said so (`left`: the count
+        of `where`, when the caller asked for it already).
 
         A body cut short can still be a well-formed page, even an empty one: the end of a range
         is taken only when a count agrees. If the count keeps disagreeing with empty pages, the
         source is inconsistent and the run fails rather than guess.
         """
-        left = self.count(where)
+        if left is None:
+            left = self.count(where)
         if left == 0:
             return True
         retry = self.client.retry
@@ -88,9 +102,11 @@ class DatasetSource:
         time.sleep(retry.delay(pages_seen_empty - 1, None))
         return False
 
-    def probe(self, after: str | None, offset: int) -> str | None:
-        """The `:id` `offset` rows past `after`, or None when there are not that many."""
-        rows = self.client.fetch(self.path, soql.boundary_params(after, offset), _json_rows)
+    def probe(self, after: str | None, offset: int, upper: str | None = None) -> str | None:
+        """The `:id` `offset` rows past `after` (up to `upper`), or None when there are not
+        that many."""
+        params = soql.boundary_params(after, offset, upper=upper)
+        rows = self.client.fetch(self.path, params, _json_rows)
         if not rows:
             return None
         value = rows[0].get(":id")
@@ -104,6 +120,7 @@ class DatasetSource:
         params: Callable[[], dict[str, str]],
         emit: Callable[[pa.Table], None],
         emit_rows: Callable[[CsvRows], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> int:
         """One page of full rows, handed to `emit` a few MiB at a time as it arrives.
 
@@ -111,7 +128,9 @@ class DatasetSource:
         so it can go on after the rows already emitted (keyset paging makes that exact). A caller
         that lands CSV may pass `emit_rows`: CSV pages whose rows the landed file can take as they
         are then come to it as `CsvRows`, unparsed (see `CsvPageStream`), and so do JSON rows
-        converted to CSV in native code (see `JsonRowsToCsv`).
+        converted to CSV in native code (see `JsonRowsToCsv`). When `cancelled()` turns true,
+        the page is dropped where it is (`PageCancelled`): the rows emitted so far are whole, and
+        the caller can go on after the last of them.
         """
 
         csv = self.reads_csv(schema)
@@ -124,10 +143,14 @@ class DatasetSource:
                 else PageStream(schema, emit, emit_rows)
             )
             for chunk in chunks:
+                if cancelled is not None and cancelled():
+                    raise PageCancelled
                 page.feed(chunk)
             return page.finish()
 
-        return self.client.stream(path, params, consume)
+        if cancelled is not None and cancelled():
+            raise PageCancelled
+        return self.client.stream(path, params, consume, sample=True)
 
     def reads_csv(self, schema: Schema) -> bool:
         """Whether pages of rows come as CSV (see `SodaClient.wire`): half the bytes of JSON and

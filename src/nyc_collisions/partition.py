@@ -1,0 +1,289 @@
+"""One partition of a snapshot, fetched by keyset pages into files, and the plan that lists them.
+
+A partition ends when the row at its upper bound is landed: nothing can follow it in the range,
+and a body cut short would not have held it. A partition without an upper bound (or whose upper
+row was deleted meanwhile) ends only when an empty page and a count agree, never on a short
+page alone (a body cut short can look like one); the page and the count are asked at once.
+
+A partition is split when the pool asks (`split_wanted`): its page is dropped where it is, the
+`:id` half its remaining rows further is probed from the last row it landed, and the plan
+records the split before either half goes on.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import pyarrow as pa
+
+from .pages import CsvRows
+from .plan import Partition, ResumePoint
+from .schema import Schema
+from .sink.files import FileEntry, FileRotation
+from .socrata import soql
+from .socrata.source import DatasetSource, PageCancelled
+from .state import DatasetState, PartRecord
+
+if TYPE_CHECKING:
+    from .extract import RunOptions
+
+
+class Progress(Protocol):
+    def add(self, rows: int) -> None: ...
+
+
+class Splits(Protocol):
+    """What a partition tells its pool: a new partition to fetch, a split request answered."""
+
+    def add(self, partition: Partition) -> None: ...
+
+    def answered(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class FetchContext:
+    """What every partition of one snapshot run shares."""
+
+    source: DatasetSource
+    state: DatasetState
+    schema: Schema
+    opts: RunOptions
+    batch_id: str
+    stop: threading.Event
+    progress: Progress
+    counts: Executor | None = None  # counts that confirm a range's end run here, beside a page
+
+
+class PlanBook:
+    """A run's plan (`runs/<batch>/plan.json`): partitions are added and split under one lock,
+    and the plan is written before a new or changed partition is used."""
+
+    def __init__(self, state: DatasetState, plan: dict[str, Any]) -> None:
+        self.state = state
+        self.plan = plan
+        self._lock = threading.Lock()
+
+    @property
+    def key(self) -> str:
+        return f"{self.state.run_prefix(self.plan['batch_id'])}/plan.json"
+
+    def partitions(self) -> list[Partition]:
+        with self._lock:
+            step = self.plan.get("step")
+            out = []
+            for d in self.plan["partitions"]:
+                p = Partition.from_dict(d)
+                if p.rows is None and isinstance(step, int):
+                    p = Partition(p.index, p.lower, p.upper, step)  # planned before rows were kept
+                out.append(p)
+            return out
+
+    def append(self, partition: Partition, complete: bool) -> None:
+        with self._lock:
+            self.plan["partitions"].append(partition.to_dict())
+            self.plan["complete"] = complete
+            self.state.put_json(self.key, self.plan)
+
+    def split(
+        self, partition: Partition, bound: str, kept: int, rest: int
+    ) -> tuple[Partition, Partition]:
+        with self._lock:
+            parts = self.plan["partitions"]
+            mine, new = partition.split_at(bound, len(parts), kept, rest)
+            parts[partition.index] = mine.to_dict()
+            parts.append(new.to_dict())
+            self.plan["splits"] = int(self.plan.get("splits", 0)) + 1
+            self.state.put_json(self.key, self.plan)
+            return mine, new
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.plan["partitions"])
+
+    def splits(self) -> int:
+        with self._lock:
+            return int(self.plan.get("splits", 0))
+
+
+class PartitionFetch:
+    """Fetch one partition from its resume point to its end (see the module docstring)."""
+
+    def __init__(
+        self,
+        ctx: FetchContext,
+        book: PlanBook,
+        pool: Splits,
+        partition: Partition,
+        point: ResumePoint,
+    ) -> None:
+        self.ctx = ctx
+        self.book = book
+        self.pool = pool
+        self.partition = partition
+        self.after = point.after if point.after is not None else partition.lower
+        self.landed = point.rows  # rows of this partition landed so far, committed or not
+        self.split_wanted = threading.Event()
+        self.split_keep = 0
+        self._asked = ctx.opts.page_size  # rows the current page asks for
+        self.seconds = 0.0  # spent in pages: with `page_rows`, how long a row takes
+        self.page_rows = 0
+        opts = ctx.opts
+        self.files = FileRotation(
+            ctx.state.storage,
+            ctx.schema,
+            opts.fmt,
+            opts.file_rows,
+            lambda seq: ctx.state.data_key(ctx.batch_id, self.partition.index, seq, opts.fmt),
+            point.next_seq,
+            self._record,
+        )
+
+    def remaining(self) -> int:
+        """Rows it is thought to have left (0 when unknown)."""
+        rows = self.partition.rows
+        return 0 if rows is None else max(0, rows - self.landed)
+
+    def run(self) -> None:
+        try:
+            while True:
+                upper = self.partition.upper
+                if self.ctx.stop.is_set() or self.ctx.opts.out_of_time():
+                    self.files.commit(done=False)
+                    return
+                if upper is not None and self.after == upper:
+                    self.files.commit(done=True)  # its last row is landed
+                    return
+                if self.split_wanted.is_set():
+                    self._split()
+                    continue
+                got = self._page(splittable=True)
+                if got is None or got >= self._asked:
+                    continue
+                if self.after == upper and upper is not None:
+                    continue
+                if self._ended(got):
+                    self.files.commit(done=True)
+                    return
+        except BaseException:
+            self.files.abort()
+            raise
+
+    # -- pages -------------------------------------------------------------------------------
+    def _limit(self) -> int:
+        """Rows to ask for: a page, or all that is left when that is at most half a page more
+        (one request less: each costs the source a first byte)."""
+        page = self.ctx.opts.page_size
+        left = self.remaining()
+        if self.partition.upper is not None and 0 < left <= page + page // 2:
+            return left + max(1, left // 20)  # a little more, in case rows were added
+        return page
+
+    def _params(self) -> dict[str, str]:
+        return self.ctx.source.page_params(
+            after=self.after, upper=self.partition.upper, limit=self._asked
+        )
+
+    def _emit(self, table: pa.Table) -> None:
+        self.files.write(table)
+        self.after = table.column("socrata_id")[-1].as_py()
+        self.landed += table.num_rows
+        self.ctx.progress.add(table.num_rows)
+
+    def _emit_rows(self, rows: CsvRows) -> None:
+        self.files.write(rows)
+        self.after = rows.last_id
+        self.landed += rows.num_rows
+        self.ctx.progress.add(rows.num_rows)
+
+    def _page(self, splittable: bool) -> int | None:
+        """One page; None when it was dropped for a split."""
+        # CSV pages go to CSV files unparsed where they can (see `CsvPageStream`)
+        pass_through = self._emit_rows if self.ctx.opts.fmt == "csv" else None
+        started, landed = time.monotonic(), self.landed
+        self._asked = self._limit()
+        try:
+            return self.ctx.source.stream_rows(
+                self.ctx.schema,
+                self._params,
+                self._emit,
+                pass_through,
+                cancelled=self.split_wanted.is_set if splittable else None,
+            )
+        except PageCancelled:
+            return None
+        finally:
+            self.seconds += time.monotonic() - started
+            self.page_rows += self.landed - landed
+
+    def _ended(self, got: int) -> bool:
+        """After a short page: whether the range has ended. The next page (expected empty) and a
+        count of the range after the last row go at once; the end is taken when both agree."""
+        source = self.ctx.source
+        ask_page = got > 0  # after an empty page, only the count is missing
+        empty = 0
+        while True:
+            where = soql.id_range(self.after, self.partition.upper)
+            assert self.ctx.counts is not None
+            left = self.ctx.counts.submit(source.count, where)
+            if ask_page:
+                got = self._page(splittable=False) or 0
+                if got > 0:
+                    return False  # more rows: the short page was not the end
+            ask_page = True
+            empty += 1
+            if source.confirm_empty(where, empty, left=left.result()):
+                return True
+
+    # -- splits ------------------------------------------------------------------------------
+    def ask_split(self, keep: int) -> None:
+        """Ask it to keep only `keep` of the rows it has left (the pool's side)."""
+        self.split_keep = keep
+        self.split_wanted.set()
+
+    def _split(self) -> None:
+        """Answer `ask_split`: the page was dropped where it was, so nothing past `after` is
+        landed, and the halves meet exactly at the probed boundary."""
+        try:
+            self.cut(self.split_keep)
+        finally:
+            self.split_wanted.clear()
+            self.pool.answered()
+
+    def cut(self, keep: int) -> None:
+        """Keep the next `keep` rows; the rest of the range becomes a new partition, recorded
+        in the plan before either goes on. Called between pages only."""
+        remaining = self.remaining()
+        if not 0 < keep < remaining:
+            return
+        upper = self.partition.upper
+        bound = self.ctx.source.probe(self.after, keep - 1, upper=upper)
+        if bound is None or bound == upper:
+            # fewer rows than thought: it keeps them, and is not asked again
+            p = self.partition
+            self.partition = Partition(p.index, p.lower, upper, self.landed)
+            return
+        mine, new = self.book.split(self.partition, bound, self.landed + keep, remaining - keep)
+        self.partition = mine
+        self.pool.add(new)
+
+    # -- part records ------------------------------------------------------------------------
+    def _record(self, entry: FileEntry | None, last: pa.Table | None, done: bool) -> None:
+        last_id = last.column("socrata_id")[0].as_py() if last is not None else self.after
+        record = PartRecord(
+            partition=self.partition.index,
+            seq=self.files.seq,
+            done=done,
+            path=entry.path if entry else None,
+            rows=entry.rows if entry else 0,
+            bytes=entry.bytes if entry else 0,
+            last_id=last_id,
+        )
+        self.ctx.state.put_json(
+            f"{self.ctx.state.run_prefix(self.ctx.batch_id)}/parts/"
+            f"{self.partition.index:04d}-{self.files.seq:06d}.json",
+            record.to_dict(),
+        )
