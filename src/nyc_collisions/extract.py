@@ -221,16 +221,12 @@ class Backfill(DatasetJob):
         """
         plan = book.plan
         while not plan["complete"] and not stop.is_set() and not self.opts.out_of_time():
-            parts = book.partitions()
-            after = parts[-1].upper if parts else None
+            after, made = book.chain()
             bound = None
-            if len(parts) < plan["planned"] - 1:
+            if made < plan["planned"] - 1:
                 bound = self.source.probe(after, plan["step"] - 1)
-            left = plan["source_count"] - plan["step"] * len(parts)
-            rows = plan["step"] if bound else max(0, left)
-            partition = Partition(len(parts), after, bound, rows)
-            book.append(partition, complete=bound is None)
-            yield partition
+            left = plan["source_count"] - plan["step"] * made
+            yield book.extend(after, bound, plan["step"] if bound else max(0, left))
 
     def _resume_points(self, plan: dict[str, Any]) -> tuple[dict[int, ResumePoint], int]:
         """Per partition: where to go on; and rows already landed."""

@@ -82,11 +82,27 @@ class PlanBook:
                 out.append(p)
             return out
 
-    def append(self, partition: Partition, complete: bool) -> None:
+    def chain(self) -> tuple[str | None, int]:
+        """Where the planner's chain of boundaries is: the last boundary it found, and how many
+        partitions it made (splits add others to the list meanwhile)."""
         with self._lock:
-            self.plan["partitions"].append(partition.to_dict())
-            self.plan["complete"] = complete
+            chain = self.plan.get("chain")
+            if isinstance(chain, dict):
+                return chain.get("after"), int(chain.get("made", 0))
+            parts = self.plan["partitions"]  # a plan from before splits: the list is the chain
+            return (parts[-1].get("upper") if parts else None), len(parts)
+
+    def extend(self, lower: str | None, upper: str | None, rows: int) -> Partition:
+        """The planner's next partition (the last when `upper` is None), numbered here."""
+        with self._lock:
+            parts = self.plan["partitions"]
+            partition = Partition(len(parts), lower, upper, rows)
+            parts.append(partition.to_dict())
+            made = int((self.plan.get("chain") or {}).get("made", len(parts) - 1)) + 1
+            self.plan["chain"] = {"after": upper, "made": made}
+            self.plan["complete"] = upper is None
             self.state.put_json(self.key, self.plan)
+            return partition
 
     def split(
         self, partition: Partition, bound: str, kept: int, rest: int

@@ -94,14 +94,17 @@ class PartitionPool:
         done = self.points.get(p.index, ResumePoint()).rows
         return 0 if p.rows is None else max(0, p.rows - done)
 
+    def _served(self) -> int:
+        """Requests the source serves at once: one less than an adaptive limit below its
+        ceiling, which keeps one waiting."""
+        limit = self.limit.limit
+        return max(1, limit - 1) if self.limit.adaptive and limit < self.limit.ceiling else limit
+
     def _share(self) -> int:
-        """Rows a stream should have left for all to end together: those left over the
-        requests the source serves at once (one less than the limit, which keeps one waiting)."""
+        """Rows a stream should have left for all to end together."""
         left = sum(f.remaining() for f in self._active.values())
         left += sum(self._remaining(p) for p in self._queue)
-        limit = self.limit.limit
-        served = max(1, limit - 1) if self.limit.adaptive and limit < self.limit.ceiling else limit
-        return max(self._min_split(), -(-left // served))
+        return max(self._min_split(), -(-left // self._served()))
 
     # -- the workers -------------------------------------------------------------------------
     def _take(self) -> tuple[Partition, int] | None:
@@ -121,7 +124,10 @@ class PartitionPool:
                     return self._queue.popleft(), keep
                 if not (self._queue or self._planning or self._active or self._splitting):
                     return None
-                if room and not self._queue and not self._planning:
+                # a split makes one more stream: at the tail, only for a slot of the source that
+                # would idle (one more would wait for a page of another, its rows with it)
+                served = len(self._active) + self._splitting < self._served()
+                if served and not self._queue and not self._planning:
                     self._ask_split()
                 self._cond.wait(timeout=TICK)
 
