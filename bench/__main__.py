@@ -9,6 +9,7 @@ bench/README.md for the latency model, the methods and how to read the table.
     python -m bench --scale 1.0 --skip original-sequential --update
     python -m bench --scale 0.1 --no-latency
     python -m bench --memory-scales 0.01,0.1
+    python -m bench --capacity 1,2,3,4,6,8,12 --scales 0.1,0.3 --datasets crashes,persons
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any, NoReturn
 import orjson
 import psutil
 
+from .capacity import capacities, run_matrix, write_matrix
 from .check import Landed, Truth, compare, load_truth, read_csv, read_json_pages
 from .measure import run_measured
 from .report import MethodResult, memory_table, summary, table
@@ -144,6 +146,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--memory-scales", type=_scales, help="only ours, at each scale: peak RSS per scale"
     )
+    p.add_argument(
+        "--capacity",
+        type=capacities,
+        help="only ours (defaults), once per server capacity: 1,2,3,4,6,8,12 (bench/capacity.py)",
+    )
+    p.add_argument("--scales", type=_scales, help="with --capacity: the scales (default --scale)")
     p.add_argument("--timeout", type=float, help="seconds per child (default max(600, 3ms/row))")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-cache", type=Path, help="the fake server's data cache folder")
@@ -563,6 +571,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     servers: list[FakeSodaServer | MotoS3Server] = []
     interrupted = False
     startup: dict[str, float] = {}
+    if args.capacity:
+        return _matrix(args, run_id, work)
     try:
         startup = startup_cost(work)
         moto = None
@@ -609,6 +619,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     text, md = write_results(args, run_id, results, latency, sizes, interrupted, startup)
     sys.stdout.write("\n" + text + "\n")
     sys.stdout.write(f"written: {md} and {md.with_suffix('.json')}\n")
+    return 130 if interrupted else (0 if results and all(r.ok for r in results) else 1)
+
+
+def _matrix(args: argparse.Namespace, run_id: str, work: Path) -> int:
+    """`--capacity`: the capacity matrix (bench/capacity.py)."""
+    if args.no_latency:
+        _fail("--capacity needs the latency model")
+    args.scales = args.scales or [args.scale]
+    results: list[MethodResult] = []
+    interrupted = False
+    try:
+        run_matrix(
+            args, lambda server: Bench(args, server, work, None, run_id), ROOT, work, _log, results
+        )
+    except KeyboardInterrupt:
+        interrupted = True
+        _log("interrupted")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    text, md = write_matrix(args, run_id, results, interrupted)
+    sys.stdout.write("\n" + text + "\n" + f"written: {md} and {md.with_suffix('.json')}\n")
     return 130 if interrupted else (0 if results and all(r.ok for r in results) else 1)
 
 
