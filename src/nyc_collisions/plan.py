@@ -74,13 +74,13 @@ def min_split_rows(first_byte: float | None, row_seconds: float | None, page_siz
     """The fewest rows left in a partition that are worth a split.
 
     A split costs about three first bytes (the probe, the page the partition asks again, the
-    new partition's first page) and gains the time to stream half the rows left; it is worth it
-    when that half takes at least twice as long as one first byte. Before both are measured, a
-    quarter page.
+    new partition's first page) and gains the time to stream half the rows left; it is taken
+    when that half takes at least four first bytes, so that the tail does not fill with pieces
+    that cost as much as they give. Before both are measured, a quarter page.
     """
     if not first_byte or not row_seconds:
         return max(MIN_SPLIT_ROWS, page_size // 4)
-    return max(MIN_SPLIT_ROWS, int(4 * first_byte / row_seconds))
+    return max(MIN_SPLIT_ROWS, int(8 * first_byte / row_seconds))
 
 
 def split_offset(remaining: int) -> int:
