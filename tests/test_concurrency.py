@@ -138,3 +138,13 @@ def test_threads_never_have_more_in_flight_than_the_ceiling() -> None:
     assert peak <= 3
     assert limit.usage().peak <= 3
     assert limit.in_flight() == 0
+
+
+def test_a_dropped_page_still_counts_until_the_source_stops_it() -> None:
+    """A page given up on (a split) is still served until the source sees the connection
+    closed: it holds its slot a while longer, so the ceiling also holds at the source."""
+    limit = ConcurrencyLimit(1)
+    with limit.request(sample=True) as ticket:
+        ticket.linger(60)
+    assert limit.in_flight() == 1
+    assert not limit._core.admits()

@@ -25,7 +25,8 @@ from .plan import Partition, ResumePoint
 from .schema import Schema
 from .sink.files import FileEntry, FileRotation
 from .socrata import soql
-from .socrata.source import DatasetSource, PageCancelled
+from .socrata.client import PageCancelled
+from .socrata.source import DatasetSource
 from .state import DatasetState, PartRecord
 
 if TYPE_CHECKING:

@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_BASE_URL = "https://data.cityofnewyork.us"
+CANCEL_LINGER = 0.5  # seconds a dropped page still counts as in flight, at least
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,10 @@ class ClientStats:
     def retried(self, cause: str) -> None:
         with self._lock:
             self.retries[cause] += 1
+
+
+class PageCancelled(Exception):
+    """A page dropped on the caller's request (`stream_rows(cancelled=...)`); not an error."""
 
 
 class _Retryable(Exception):
@@ -360,6 +365,11 @@ class SodaClient:
             except _Retryable as exc:
                 if exc.cause in _THROTTLES:
                     self.limit.throttled(ticket.epoch)
+                raise
+            except PageCancelled:
+                # the source goes on with the page until it sees the connection closed: its
+                # slot stays counted a little longer, so the ceiling holds at the source too
+                ticket.linger(max(CANCEL_LINGER, 2 * (self.limit.ttfb_min or 0.0)))
                 raise
             except httpx.TooManyRedirects:
                 raise SourceRejected(f"{self.base_url}{shown}: too many redirects") from None

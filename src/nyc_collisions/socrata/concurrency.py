@@ -281,12 +281,18 @@ class Ticket:
         self.rid = rid
         self.epoch = epoch
         self.nbytes: int | None = None
+        self.lingers = 0.0
 
     def first_byte(self) -> None:
         self._owner._event(lambda core, now: core.first_byte(self.rid, now))
 
     def done(self, nbytes: int) -> None:
         self.nbytes = nbytes
+
+    def linger(self, seconds: float) -> None:
+        """Count it in flight for `seconds` more after it ends (a request given up on, which the
+        source may still be serving)."""
+        self.lingers = seconds
 
 
 class ConcurrencyLimit:
@@ -350,9 +356,17 @@ class ConcurrencyLimit:
         try:
             yield ticket
         finally:
-            with self._cond:
-                self._core.finished(rid, self._clock(), ticket.nbytes)
-                self._cond.notify_all()
+            if ticket.lingers > 0:
+                timer = threading.Timer(ticket.lingers, self._finish, (rid, ticket.nbytes))
+                timer.daemon = True
+                timer.start()
+            else:
+                self._finish(rid, ticket.nbytes)
+
+    def _finish(self, rid: int, nbytes: int | None) -> None:
+        with self._cond:
+            self._core.finished(rid, self._clock(), nbytes)
+            self._cond.notify_all()
 
     def tick(self) -> None:
         """Let time tell (grants that came due, requests that waited too long); called by

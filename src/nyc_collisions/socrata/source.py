@@ -17,11 +17,7 @@ from ..pages import CsvPageStream, CsvRows, PageStream, parse_page
 from ..schema import CSV_EXACT_TYPES, Schema
 from ..state import Watermark
 from . import soql
-from .client import SodaClient, parse_json_document
-
-
-class PageCancelled(Exception):
-    """A page dropped on the caller's request (`stream_rows(cancelled=...)`); not an error."""
+from .client import PageCancelled, SodaClient, parse_json_document
 
 
 @dataclass
