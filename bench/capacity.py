@@ -61,8 +61,11 @@ def capacities(text: str) -> list[int]:
     return _ints(text, "--capacity")
 
 
+SUMMARY = re.compile(r"concurrency: settled at (\d+) requests in flight.*?; (\d+) ranges split")
+
+
 def _settled(stdout: str) -> tuple[str, str]:
-    m = re.search(r"concurrency: (\d+) requests in flight.*?; (\d+) ranges split", stdout)
+    m = SUMMARY.search(stdout)
     return (m.group(1), m.group(2)) if m else ("-", "-")
 
 

@@ -25,10 +25,10 @@ ROWS = 20_000
 SIZES = {"h9gi-nx95": ROWS, "f55k-p6yu": 10, "bm4k-52h4": 10}
 
 
-def latency(capacity: int) -> Latency:
+def latency(capacity: int, per_row: float = 1e-4) -> Latency:
     # pages stream at 10,000 rows a second per slot, as in the bench's model, but each request
     # costs 20 ms instead of 150 (fast tests)
-    return Latency(base=0.02, per_row=1e-4, per_skipped=0.0, max_concurrent=capacity)
+    return Latency(base=0.02, per_row=per_row, per_skipped=0.0, max_concurrent=capacity)
 
 
 def manifest(dest: str) -> dict[str, Any]:
@@ -52,8 +52,9 @@ def test_backfill_is_exact_whatever_the_source_serves(
 
 def test_idle_workers_split_the_largest_range(dest: str, tmp_path: Path) -> None:
     """Four partitions of 5,000 rows for eight workers: the idle ones split ranges (recorded in
-    the plan, so the manifest says how many), and the landing is exact."""
-    with FakeSoda(sizes=SIZES, seed=4, latency=latency(8)) as srv:
+    the plan, so the manifest says how many), and the landing is exact. Rows stream slowly
+    next to a first byte, so that even a busy machine finds them worth a split."""
+    with FakeSoda(sizes=SIZES, seed=4, latency=latency(8, per_row=4e-4)) as srv:
         res = cli(
             "backfill",
             "crashes",
@@ -136,8 +137,7 @@ def test_max_concurrency_from_the_environment_and_bad_values(tmp_path: Path) -> 
 def test_a_run_killed_right_after_a_split_resumes_exactly(tmp_path: Path) -> None:
     """SIGKILL as soon as the plan records a split; the rerun goes on from the plan (both halves
     of the split range) and lands every row once."""
-    slow = Latency(base=0.02, per_row=4e-4, per_skipped=0.0, max_concurrent=8)
-    with FakeSoda(sizes=SIZES, seed=8, latency=slow) as srv:
+    with FakeSoda(sizes=SIZES, seed=8, latency=latency(8, per_row=4e-4)) as srv:
         dest = tmp_path / "land"
         args = ["--source", srv.url, "--dest", str(dest), "--page-size", "5000"]
         args += ["--file-rows", "1000", "--workers", "8"]

@@ -348,10 +348,10 @@ def _print_summary(results: list[DatasetResult], started: float) -> None:
 def _print_concurrency(r: DatasetResult) -> None:
     c = r.extra.get("concurrency")
     if c:
-        how = f"found at run time, at most {c['ceiling']}" if c["adaptive"] else "--workers"
+        how = f"found at run time, ceiling {c['ceiling']}" if c["adaptive"] else "--workers"
         click.echo(
-            f"  concurrency: {c['settled']} requests in flight ({how}); "
-            f"{r.extra.get('splits', 0)} ranges split"
+            f"  concurrency: settled at {c['settled']} requests in flight, {c['peak']} at the "
+            f"peak ({how}); {r.extra.get('splits', 0)} ranges split"
         )
 
 
