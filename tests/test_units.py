@@ -298,7 +298,7 @@ def test_page_stream_parses_pieces_as_they_arrive(
 ) -> None:
     import nyc_collisions.pages as pages
 
-    monkeypatch.setattr(pages, "PIECE_BYTES", 200)
+    monkeypatch.setattr(pages.stream, "PIECE_BYTES", 200)
     body = _crash_body(50)
     got: list[pa.Table] = []
     stream = pages.PageStream(schema(), got.append)
@@ -312,7 +312,7 @@ def test_page_stream_parses_pieces_as_they_arrive(
 def test_page_stream_keeps_rows_before_a_cut_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     import nyc_collisions.pages as pages
 
-    monkeypatch.setattr(pages, "PIECE_BYTES", 100)
+    monkeypatch.setattr(pages.stream, "PIECE_BYTES", 100)
     body = _crash_body(30)
     got: list[pa.Table] = []
     stream = pages.PageStream(schema(), got.append)
@@ -409,7 +409,7 @@ def test_csv_page_equals_json_page(
     rnd.shuffle(order)
     body = _csv_body(rows, order)
     json_body = orjson.dumps([{k: v for k, v in r.items() if v is not None} for r in rows])
-    old, pages.PIECE_BYTES = pages.PIECE_BYTES, piece
+    old, pages.stream.PIECE_BYTES = pages.stream.PIECE_BYTES, piece
     try:
         got: list[pa.Table] = []
         stream = pages.CsvPageStream(csv_schema(), got.append)
@@ -417,7 +417,7 @@ def test_csv_page_equals_json_page(
             stream.feed(body[i : i + chunk])
         assert stream.finish() == len(rows)
     finally:
-        pages.PIECE_BYTES = old
+        pages.stream.PIECE_BYTES = old
     want = parse_page_plain(json_body, csv_schema())
     table = pa.concat_tables(got) if got else csv_schema().text_schema().empty_table()
     assert table.equals(want)
@@ -470,12 +470,12 @@ def test_csv_page_passed_through_lands_the_bytes_of_the_parsed_page(
     if shuffle:
         order = order[1:] + order[:1]
     body = _csv_body(rows, order)
-    old, pages.PIECE_BYTES = pages.PIECE_BYTES, piece
+    old, pages.stream.PIECE_BYTES = pages.stream.PIECE_BYTES, piece
     try:
         want, none, n = _landed_csv(body, chunk, pass_through=False)
         got, unparsed, m = _landed_csv(body, chunk, pass_through=True)
     finally:
-        pages.PIECE_BYTES = old
+        pages.stream.PIECE_BYTES = old
     assert none == 0
     assert n == m == len(rows)
     assert got == want
@@ -498,7 +498,7 @@ def test_csv_page_cut_anywhere_is_a_prefix_or_an_error(
 
     import nyc_collisions.pages as pages
 
-    monkeypatch.setattr(pages, "PIECE_BYTES", 64)
+    monkeypatch.setattr(pages.stream, "PIECE_BYTES", 64)
     rows: list[dict[str, str | None]] = [
         {
             "unique_id": str(i),

@@ -29,8 +29,8 @@ from tqdm import tqdm
 from .datasets import Dataset
 from .errors import AlreadyLanded, Interrupted, NycCollisionsError, StateError, UsageError
 from .lease import Lease
-from .pages import CsvRows
 from .plan import Partition, partition_count, partition_step
+from .rows import CsvRows
 from .schema import Schema
 from .sink.files import FileEntry, FileRotation
 from .sink.formats import check_format

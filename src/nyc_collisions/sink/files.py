@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from ..pages import CsvRows
+from ..rows import CsvRows
 from ..schema import Schema
 from .formats import CsvEncoder, Encoder, encoder
 from .storage import Storage, Writer
