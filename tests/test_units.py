@@ -644,7 +644,7 @@ class Info(ctypes.Structure):
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = Info
 if sys.argv[1] == "tuned":
-    from nyc_collisions.schema import tune_allocators
+    from nyc_collisions.runtime import tune_allocators
     tune_allocators()
 before = libc.mallinfo2().hblkhd
 block = bytearray(8 << 20)
@@ -672,7 +672,7 @@ def test_tuned_malloc_keeps_page_pieces_in_its_heap() -> None:
 _ARENA_PROBE = """
 import ctypes, sys, threading
 if sys.argv[1] == "tuned":
-    from nyc_collisions.schema import tune_allocators
+    from nyc_collisions.runtime import tune_allocators
     tune_allocators()
 ready, done = threading.Barrier(9), threading.Event()
 def work():

@@ -36,7 +36,7 @@ from .datasets import resolve_many
 from .errors import UsageError
 from .extract import DatasetResult, RunOptions, backfill
 from .incremental import Reconcile, Update
-from .schema import tune_allocators
+from .runtime import tune_allocators
 from .sink.formats import FORMATS
 from .sink.storage import open_storage
 from .socrata.client import DEFAULT_BASE_URL, WIRES, RetryPolicy, SodaClient, validate_base_url

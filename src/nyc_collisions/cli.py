@@ -29,7 +29,7 @@ from .extract import (
     backfill,
 )
 from .report import dataset_status, orphans
-from .schema import tune_allocators
+from .runtime import tune_allocators
 from .sink.s3 import UploadStats
 from .sink.storage import DEFAULT_LOCAL_DEST, Storage, open_storage
 from .socrata.client import DEFAULT_BASE_URL, WIRES, RetryPolicy, SodaClient
