@@ -13,6 +13,7 @@ import pytest
 
 from nyc_collisions.socrata.client import AdaptiveLimit
 from tests.conftest import GOOD_TOKEN
+from tests.disk import small_disk
 from tests.fake_soda import FakeSoda, Latency
 from tests.faultsuite import Schedule
 from tests.helpers import cli, exact
@@ -106,49 +107,29 @@ def test_a_second_run_on_the_same_destination_is_refused(tmp_path: Path) -> None
         exact(srv, str(dest), "crashes", tmp_path)
 
 
-def test_a_full_disk_commits_nothing_and_says_so(soda_ro: FakeSoda, tmp_path: Path) -> None:
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
-    try:
+def test_a_full_disk_commits_nothing_and_says_so(
+    soda_ro: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with small_disk(tmp_path, 600 << 10, monkeypatch) as disk:
         # the check before downloading wants 64 MiB free: it refuses at once
-        res = cli("backfill", "crashes", "--source", soda_ro.url, "--dest", str(mount / "d"))
-        assert res.code == 1
+        res = cli("backfill", "crashes", "--source", soda_ro.url, "--dest", str(disk.path / "d"))
+        assert res.code == 1, (disk.kind, res.text)
         assert "free" in res.err
-        assert not list(mount.rglob("manifest.json"))
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
+        assert not list(disk.path.rglob("manifest.json"))
 
 
 def test_disk_filling_up_mid_run_commits_nothing(
     soda_ro: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        from nyc_collisions.sink import local
+    from nyc_collisions.sink import local
 
-        monkeypatch.setattr(local, "MIN_FREE_BYTES", 0)
-        res = cli("backfill", "persons", "--source", soda_ro.url, "--dest", str(mount / "d"))
-        assert res.code == 1
+    monkeypatch.setattr(local, "MIN_FREE_BYTES", 0)
+    with small_disk(tmp_path, 300 << 10, monkeypatch) as disk:
+        res = cli("backfill", "persons", "--source", soda_ro.url, "--dest", str(disk.path / "d"))
+        assert res.code == 1, (disk.kind, res.text)
         assert "no space left on device" in res.err
         assert len(res.err.strip().splitlines()) == 1
-        assert not list(mount.rglob("manifest.json"))
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
+        assert not list(disk.path.rglob("manifest.json"))
 
 
 def test_throttling_halves_the_shared_limit_and_it_recovers_slowly() -> None:
