@@ -257,32 +257,31 @@ def test_rows_changing_during_the_backfill_are_caught_by_the_next_update(
     latency = Latency(base=0.03, per_row=0.0, per_skipped=0.0, max_concurrent=3)
     with FakeSoda(sizes=sizes, seed=21, latency=latency) as srv:
         dest = str(tmp_path / "land")
-
-        def change() -> None:
-            for _ in range(5):
-                time.sleep(0.15)
-                srv.insert("h9gi-nx95", 7)
-                srv.edit("h9gi-nx95", 9)
-                srv.delete("h9gi-nx95", 3)
-
-        changer = threading.Thread(target=change)
-        changer.start()
-        res = cli(
-            "backfill",
-            "crashes",
-            "--page-size",
-            "100",
-            "--workers",
-            "3",
-            "--source",
-            srv.url,
-            "--dest",
-            dest,
+        # a page after the first of a partition is held, so the backfill is surely running
+        # (past its start, before its end) while the source changes
+        srv.add_fault("slow", times=1, match=":id >", seconds=5)
+        args = ["backfill", "crashes", "--page-size", "100", "--workers", "3"]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nyc_collisions", *args, "--source", srv.url, "--dest", dest],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
-        changer.join()
-        assert res.code == 0, res.text
+        deadline = time.monotonic() + 60
+        while not srv.stats()["faults"].get("slow"):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        for _ in range(5):
+            srv.insert("h9gi-nx95", 7)
+            srv.edit("h9gi-nx95", 9)
+            srv.delete("h9gi-nx95", 3)
+        assert proc.poll() is None, "the backfill ended before the source changed"
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out + err
         res = cli("update", "crashes", "--reconcile", "--source", srv.url, "--dest", dest)
         assert res.code == 0, res.text
+        assert "updated 0 rows" not in res.out, res.out
         exact(srv, dest, "crashes", tmp_path)
 
 
