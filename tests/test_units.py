@@ -782,3 +782,25 @@ def test_a_client_that_would_never_try_is_refused() -> None:
         RetryPolicy(attempts=0)
     with pytest.raises(UsageError, match="timeout"):
         SodaClient("http://127.0.0.1:9", timeout=0)
+
+
+@pytest.mark.parametrize("pass_through", [False, True])
+def test_csv_page_cut_inside_a_value_that_spans_lines_is_refetched(pass_through: bool) -> None:
+    """A cut right after a newline inside the last row's quoted value leaves a body that ends in
+    `\\n`: only the open quote shows the row is not whole (Arrow would take the value as cut)."""
+    from nyc_collisions.pages import CsvPageStream, CsvRows
+
+    order = [f for f in csv_schema().field_names if f != "person_type"] + ["person_type"]
+    row = {f: "1" for f in order} | {":id": "row-1", "person_type": "first line\nsecond line"}
+    body = _csv_body([row, row | {":id": "row-2"}], order)
+    cut = body[: body.rindex(b"first line\n") + len(b"first line\n")]
+    got: list[Any] = []
+
+    def emit_rows(rows: CsvRows) -> None:
+        got.append(rows)
+
+    stream = CsvPageStream(csv_schema(), got.append, emit_rows if pass_through else None)
+    stream.feed(cut)
+    with pytest.raises(BadResponse, match="cut short"):
+        stream.finish()
+    assert sum(t.num_rows for t in got) <= 1  # the whole first row at most

@@ -77,6 +77,8 @@ class CsvPageStream(Stream):
             if not self._buf.endswith(b"\n"):
                 raise BadResponse(f"page cut short after {self.rows} rows")
             piece, self._buf = split(self._buf, len(self._buf), 0)
+            if np.count_nonzero(piece == ord('"')) % 2:  # a value that spans lines, cut in it
+                raise BadResponse(f"page cut short inside a value after {self.rows} rows")
             self._parse(piece)
         return self.rows
 
