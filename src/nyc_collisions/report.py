@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 
 from .current import Landed, current_count, current_keys, open_landed
 from .datasets import Dataset
+from .drift import SchemaChange
 from .errors import NothingLanded, NycCollisionsError
 from .sink.storage import Storage
 from .socrata.client import SodaClient
@@ -30,6 +31,7 @@ def dataset_status(storage: Storage, client: SodaClient | None, ds: Dataset) -> 
         "dataset_id": ds.dataset_id,
         "location": f"{storage.url}/{ds.name}/",
     }
+    landed: Landed | None = None
     try:
         landed = open_landed(storage, ds)
     except NothingLanded:
@@ -66,6 +68,10 @@ def dataset_status(storage: Storage, client: SodaClient | None, ds: Dataset) -> 
             },
             tombstones=sum(b.rows for b in batches if b.kind == "tombstones"),
             watermark=None if wm is None else {"updated_at": wm.updated_at, "row_id": wm.row_id},
+            schema_changes=[
+                {k: v for k, v in c.to_dict().items() if k not in ("before", "after")}
+                for c in manifest.schema_changes
+            ],
         )
     if client is not None:
         source = DatasetSource(client, ds)
@@ -76,6 +82,10 @@ def dataset_status(storage: Storage, client: SodaClient | None, ds: Dataset) -> 
             wm_doc = entry.get("watermark")
             if isinstance(rows_updated, int | float) and wm_doc:
                 entry["lag_seconds"] = max(0.0, float(rows_updated) - _epoch(wm_doc["updated_at"]))
+            if landed is not None:
+                change = SchemaChange.between(landed.schema.columns, source.schema().columns)
+                if change is not None:
+                    entry["source_columns_changed"] = change.summary()
         except NycCollisionsError as exc:
             entry["source_count"] = None
             entry["source_error"] = str(exc)
