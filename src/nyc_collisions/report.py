@@ -10,12 +10,12 @@ import pyarrow.compute as pc
 
 from .current import Landed, current_count, current_keys, open_landed
 from .datasets import Dataset
-from .drift import SchemaChange
 from .errors import NothingLanded, NycCollisionsError
 from .sink.storage import Storage
 from .socrata.client import SodaClient
 from .socrata.source import DatasetSource
 from .state import DatasetState
+from .verify import columns_drift
 
 SAMPLE = 10
 
@@ -82,13 +82,17 @@ def dataset_status(storage: Storage, client: SodaClient | None, ds: Dataset) -> 
             wm_doc = entry.get("watermark")
             if isinstance(rows_updated, int | float) and wm_doc:
                 entry["lag_seconds"] = max(0.0, float(rows_updated) - _epoch(wm_doc["updated_at"]))
-            if landed is not None:
-                change = SchemaChange.between(landed.schema.columns, source.schema().columns)
-                if change is not None:
-                    entry["source_columns_changed"] = change.summary()
         except NycCollisionsError as exc:
             entry["source_count"] = None
             entry["source_error"] = str(exc)
+        else:
+            try:
+                change = None if landed is None else columns_drift(source, landed)
+            except NycCollisionsError as exc:  # such as a key that is no longer a column
+                entry["source_error"] = str(exc)
+            else:
+                if change is not None:
+                    entry["source_columns_changed"] = change.summary()
     entry["agree"] = bool(entry["landed"]) and entry.get("source_count") == entry["rows"]
     return entry
 

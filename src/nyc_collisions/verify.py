@@ -9,6 +9,7 @@ import pyarrow.compute as pc
 
 from .current import Landed, current_keys
 from .drift import SchemaChange
+from .schema import Schema
 from .socrata.source import DatasetSource
 
 KEYS_PAGE = 100_000
@@ -61,9 +62,15 @@ def compare_keys(dataset: str, source_keys: pa.Array, landed_keys: pa.Array) -> 
     return diff
 
 
+def columns_drift(source: DatasetSource, landed: Landed) -> SchemaChange | None:
+    """How the source's columns now differ from the landed ones (None: they do not)."""
+    schema = Schema.from_metadata(source.dataset, source.metadata())
+    return SchemaChange.between(landed.schema.columns, schema.columns)
+
+
 def columns_changed(source: DatasetSource, landed: Landed) -> str | None:
     """One line when the source's columns are no longer the landed ones (None otherwise)."""
-    change = SchemaChange.between(landed.schema.columns, source.schema().columns)
+    change = columns_drift(source, landed)
     if change is None:
         return None
     name = landed.dataset.name
