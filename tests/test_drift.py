@@ -15,6 +15,7 @@ import boto3
 import pyarrow as pa
 import pytest
 
+import nyc_collisions
 from nyc_collisions import aws
 from nyc_collisions.schema import Column, Schema
 from nyc_collisions.sink.files import FileEntry, FileRotation
@@ -375,6 +376,9 @@ def test_readers_conform_batches_of_different_columns(tmp_path: Path, fmt: str) 
 
     check(".csv")
     check(".parquet")
+    frame = nyc_collisions.read("abcd-1234", dest=str(tmp_path / "land"))
+    assert list(frame.columns) == names
+    assert sorted(frame["weather"].fillna("-")) == ["-", "-", "rain"]
     res = cli("compact", "abcd-1234", "--prune", "--grace", "0", "--dest", str(tmp_path / "land"))
     assert res.code == 0, res.text
     check(".csv")
