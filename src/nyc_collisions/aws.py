@@ -120,6 +120,8 @@ def _summary(r: DatasetResult) -> dict[str, Any]:
     for k in ("watermark", "missing", "stale", "vanished", "total_rows", "refreshed"):
         if k in r.extra:
             out[k] = r.extra[k]
+    if "schema_change" in r.extra:  # {added, removed, retyped}: the source's columns changed
+        out["schema_change"] = r.extra["schema_change"]
     return out
 
 

@@ -19,6 +19,7 @@ from click.core import ParameterSource
 from . import __version__, settings
 from .current import open_landed
 from .datasets import resolve, resolve_many
+from .drift import summary_text
 from .errors import CTRL_C_LINE, Interrupted, NycCollisionsError, UsageError
 from .extract import (
     DEFAULT_FILE_ROWS,
@@ -34,7 +35,7 @@ from .sink.s3 import UploadStats
 from .sink.storage import DEFAULT_LOCAL_DEST, Storage, open_storage
 from .socrata.client import DEFAULT_BASE_URL, WIRES, RetryPolicy, SodaClient
 from .socrata.source import DatasetSource
-from .verify import verify
+from .verify import columns_changed, verify
 
 F = TypeVar("F", bound=Callable[..., Any])
 logger = logging.getLogger("nyc_collisions")
@@ -295,6 +296,11 @@ def _print_summary(results: list[DatasetResult], started: float) -> None:
             f"-> {r.location}"
         )
         click.echo(line)
+        if r.extra.get("schema_change"):
+            said = summary_text(r.extra["schema_change"])
+            click.echo(
+                f"  columns changed ({said}) since the last snapshot: recorded in the manifest"
+            )
         if r.extra.get("resumed"):
             click.echo(
                 f"  resumed run {r.extra['resumed']}: "
@@ -433,6 +439,8 @@ def _print_upload(storage: Storage, started: float) -> None:
 def _print_changes(results: list[DatasetResult], started: float) -> None:
     for r in results:
         parts = [f"{r.dataset}: {r.status} {r.rows:,} rows in {r.files} files"]
+        if r.extra.get("schema_change"):
+            parts.append(f"columns changed ({summary_text(r.extra['schema_change'])})")
         for k in ("missing", "stale", "vanished"):
             if k in r.extra:
                 parts.append(f"{k} {r.extra[k]:,}")
@@ -512,8 +520,9 @@ def update_cmd(
     Rows whose (:updated_at, :id) is past the watermark stored at DEST are fetched in that
     order and committed file by file; the watermark moves with each commit. Running it twice
     lands nothing the second time. Needs a committed backfill. When more rows changed than half
-    the last snapshot (a publisher's full replace), a fresh snapshot is landed instead, over
-    --workers partitions as a backfill does (a rerun resumes it).
+    the last snapshot (a publisher's full replace), or when the source's columns changed, a
+    fresh snapshot is landed instead, over --workers partitions as a backfill does (a rerun
+    resumes it).
 
     Example: nyc-collisions update --dest s3://nyc-application-collisions/collisions_raw_data
     """
@@ -563,7 +572,8 @@ def reconcile_cmd(
     """Find deletions and gaps: compare the source's key set with what landed.
 
     Keys that vanished from the source get tombstones; rows that are missing, or whose
-    :updated_at differs, are fetched again. Both are committed as batches.
+    :updated_at differs, are fetched again. Both are committed as batches. If the source's
+    columns changed, a fresh snapshot with them is landed instead (as `update` does).
 
     Example: nyc-collisions reconcile persons
     """
@@ -717,6 +727,14 @@ def status_cmd(
             click.echo(f"  last update {u['committed_at']}: {u['rows']:,} rows")
         if e.get("tombstones"):
             click.echo(f"  tombstones: {e['tombstones']:,}")
+        if e.get("schema_changes"):
+            c = e["schema_changes"][-1]
+            click.echo(f"  last schema change {c['at']}: {summary_text(c)}")
+        if e.get("source_columns_changed"):
+            said = summary_text(e["source_columns_changed"])
+            click.echo(
+                f"  the source's columns changed since they were landed ({said}): run update"
+            )
         if e.get("source_error"):
             click.echo(f"  source: {e['source_error']}")
 
@@ -742,9 +760,13 @@ def verify_cmd(
         for ds in resolve_many(list(datasets), key):
             landed = open_landed(storage, ds)
             where = f"{storage.url}/{ds.name}/"
-            diff = verify(
-                DatasetSource(client, ds.keyed_as_landed(landed.manifest.key, where)), landed
-            )
+            remote = DatasetSource(client, ds.keyed_as_landed(landed.manifest.key, where))
+            changed = columns_changed(remote, landed)
+            if changed:
+                ok = False
+                click.echo(changed)
+                continue
+            diff = verify(remote, landed)
             if diff.ok:
                 click.echo(f"{ds.name}: OK: {diff.landed_rows:,} rows, keys match the source")
                 continue

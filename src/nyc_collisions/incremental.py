@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
@@ -29,8 +28,9 @@ import pyarrow.compute as pc
 from .current import Landed, current_keys, iter_current, open_landed
 from .datasets import Dataset, landed_name
 from .errors import NothingLanded, SchemaError
-from .extract import Backfill, DatasetJob, DatasetResult, RunOptions
+from .extract import DatasetJob, DatasetResult, RunOptions
 from .lease import Lease
+from .refresh import drift, drifted_meanwhile, land_new_columns, land_snapshot
 from .schema import Column, Schema
 from .sink.files import FileEntry, FileRotation, OnFile
 from .sink.storage import Storage
@@ -49,19 +49,6 @@ IDS_PER_QUERY = 100
 REFRESH_SHARE = 0.5
 # `compact --prune` keeps the files it supersedes this long for readers of the previous manifest
 DEFAULT_GRACE_HOURS = 24.0
-
-
-def _check_columns(landed: Landed, schema: Schema) -> None:
-    now = [(c.field_name, c.data_type) for c in schema.columns]
-    then = [(c.field_name, c.data_type) for c in landed.schema.columns]
-    if now != then:
-        added = sorted({f for f, _ in now} - {f for f, _ in then})
-        removed = sorted({f for f, _ in then} - {f for f, _ in now})
-        raise SchemaError(
-            f"{landed.dataset.name}: the source's columns changed since the backfill "
-            f"(added {added or 'none'}, removed {removed or 'none'}, or types/order changed); "
-            "land a new snapshot with `backfill --force`"
-        )
 
 
 def _open(state: DatasetState, dataset: Dataset) -> Landed:
@@ -141,24 +128,37 @@ class Update(DatasetJob):
 
     def _run(self, stop: threading.Event, result: DatasetResult) -> None:
         landed = _open(self.state, self.dataset)
-        schema = self.source.schema()
-        _check_columns(landed, schema)
         watermark = landed.manifest.watermark or Watermark("1970-01-01T00:00:00.000Z")
         result.extra["watermark_before"] = watermark.__dict__
-        until = self.source.max_updated_at()
         fmt = self.fmt or landed.manifest.current_batches()[-1].format
-        if until is not None and self._refresh_instead(landed, watermark, until, result):
-            refresh = Backfill(
-                self.client, self.storage, self.dataset, replace(self.opts, fmt=fmt, force=True)
-            )
-            refresh.source = self.source
-            refresh.state = self.state  # under this job's lease
-            refresh._run(stop, result)
-            self.snapshot_committed = refresh.snapshot_committed
-            after = self.state.load()
-            wm = None if after is None else after.watermark
-            result.extra["watermark"] = None if wm is None else wm.__dict__
+        change = drift(landed, self.source)
+        if change is not None:
+            land_new_columns(self, change, stop, result, fmt)
             return
+        until = self.source.max_updated_at()
+        if until is not None and self._refresh_instead(landed, watermark, until, result):
+            land_snapshot(self, stop, result, fmt)
+            return
+        try:
+            self._changes(landed, watermark, until, fmt, stop, result)
+        except SchemaError:
+            # a page carried other columns than the metadata named: if they changed since the
+            # run read it, land them as above (else the source is inconsistent: fail)
+            change = drifted_meanwhile(self, landed)
+            if change is None:
+                raise
+            land_new_columns(self, change, stop, result, fmt)
+
+    def _changes(
+        self,
+        landed: Landed,
+        watermark: Watermark,
+        until: str | None,
+        fmt: str,
+        stop: threading.Event,
+        result: DatasetResult,
+    ) -> None:
+        """Land the rows changed past `watermark` up to `until` as one batch of changes."""
         batch = Batch(
             new_batch_id("update"),
             "update",
@@ -257,8 +257,12 @@ class Reconcile(DatasetJob):
 
     def _run(self, stop: threading.Event, result: DatasetResult) -> None:
         landed = _open(self.state, self.dataset)
-        schema = self.source.schema()
-        _check_columns(landed, schema)
+        change = drift(landed, self.source)
+        if change is not None:
+            # the fresh snapshot is the source's whole state: nothing is left to reconcile
+            fmt = landed.manifest.current_batches()[-1].format
+            land_new_columns(self, change, stop, result, fmt)
+            return
         src = self._source_keys()
         mine = self._landed_keys(landed)
         vanished = pc.filter(

@@ -15,6 +15,7 @@ from .sink.storage import Storage
 from .socrata.client import SodaClient
 from .socrata.source import DatasetSource
 from .state import DatasetState
+from .verify import columns_drift
 
 SAMPLE = 10
 
@@ -30,6 +31,7 @@ def dataset_status(storage: Storage, client: SodaClient | None, ds: Dataset) -> 
         "dataset_id": ds.dataset_id,
         "location": f"{storage.url}/{ds.name}/",
     }
+    landed: Landed | None = None
     try:
         landed = open_landed(storage, ds)
     except NothingLanded:
@@ -66,6 +68,10 @@ def dataset_status(storage: Storage, client: SodaClient | None, ds: Dataset) -> 
             },
             tombstones=sum(b.rows for b in batches if b.kind == "tombstones"),
             watermark=None if wm is None else {"updated_at": wm.updated_at, "row_id": wm.row_id},
+            schema_changes=[
+                {k: v for k, v in c.to_dict().items() if k not in ("before", "after")}
+                for c in manifest.schema_changes
+            ],
         )
     if client is not None:
         source = DatasetSource(client, ds)
@@ -79,6 +85,14 @@ def dataset_status(storage: Storage, client: SodaClient | None, ds: Dataset) -> 
         except NycCollisionsError as exc:
             entry["source_count"] = None
             entry["source_error"] = str(exc)
+        else:
+            try:
+                change = None if landed is None else columns_drift(source, landed)
+            except NycCollisionsError as exc:  # such as a key that is no longer a column
+                entry["source_error"] = str(exc)
+            else:
+                if change is not None:
+                    entry["source_columns_changed"] = change.summary()
     entry["agree"] = bool(entry["landed"]) and entry.get("source_count") == entry["rows"]
     return entry
 

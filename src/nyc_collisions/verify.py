@@ -8,6 +8,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .current import Landed, current_keys
+from .drift import SchemaChange
+from .schema import Schema
 from .socrata.source import DatasetSource
 
 KEYS_PAGE = 100_000
@@ -58,6 +60,24 @@ def compare_keys(dataset: str, source_keys: pa.Array, landed_keys: pa.Array) -> 
     diff.extra_sample = [str(v) for v in extra[:SAMPLE].to_pylist()]
     diff.duplicated_sample = [str(v) for v in dups[:SAMPLE].to_pylist()]
     return diff
+
+
+def columns_drift(source: DatasetSource, landed: Landed) -> SchemaChange | None:
+    """How the source's columns now differ from the landed ones (None: they do not)."""
+    schema = Schema.from_metadata(source.dataset, source.metadata())
+    return SchemaChange.between(landed.schema.columns, schema.columns)
+
+
+def columns_changed(source: DatasetSource, landed: Landed) -> str | None:
+    """One line when the source's columns are no longer the landed ones (None otherwise)."""
+    change = columns_drift(source, landed)
+    if change is None:
+        return None
+    name = landed.dataset.name
+    return (
+        f"{name}: the source's columns changed since they were landed ({change.describe()}); "
+        f"run `nyc-collisions update {name}` first, which lands them"
+    )
 
 
 def verify(source: DatasetSource, landed: Landed) -> KeyDiff:
