@@ -1121,6 +1121,16 @@ def test_deploy_readme_has_the_commands_and_every_parameter(template: dict[str, 
         "aws logs tail",
         "cfn-lint",
         "hadolint",
+        # the runbook: refreshing the base image pin and the lock, rolling back, the DLQ, a
+        # hand invocation that outlasts the CLI's read timeout without a second invocation
+        "imagetools inspect public.ecr.aws/lambda/python",
+        "sh deploy/lock.sh",
+        "aws lambda update-function-code",
+        "aws sqs receive-message",
+        "aws sqs purge-queue",
+        "--cli-read-timeout 960",
+        "AWS_MAX_ATTEMPTS=1",
+        "read -rs",
     ):
         assert needle in text, needle
     for name in template["Parameters"]:
