@@ -423,6 +423,7 @@ def test_an_unfinished_update_without_a_loop_fails(
 ) -> None:
     """With no state machine to carry it on, an update that ran out of time is a failure (so
     Lambda retries it and the alarms see it), not a silent success."""
+    assert cli("backfill", "crashes", "--source", soda_ro.url, "--dest", lambda_env).code == 0
     monkeypatch.setenv("SOCRATA_BASE_URL", soda_ro.url)
     monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
     monkeypatch.delenv(aws.STATE_MACHINE, raising=False)
