@@ -36,7 +36,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,7 +46,14 @@ from .datasets import Dataset, resolve_many
 from .errors import NothingLanded, NycCollisionsError, UsageError
 from .extract import DatasetResult, RunOptions, backfill
 from .incremental import Reconcile, Update
-from .metrics import DatasetMetrics, RetryMeter, dataset_line, rows_changed, update_line
+from .metrics import (
+    DatasetMetrics,
+    RetryMeter,
+    dataset_line,
+    from_result,
+    update_line,
+    with_lags,
+)
 from .report import _epoch
 from .schema import tune_allocators
 from .sink.formats import FORMATS
@@ -320,35 +326,18 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
             meter = RetryMeter(lambda: client.stats.retries)
 
             def record(kind: str, r: DatasetResult) -> None:
-                retries, throttles = meter.take()
                 results.append((kind, r))
-                measured.append(
-                    DatasetMetrics(
-                        r.dataset,
-                        kind,
-                        r.status,
-                        r.rows,
-                        rows_changed(kind, r.rows, r.extra),
-                        r.seconds,
-                        retries,
-                        throttles,
-                        int(bool(r.extra.get("schema_change"))),
-                    )
-                )
+                measured.append(from_result(kind, r, *meter.take()))
 
             if command == "backfill":
                 backfill(client, storage, datasets, opts, lambda r: record("backfill", r))
             else:
                 _update_all(client, storage, datasets, opts, reconcile, record)
-            done = all(r.status != "stopped" for _, r in results) and {
-                r.dataset for _, r in results
-            } >= {d.name for d in datasets}
-            lags = _lags(client, storage, {r.dataset for _, r in results})
-            seen: set[str] = set()
-            for i, m in enumerate(measured):
-                if m.dataset in lags and m.dataset not in seen:
-                    measured[i] = replace(m, lag_seconds=lags[m.dataset])
-                    seen.add(m.dataset)
+            landed = {r.dataset for _, r in results}
+            done = landed >= {d.name for d in datasets} and all(
+                r.status != "stopped" for _, r in results
+            )
+            measured[:] = with_lags(measured, _lags(client, storage, landed))
         if command == "update" and not done:
             summary["carried_on_by"] = _carry_on(
                 datasets, reconcile, bool(event.get("loop")), machine

@@ -16,10 +16,12 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
+
+from .extract import DatasetResult
 
 NAMESPACE = "NycCollisions"
 THROTTLE_CAUSES = frozenset({"429", "403 throttle"})  # as `SodaClient` counts its retries
@@ -58,6 +60,32 @@ def rows_changed(command: str, rows: int, extra: dict[str, Any]) -> int | None:
     if command == "reconcile":
         return sum(int(extra.get(k) or 0) for k in ("missing", "stale", "vanished"))
     return None
+
+
+def from_result(command: str, r: DatasetResult, retries: int, throttles: int) -> DatasetMetrics:
+    """A dataset's metrics from what the command returned (lag comes later: `with_lags`)."""
+    return DatasetMetrics(
+        r.dataset,
+        command,
+        r.status,
+        r.rows,
+        rows_changed(command, r.rows, r.extra),
+        r.seconds,
+        retries,
+        throttles,
+        int(bool(r.extra.get("schema_change"))),
+    )
+
+
+def with_lags(measured: list[DatasetMetrics], lags: dict[str, float]) -> list[DatasetMetrics]:
+    """The lag of each dataset on its first line (one value per dataset and run)."""
+    out, seen = [], set()
+    for m in measured:
+        if m.dataset in lags and m.dataset not in seen:
+            m = replace(m, lag_seconds=lags[m.dataset])
+            seen.add(m.dataset)
+        out.append(m)
+    return out
 
 
 class RetryMeter:
