@@ -404,8 +404,10 @@ def test_first_scheduled_update_backfills_and_the_loop_finishes_it(
                 break
             assert summary["carried_on_by"] == "loop"
         assert summary["done"] is True
-        _, run = _metrics_of(_emf(capsys.readouterr().out))
-        assert run["UpdateCompleted"] == 1
+        completed = [
+            d["UpdateCompleted"] for d in _emf(capsys.readouterr().out) if "UpdateCompleted" in d
+        ]
+        assert completed == [0] * (len(completed) - 1) + [1]  # only the last one is done
         assert len(sfn.list_executions(stateMachineArn=state_machine)["executions"]) == 1
         exact(srv, lambda_env, "crashes", tmp_path, token=GOOD_TOKEN)
         exact(srv, lambda_env, "persons", tmp_path, token=GOOD_TOKEN)
