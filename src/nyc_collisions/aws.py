@@ -5,7 +5,8 @@ Configuration comes from the environment:
 - `NYC_COLLISIONS_DEST` (`s3://bucket/prefix`), `NYC_COLLISIONS_DATASETS`
   (`crashes,persons,vehicles`), `SOCRATA_BASE_URL`, `NYC_COLLISIONS_FORMAT` (for a backfill),
   `NYC_COLLISIONS_RECONCILE_WEEKDAY`
-  (`SUN`: that day's run also reconciles deletions), `NYC_COLLISIONS_WIRE` (`auto`, `json` or
+  (`SUN`: that day's run also reconciles deletions; a reconcile the deadline stopped goes on
+  in the next runs until it ends), `NYC_COLLISIONS_WIRE` (`auto`, `json` or
   `csv`: how rows come from the source, as `--wire`), `NYC_COLLISIONS_RETRIES` (as `--retries`),
   `NYC_COLLISIONS_ALLOW_HTTP` (as `--allow-http`); each is checked before anything is done, and
   a bad value is a `UsageError` naming the variable;
@@ -35,7 +36,8 @@ from . import settings
 from .datasets import resolve_many
 from .errors import UsageError
 from .extract import DatasetResult, RunOptions, backfill
-from .incremental import Reconcile, Update
+from .incremental import Update
+from .reconcile import Reconcile, scan_pending
 from .schema import tune_allocators
 from .sink.formats import FORMATS
 from .sink.storage import open_storage
@@ -197,9 +199,10 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
                 storage.check_writable()
                 for ds in datasets:
                     results.append(Update(client, storage, ds, opts).run(stop))
-                if reconcile and all(r.status != "stopped" for r in results):
-                    for ds in datasets:
-                        results.append(Reconcile(client, storage, ds, opts).run(stop))
+                if all(r.status != "stopped" for r in results):
+                    for ds in datasets:  # a reconcile stopped by the deadline goes on daily
+                        if reconcile or scan_pending(storage, ds):
+                            results.append(Reconcile(client, storage, ds, opts).run(stop))
     except Exception:
         logger.exception("%s failed", command)
         raise

@@ -68,6 +68,9 @@ class Batch:
     source_count: int | None = None
     watermark: Watermark | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # rows in the current state once this batch is committed (a snapshot's are its `rows`);
+    # None when a version that did not record it committed the batch (see `Manifest.current_rows`)
+    current_rows: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Batch:
@@ -82,6 +85,7 @@ class Batch:
             source_count=d.get("source_count"),
             watermark=Watermark(**wm) if wm else None,
             info=d.get("info", {}),
+            current_rows=None if d.get("current_rows") is None else int(d["current_rows"]),
         )
 
 
@@ -121,6 +125,15 @@ class Manifest:
             if self.batches[i].kind == "snapshot":
                 return self.batches[i:]
         return []
+
+    def current_rows(self) -> int | None:
+        """Rows in the current state, as its last commit recorded them (see docs/design-keyscan.md);
+        None when that batch was committed by a version that did not record it."""
+        batches = self.current_batches()
+        if not batches:
+            return None
+        last = batches[-1]
+        return last.rows if last.kind == "snapshot" else last.current_rows
 
     def to_bytes(self) -> bytes:
         doc = asdict(self)
