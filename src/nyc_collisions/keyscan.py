@@ -121,7 +121,8 @@ class ScanPlan:
         from .state import utc_now
 
         count = source.count()
-        planned = partition_count(count, workers, page)
+        # a partition may be smaller than a page: its end costs a short page and a count
+        planned = partition_count(count, workers, max(1, page // 10))
         return cls(
             scan_id=scan_id,
             dataset_id=source.dataset.dataset_id,

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
@@ -304,21 +305,21 @@ class Reconcile(DatasetJob):
         judged = (
             pc.fill_null(pc.less_equal(mine_at, plan.scan_from), True)
             if plan.scan_from is not None
-            else pa.array([True] * len(mine))
+            else pa.array(np.ones(len(mine), dtype=bool))
         )
         gone = pc.and_(pc.invert(pc.is_in(mine_keys, value_set=src_keys)), judged)
         repairs.vanished += int(pc.sum(gone).as_py() or 0)
-        mine = mine.append_column("judged", judged)
-        joined = src.join(mine, key, join_type="left outer", right_suffix="_landed")
-        src_at = joined.column("socrata_updated_at")
+        # each source row's landed version (of the first landed row of its key): `index_in`
+        # hashes one side, far lighter than a join of both
+        at = pc.index_in(src_keys, value_set=mine_keys)
+        src_at = src.column("socrata_updated_at")
         due = self._due(landed, src_at)
-        repairs.later += len(joined) - int(pc.sum(due).as_py() or 0)
-        absent = pc.is_null(joined.column("socrata_updated_at_landed"))
+        repairs.later += len(src) - int(pc.sum(due).as_py() or 0)
+        absent = pc.is_null(at)
         differs = pc.and_(
-            pc.not_equal(src_at, joined.column("socrata_updated_at_landed")),
-            pc.fill_null(joined.column("judged"), False),
+            pc.not_equal(src_at, mine_at.take(at)), pc.fill_null(judged.take(at), False)
         )
-        ids = joined.column("socrata_id")
+        ids = src.column("socrata_id")
         repairs.missing.append(ids.filter(pc.and_(absent, due)).combine_chunks())
         stale = pc.fill_null(pc.and_(differs, due), False)
         repairs.stale.append(ids.filter(stale).combine_chunks())
