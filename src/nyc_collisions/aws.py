@@ -5,7 +5,8 @@ Configuration comes from the environment:
 - `NYC_COLLISIONS_DEST` (`s3://bucket/prefix`), `NYC_COLLISIONS_DATASETS`
   (`crashes,persons,vehicles`), `SOCRATA_BASE_URL`, `NYC_COLLISIONS_FORMAT` (for a backfill),
   `NYC_COLLISIONS_RECONCILE_WEEKDAY`
-  (`SUN`: that day's run also reconciles deletions), `NYC_COLLISIONS_WIRE` (`auto`, `json` or
+  (`SUN`: that day's run also reconciles deletions; a reconcile the deadline stopped goes on
+  in the next runs until it ends), `NYC_COLLISIONS_WIRE` (`auto`, `json` or
   `csv`: how rows come from the source, as `--wire`), `NYC_COLLISIONS_RETRIES` (as `--retries`),
   `NYC_COLLISIONS_ALLOW_HTTP` (as `--allow-http`); each is checked before anything is done, and
   a bad value is a `UsageError` naming the variable;
@@ -45,7 +46,7 @@ from . import settings
 from .datasets import Dataset, resolve_many
 from .errors import NothingLanded, NycCollisionsError, UsageError
 from .extract import DatasetResult, RunOptions, backfill
-from .incremental import Reconcile, Update
+from .incremental import Update
 from .metrics import (
     DatasetMetrics,
     RetryMeter,
@@ -54,6 +55,7 @@ from .metrics import (
     update_line,
     with_lags,
 )
+from .reconcile import Reconcile, scan_pending
 from .report import _epoch
 from .runtime import tune_allocators
 from .sink.formats import FORMATS
@@ -207,8 +209,8 @@ def _update_all(
             updated.append(ds)
         if result.status == "stopped":
             return
-    if reconcile:
-        for ds in updated:
+    for ds in updated:  # a reconcile stopped by the deadline goes on the next day
+        if reconcile or scan_pending(storage, ds):
             record("reconcile", Reconcile(client, storage, ds, opts).run(stop))
 
 

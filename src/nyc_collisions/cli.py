@@ -526,7 +526,8 @@ def update_cmd(
 
     Example: nyc-collisions update --dest s3://nyc-application-collisions/collisions_raw_data
     """
-    from .incremental import Reconcile, Update
+    from .incremental import Update
+    from .reconcile import Reconcile
 
     _setup_logging(verbose)
     started = time.monotonic()
@@ -565,24 +566,38 @@ def update_cmd(
 @click.argument("datasets", nargs=-1, metavar="[DATASET]...")
 @common
 @key_option(LANDED_KEY_HELP)
+@click.option(
+    "--max-seconds",
+    type=float,
+    default=None,
+    help="Stop cleanly before this many seconds; the next run goes on from its progress.",
+)
 @handle_errors
 def reconcile_cmd(
-    datasets: tuple[str, ...], source: str, dest: str, verbose: int, retries: int, key: str | None
+    datasets: tuple[str, ...],
+    source: str,
+    dest: str,
+    verbose: int,
+    retries: int,
+    key: str | None,
+    max_seconds: float | None,
 ) -> None:
     """Find deletions and gaps: compare the source's key set with what landed.
 
     Keys that vanished from the source get tombstones; rows that are missing, or whose
-    :updated_at differs, are fetched again. Both are committed as batches. If the source's
-    columns changed, a fresh snapshot with them is landed instead (as `update` does).
+    :updated_at differs, are fetched again (rows changed after the watermark are left to
+    `update`). Both are committed as batches. The source's keys are scanned over partitions at
+    once and recorded as they come: a run stopped or killed goes on from them the next time. If
+    the source's columns changed, a fresh snapshot with them is landed instead (as `update` does).
 
     Example: nyc-collisions reconcile persons
     """
-    from .incremental import Reconcile
+    from .reconcile import Reconcile
 
     _setup_logging(verbose)
     started = time.monotonic()
     storage = open_storage(dest)
-    opts = _opts(started=started)
+    opts = _opts(started=started, max_seconds=max_seconds)
     with _client(source, retries) as client:
         storage.check_writable()
         results = _run_each(
@@ -590,6 +605,8 @@ def reconcile_cmd(
             lambda ds, stop: Reconcile(client, storage, ds, opts).run(stop),
         )
     _print_changes(results, started)
+    if any(r.status == "stopped" for r in results):
+        sys.exit(3)
 
 
 @main.command("compact")

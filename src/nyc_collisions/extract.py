@@ -458,6 +458,8 @@ class Backfill(DatasetJob):
                 "started": plan["started"],
                 "rows_updated_at": plan["rows_updated_at"],
                 "partitions": len(plan["partitions"]),
+                # no row of the snapshot was created after this (see counts.py)
+                "ahead_until": self.source.max_updated_at(),
             },
         )
         columns = column_specs(schema.columns)

@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 from .current import Landed, current_count, current_keys, open_landed
 from .datasets import Dataset
 from .errors import NothingLanded, NycCollisionsError
+from .keyspill import KeySpill, bucket_count
 from .sink.storage import Storage
 from .socrata.client import SodaClient
 from .socrata.source import DatasetSource
@@ -44,7 +45,7 @@ def dataset_status(storage: Storage, client: SodaClient | None, ds: Dataset) -> 
         wm = manifest.watermark
         entry.update(
             landed=True,
-            rows=current_count(landed),
+            rows=_rows(landed),
             files=sum(len(b.files) for b in batches),
             batches=len(batches),
             format=batches[-1].format,
@@ -97,27 +98,37 @@ def dataset_status(storage: Storage, client: SodaClient | None, ds: Dataset) -> 
     return entry
 
 
-def _collision_ids(landed: Landed) -> pa.Array:
-    chunks = [
-        t.column("collision_id").combine_chunks() for t in _iter_column(landed, "collision_id")
-    ]
-    return pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
-
-
-def _iter_column(landed: Landed, column: str) -> Any:
-    for table in current_keys(landed, column):
-        yield table.select([column])
+def _rows(landed: Landed) -> int:
+    """The current state's rows as the manifest records them (a manifest written by a version
+    that did not record them is counted from the data, once per status)."""
+    recorded = landed.manifest.current_rows()
+    return current_count(landed) if recorded is None else recorded
 
 
 def orphans(crashes: Landed, child: Landed) -> dict[str, Any]:
-    """Rows of persons/vehicles whose collision_id is not among the landed crashes."""
-    parents = pc.unique(_collision_ids(crashes))
-    ids = _collision_ids(child)
-    lost = pc.filter(ids, pc.invert(pc.is_in(ids, value_set=parents)))
-    distinct = pc.unique(lost)
+    """Rows of persons/vehicles whose collision_id is not among the landed crashes.
+
+    Both sides' collision_ids are spilled by hash and compared a bucket at a time (`keyspill`).
+    """
+    column = "collision_id"
+    side = pa.schema([pa.field(column, pa.string())])
+    rows = distinct = 0
+    sample: list[str] = []
+    expected = max(crashes.manifest.current_rows() or 0, child.manifest.current_rows() or 0)
+    with KeySpill({"parent": side, "child": side}, column, bucket_count(expected)) as spill:
+        for name, landed in (("parent", crashes), ("child", child)):
+            for table in current_keys(landed, column):
+                spill.add(name, table.select([column]))
+        for bucket in spill.pairs():
+            ids, parents = bucket["child"].column(column), bucket["parent"].column(column)
+            lost = pc.filter(ids, pc.invert(pc.is_in(ids, value_set=parents)))
+            unique = pc.unique(lost)
+            rows += len(lost)
+            distinct += len(unique)
+            sample += [str(v) for v in unique[: SAMPLE - len(sample)].to_pylist()]
     return {
         "dataset": child.dataset.name,
-        "rows": len(lost),
-        "collision_ids": len(distinct),
-        "sample": [str(v) for v in distinct[:SAMPLE].to_pylist()],
+        "rows": rows,
+        "collision_ids": distinct,
+        "sample": sample,
     }

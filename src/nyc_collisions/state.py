@@ -72,6 +72,9 @@ class Batch:
     # the columns the batch was landed with, once they are no longer the manifest's (None: the
     # manifest's); see `Manifest.change_columns`
     columns: list[dict[str, str]] | None = None
+    # rows in the current state once this batch is committed (a snapshot's are its `rows`);
+    # None when a version that did not record it committed the batch (see `Manifest.current_rows`)
+    current_rows: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Batch:
@@ -87,6 +90,7 @@ class Batch:
             watermark=Watermark(**wm) if wm else None,
             info=d.get("info", {}),
             columns=_column_specs(d.get("columns")),
+            current_rows=None if d.get("current_rows") is None else int(d["current_rows"]),
         )
 
 
@@ -156,6 +160,15 @@ class Manifest:
             self.schema_changes.append(change)
         self.columns = columns
         return change
+
+    def current_rows(self) -> int | None:
+        """Rows in the current state, as its last commit recorded them (see docs/design-keyscan.md);
+        None when that batch was committed by a version that did not record it."""
+        batches = self.current_batches()
+        if not batches:
+            return None
+        last = batches[-1]
+        return last.rows if last.kind == "snapshot" else last.current_rows
 
     def to_bytes(self) -> bytes:
         doc = asdict(self)
