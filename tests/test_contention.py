@@ -212,6 +212,8 @@ def test_leftovers_of_killed_runs_are_removed_by_the_next_run_of_any_command(
         assert at.empty_folders() == []
         assert resumable <= keys
         named_files_exist(at)
+        res = cli("update", "crashes", "--source", srv.url, "--dest", dest)  # the edits
+        assert res.code == 0, res.text
         exact(srv, dest, "crashes", tmp_path)
         # the resumed backfill commits, and its progress records go
         res = cli("backfill", "crashes", "--force", "--source", srv.url, "--dest", dest)

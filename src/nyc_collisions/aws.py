@@ -316,7 +316,7 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
     )
     results: list[tuple[str, DatasetResult]] = []
     measured: list[DatasetMetrics] = []
-    done = False
+    done = updated = False
     summary: dict[str, Any] = {"command": command, "destination": storage.url}
     try:
         with SodaClient(
@@ -338,11 +338,14 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
             else:
                 _update_all(client, storage, datasets, opts, reconcile, record)
             landed = {r.dataset for _, r in results}
-            done = landed >= {d.name for d in datasets} and all(
-                r.status != "stopped" for _, r in results
+            updated = landed >= {d.name for d in datasets} and all(
+                r.status != "stopped" for kind, r in results if kind != "reconcile"
             )
+            done = updated and all(r.status != "stopped" for _, r in results)
             measured[:] = with_lags(measured, _lags(client, storage, landed))
-        if command == "update" and not done:
+        # a reconcile stopped by the deadline goes on with the next daily run (its scan is
+        # recorded): only an unfinished update or backfill is carried on now
+        if command == "update" and not updated:
             summary["carried_on_by"] = _carry_on(
                 datasets, reconcile, bool(event.get("loop")), machine
             )
