@@ -162,7 +162,7 @@ class Manifest:
         return change
 
     def current_rows(self) -> int | None:
-        """Rows in the current state, as its last commit recorded them (see docs/design-keyscan.md);
+        """Rows in the current state, as its last commit recorded them (see counts.py);
         None when that batch was committed by a version that did not record it."""
         batches = self.current_batches()
         if not batches:
