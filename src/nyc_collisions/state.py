@@ -218,13 +218,16 @@ class DatasetState:
         self.storage = storage
         self.folder = folder
         self.lease: Lease | None = None
+        # in every data file's name: a killed run's write still in flight (an S3 upload the
+        # store completes after the process died) can never replace a later run's file
+        self.attempt = uuid.uuid4().hex[:6]
 
     @property
     def manifest_key(self) -> str:
         return f"{self.folder}/manifest.json"
 
     def data_key(self, batch_id: str, partition: int, seq: int, fmt: str) -> str:
-        return f"{self.folder}/data/{batch_id}/part-{partition:04d}-{seq:06d}.{fmt}"
+        return f"{self.folder}/data/{batch_id}/part-{partition:04d}-{seq:06d}-{self.attempt}.{fmt}"
 
     def run_prefix(self, batch_id: str) -> str:
         return f"{self.folder}/runs/{batch_id}"
