@@ -10,6 +10,7 @@ bench/README.md for the latency model, the methods and how to read the table.
     python -m bench --scale 0.1 --no-latency
     python -m bench --memory-scales 0.01,0.1
     python -m bench --capacity 1,2,3,4,6,8,12 --scales 0.1,0.3 --datasets crashes,persons
+    python -m bench --scale 1.0 --datasets persons --keyscan
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ import psutil
 
 from .capacity import capacities, run_matrix, write_matrix
 from .check import Landed, Truth, compare, load_truth, read_csv, read_json_pages
+from .keyscan import KeyscanBench
+from .keyscan import write as write_keyscan
 from .measure import run_measured
 from .report import MethodResult, memory_table, summary, table
 from .servers import TOKEN, FakeSodaServer, LatencyModel, MotoS3Server
@@ -152,6 +155,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="only ours (defaults), once per server capacity: 1,2,3,4,6,8,12 (bench/capacity.py)",
     )
     p.add_argument("--scales", type=_scales, help="with --capacity: the scales (default --scale)")
+    p.add_argument(
+        "--keyscan",
+        action="store_true",
+        help="instead: verify, reconcile, status, export after an update and deletions",
+    )
+    p.add_argument("--keyscan-code", type=Path, help="with --keyscan: run this source tree's code")
     p.add_argument("--timeout", type=float, help="seconds per child (default max(600, 3ms/row))")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-cache", type=Path, help="the fake server's data cache folder")
@@ -589,6 +598,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             _log(f"fake SODA server at {server.url}")
             args.scale = scale
             bench = Bench(args, server, work, moto, run_id)
+            if args.keyscan:
+                ks = KeyscanBench(args, server, work, child_env())
+                try:
+                    for ds in args.dataset_specs:
+                        ks.run(ds)
+                finally:
+                    sys.stdout.write("\n" + write_keyscan(args, run_id, ks.steps))
+                    server.stop()
+                    servers.remove(server)
+                continue
             try:
                 for ds in args.dataset_specs:
                     if args.memory_scales:
@@ -616,6 +635,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
         else:
             _log(f"kept the landings and logs in {work}")
+    if args.keyscan:
+        return 130 if interrupted else 0
     text, md = write_results(args, run_id, results, latency, sizes, interrupted, startup)
     sys.stdout.write("\n" + text + "\n")
     sys.stdout.write(f"written: {md} and {md.with_suffix('.json')}\n")

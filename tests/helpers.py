@@ -37,7 +37,10 @@ class Result:
 
 def cli(*args: str, env: dict[str, str] | None = None) -> Result:
     """Run `nyc-collisions ARGS` in process; returns exit code, stdout and stderr."""
-    runner = CliRunner()
+    try:  # stdout and stderr apart: click 8.2's default, mix_stderr=False before
+        runner = CliRunner(mix_stderr=False)  # type: ignore[call-arg,unused-ignore]
+    except TypeError:
+        runner = CliRunner()
     res = runner.invoke(main, list(args), env=env, catch_exceptions=True)
     if res.exception is not None and not isinstance(res.exception, SystemExit):
         raise res.exception

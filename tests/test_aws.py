@@ -5,15 +5,21 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import socket
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import boto3
+import httpx
 import pytest
 
 from nyc_collisions import aws
+from nyc_collisions.errors import UsageError
+from nyc_collisions.report import _epoch
+from tests.cfn import load_template
 from tests.conftest import GOOD_TOKEN, SMALL
 from tests.fake_soda import FakeSoda, Latency
 from tests.helpers import NAMES, cli, exact
@@ -186,6 +192,10 @@ def test_backfill_under_a_tiny_budget_invoked_repeatedly_ends_exact(
         exact(srv, lambda_env, "persons", tmp_path, token=GOOD_TOKEN)
 
 
+def by_dataset(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["dataset"]: r for r in summary["results"]}
+
+
 def _small_files(cls: Any) -> Any:
     """RunOptions with small pages and files, as a tiny budget needs to make progress."""
     original = cls.__init__
@@ -196,3 +206,271 @@ def _small_files(cls: Any) -> Any:
         original(self, *args, **kw)
 
     return init
+
+
+# ------------------------------------------------------------------------------ metrics (EMF)
+
+
+def _emf(text: str) -> list[dict[str, Any]]:
+    """The Embedded Metric Format documents among log lines, each checked against the format:
+    every metric a directive names has a number at the top level, every dimension a string."""
+    docs = []
+    for line in text.splitlines():
+        if '"_aws"' not in line:
+            continue
+        doc = json.loads(line)
+        meta = doc["_aws"]
+        assert isinstance(meta["Timestamp"], int)
+        assert meta["Timestamp"] > 1_600_000_000_000
+        for directive in meta["CloudWatchMetrics"]:
+            assert directive["Namespace"] == "NycCollisions"
+            for dims in directive["Dimensions"]:
+                assert dims
+                assert all(isinstance(doc[d], str) for d in dims), dims
+            for metric in directive["Metrics"]:
+                assert isinstance(doc[metric["Name"]], int | float), metric
+                assert metric["Unit"] in ("Count", "Seconds")
+        docs.append(doc)
+    return docs
+
+
+def _metrics_of(docs: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    per_dataset = {d["Dataset"]: d for d in docs if "Dataset" in d and d["Command"] == "update"}
+    (run,) = [d for d in docs if "UpdateCompleted" in d]
+    return per_dataset, run
+
+
+@pytest.mark.smoke
+def test_metrics_of_a_scheduled_update(
+    soda: FakeSoda,
+    lambda_env: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "nyc-collisions-test")
+    assert cli("backfill", "--source", soda.url, "--dest", lambda_env).code == 0
+    for dataset_id in NAMES.values():
+        soda.insert(dataset_id, 7)
+        soda.edit(dataset_id, 5)
+    soda.add_fault("429", times=2, match="bm4k-52h4")
+    capsys.readouterr()
+    summary = aws.handler({"command": "update"}, Context(60))
+    assert summary["done"] is True
+    per_dataset, run = _metrics_of(_emf(capsys.readouterr().out))
+    assert set(per_dataset) == set(NAMES)
+    assert run["UpdateCompleted"] == 1
+    assert run["Function"] == "nyc-collisions-test"
+    for name, dataset_id in NAMES.items():
+        m = per_dataset[name]
+        assert m["Function"] == "nyc-collisions-test"
+        assert m["RowsLanded"] == m["RowsChanged"] == 12
+        assert m["SchemaChanges"] == 0
+        assert m["DurationSeconds"] > 0
+        assert m["Retries"] >= m["Throttles"]
+        # up to date: the source's last change is no later than the landed watermark
+        meta = httpx.get(f"{soda.url}/api/views/{dataset_id}.json").json()
+        mark = by_dataset(summary)[name]["watermark"]["updated_at"]
+        expected = max(0.0, meta["rowsUpdatedAt"] - _epoch(mark))
+        assert m["LagSeconds"] == pytest.approx(expected, abs=1)
+        lag_directive = [
+            d for d in m["_aws"]["CloudWatchMetrics"] if d["Metrics"][0]["Name"] == "LagSeconds"
+        ]
+        assert ["Function"] in lag_directive[0]["Dimensions"]  # the alarm's dimension
+    assert per_dataset["vehicles"]["Throttles"] == 2
+    assert per_dataset["crashes"]["Throttles"] == per_dataset["persons"]["Throttles"] == 0
+
+
+def test_lag_counts_what_the_source_changed_since_the_landed_watermark(
+    soda: FakeSoda,
+    lambda_env: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A run that lands nothing new while the source moved on reports the gap."""
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
+    assert cli("backfill", "crashes", "--source", soda.url, "--dest", lambda_env).code == 0
+    before = httpx.get(f"{soda.url}/api/views/h9gi-nx95.json").json()["rowsUpdatedAt"]
+    soda.edit("h9gi-nx95", 3)
+    after = httpx.get(f"{soda.url}/api/views/h9gi-nx95.json").json()["rowsUpdatedAt"]
+    assert after > before
+    # the update is cut off before it fetches anything (no time left): the watermark stays
+    capsys.readouterr()
+    monkeypatch.delenv(aws.STATE_MACHINE, raising=False)
+    with pytest.raises(aws.NotFinished):
+        aws.handler({"command": "update"}, Context(0))
+    docs = _emf(capsys.readouterr().out)
+    per_dataset, run = _metrics_of(docs)
+    assert run["UpdateCompleted"] == 0
+    assert per_dataset["crashes"]["Status"] == "stopped"
+    # the watermark is the source's last change at the backfill (rowsUpdatedAt has whole seconds)
+    assert per_dataset["crashes"]["LagSeconds"] == pytest.approx(after - before, abs=1)
+
+
+def test_a_schema_change_is_counted(
+    soda_ro: FakeSoda,
+    lambda_env: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`SchemaChanges` is 1 for a dataset whose result records a schema change (set by the
+    update when the source's columns changed), 0 for the others."""
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda_ro.url)
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes,vehicles")
+    assert (
+        cli("backfill", "crashes", "vehicles", "--source", soda_ro.url, "--dest", lambda_env).code
+        == 0
+    )
+
+    class Drifting(aws.Update):
+        def run(self, stop: Any) -> Any:
+            result = super().run(stop)
+            if result.dataset == "crashes":
+                result.extra["schema_change"] = {"added": ["x"], "removed": [], "retyped": []}
+            return result
+
+    monkeypatch.setattr(aws, "Update", Drifting)
+    capsys.readouterr()
+    aws.handler({"command": "update"}, Context(60))
+    per_dataset, _ = _metrics_of(_emf(capsys.readouterr().out))
+    assert per_dataset["crashes"]["SchemaChanges"] == 1
+    assert per_dataset["vehicles"]["SchemaChanges"] == 0
+
+
+# ------------------------------------------------------------------------------ first deploy
+
+
+BUDGET = 4.0  # seconds an invocation has here (it stops a quarter before)
+
+
+@pytest.fixture
+def state_machine(lambda_env: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The loop's state machine on moto (which records executions but does not run them)."""
+    sfn = boto3.client("stepfunctions")
+    iam = boto3.client("iam")
+    role = iam.create_role(RoleName="loop-" + uuid.uuid4().hex[:8], AssumeRolePolicyDocument="{}")[
+        "Role"
+    ]["Arn"]
+    definition = json.dumps({"StartAt": "Done", "States": {"Done": {"Type": "Succeed"}}})
+    arn = sfn.create_state_machine(
+        name="nyc-collisions-backfill-" + uuid.uuid4().hex[:6], definition=definition, roleArn=role
+    )["stateMachineArn"]
+    monkeypatch.setenv(aws.STATE_MACHINE, arn)
+    return str(arn)
+
+
+@pytest.mark.smoke
+def test_first_scheduled_update_backfills_and_the_loop_finishes_it(
+    lambda_env: str,
+    state_machine: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """Deployed with nothing landed: the scheduled update backfills, starts the loop when its
+    time is up (once, however often the schedule fires meanwhile), and the loop's invocations
+    finish it; the data is then exact and the update counts as completed."""
+    # 5,000 rows at 2 ms a row, 3 at a time: over 3.3 s of serving, more than one invocation
+    sizes = {"h9gi-nx95": 1000, "f55k-p6yu": 4000, "bm4k-52h4": 10}
+    latency = Latency(base=0.05, per_row=0.002, per_skipped=0.0, max_concurrent=3)
+    with FakeSoda(sizes=sizes, seed=9, tokens=(GOOD_TOKEN,), latency=latency) as srv:
+        monkeypatch.setenv("SOCRATA_BASE_URL", srv.url)
+        monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes,persons")
+        import nyc_collisions.extract as extract
+
+        monkeypatch.setattr(extract.RunOptions, "__init__", _small_files(extract.RunOptions))
+        sfn = boto3.client("stepfunctions")
+        scheduled = {"command": "update", "source": "aws.scheduler"}
+        first = aws.handler(scheduled, Context(BUDGET))
+        assert first["done"] is False
+        assert {r["command"] for r in first["results"]} == {"backfill"}
+        (execution,) = sfn.list_executions(stateMachineArn=state_machine)["executions"]
+        assert first["carried_on_by"] == execution["executionArn"]
+        doc = json.loads(sfn.describe_execution(executionArn=execution["executionArn"])["input"])
+        assert doc["command"] == "update"
+        assert doc["datasets"] == ["crashes", "persons"]
+        # the schedule fires again while the loop runs (here with no time to do anything, so
+        # that it cannot be done): the loop goes on, and no second one starts
+        again = aws.handler(scheduled, Context(0))
+        assert again["carried_on_by"] == execution["executionArn"]
+        assert len(sfn.list_executions(stateMachineArn=state_machine)["executions"]) == 1
+        # the loop's invocations, as the state machine sends them
+        payload = {**doc, "command": "update", "loop": True}
+        capsys.readouterr()
+        for _ in range(40):
+            summary = aws.handler(payload, Context(BUDGET))
+            if summary["done"]:
+                break
+            assert summary["carried_on_by"] == "loop"
+        assert summary["done"] is True
+        completed = [
+            d["UpdateCompleted"] for d in _emf(capsys.readouterr().out) if "UpdateCompleted" in d
+        ]
+        assert completed == [0] * (len(completed) - 1) + [1]  # only the last one is done
+        assert len(sfn.list_executions(stateMachineArn=state_machine)["executions"]) == 1
+        exact(srv, lambda_env, "crashes", tmp_path, token=GOOD_TOKEN)
+        exact(srv, lambda_env, "persons", tmp_path, token=GOOD_TOKEN)
+        # the next day's update is an update
+        srv.insert("h9gi-nx95", 4)
+        nxt = aws.handler(scheduled, Context(60))
+        assert nxt["done"] is True
+        assert [(r["command"], r["rows"]) for r in nxt["results"]] == [
+            ("update", 4),
+            ("update", 0),
+        ]
+
+
+def test_an_unfinished_update_without_a_loop_fails(
+    lambda_env: str, monkeypatch: pytest.MonkeyPatch, soda_ro: FakeSoda
+) -> None:
+    """With no state machine to carry it on, an update that ran out of time is a failure (so
+    Lambda retries it and the alarms see it), not a silent success."""
+    assert cli("backfill", "crashes", "--source", soda_ro.url, "--dest", lambda_env).code == 0
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda_ro.url)
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
+    monkeypatch.delenv(aws.STATE_MACHINE, raising=False)
+    with pytest.raises(aws.NotFinished, match="NYC_COLLISIONS_STATE_MACHINE"):
+        aws.handler({"command": "update"}, Context(0))
+
+
+def test_a_bad_state_machine_arn_is_refused_before_anything_runs(
+    lambda_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(aws.STATE_MACHINE, "backfill-loop")
+    with pytest.raises(UsageError, match="NYC_COLLISIONS_STATE_MACHINE"):
+        aws.handler({"command": "update"}, Context(60))
+
+
+# ------------------------------------------------------------------------------ the template
+
+
+def test_the_handler_reads_every_variable_the_template_sets(
+    soda_ro: FakeSoda, lambda_env: str, state_machine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each environment variable the function gets from the template is one a run reads."""
+    env = load_template()["Resources"]["CollisionsFunction"]["Properties"]["Environment"]
+    wanted = set(env["Variables"])
+    assert cli("backfill", "vehicles", "--source", soda_ro.url, "--dest", lambda_env).code == 0
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda_ro.url)
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "vehicles")
+
+    read: set[str] = set()
+
+    class Recording(dict[str, str]):
+        def get(self, key: str, default: Any = None) -> Any:
+            read.add(key)
+            return super().get(key, default)
+
+        def __getitem__(self, key: str) -> str:
+            read.add(key)
+            return super().__getitem__(key)
+
+        def __contains__(self, key: object) -> bool:
+            read.add(str(key))
+            return super().__contains__(key)
+
+    recording = Recording(os.environ)
+    monkeypatch.setattr(os, "environ", recording)
+    assert aws.handler({"command": "update"}, Context(60))["done"] is True
+    assert wanted - read == set()

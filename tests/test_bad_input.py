@@ -153,13 +153,13 @@ def test_html_instead_of_json(soda: FakeSoda, tmp_path: Path) -> None:
     nothing_committed(tmp_path / "l")
 
 
-def test_unwritable_local_folder(soda_ro: FakeSoda, tmp_path: Path) -> None:
+def test_unwritable_local_folder(soda: FakeSoda, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    res = cli("backfill", "crashes", "--source", soda_ro.url, "--dest", str(blocker / "sub"))
+    res = cli("backfill", "crashes", "--source", soda.url, "--dest", str(blocker / "sub"))
     assert res.code == 1
     one_line_error(res.err, str(blocker))
-    assert soda_ro.url  # the source was not needed to find out
+    assert not soda.requests()  # found out before asking the source anything
 
 
 def test_read_only_folder(soda: FakeSoda, tmp_path: Path) -> None:

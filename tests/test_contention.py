@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.contention import REPO, Contention, Destination
+from tests.disk import small_disk
 from tests.fake_soda import FakeSoda, Latency
 from tests.helpers import cli, exact
 from tests.s3_proxy import S3FaultProxy
@@ -211,6 +212,8 @@ def test_leftovers_of_killed_runs_are_removed_by_the_next_run_of_any_command(
         assert at.empty_folders() == []
         assert resumable <= keys
         named_files_exist(at)
+        res = cli("update", "crashes", "--source", srv.url, "--dest", dest)  # the edits
+        assert res.code == 0, res.text
         exact(srv, dest, "crashes", tmp_path)
         # the resumed backfill commits, and its progress records go
         res = cli("backfill", "crashes", "--force", "--source", srv.url, "--dest", dest)
@@ -283,34 +286,17 @@ def test_a_corrupt_part_record_gives_one_line_naming_it(tmp_path: Path) -> None:
 
 
 def test_a_full_disk_at_the_lease_gives_one_line_and_leaves_no_empty_lease(
-    soda_ro: FakeSoda, tmp_path: Path
+    soda_ro: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The lease's first write fails for want of space: one line; no empty lock.json stays."""
     landed = tmp_path / "landed"
     land(soda_ro, str(landed))
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        shutil.copytree(landed, mount / "d")
-        manifest = (mount / "d/crashes/manifest.json").read_bytes()
-        with open(mount / "filler", "wb") as f:  # the disk is full
-            try:
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
-            except OSError:
-                pass
-        res = cli("compact", "crashes", "--dest", str(mount / "d"))
-        assert res.code == 1
+    with small_disk(tmp_path, 4 << 20, monkeypatch) as disk:
+        shutil.copytree(landed, disk.path / "d")
+        manifest = (disk.path / "d/crashes/manifest.json").read_bytes()
+        disk.fill()
+        res = cli("compact", "crashes", "--dest", str(disk.path / "d"))
+        assert res.code == 1, (disk.kind, res.text)
         one_line(res.err, "no space left")
-        assert not (mount / "d/crashes/lock.json").exists()
-        assert (mount / "d/crashes/manifest.json").read_bytes() == manifest
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
+        assert not (disk.path / "d/crashes/lock.json").exists()
+        assert (disk.path / "d/crashes/manifest.json").read_bytes() == manifest

@@ -1,17 +1,19 @@
-"""The AWS deployment: deploy/template.yaml (SAM), the Dockerfile and deploy/README.md.
+"""The AWS deployment: deploy/template.yaml (SAM), the Dockerfile, its locks and deploy/README.md.
 
 Nothing here reaches AWS or needs a Docker engine: the template is linted with cfn-lint and read
-as YAML (least-privilege IAM, the daily schedule, failure handling, alarms), the backfill state
-machine is executed by moto's Step Functions interpreter against a stubbed function, and the
-Dockerfile is checked against the template and the .dockerignore (and linted with hadolint when
-it is installed).
+as YAML (least-privilege IAM, the daily schedule, failure handling, alarms, whose evaluation is
+simulated), the loop's state machine is executed by moto's Step Functions interpreter against a
+stubbed function, and the Dockerfile is checked against the template, its lock files and the
+.dockerignore (and linted with hadolint when it is installed).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -23,7 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from packaging.markers import Marker
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+from nyc_collisions import errors, metrics
+from tests.cfn import NO_VALUE, Resolver, load_template
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -31,6 +39,9 @@ TEMPLATE = DEPLOY / "template.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 DEPLOY_README = DEPLOY / "README.md"
+LOCK = DEPLOY / "requirements.lock"
+BUILD_LOCK = DEPLOY / "build.lock"
+PYPROJECT = ROOT / "pyproject.toml"
 
 HANDLER = "nyc_collisions.aws.handler"
 FUNCTION = "CollisionsFunction"
@@ -46,41 +57,31 @@ PARAMETER_ARN = (
 LOG_GROUP_ARN = "GetAtt:FunctionLogGroup.Arn"
 DLQ_ARN = "GetAtt:DeadLetterQueue.Arn"
 FUNCTION_ARN = f"GetAtt:{FUNCTION}.Arn"
-NO_VALUE = {"Ref": "AWS::NoValue"}
+MACHINE = "BackfillStateMachine"
+MACHINE_ARN = (
+    "arn:${AWS::Partition}:states:${AWS::Region}:${AWS::AccountId}"
+    ":stateMachine:${AWS::StackName}-backfill"
+)
+KMS_KEY = "Ref:KmsKeyArn"
+# Step Functions sets up a state machine's log delivery with these; they take no resource ARN.
+LOG_DELIVERY = {
+    "logs:CreateLogDelivery",
+    "logs:GetLogDelivery",
+    "logs:UpdateLogDelivery",
+    "logs:DeleteLogDelivery",
+    "logs:ListLogDeliveries",
+    "logs:PutResourcePolicy",
+    "logs:DescribeResourcePolicies",
+    "logs:DescribeLogGroups",
+}
 
 
 # ------------------------------------------------------------------------------ reading the files
 
 
-class _CfnLoader(yaml.SafeLoader):
-    """A YAML loader that reads CloudFormation short tags (!Ref, !Sub, !GetAtt...) as long form."""
-
-
-def _short_tag(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dict[str, Any]:
-    value: Any
-    if isinstance(node, yaml.ScalarNode):
-        value = loader.construct_scalar(node)
-    elif isinstance(node, yaml.SequenceNode):
-        value = loader.construct_sequence(node, deep=True)
-    else:
-        value = loader.construct_mapping(node, deep=True)  # type: ignore[arg-type]
-    if suffix == "Ref":
-        return {"Ref": value}
-    if suffix == "Condition":
-        return {"Condition": value}
-    if suffix == "GetAtt" and isinstance(value, str):
-        value = value.split(".", 1)
-    return {f"Fn::{suffix}": value}
-
-
-_CfnLoader.add_multi_constructor("!", _short_tag)
-
-
 @pytest.fixture(scope="module")
 def template() -> dict[str, Any]:
-    doc = yaml.load(TEMPLATE.read_text(encoding="utf-8"), Loader=_CfnLoader)  # noqa: S506
-    assert isinstance(doc, dict)
-    return doc
+    return load_template(TEMPLATE)
 
 
 def _resources(template: dict[str, Any], kind: str) -> dict[str, dict[str, Any]]:
@@ -234,6 +235,9 @@ def test_template_is_sam_with_the_expected_parameters(template: dict[str, Any]) 
         "SourceUrl",
         "ReconcileWeekday",
         "AlarmEmail",
+        "AlarmTopicArn",
+        "KmsKeyArn",
+        "MaxLagHours",
     ):
         assert name in params, name
     assert params["BucketName"]["Default"] == "nyc-application-collisions"
@@ -241,11 +245,6 @@ def test_template_is_sam_with_the_expected_parameters(template: dict[str, Any]) 
     assert params["Datasets"]["Default"] == "crashes,persons,vehicles"
     assert params["SourceUrl"]["Default"] == "https://data.cityofnewyork.us"
     assert params["Format"]["AllowedValues"] == ["csv", "parquet"]
-    assert params["MemorySize"]["Default"] == 1024
-    assert params["AlarmEmail"]["Default"] == ""
-    assert template["Conditions"]["HasAlarmEmail"] == {
-        "Fn::Not": [{"Fn::Equals": [{"Ref": "AlarmEmail"}, ""]}]
-    }
 
 
 def test_parameter_defaults_satisfy_their_own_constraints(template: dict[str, Any]) -> None:
@@ -270,6 +269,18 @@ def test_prefix_cannot_smuggle_a_wildcard_into_the_policy(template: dict[str, An
     secret_pattern = template["Parameters"]["SecretName"]["AllowedPattern"]
     assert re.fullmatch(secret_pattern, "nyc-collisions/socrata-app-token")
     assert not re.fullmatch(secret_pattern, "nyc-*")
+    key_pattern = template["Parameters"]["KmsKeyArn"]["AllowedPattern"]
+    assert re.fullmatch(key_pattern, "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd")
+    for bad in ("*", "arn:aws:kms:us-east-1:123456789012:key/*", "alias/aws/s3"):
+        assert not re.fullmatch(key_pattern, bad), bad
+
+
+def test_the_source_must_be_https(template: dict[str, Any]) -> None:
+    pattern = template["Parameters"]["SourceUrl"]["AllowedPattern"]
+    for good in ("https://data.cityofnewyork.us", "https://soda.example.org:8443/base"):
+        assert re.fullmatch(pattern, good), good
+    for bad in ("http://data.cityofnewyork.us", "data.cityofnewyork.us", "https://", "ftp://x"):
+        assert not re.fullmatch(pattern, bad), bad
 
 
 def test_a_created_bucket_aborts_unfinished_uploads_under_the_prefix(
@@ -313,6 +324,8 @@ def test_function_is_the_container_image_running_the_handler(template: dict[str,
 
 
 def test_function_environment_is_what_the_handler_reads(template: dict[str, Any]) -> None:
+    """The variables and their sources (tests/test_aws.py checks that a handler run reads each
+    one); the state machine's ARN is spelled out, and names the state machine of the stack."""
     env = _props(template, FUNCTION)["Environment"]["Variables"]
     assert set(env) == {
         "NYC_COLLISIONS_DEST",
@@ -322,6 +335,7 @@ def test_function_environment_is_what_the_handler_reads(template: dict[str, Any]
         "SOCRATA_APP_TOKEN_SECRET",
         "SOCRATA_APP_TOKEN_PARAMETER",
         "NYC_COLLISIONS_RECONCILE_WEEKDAY",
+        "NYC_COLLISIONS_STATE_MACHINE",
     }
     assert env["NYC_COLLISIONS_DEST"] == {"Fn::Sub": "s3://${BucketName}/${Prefix}"}
     assert env["NYC_COLLISIONS_DATASETS"] == {"Ref": "Datasets"}
@@ -330,12 +344,9 @@ def test_function_environment_is_what_the_handler_reads(template: dict[str, Any]
     assert env["SOCRATA_APP_TOKEN_SECRET"] == {
         "Fn::If": ["HasSecret", {"Ref": "SecretName"}, NO_VALUE]
     }
-    handler_source = ROOT / "src" / "nyc_collisions" / "aws.py"
-    if not handler_source.exists():
-        pytest.skip("src/nyc_collisions/aws.py is not written yet")
-    text = handler_source.read_text(encoding="utf-8")
-    for name in env:
-        assert f'"{name}"' in text, f"the handler does not read {name}"
+    arn = _text(env["NYC_COLLISIONS_STATE_MACHINE"])
+    assert arn == MACHINE_ARN
+    assert arn.endswith(":stateMachine:" + _text(_props(template, MACHINE)["Name"]))
 
 
 def test_handler_named_by_the_image_exists() -> None:
@@ -357,7 +368,7 @@ def test_failed_scheduled_runs_go_to_the_dead_letter_queue(template: dict[str, A
 # ------------------------------------------------------------------------------ least privilege
 
 
-def test_function_role_grants_only_the_prefix_the_secret_its_logs_and_dlq(
+def test_function_role_grants_only_the_prefix_the_secret_its_logs_dlq_and_loop(
     template: dict[str, Any],
 ) -> None:
     role = template["Resources"]["FunctionRole"]
@@ -383,6 +394,10 @@ def test_function_role_grants_only_the_prefix_the_secret_its_logs_and_dlq(
         ("logs:CreateLogStream", LOG_GROUP_ARN),
         ("logs:PutLogEvents", LOG_GROUP_ARN),
         ("sqs:SendMessage", DLQ_ARN),
+        ("states:StartExecution", MACHINE_ARN),
+        ("states:ListExecutions", MACHINE_ARN),
+        ("kms:GenerateDataKey", KMS_KEY),
+        ("kms:Decrypt", KMS_KEY),
     }
 
 
@@ -399,18 +414,49 @@ def test_listing_is_restricted_to_the_prefix(template: dict[str, Any]) -> None:
     }
 
 
-def test_token_statements_exist_only_when_configured(template: dict[str, Any]) -> None:
+def test_token_and_key_statements_exist_only_when_configured(template: dict[str, Any]) -> None:
     conditions = {
-        _as_list(st["Action"])[0]: cond
+        action: cond
         for cond, st in _statements(template["Resources"]["FunctionRole"])
+        for action in _as_list(st["Action"])
     }
     assert conditions["secretsmanager:GetSecretValue"] == "HasSecret"
     assert conditions["ssm:GetParameter"] == "HasTokenParameter"
+    assert conditions["kms:GenerateDataKey"] == conditions["kms:Decrypt"] == "HasKmsKey"
     assert all(
         cond is None
         for action, cond in conditions.items()
-        if not action.startswith(("secretsmanager:", "ssm:"))
+        if not action.startswith(("secretsmanager:", "ssm:", "kms:"))
     )
+
+
+def test_a_kms_key_is_granted_on_that_key_only_and_encrypts_a_created_bucket(
+    template: dict[str, Any],
+) -> None:
+    key = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    policies = template["Resources"]["FunctionRole"]["Properties"]["Policies"]
+    encryption = _props(template, "DataBucket")["BucketEncryption"]
+    without = Resolver(template, AlarmEmail="ops@example.org")
+    with_key = Resolver(template, AlarmEmail="ops@example.org", KmsKeyArn=key)
+
+    def kms_grants(resolver: Resolver) -> list[tuple[str, Any]]:
+        return [
+            (action, st["Resource"])
+            for policy in resolver.value(policies)
+            for st in policy["PolicyDocument"]["Statement"]
+            for action in _as_list(st["Action"])
+            if action.startswith("kms:")
+        ]
+
+    assert kms_grants(without) == []
+    assert sorted(kms_grants(with_key)) == [("kms:Decrypt", key), ("kms:GenerateDataKey", key)]
+    (rule,) = without.value(encryption)["ServerSideEncryptionConfiguration"]
+    assert rule["ServerSideEncryptionByDefault"] == {"SSEAlgorithm": "AES256"}
+    (rule,) = with_key.value(encryption)["ServerSideEncryptionConfiguration"]
+    assert rule["ServerSideEncryptionByDefault"] == {
+        "SSEAlgorithm": "aws:kms",
+        "KMSMasterKeyID": key,
+    }
 
 
 def test_no_role_has_wildcards_or_broad_managed_policies(template: dict[str, Any]) -> None:
@@ -420,12 +466,17 @@ def test_no_role_has_wildcards_or_broad_managed_policies(template: dict[str, Any
         props = role["Properties"]
         assert "ManagedPolicyArns" not in props, name
         for _, st in _statements(role):
-            for action in _as_list(st["Action"]):
+            actions = set(_as_list(st["Action"]))
+            for action in actions:
                 assert "*" not in action, (name, action)
                 assert "?" not in action, (name, action)
             for resource in _as_list(st["Resource"]):
                 text = _text(resource)
-                assert text != "*", (name, st)
+                if text == "*":
+                    # only the state machine's log delivery, which takes no resource ARN
+                    assert name == "StateMachineRole", (name, st)
+                    assert actions <= LOG_DELIVERY, (name, st)
+                    continue
                 # The only wildcards: objects below the prefix and the secret's random suffix.
                 if "*" in text or "?" in text:
                     assert text in (OBJECTS_ARN, SECRET_ARN), (name, text)
@@ -447,7 +498,9 @@ def test_scheduler_and_state_machine_may_only_invoke_the_function(
         ("lambda:InvokeFunction", FUNCTION_ARN),
         ("sqs:SendMessage", DLQ_ARN),
     }
-    assert _grants(resources["StateMachineRole"]) == {("lambda:InvokeFunction", FUNCTION_ARN)}
+    assert _grants(resources["StateMachineRole"]) == {("lambda:InvokeFunction", FUNCTION_ARN)} | {
+        (action, "*") for action in LOG_DELIVERY
+    }
     for name, service in (
         ("SchedulerRole", "scheduler.amazonaws.com"),
         ("StateMachineRole", "states.amazonaws.com"),
@@ -479,31 +532,209 @@ def test_daily_schedule_runs_update_on_the_cron_parameter(template: dict[str, An
     assert _text(target["DeadLetterConfig"]["Arn"]) == DLQ_ARN
 
 
-def test_an_alarm_watches_the_function_errors(template: dict[str, Any]) -> None:
-    alarms = _resources(template, "AWS::CloudWatch::Alarm")
-    errors = [
-        a["Properties"]
-        for a in alarms.values()
-        if a["Properties"]["Namespace"] == "AWS/Lambda"
-        and a["Properties"]["MetricName"] == "Errors"
+def _alarms(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {k: v["Properties"] for k, v in _resources(template, "AWS::CloudWatch::Alarm").items()}
+
+
+def _watched(alarm: dict[str, Any]) -> list[tuple[str, str, dict[str, str], int, str]]:
+    """(namespace, metric, dimensions, period, statistic) of each metric an alarm reads."""
+    if "MetricName" in alarm:
+        stats = [(alarm, alarm["Period"], alarm["Statistic"])]
+        metrics_ = [(a["Namespace"], a["MetricName"], a["Dimensions"], p, s) for a, p, s in stats]
+    else:
+        metrics_ = [
+            (
+                m["MetricStat"]["Metric"]["Namespace"],
+                m["MetricStat"]["Metric"]["MetricName"],
+                m["MetricStat"]["Metric"]["Dimensions"],
+                m["MetricStat"]["Period"],
+                m["MetricStat"]["Stat"],
+            )
+            for m in alarm["Metrics"]
+            if "MetricStat" in m
+        ]
+    return [
+        (ns, name, {d["Name"]: _text(d["Value"]) for d in dims}, p, s)
+        for ns, name, dims, p, s in metrics_
     ]
-    assert len(errors) == 1
-    (alarm,) = errors
-    assert alarm["Dimensions"] == [{"Name": "FunctionName", "Value": {"Ref": FUNCTION}}]
-    assert alarm["Threshold"] == 1
-    assert alarm["ComparisonOperator"] == "GreaterThanOrEqualToThreshold"
-    assert alarm["Statistic"] == "Sum"
-    assert alarm["TreatMissingData"] == "notBreaching"
-    topic_or_nothing = {"Fn::If": ["HasAlarmEmail", [{"Ref": "AlarmTopic"}], NO_VALUE]}
-    for a in alarms.values():
-        assert a["Properties"]["AlarmActions"] == topic_or_nothing
-    dlq_alarms = [a for a in alarms.values() if a["Properties"]["Namespace"] == "AWS/SQS"]
-    assert len(dlq_alarms) == 1
-    topic = template["Resources"]["AlarmTopic"]
-    assert topic["Condition"] == "HasAlarmEmail"
-    assert topic["Properties"]["Subscription"] == [
+
+
+def _alarm_watching(template: dict[str, Any], namespace: str, metric: str) -> dict[str, Any]:
+    (alarm,) = [
+        a for a in _alarms(template).values() if (namespace, metric) in [w[:2] for w in _watched(a)]
+    ]
+    return alarm
+
+
+def _emitted(line: str) -> dict[str, list[list[str]]]:
+    """metric name -> dimension sets, of one EMF line the handler prints."""
+    doc = json.loads(line)
+    out: dict[str, list[list[str]]] = {}
+    for directive in doc["_aws"]["CloudWatchMetrics"]:
+        assert directive["Namespace"] == metrics.NAMESPACE
+        for m in directive["Metrics"]:
+            out[m["Name"]] = directive["Dimensions"]
+    return out
+
+
+def test_alarms_reach_someone_whatever_is_configured(template: dict[str, Any]) -> None:
+    """The stack refuses to deploy with neither an e-mail nor a topic; with either or both,
+    every alarm notifies them when it fires and when it clears."""
+    assert not Resolver(template).rules_hold()
+    topic = "arn:aws:sns:us-east-1:123456789012:pager"
+    for params, expected in (
+        ({"AlarmEmail": "ops@example.org"}, [{"Ref": "AlarmTopic"}]),
+        ({"AlarmTopicArn": topic}, [topic]),
+        ({"AlarmEmail": "ops@example.org", "AlarmTopicArn": topic}, [{"Ref": "AlarmTopic"}, topic]),
+    ):
+        resolver = Resolver(template, **params)
+        assert resolver.rules_hold(), params
+        assert resolver.condition("HasAlarmEmail") == ("AlarmEmail" in params)
+        for name, alarm in _alarms(template).items():
+            assert resolver.value(alarm["AlarmActions"]) == expected, (name, params)
+            assert resolver.value(alarm["OKActions"]) == expected, (name, params)
+    topic_res = template["Resources"]["AlarmTopic"]
+    assert topic_res["Condition"] == "HasAlarmEmail"
+    assert topic_res["Properties"]["Subscription"] == [
         {"Protocol": "email", "Endpoint": {"Ref": "AlarmEmail"}}
     ]
+    assert re.fullmatch(template["Parameters"]["AlarmTopicArn"]["AllowedPattern"], topic)
+
+
+def test_an_alarm_watches_the_function_errors(template: dict[str, Any]) -> None:
+    alarm = _alarm_watching(template, "AWS/Lambda", "Errors")
+    ((_, _, dims, _, stat),) = _watched(alarm)
+    assert dims == {"FunctionName": f"Ref:{FUNCTION}"}
+    assert stat == "Sum"
+    assert alarm["Threshold"] == 1
+    assert alarm["ComparisonOperator"] == "GreaterThanOrEqualToThreshold"
+    assert alarm["TreatMissingData"] == "notBreaching"
+
+
+def test_the_dead_letter_alarm_fires_on_arrival_and_clears_once_drained(
+    template: dict[str, Any],
+) -> None:
+    alarm = _alarm_watching(template, "AWS/SQS", "ApproximateNumberOfMessagesVisible")
+    ((_, _, dims, _, stat),) = _watched(alarm)
+    assert dims == {"QueueName": "GetAtt:DeadLetterQueue.QueueName"}
+    assert stat == "Maximum"
+    assert (alarm["Threshold"], alarm["ComparisonOperator"]) == (
+        1,
+        "GreaterThanOrEqualToThreshold",
+    )
+    # SQS may stop reporting an idle queue: the alarm keeps its state until a report says 0
+    assert alarm["TreatMissingData"] == "ignore"
+
+
+def test_the_loop_alarm_watches_failed_timed_out_and_aborted_executions(
+    template: dict[str, Any],
+) -> None:
+    alarm = _alarm_watching(template, "AWS/States", "ExecutionsFailed")
+    watched = _watched(alarm)
+    assert {name for _, name, _, _, _ in watched} == {
+        "ExecutionsFailed",
+        "ExecutionsTimedOut",
+        "ExecutionsAborted",
+    }
+    assert all(dims == {"StateMachineArn": f"Ref:{MACHINE}"} for _, _, dims, _, _ in watched)
+    (expression,) = [m for m in alarm["Metrics"] if m.get("ReturnData")]
+    ids = {m["Id"] for m in alarm["Metrics"] if "MetricStat" in m}
+    assert set(re.findall(r"[A-Za-z]\w*(?=, 0\))", expression["Expression"])) == ids
+    assert "+" in expression["Expression"]
+    assert (alarm["Threshold"], alarm["ComparisonOperator"]) == (
+        1,
+        "GreaterThanOrEqualToThreshold",
+    )
+
+
+def _simulate(alarm: dict[str, Any], successes: list[float], until: float) -> list[float]:
+    """Hours (ends of hourly periods, from 0 to `until`) at which the freshness alarm is in
+    ALARM, given the hours at which an update completed: each period's Sum, 0 when empty (the
+    alarm's FILL), breaches below the threshold; it alarms when the last DatapointsToAlarm of
+    EvaluationPeriods periods breach."""
+    ((_, _, _, period, stat),) = _watched(alarm)
+    assert stat == "Sum"
+    hours = period / 3600
+    n, m = alarm["EvaluationPeriods"], alarm["DatapointsToAlarm"]
+    alarming = []
+    for end in range(1, int(until / hours) + 1):
+        window = [
+            sum(1 for s in successes if (end - i - 1) * hours <= s < (end - i) * hours)
+            for i in range(n)
+        ]
+        if sum(v < alarm["Threshold"] for v in window) >= m:
+            alarming.append(end * hours)
+    return alarming
+
+
+def test_the_freshness_alarm_fires_26_hours_after_the_last_successful_update(
+    template: dict[str, Any],
+) -> None:
+    alarm = _alarm_watching(template, metrics.NAMESPACE, "UpdateCompleted")
+    ((_, _, dims, period, _),) = _watched(alarm)
+    # it watches what the handler prints at the end of an update, under the same dimensions
+    assert _emitted(metrics.update_line("fn", True))["UpdateCompleted"] == [list(dims)]
+    assert dims == {"Function": f"Ref:{FUNCTION}"}
+    (expression,) = [m for m in alarm["Metrics"] if m.get("ReturnData")]
+    assert re.fullmatch(r"FILL\(\w+, 0\)", expression["Expression"])  # an hour without = 0
+    assert alarm["TreatMissingData"] == "breaching"
+    assert alarm["ComparisonOperator"] == "LessThanThreshold"
+    # daily at 06:30, with a daylight-saving change (a 25-hour gap): never (once a first
+    # update is 26 hours back: before, the warm-up below holds it)
+    daily = [24.0 * d + 6.5 for d in range(10)]
+    daily = [s + (1 if s > 100 else 0) for s in daily]
+    assert [h for h in _simulate(alarm, daily, 10 * 24) if h > 6.5 + 26] == []
+    # one day missed: from 26 hours after the last success, until the next one
+    missed = [s for s in daily if not 72 < s < 96]
+    last_ok = max(s for s in missed if s < 96)
+    fired = [h for h in _simulate(alarm, missed, 10 * 24) if h > 6.5 + 26]
+    assert fired
+    assert 26 <= fired[0] - last_ok <= 26 + period / 3600
+    assert max(fired) < min(s for s in missed if s > 96) + period / 3600
+    # a disabled or broken schedule: nothing ever completes
+    assert _simulate(alarm, [], 48)[0] <= 26 + period / 3600
+    # the first deploy: quiet while the first scheduled run backfills (up to a day away)
+    warm_up = alarm["WarmUpConfiguration"]
+    assert warm_up["WarmUpPeriodDurationInMinutes"] >= 30 * 60
+    assert warm_up["OnlyStartEvaluatingAfterWarmUpPeriodEnds"] is True
+
+
+def test_the_lag_alarm_watches_the_worst_dataset_in_hours(template: dict[str, Any]) -> None:
+    alarm = _alarm_watching(template, metrics.NAMESPACE, "LagSeconds")
+    ((_, _, dims, _, stat),) = _watched(alarm)
+    line = metrics.dataset_line(
+        "fn", metrics.DatasetMetrics("crashes", "update", "updated", 1, 1, 1.0, 0, 0, 0, 5.0)
+    )
+    assert list(dims) in _emitted(line)["LagSeconds"]
+    assert dims == {"Function": f"Ref:{FUNCTION}"}
+    assert stat == "Maximum"
+    (expression,) = [m for m in alarm["Metrics"] if m.get("ReturnData")]
+    assert expression["Expression"].replace(" ", "").endswith("/3600")
+    assert alarm["Threshold"] == {"Ref": "MaxLagHours"}
+    assert template["Parameters"]["MaxLagHours"]["Default"] == 48
+    assert alarm["ComparisonOperator"] == "GreaterThanThreshold"
+    assert alarm["TreatMissingData"] == "ignore"  # reported once a run: keep the state between
+
+
+def test_every_resource_that_takes_tags_is_tagged(template: dict[str, Any]) -> None:
+    cfnlint = pytest.importorskip("cfnlint")
+    schemas = Path(cfnlint.__file__).parent / "data" / "schemas" / "resources"
+    taggable = set()
+    for path in schemas.glob("*.json"):
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if "Tags" in doc.get("properties", {}):
+            taggable.add(doc["typeName"])
+    taggable |= {"AWS::Serverless::Function", "AWS::Serverless::StateMachine"}
+    checked = 0
+    for name, res in template["Resources"].items():
+        if res["Type"] not in taggable:
+            continue
+        tags = res["Properties"].get("Tags")
+        assert tags is not None, name
+        as_map = tags if isinstance(tags, dict) else {t["Key"]: t["Value"] for t in tags}
+        assert as_map.get("Project") == {"Ref": "ProjectTag"}, name
+        checked += 1
+    assert checked >= 10
 
 
 def test_outputs_name_what_an_operator_needs(template: dict[str, Any]) -> None:
@@ -513,6 +744,8 @@ def test_outputs_name_what_an_operator_needs(template: dict[str, Any]) -> None:
     assert outputs["LogGroupName"]["Value"] == {"Ref": "FunctionLogGroup"}
     assert outputs["DeadLetterQueueUrl"]["Value"] == {"Ref": "DeadLetterQueue"}
     assert outputs["BackfillStateMachineArn"]["Value"] == {"Ref": "BackfillStateMachine"}
+    assert outputs["StateMachineLogGroupName"]["Value"] == {"Ref": "StateMachineLogGroup"}
+    assert outputs["FreshnessAlarmName"]["Value"] == {"Ref": "FreshnessAlarm"}
     log_group = _props(template, "FunctionLogGroup")
     # The function's name is the stack's, so this is the group Lambda writes to.
     assert _props(template, FUNCTION)["FunctionName"] == {"Ref": "AWS::StackName"}
@@ -534,7 +767,7 @@ def test_backfill_state_machine_loops_on_done(template: dict[str, Any]) -> None:
         targets = [state.get("Next"), state.get("Default")]
         targets += [c["Next"] for c in state.get("Choices", [])]
         assert all(t in states for t in targets if t is not None), state
-    task = states["Backfill"]
+    task = states["Invoke"]
     assert task["Resource"] == "arn:${Partition}:states:::lambda:invoke"
     assert task["Parameters"]["FunctionName"] == "${FunctionArn}"
     assert task["TimeoutSeconds"] > 900
@@ -544,6 +777,41 @@ def test_backfill_state_machine_loops_on_done(template: dict[str, Any]) -> None:
         "Choices"
     ]
     assert states["Finished"]["Type"] == "Succeed"
+
+
+def _retry_waits(rule: dict[str, Any]) -> list[float]:
+    """The waits before each retry of a Step Functions Retry rule (no jitter)."""
+    waits = []
+    for attempt in range(rule.get("MaxAttempts", 3)):
+        wait = rule.get("IntervalSeconds", 1) * rule.get("BackoffRate", 2.0) ** attempt
+        waits.append(min(wait, rule.get("MaxDelaySeconds", math.inf)))
+    return waits
+
+
+def _subclasses(cls: type) -> set[type]:
+    return {cls} | {s for sub in cls.__subclasses__() for s in _subclasses(sub)}
+
+
+def test_the_loop_waits_long_for_a_busy_destination_and_logs(template: dict[str, Any]) -> None:
+    """A run that finds a dataset's lease held (the daily update, a CLI run) fails with a
+    `DestinationBusy` (or a subclass; Step Functions names the error by its class): the loop
+    waits for it instead of burning its two generic retries, and every execution is logged."""
+    props = _props(template, MACHINE)
+    rules = props["Definition"]["States"]["Invoke"]["Retry"]
+    busy = {c.__name__ for c in _subclasses(errors.DestinationBusy)}
+    (index,) = [i for i, r in enumerate(rules) if busy <= set(r["ErrorEquals"])]
+    generic = [i for i, r in enumerate(rules) if "States.TaskFailed" in r["ErrorEquals"]]
+    assert generic
+    assert index < generic[0]  # the first rule that matches wins
+    waits = _retry_waits(rules[index])
+    assert waits[0] >= 120  # the lease of a killed holder is taken over after 2 minutes
+    assert sum(waits) >= 3600  # several whole 15-minute runs
+    logging = props["Logging"]
+    assert logging["Level"] in ("ALL", "ERROR")
+    (destination,) = logging["Destinations"]
+    group = destination["CloudWatchLogsLogGroup"]["LogGroupArn"]
+    assert _text(group) == "GetAtt:StateMachineLogGroup.Arn"
+    assert template["Resources"]["StateMachineLogGroup"]["Type"] == "AWS::Logs::LogGroup"
 
 
 def _run_backfill_machine(
@@ -603,22 +871,29 @@ def _run_backfill_machine(
     return desc, payloads
 
 
-def test_backfill_machine_invokes_until_done_and_always_says_backfill(
-    template: dict[str, Any],
-) -> None:
+def test_backfill_machine_invokes_until_done_saying_backfill(template: dict[str, Any]) -> None:
     answers = [{"done": False, "n": 1}, {"done": False, "n": 2}, {"done": True, "n": 3}]
     desc, payloads = _run_backfill_machine(
-        template, answers, {"datasets": ["persons"], "command": "update"}
+        template, answers, {"datasets": ["persons"], "command": "compact"}
     )
     assert desc["status"] == "SUCCEEDED", desc
     assert json.loads(desc["output"]) == {"done": True, "n": 3}
-    assert payloads == [{"datasets": ["persons"], "command": "backfill"}] * 3
+    assert payloads == [{"datasets": ["persons"], "command": "backfill", "loop": True}] * 3
 
 
 def test_backfill_machine_with_empty_input_backfills_everything(template: dict[str, Any]) -> None:
     desc, payloads = _run_backfill_machine(template, [{"done": True}], {})
     assert desc["status"] == "SUCCEEDED", desc
-    assert payloads == [{"command": "backfill"}]
+    assert payloads == [{"command": "backfill", "loop": True}]
+
+
+def test_the_loop_carries_on_an_update_the_function_started(template: dict[str, Any]) -> None:
+    """What the function sends when an update is not done: the loop invokes updates, marked as
+    its own (so that they start no second loop), until one is done."""
+    started = {"command": "update", "datasets": ["crashes", "persons"], "reconcile": False}
+    desc, payloads = _run_backfill_machine(template, [{"done": False}, {"done": True}], started)
+    assert desc["status"] == "SUCCEEDED", desc
+    assert payloads == [{**started, "loop": True}] * 2
 
 
 def test_backfill_machine_fails_on_a_response_without_done(template: dict[str, Any]) -> None:
@@ -638,36 +913,177 @@ def test_backfill_machine_gives_up_after_its_invocation_limit(template: dict[str
 # ------------------------------------------------------------------------------ the image
 
 
-def test_dockerfile_builds_the_handler_image() -> None:
-    instructions = _dockerfile_instructions()
-    froms = [arg for word, arg in instructions if word == "FROM"]
-    assert len(froms) == 1
-    assert re.fullmatch(
-        r"public\.ecr\.aws/lambda/python:3\.11[\w.-]*(@sha256:[0-9a-f]{64})?", froms[0]
-    )
-    cmds = [arg for word, arg in instructions if word == "CMD"]
-    assert [json.loads(c) for c in cmds] == [[HANDLER]]
-    assert not [w for w, _ in instructions if w == "ENTRYPOINT"], "keep the Lambda entrypoint"
-    runs = " ".join(arg for word, arg in instructions if word == "RUN")
-    assert re.search(r"pip install --no-cache-dir \.(\s|$)", runs)
-    # the native converter is compiled (and checked) in the image, not left to Arrow's path
-    assert "yum install -y gcc" in runs
-    assert 'python -c "import nyc_collisions._jsoncsv"' in runs
-
-
-def test_dockerfile_copies_what_pip_install_needs_and_the_context_has_it() -> None:
-    readme = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"][
-        "readme"
-    ]
-    sources: list[str] = []
+def _stages() -> list[list[tuple[str, str]]]:
+    """The Dockerfile's build stages, each a list of (INSTRUCTION, arguments), with its ARGs'
+    defaults substituted."""
+    args: dict[str, str] = {}
+    stages: list[list[tuple[str, str]]] = []
     for word, arg in _dockerfile_instructions():
-        if word in ("COPY", "ADD"):
-            *srcs, _dest = arg.split()
-            sources += [s.rstrip("/") for s in srcs if not s.startswith("--")]
-    assert {"pyproject.toml", readme, "src"} <= set(sources)
+        if word == "ARG" and not stages:
+            name, _, default = arg.partition("=")
+            args[name] = default
+            continue
+        arg = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), arg)
+        if word == "FROM":
+            stages.append([])
+        stages[-1].append((word, arg))
+    return stages
+
+
+def _base_python() -> str:
+    (base,) = {arg.split()[0] for stage in _stages() for w, arg in stage if w == "FROM"} - {
+        "builder"
+    }
+    match = re.fullmatch(r"public\.ecr\.aws/lambda/python:(3\.\d+)@sha256:[0-9a-f]{64}", base)
+    assert match, f"the base image must be a Lambda Python image pinned by digest, not {base}"
+    return match.group(1)
+
+
+def test_the_image_is_built_on_a_supported_runtime_pinned_by_digest() -> None:
+    # 3.12 and 3.13 run on Amazon Linux 2023; 3.11's image is Amazon Linux 2 (support ended)
+    assert _base_python() in ("3.12", "3.13")
+    for stage in _stages():
+        assert re.search(r"@sha256:[0-9a-f]{64}(\s|$)", stage[0][1]), stage[0]
+
+
+def test_the_final_stage_has_no_compiler_and_runs_the_handler() -> None:
+    builder, final = _stages()[0], _stages()[-1]
+    assert len(_stages()) >= 2
+    runs = " ".join(arg for word, arg in builder if word == "RUN")
+    assert re.search(r"(dnf|yum|microdnf) install -y [^&]*gcc", runs)
+    # the wheel is built here and imported with its native converter, or the build fails
+    assert "pip wheel" in runs
+    assert "import nyc_collisions._jsoncsv" in runs
+    # the final stage installs nothing: it copies what the builder installed
+    assert [w for w, _ in final if w == "RUN"] == []
+    copies = [arg for w, arg in final if w == "COPY" and arg.startswith("--from=")]
+    assert copies
+    cmds = [arg for word, arg in final if word == "CMD"]
+    assert [json.loads(c) for c in cmds] == [[HANDLER]]
+    assert not [w for w, _ in final if w == "ENTRYPOINT"], "keep the Lambda entrypoint"
+
+
+def test_the_image_installs_exactly_the_locked_set() -> None:
+    runs = " ".join(arg for stage in _stages() for word, arg in stage if word == "RUN")
+    installs = re.findall(r"pip install ([^&]*)", runs)
+    from_lock = [i for i in installs if "-r deploy/requirements.lock" in i]
+    assert from_lock
+    assert all("--require-hashes" in i and "--only-binary :all:" in i for i in from_lock)
+    # the project itself goes in without resolving anything more
+    own = [i for i in installs if "nyc_collisions-" in i]
+    assert own
+    assert all("--no-deps" in i for i in own)
+    assert "--no-build-isolation" in runs  # the build backend comes from build.lock too
+    assert all("--require-hashes" in i for i in installs if "build.lock" in i)
+
+
+def _lock(path: Path) -> dict[str, tuple[Version, list[str]]]:
+    """name -> (version, hashes) of a `uv pip compile --generate-hashes` file."""
+    entries: dict[str, tuple[Version, list[str]]] = {}
+    text = path.read_text(encoding="utf-8").replace("\\\n", " ")
+    for line in text.splitlines():
+        line = line.split(" #", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        spec, *options = line.split(" --hash=")
+        name, _, version = spec.strip().partition("==")
+        assert version, f"{path.name}: {spec!r} is not pinned with =="
+        entries[canonicalize_name(name)] = (Version(version), [o.strip() for o in options])
+    return entries
+
+
+def _lock_target(path: Path) -> dict[str, str]:
+    """The --python-version / --python-platform the lock was resolved for (its header)."""
+    header = "\n".join(
+        line for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("#")
+    )
+    return dict(re.findall(r"--(python-version|python-platform) (\S+)", header))
+
+
+def _image_environment(path: Path) -> dict[str, str]:
+    target = _lock_target(path)
+    machine = target["python-platform"].split("-", 1)[0]
+    return {
+        "python_version": target["python-version"],
+        "python_full_version": target["python-version"] + ".0",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": machine,
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+        "os_name": "posix",
+        "extra": "",
+    }
+
+
+def test_the_locks_are_resolved_for_the_image() -> None:
+    """For the base image's Python, on the Lambda's x86_64 glibc (Amazon Linux 2023: 2.34)."""
+    for path in (LOCK, BUILD_LOCK):
+        target = _lock_target(path)
+        assert target["python-version"] == _base_python(), path.name
+        assert target["python-platform"] == "x86_64-manylinux_2_34", path.name
+        for name, (_, hashes) in _lock(path).items():
+            assert hashes, f"{path.name}: {name} has no hash"
+            assert all(h.startswith("sha256:") for h in hashes)
+    build = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["build-system"]["requires"]
+    locked = _lock(BUILD_LOCK)
+    for req in map(Requirement, build):
+        name = canonicalize_name(req.name)
+        assert name in locked, f"build.lock lacks {req}"
+        assert req.specifier.contains(locked[name][0], prereleases=True), req
+
+
+def test_the_lock_covers_every_runtime_dependency() -> None:
+    """Each dependency pyproject declares is locked at a version it allows, and each locked
+    package's own dependencies are locked too (read from the installed metadata of those at the
+    locked version): `pip install --require-hashes` in the image then needs nothing else."""
+    env = _image_environment(LOCK)
+    locked = _lock(LOCK)
+    declared = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]["dependencies"]
+    for req in map(Requirement, declared):
+        if req.marker is not None and not req.marker.evaluate(env):
+            continue
+        name = canonicalize_name(req.name)
+        assert name in locked, f"requirements.lock lacks {req} (run deploy/lock.sh)"
+        assert req.specifier.contains(locked[name][0], prereleases=True), (
+            f"requirements.lock has {name} {locked[name][0]}, pyproject asks {req}"
+        )
+    checked = 0
+    for name, (version, _) in locked.items():
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if Version(dist.version) != version:
+            continue
+        for raw in dist.requires or []:
+            req = Requirement(raw)
+            if req.marker is not None and not Marker(str(req.marker)).evaluate(env):
+                continue
+            dep = canonicalize_name(req.name)
+            assert dep in locked, f"requirements.lock lacks {dep}, which {name} needs"
+            assert req.specifier.contains(locked[dep][0], prereleases=True), (name, req)
+        checked += 1
+    assert checked, "none of the locked packages is installed here at its locked version"
+
+
+def test_dockerfile_copies_what_the_build_needs_and_the_context_has_it() -> None:
+    readme = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]["readme"]
+    sources: list[str] = []
+    for stage in _stages():
+        for word, arg in stage:
+            if word in ("COPY", "ADD") and not arg.startswith("--from="):
+                *srcs, _dest = arg.split()
+                sources += [s.rstrip("/") for s in srcs if not s.startswith("--")]
+    assert {"pyproject.toml", readme, "src", "deploy/requirements.lock"} <= set(sources)
     for src in sources:
+        assert (ROOT / src).exists(), src
         assert not _docker_ignores(src), f".dockerignore leaves out {src}, which the image COPYs"
     assert not _docker_ignores("src/nyc_collisions/aws.py")
+    # the scripts the image runs are executable here (COPY keeps the mode)
+    for src in sources:
+        if src.startswith("deploy/") and not src.endswith(".lock"):
+            assert (ROOT / src).stat().st_mode & 0o111, src
 
 
 @pytest.mark.parametrize(
@@ -705,6 +1121,16 @@ def test_deploy_readme_has_the_commands_and_every_parameter(template: dict[str, 
         "aws logs tail",
         "cfn-lint",
         "hadolint",
+        # the runbook: refreshing the base image pin and the lock, rolling back, the DLQ, a
+        # hand invocation that outlasts the CLI's read timeout without a second invocation
+        "imagetools inspect public.ecr.aws/lambda/python",
+        "sh deploy/lock.sh",
+        "aws lambda update-function-code",
+        "aws sqs receive-message",
+        "aws sqs purge-queue",
+        "--cli-read-timeout 960",
+        "AWS_MAX_ATTEMPTS=1",
+        "read -rs",
     ):
         assert needle in text, needle
     for name in template["Parameters"]:

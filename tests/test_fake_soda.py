@@ -802,6 +802,63 @@ def test_insert_into_an_empty_dataset_and_bad_admin_calls(fresh: FakeSoda) -> No
         fresh.add_fault("teapot")
 
 
+@pytest.mark.parametrize("over_http", [False, True], ids=["in_process", "admin_client"])
+def test_columns_change_at_run_time(fresh: FakeSoda, over_http: bool) -> None:
+    """Metadata, `$select=*`, JSON and CSV pages follow an added, dropped, retyped and moved
+    column; existing rows keep their `:updated_at`; inserted and edited rows get values."""
+    from tests.fake_soda import AdminError
+
+    def meta() -> list[tuple[str, str]]:
+        doc = httpx.get(f"{fresh.url}/api/views/{PERSONS}.json").json()
+        return [(c["fieldName"], c["dataTypeName"]) for c in doc["columns"]]
+
+    def pages() -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+        params = {"S_select": "*,:id,:updated_at", "S_order": ":id", "S_limit": 5000}
+        json_rows = query(fresh, PERSONS, **params)
+        text = get(fresh, PERSONS, "csv", **params).text
+        return json_rows, list(csv.DictReader(io.StringIO(text)))
+
+    admin: Any = FakeSodaClient(fresh.url) if over_http else fresh
+    before = {r[":id"]: r for r in fresh.rows(PERSONS)}
+    admin.add_column(PERSONS, "weather", "text", 3)
+    admin.drop_column(PERSONS, "ped_location")
+    admin.retype_column(PERSONS, "person_age", "text")
+    done = admin.move_column(PERSONS, "person_sex", 1)
+    fields = [f for f, _ in meta()]
+    assert [f for f, _ in done["columns"]] == fields
+    assert fields[:4] == ["person_sex", "unique_id", "collision_id", "weather"]
+    assert "ped_location" not in fields
+    assert dict(meta())["person_age"] == "text"
+    json_rows, csv_rows = pages()
+    assert list(csv_rows[0]) == [*fields, ":id", ":updated_at"]
+    for row, line in zip(json_rows, csv_rows, strict=True):
+        old = before[row[":id"]]
+        assert row[":updated_at"] == old[":updated_at"]
+        assert "weather" not in row
+        assert line["weather"] == ""
+        assert "ped_location" not in row
+        assert row.get("person_age") == old.get("person_age")
+        assert (line["person_sex"] or None) == old.get("person_sex")
+    ins = admin.insert(PERSONS, 30)
+    edit = admin.edit(PERSONS, 30)
+    after = {r[":id"]: r for r in fresh.rows(PERSONS)}
+    touched = [after[i] for i in {*ins["ids"], *edit["ids"]}]
+    assert all("ped_location" not in r for r in after.values())
+    assert sum("weather" in r for r in touched) > len(touched) // 2
+    assert any(not r["person_age"].isdigit() for r in touched if "person_age" in r)
+    json_rows, csv_rows = pages()
+    for row, line in zip(json_rows, csv_rows, strict=True):
+        assert row.get("weather") == (line["weather"] or None)
+    with pytest.raises(AdminError, match="not number"):
+        admin.retype_column(PERSONS, "person_type", "number")
+    with pytest.raises(AdminError, match="key"):
+        admin.drop_column(PERSONS, "unique_id")
+    with pytest.raises(AdminError, match="already has"):
+        admin.add_column(PERSONS, "weather", "text")
+    if over_http:
+        admin.close()
+
+
 # ----------------------------------------------------------------------------------------------
 # Generated data
 

@@ -13,6 +13,7 @@ import pytest
 
 from nyc_collisions.socrata.concurrency import ConcurrencyLimit
 from tests.conftest import GOOD_TOKEN
+from tests.disk import small_disk
 from tests.fake_soda import FakeSoda, Latency
 from tests.faultsuite import Schedule
 from tests.helpers import cli, exact
@@ -106,49 +107,29 @@ def test_a_second_run_on_the_same_destination_is_refused(tmp_path: Path) -> None
         exact(srv, str(dest), "crashes", tmp_path)
 
 
-def test_a_full_disk_commits_nothing_and_says_so(soda_ro: FakeSoda, tmp_path: Path) -> None:
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
-    try:
+def test_a_full_disk_commits_nothing_and_says_so(
+    soda_ro: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with small_disk(tmp_path, 600 << 10, monkeypatch) as disk:
         # the check before downloading wants 64 MiB free: it refuses at once
-        res = cli("backfill", "crashes", "--source", soda_ro.url, "--dest", str(mount / "d"))
-        assert res.code == 1
+        res = cli("backfill", "crashes", "--source", soda_ro.url, "--dest", str(disk.path / "d"))
+        assert res.code == 1, (disk.kind, res.text)
         assert "free" in res.err
-        assert not list(mount.rglob("manifest.json"))
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
+        assert not list(disk.path.rglob("manifest.json"))
 
 
 def test_disk_filling_up_mid_run_commits_nothing(
     soda_ro: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        from nyc_collisions.sink import local
+    from nyc_collisions.sink import local
 
-        monkeypatch.setattr(local, "MIN_FREE_BYTES", 0)
-        res = cli("backfill", "persons", "--source", soda_ro.url, "--dest", str(mount / "d"))
-        assert res.code == 1
+    monkeypatch.setattr(local, "MIN_FREE_BYTES", 0)
+    with small_disk(tmp_path, 300 << 10, monkeypatch) as disk:
+        res = cli("backfill", "persons", "--source", soda_ro.url, "--dest", str(disk.path / "d"))
+        assert res.code == 1, (disk.kind, res.text)
         assert "no space left on device" in res.err
         assert len(res.err.strip().splitlines()) == 1
-        assert not list(mount.rglob("manifest.json"))
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
+        assert not list(disk.path.rglob("manifest.json"))
 
 
 def test_throttling_halves_the_shared_limit_and_it_recovers_slowly() -> None:
@@ -280,32 +261,31 @@ def test_rows_changing_during_the_backfill_are_caught_by_the_next_update(
     latency = Latency(base=0.03, per_row=0.0, per_skipped=0.0, max_concurrent=3)
     with FakeSoda(sizes=sizes, seed=21, latency=latency) as srv:
         dest = str(tmp_path / "land")
-
-        def change() -> None:
-            for _ in range(5):
-                time.sleep(0.15)
-                srv.insert("h9gi-nx95", 7)
-                srv.edit("h9gi-nx95", 9)
-                srv.delete("h9gi-nx95", 3)
-
-        changer = threading.Thread(target=change)
-        changer.start()
-        res = cli(
-            "backfill",
-            "crashes",
-            "--page-size",
-            "100",
-            "--workers",
-            "3",
-            "--source",
-            srv.url,
-            "--dest",
-            dest,
+        # a page after the first of a partition is held, so the backfill is surely running
+        # (past its start, before its end) while the source changes
+        srv.add_fault("slow", times=1, match=":id >", seconds=5)
+        args = ["backfill", "crashes", "--page-size", "100", "--workers", "3"]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nyc_collisions", *args, "--source", srv.url, "--dest", dest],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
-        changer.join()
-        assert res.code == 0, res.text
+        deadline = time.monotonic() + 60
+        while not srv.stats()["faults"].get("slow"):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        for _ in range(5):
+            srv.insert("h9gi-nx95", 7)
+            srv.edit("h9gi-nx95", 9)
+            srv.delete("h9gi-nx95", 3)
+        assert proc.poll() is None, "the backfill ended before the source changed"
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out + err
         res = cli("update", "crashes", "--reconcile", "--source", srv.url, "--dest", dest)
         assert res.code == 0, res.text
+        assert "updated 0 rows" not in res.out, res.out
         exact(srv, dest, "crashes", tmp_path)
 
 

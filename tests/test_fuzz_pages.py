@@ -116,8 +116,8 @@ def mutate(data: st.DataObject, body: bytes, tokens: list[bytes], row_end: bytes
 @contextmanager
 def pieces_of(size: int) -> Iterator[None]:
     with (
-        mock.patch.object(pages, "PIECE_BYTES", size),
-        mock.patch.object(pages, "NATIVE_PIECE_BYTES", size),
+        mock.patch.object(pages.stream, "PIECE_BYTES", size),
+        mock.patch.object(pages.stream, "NATIVE_PIECE_BYTES", size),
     ):
         yield
 

@@ -199,8 +199,8 @@ def test_a_bad_row_anywhere_is_a_bad_page(
     body = b"[" + b"\n,".join(rows) + b"\n]\n"
     parts = chunks(body, rows, at, place)
     piece = len(parts[0]) - 1  # the stream keeps no `[`
-    monkeypatch.setattr(pages, "PIECE_BYTES", piece)
-    monkeypatch.setattr(pages, "NATIVE_PIECE_BYTES", piece)
+    monkeypatch.setattr(pages.stream, "PIECE_BYTES", piece)
+    monkeypatch.setattr(pages.stream, "NATIVE_PIECE_BYTES", piece)
     ids, error = stream(parts, native)
     assert error is not None
     assert "not JSON objects" in str(error)
@@ -247,8 +247,8 @@ def test_a_page_ending_with_a_comma_is_refused_when_a_piece_was_cut_there(
 ) -> None:
     """`[{..}\n,{..}\n,\n]`: the last piece is cut at the last `\n,`, which leaves nothing."""
     body = b"[" + b"\n,".join(good_row(i) for i in range(20)) + b"\n,\n]"
-    monkeypatch.setattr(pages, "PIECE_BYTES", len(body) - 4)
-    monkeypatch.setattr(pages, "NATIVE_PIECE_BYTES", len(body) - 4)
+    monkeypatch.setattr(pages.stream, "PIECE_BYTES", len(body) - 4)
+    monkeypatch.setattr(pages.stream, "NATIVE_PIECE_BYTES", len(body) - 4)
     ids, error = stream([body[:-2], body[-2:]], native)
     assert isinstance(error, BadResponse)
     assert "not complete JSON" in str(error)

@@ -48,7 +48,7 @@ def test_the_native_converter_is_built() -> None:
     the package still installs and every page takes the table path."""
     from nyc_collisions import _jsoncsv
 
-    assert pages._jsoncsv is _jsoncsv
+    assert pages.native._jsoncsv is _jsoncsv
 
 
 def test_only_schemas_of_strings_and_locations_are_converted() -> None:
@@ -264,8 +264,8 @@ def test_a_page_lands_the_same_bytes_converted_or_not(
 ) -> None:
     """Pieces of a page are converted as they arrive; one the converter declines (a number
     value in the middle) takes the table path in its place among the others."""
-    monkeypatch.setattr(pages, "PIECE_BYTES", 300)
-    monkeypatch.setattr(pages, "NATIVE_PIECE_BYTES", 300)
+    monkeypatch.setattr(pages.stream, "PIECE_BYTES", 300)
+    monkeypatch.setattr(pages.stream, "NATIVE_PIECE_BYTES", 300)
     rows = [
         orjson.dumps({"borough": f'B "{i}"', "collision_id": str(i), ":id": f"row-{i:04d}"})
         for i in range(60)

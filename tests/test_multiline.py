@@ -122,7 +122,7 @@ def test_multiline_values_land_the_same_bytes_by_every_path(
     with FakeSoda(sizes=sizes, seed=9, hostile_text=True) as srv:
         for run, args in runs.items():
             if run == "arrow":
-                monkeypatch.setattr(pages, "_jsoncsv", None)
+                monkeypatch.setattr(pages.native, "_jsoncsv", None)
             dest = tmp_path / run
             _backfill(srv, str(dest), *args, "--workers", "1", "--page-size", "16000")
             exact(srv, str(dest), args[0], tmp_path / run)

@@ -298,7 +298,7 @@ def test_page_stream_parses_pieces_as_they_arrive(
 ) -> None:
     import nyc_collisions.pages as pages
 
-    monkeypatch.setattr(pages, "PIECE_BYTES", 200)
+    monkeypatch.setattr(pages.stream, "PIECE_BYTES", 200)
     body = _crash_body(50)
     got: list[pa.Table] = []
     stream = pages.PageStream(schema(), got.append)
@@ -312,7 +312,7 @@ def test_page_stream_parses_pieces_as_they_arrive(
 def test_page_stream_keeps_rows_before_a_cut_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     import nyc_collisions.pages as pages
 
-    monkeypatch.setattr(pages, "PIECE_BYTES", 100)
+    monkeypatch.setattr(pages.stream, "PIECE_BYTES", 100)
     body = _crash_body(30)
     got: list[pa.Table] = []
     stream = pages.PageStream(schema(), got.append)
@@ -409,7 +409,7 @@ def test_csv_page_equals_json_page(
     rnd.shuffle(order)
     body = _csv_body(rows, order)
     json_body = orjson.dumps([{k: v for k, v in r.items() if v is not None} for r in rows])
-    old, pages.PIECE_BYTES = pages.PIECE_BYTES, piece
+    old, pages.stream.PIECE_BYTES = pages.stream.PIECE_BYTES, piece
     try:
         got: list[pa.Table] = []
         stream = pages.CsvPageStream(csv_schema(), got.append)
@@ -417,7 +417,7 @@ def test_csv_page_equals_json_page(
             stream.feed(body[i : i + chunk])
         assert stream.finish() == len(rows)
     finally:
-        pages.PIECE_BYTES = old
+        pages.stream.PIECE_BYTES = old
     want = parse_page_plain(json_body, csv_schema())
     table = pa.concat_tables(got) if got else csv_schema().text_schema().empty_table()
     assert table.equals(want)
@@ -470,12 +470,12 @@ def test_csv_page_passed_through_lands_the_bytes_of_the_parsed_page(
     if shuffle:
         order = order[1:] + order[:1]
     body = _csv_body(rows, order)
-    old, pages.PIECE_BYTES = pages.PIECE_BYTES, piece
+    old, pages.stream.PIECE_BYTES = pages.stream.PIECE_BYTES, piece
     try:
         want, none, n = _landed_csv(body, chunk, pass_through=False)
         got, unparsed, m = _landed_csv(body, chunk, pass_through=True)
     finally:
-        pages.PIECE_BYTES = old
+        pages.stream.PIECE_BYTES = old
     assert none == 0
     assert n == m == len(rows)
     assert got == want
@@ -498,7 +498,7 @@ def test_csv_page_cut_anywhere_is_a_prefix_or_an_error(
 
     import nyc_collisions.pages as pages
 
-    monkeypatch.setattr(pages, "PIECE_BYTES", 64)
+    monkeypatch.setattr(pages.stream, "PIECE_BYTES", 64)
     rows: list[dict[str, str | None]] = [
         {
             "unique_id": str(i),
@@ -644,7 +644,7 @@ class Info(ctypes.Structure):
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = Info
 if sys.argv[1] == "tuned":
-    from nyc_collisions.schema import tune_allocators
+    from nyc_collisions.runtime import tune_allocators
     tune_allocators()
 before = libc.mallinfo2().hblkhd
 block = bytearray(8 << 20)
@@ -672,7 +672,7 @@ def test_tuned_malloc_keeps_page_pieces_in_its_heap() -> None:
 _ARENA_PROBE = """
 import ctypes, sys, threading
 if sys.argv[1] == "tuned":
-    from nyc_collisions.schema import tune_allocators
+    from nyc_collisions.runtime import tune_allocators
     tune_allocators()
 ready, done = threading.Barrier(9), threading.Event()
 def work():
@@ -782,3 +782,25 @@ def test_a_client_that_would_never_try_is_refused() -> None:
         RetryPolicy(attempts=0)
     with pytest.raises(UsageError, match="timeout"):
         SodaClient("http://127.0.0.1:9", timeout=0)
+
+
+@pytest.mark.parametrize("pass_through", [False, True])
+def test_csv_page_cut_inside_a_value_that_spans_lines_is_refetched(pass_through: bool) -> None:
+    """A cut right after a newline inside the last row's quoted value leaves a body that ends in
+    `\\n`: only the open quote shows the row is not whole (Arrow would take the value as cut)."""
+    from nyc_collisions.pages import CsvPageStream, CsvRows
+
+    order = [f for f in csv_schema().field_names if f != "person_type"] + ["person_type"]
+    row = {f: "1" for f in order} | {":id": "row-1", "person_type": "first line\nsecond line"}
+    body = _csv_body([row, row | {":id": "row-2"}], order)
+    cut = body[: body.rindex(b"first line\n") + len(b"first line\n")]
+    got: list[Any] = []
+
+    def emit_rows(rows: CsvRows) -> None:
+        got.append(rows)
+
+    stream = CsvPageStream(csv_schema(), got.append, emit_rows if pass_through else None)
+    stream.feed(cut)
+    with pytest.raises(BadResponse, match="cut short"):
+        stream.finish()
+    assert sum(t.num_rows for t in got) <= 1  # the whole first row at most

@@ -204,9 +204,16 @@ def test_update_killed_mid_run_then_rerun_is_exact(tmp_path: Path) -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and b'"update"' not in manifest.read_bytes():
             time.sleep(0.05)
-        time.sleep(0.3)
+        # from its first commit on, every page of changes is held: the kill lands mid-run
+        srv.add_fault("slow", times=None, match=":updated_at,:id", seconds=5)
+        while time.monotonic() < deadline and not srv.stats()["faults"].get("slow"):
+            time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+        srv.clear_faults()
+        landed = json.loads(manifest.read_bytes())
+        [batch] = [b for b in landed["batches"] if b["kind"] == "update"]
+        assert 0 < batch["rows"] < 3000, "the kill did not land mid-run"
         res = cli("update", "crashes", "--source", srv.url, "--dest", dest)
         assert res.code == 0, res.text
         exact(srv, dest, "crashes", tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +25,18 @@ from .socrata.source import DatasetSource
 
 if TYPE_CHECKING:
     import pandas as pd
+
+
+PANDAS_MISSING = (
+    "nyc-collisions: {name}() returns a pandas DataFrame and pandas is not installed;"
+    " install the extra: pip install 'nyc-collisions[pandas]'"
+)
+
+
+def _need_pandas(name: str) -> None:
+    """pandas is an extra (the CLI and Lambda never load it): say which one, in one line."""
+    if importlib.util.find_spec("pandas") is None:
+        raise ImportError(PANDAS_MISSING.format(name=name))
 
 
 def _dest(dest: str | None) -> str:
@@ -56,6 +69,7 @@ def fetch(
     Pages are keyset pages on `:id`, so nothing is skipped or repeated. `allow_http` allows a
     plain http `source` on another machine (as `--allow-http`).
     """
+    _need_pandas("fetch")
     if limit is not None and limit < 0:
         raise UsageError(f"limit must not be negative, not {limit}")
     ds = resolve(dataset)
@@ -81,6 +95,7 @@ def fetch(
 
 def read(dataset: str, dest: str | None = None) -> pd.DataFrame:
     """The landed current state of a dataset as a typed DataFrame."""
+    _need_pandas("read")
     landed = open_landed(open_storage(_dest(dest)), resolve(dataset))
     tables = [landed.schema.to_typed(t) for t in iter_current(landed)]
     table = pa.concat_tables(tables) if tables else landed.schema.typed_schema().empty_table()

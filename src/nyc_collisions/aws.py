@@ -5,7 +5,8 @@ Configuration comes from the environment:
 - `NYC_COLLISIONS_DEST` (`s3://bucket/prefix`), `NYC_COLLISIONS_DATASETS`
   (`crashes,persons,vehicles`), `SOCRATA_BASE_URL`, `NYC_COLLISIONS_FORMAT` (for a backfill),
   `NYC_COLLISIONS_RECONCILE_WEEKDAY`
-  (`SUN`: that day's run also reconciles deletions), `NYC_COLLISIONS_WIRE` (`auto`, `json` or
+  (`SUN`: that day's run also reconciles deletions; a reconcile the deadline stopped goes on
+  in the next runs until it ends), `NYC_COLLISIONS_WIRE` (`auto`, `json` or
   `csv`: how rows come from the source, as `--wire`), `NYC_COLLISIONS_RETRIES` (as `--retries`),
   `NYC_COLLISIONS_ALLOW_HTTP` (as `--allow-http`); each is checked before anything is done, and
   a bad value is a `UsageError` naming the variable;
@@ -13,38 +14,67 @@ Configuration comes from the environment:
   (`SOCRATA_APP_TOKEN_SECRET`) or an SSM SecureString parameter (`SOCRATA_APP_TOKEN_PARAMETER`),
   fetched once and cached across warm invocations.
 
+- `NYC_COLLISIONS_STATE_MACHINE`: the ARN of the state machine that invokes the function again
+  until it is done (below).
+
 The event may say `{"command": "update" | "backfill", "datasets": [...], "reconcile": true}`.
-The handler logs one JSON object per line, returns a small summary (never rows) and raises on
-failure so that Lambda's retries, the on-failure destination and the alarm see it. A backfill
-stops cleanly before the invocation's time runs out and returns `"done": false`: invoke again
-and it resumes from its committed files.
+The handler logs one JSON object per line, prints its metrics as Embedded Metric Format lines
+(`metrics`), returns a small summary (never rows) and raises on failure so that Lambda's
+retries, the on-failure destination and the alarms see it. A run stops cleanly before the
+invocation's time runs out and returns `"done": false`; the next invocation resumes from the
+committed files. A backfill is invoked again by the state machine's loop. An `update` that finds
+nothing landed backfills that dataset first, so a first deploy needs no manual step; an update
+that is not done starts that loop itself (`"command": "update"`), or, with no state machine
+configured, fails so that Lambda retries it. Invocations made by the loop say `"loop": true`
+and start nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
 from . import settings
-from .datasets import resolve_many
-from .errors import UsageError
+from .datasets import Dataset, resolve_many
+from .errors import NothingLanded, NycCollisionsError, UsageError
 from .extract import DatasetResult, RunOptions, backfill
-from .incremental import Reconcile, Update
-from .schema import tune_allocators
+from .incremental import Update
+from .metrics import (
+    DatasetMetrics,
+    RetryMeter,
+    dataset_line,
+    from_result,
+    update_line,
+    with_lags,
+)
+from .reconcile import Reconcile, scan_pending
+from .report import _epoch
+from .runtime import tune_allocators
 from .sink.formats import FORMATS
-from .sink.storage import open_storage
+from .sink.storage import Storage, open_storage
 from .socrata.client import DEFAULT_BASE_URL, WIRES, RetryPolicy, SodaClient, validate_base_url
+from .socrata.source import DatasetSource
+from .state import DatasetState
 
 logger = logging.getLogger("nyc_collisions.aws")
 SAFETY_SECONDS = 90.0  # stop this long before Lambda's deadline (a quarter of short budgets)
+STATE_MACHINE = "NYC_COLLISIONS_STATE_MACHINE"
 WEEKDAYS = ("MONDAY", "TUESDAY", "WEDNESDAY", "THURSDAY", "FRIDAY", "SATURDAY", "SUNDAY")
 _token_cache: dict[str, str | None] = {}
+Record = Callable[[str, DatasetResult], None]
+
+
+class NotFinished(NycCollisionsError):
+    """An update ran out of time and nothing carries it on: failing makes Lambda retry it (it
+    resumes from the committed files) and the alarms see it."""
 
 
 class JsonFormatter(logging.Formatter):
@@ -108,8 +138,10 @@ def app_token() -> str | None:
     return token
 
 
-def _summary(r: DatasetResult) -> dict[str, Any]:
+def _summary(command: str, r: DatasetResult) -> dict[str, Any]:
     out: dict[str, Any] = {
+        "dataset": r.dataset,
+        "command": command,
         "status": r.status,
         "rows": r.rows,
         "files": r.files,
@@ -120,6 +152,8 @@ def _summary(r: DatasetResult) -> dict[str, Any]:
     for k in ("watermark", "missing", "stale", "vanished", "total_rows", "refreshed"):
         if k in r.extra:
             out[k] = r.extra[k]
+    if "schema_change" in r.extra:  # {added, removed, retyped}: the source's columns changed
+        out["schema_change"] = r.extra["schema_change"]
     return out
 
 
@@ -133,6 +167,104 @@ def _reconcile_weekday() -> str | None:
             f"NYC_COLLISIONS_RECONCILE_WEEKDAY={raw!r}: must be a day of the week, like SUN"
         )
     return day[:3] or None
+
+
+def _state_machine() -> str | None:
+    """`NYC_COLLISIONS_STATE_MACHINE`: the loop that carries on an update that is not done."""
+    raw = os.environ.get(STATE_MACHINE, "").strip()
+    if not raw:
+        return None
+    if not (raw.startswith("arn:") and ":stateMachine:" in raw):
+        raise UsageError(f"{STATE_MACHINE}={raw!r}: must be a state machine ARN")
+    return raw
+
+
+def _update_all(
+    client: SodaClient,
+    storage: Storage,
+    datasets: list[Dataset],
+    opts: RunOptions,
+    reconcile: bool,
+    record: Record,
+) -> None:
+    """Update each dataset in turn (backfilling one with nothing landed yet); on the reconcile
+    day, then reconcile those that were updated. Stops at the first that ran out of time."""
+    stop = threading.Event()
+    storage.check_writable()
+    updated = []
+    for ds in datasets:
+        try:
+            result = Update(client, storage, ds, opts).run(stop)
+        except NothingLanded:
+            logger.warning(
+                "%s: nothing landed at %s/%s/ yet: backfilling it first",
+                ds.name,
+                storage.url,
+                ds.name,
+            )
+            result = backfill(client, storage, [ds], opts)[0]
+            record("backfill", result)
+        else:
+            record("update", result)
+            updated.append(ds)
+        if result.status == "stopped":
+            return
+    for ds in updated:  # a reconcile stopped by the deadline goes on the next day
+        if reconcile or scan_pending(storage, ds):
+            record("reconcile", Reconcile(client, storage, ds, opts).run(stop))
+
+
+def _lags(client: SodaClient, storage: Storage, names: set[str]) -> dict[str, float]:
+    """Seconds the landed watermark is behind the source's `rowsUpdatedAt`, per dataset."""
+    lags: dict[str, float] = {}
+    for ds in resolve_many(sorted(names)):
+        try:
+            manifest = DatasetState(storage, ds.name).load()
+            mark = manifest.watermark if manifest is not None else None
+            updated = DatasetSource(client, ds).metadata().get("rowsUpdatedAt")
+        except NycCollisionsError as exc:
+            logger.warning("%s: lag behind the source unknown: %s", ds.name, exc)
+            continue
+        if mark is not None and isinstance(updated, int | float):
+            lags[ds.name] = max(0.0, float(updated) - _epoch(mark.updated_at))
+    return lags
+
+
+def _carry_on(datasets: list[Dataset], reconcile: bool, loop: bool, machine: str | None) -> str:
+    """An update that is not done is not a success: have the state machine's loop invoke the
+    function again until it is (each invocation resumes where the last one stopped)."""
+    if loop:
+        return "loop"  # the loop that invoked this one invokes the next
+    if machine is None:
+        raise NotFinished(
+            f"the update stopped before the end and {STATE_MACHINE} is not set to carry it on;"
+            " the next invocation resumes it"
+        )
+    import boto3
+
+    sfn = boto3.client("stepfunctions")
+    running = sfn.list_executions(stateMachineArn=machine, statusFilter="RUNNING", maxResults=1)
+    if running["executions"]:
+        arn = str(running["executions"][0]["executionArn"])
+        logger.warning("update not done in this invocation; the running %s goes on", arn)
+        return arn
+    doc = {"command": "update", "datasets": [d.name for d in datasets], "reconcile": reconcile}
+    arn = str(
+        sfn.start_execution(stateMachineArn=machine, input=orjson.dumps(doc).decode())[
+            "executionArn"
+        ]
+    )
+    logger.warning("update not done in this invocation; started %s to carry it on", arn)
+    return arn
+
+
+def _emit(function: str, command: str, done: bool, lines: list[DatasetMetrics]) -> None:
+    """The metrics, one EMF line each, on stdout (the function's log: CloudWatch reads them)."""
+    out = [dataset_line(function, m) for m in lines]
+    if command == "update":
+        out.append(update_line(function, done))
+    sys.stdout.write("".join(line + "\n" for line in out))
+    sys.stdout.flush()
 
 
 def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
@@ -153,6 +285,7 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
     if not dest:
         raise UsageError("NYC_COLLISIONS_DEST is not set")
     weekday = _reconcile_weekday()
+    machine = _state_machine()
     allow_http = settings.env_flag(settings.ALLOW_HTTP)
     source = validate_base_url(
         os.environ.get("SOCRATA_BASE_URL") or DEFAULT_BASE_URL,
@@ -173,6 +306,7 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
     deadline = started + remaining - min(SAFETY_SECONDS, remaining / 4)
     opts = RunOptions(fmt=fmt, deadline=deadline, progress=False)
     storage = open_storage(dest)
+    function = os.environ.get("AWS_LAMBDA_FUNCTION_NAME") or "nyc-collisions"
     logger.info(
         "start %s %s -> %s (reconcile=%s)",
         command,
@@ -180,7 +314,10 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
         storage.url,
         reconcile,
     )
-    results: list[DatasetResult] = []
+    results: list[tuple[str, DatasetResult]] = []
+    measured: list[DatasetMetrics] = []
+    done = updated = False
+    summary: dict[str, Any] = {"command": command, "destination": storage.url}
     try:
         with SodaClient(
             source,
@@ -189,28 +326,37 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
             wire=wire,
             allow_http=allow_http,
         ) as client:
+            meter = RetryMeter(lambda: client.stats.retries)
+
+            def record(kind: str, r: DatasetResult) -> None:
+                results.append((kind, r))
+                measured.append(from_result(kind, r, *meter.take()))
+
             if command == "backfill":
-                results = backfill(client, storage, datasets, opts)
+                backfill(client, storage, datasets, opts, lambda r: record("backfill", r))
             else:
-                stop = threading.Event()
-                storage.check_writable()
-                for ds in datasets:
-                    results.append(Update(client, storage, ds, opts).run(stop))
-                if reconcile and all(r.status != "stopped" for r in results):
-                    for ds in datasets:
-                        results.append(Reconcile(client, storage, ds, opts).run(stop))
+                _update_all(client, storage, datasets, opts, reconcile, record)
+            landed = {r.dataset for _, r in results}
+            updated = landed >= {d.name for d in datasets} and all(
+                r.status != "stopped" for kind, r in results if kind != "reconcile"
+            )
+            done = updated and all(r.status != "stopped" for _, r in results)
+            measured[:] = with_lags(measured, _lags(client, storage, landed))
+        # a reconcile stopped by the deadline goes on with the next daily run (its scan is
+        # recorded): only an unfinished update or backfill is carried on now
+        if command == "update" and not updated:
+            summary["carried_on_by"] = _carry_on(
+                datasets, reconcile, bool(event.get("loop")), machine
+            )
     except Exception:
         logger.exception("%s failed", command)
         raise
-    done = all(r.status != "stopped" for r in results) and len({r.dataset for r in results}) == len(
-        datasets
+    finally:
+        _emit(function, command, done, measured)
+    summary.update(
+        done=done,
+        results=[_summary(kind, r) for kind, r in results],
+        seconds=round(time.monotonic() - started, 2),
     )
-    summary = {
-        "command": command,
-        "done": done,
-        "destination": storage.url,
-        "results": [{"dataset": r.dataset, **_summary(r)} for r in results],
-        "seconds": round(time.monotonic() - started, 2),
-    }
     logger.info("done %s", orjson.dumps(summary).decode())
     return summary

@@ -19,6 +19,7 @@ from click.core import ParameterSource
 from . import __version__, settings
 from .current import open_landed
 from .datasets import resolve, resolve_many
+from .drift import summary_text
 from .errors import CTRL_C_LINE, Interrupted, NycCollisionsError, UsageError
 from .extract import (
     DEFAULT_FILE_ROWS,
@@ -28,12 +29,12 @@ from .extract import (
     backfill,
 )
 from .report import dataset_status, orphans
-from .schema import tune_allocators
+from .runtime import tune_allocators
 from .sink.s3 import UploadStats
 from .sink.storage import DEFAULT_LOCAL_DEST, Storage, open_storage
 from .socrata.client import DEFAULT_BASE_URL, WIRES, RetryPolicy, SodaClient
 from .socrata.source import DatasetSource
-from .verify import verify
+from .verify import columns_changed, verify
 
 F = TypeVar("F", bound=Callable[..., Any])
 logger = logging.getLogger("nyc_collisions")
@@ -322,6 +323,11 @@ def _print_summary(results: list[DatasetResult], started: float) -> None:
         )
         click.echo(line)
         _print_concurrency(r)
+        if r.extra.get("schema_change"):
+            said = summary_text(r.extra["schema_change"])
+            click.echo(
+                f"  columns changed ({said}) since the last snapshot: recorded in the manifest"
+            )
         if r.extra.get("resumed"):
             click.echo(
                 f"  resumed run {r.extra['resumed']}: "
@@ -466,6 +472,8 @@ def _print_upload(storage: Storage, started: float) -> None:
 def _print_changes(results: list[DatasetResult], started: float) -> None:
     for r in results:
         parts = [f"{r.dataset}: {r.status} {r.rows:,} rows in {r.files} files"]
+        if r.extra.get("schema_change"):
+            parts.append(f"columns changed ({summary_text(r.extra['schema_change'])})")
         for k in ("missing", "stale", "vanished"):
             if k in r.extra:
                 parts.append(f"{k} {r.extra[k]:,}")
@@ -542,12 +550,13 @@ def update_cmd(
     Rows whose (:updated_at, :id) is past the watermark stored at DEST are fetched in that
     order and committed file by file; the watermark moves with each commit. Running it twice
     lands nothing the second time. Needs a committed backfill. When more rows changed than half
-    the last snapshot (a publisher's full replace), a fresh snapshot is landed instead, over
-    partitions as a backfill does (a rerun resumes it).
+    the last snapshot (a publisher's full replace), or when the source's columns changed, a
+    fresh snapshot is landed instead, over partitions as a backfill does (a rerun resumes it).
 
     Example: nyc-collisions update --dest s3://nyc-application-collisions/collisions_raw_data
     """
-    from .incremental import Reconcile, Update
+    from .incremental import Update
+    from .reconcile import Reconcile
 
     _setup_logging(verbose)
     started = time.monotonic()
@@ -586,23 +595,38 @@ def update_cmd(
 @click.argument("datasets", nargs=-1, metavar="[DATASET]...")
 @common
 @key_option(LANDED_KEY_HELP)
+@click.option(
+    "--max-seconds",
+    type=float,
+    default=None,
+    help="Stop cleanly before this many seconds; the next run goes on from its progress.",
+)
 @handle_errors
 def reconcile_cmd(
-    datasets: tuple[str, ...], source: str, dest: str, verbose: int, retries: int, key: str | None
+    datasets: tuple[str, ...],
+    source: str,
+    dest: str,
+    verbose: int,
+    retries: int,
+    key: str | None,
+    max_seconds: float | None,
 ) -> None:
     """Find deletions and gaps: compare the source's key set with what landed.
 
     Keys that vanished from the source get tombstones; rows that are missing, or whose
-    :updated_at differs, are fetched again. Both are committed as batches.
+    :updated_at differs, are fetched again (rows changed after the watermark are left to
+    `update`). Both are committed as batches. The source's keys are scanned over partitions at
+    once and recorded as they come: a run stopped or killed goes on from them the next time. If
+    the source's columns changed, a fresh snapshot with them is landed instead (as `update` does).
 
     Example: nyc-collisions reconcile persons
     """
-    from .incremental import Reconcile
+    from .reconcile import Reconcile
 
     _setup_logging(verbose)
     started = time.monotonic()
     storage = open_storage(dest)
-    opts = _opts(started=started)
+    opts = _opts(started=started, max_seconds=max_seconds)
     with _client(source, retries) as client:
         storage.check_writable()
         results = _run_each(
@@ -610,6 +634,8 @@ def reconcile_cmd(
             lambda ds, stop: Reconcile(client, storage, ds, opts).run(stop),
         )
     _print_changes(results, started)
+    if any(r.status == "stopped" for r in results):
+        sys.exit(3)
 
 
 @main.command("compact")
@@ -747,6 +773,14 @@ def status_cmd(
             click.echo(f"  last update {u['committed_at']}: {u['rows']:,} rows")
         if e.get("tombstones"):
             click.echo(f"  tombstones: {e['tombstones']:,}")
+        if e.get("schema_changes"):
+            c = e["schema_changes"][-1]
+            click.echo(f"  last schema change {c['at']}: {summary_text(c)}")
+        if e.get("source_columns_changed"):
+            said = summary_text(e["source_columns_changed"])
+            click.echo(
+                f"  the source's columns changed since they were landed ({said}): run update"
+            )
         if e.get("source_error"):
             click.echo(f"  source: {e['source_error']}")
 
@@ -772,9 +806,13 @@ def verify_cmd(
         for ds in resolve_many(list(datasets), key):
             landed = open_landed(storage, ds)
             where = f"{storage.url}/{ds.name}/"
-            diff = verify(
-                DatasetSource(client, ds.keyed_as_landed(landed.manifest.key, where)), landed
-            )
+            remote = DatasetSource(client, ds.keyed_as_landed(landed.manifest.key, where))
+            changed = columns_changed(remote, landed)
+            if changed:
+                ok = False
+                click.echo(changed)
+                continue
+            diff = verify(remote, landed)
             if diff.ok:
                 click.echo(f"{ds.name}: OK: {diff.landed_rows:,} rows, keys match the source")
                 continue

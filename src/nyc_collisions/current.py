@@ -4,6 +4,11 @@ Current state = the latest snapshot batch, then every later batch in commit orde
 each key its latest version, minus keys whose latest entry is a tombstone. Memory is bounded by
 the keys of the batches after the snapshot (a daily update is small; `compact` folds them into a
 new snapshot), never by the rows: files are streamed in record batches.
+
+It is read in the manifest's columns, the newest. A batch landed with other columns (before the
+source's columns changed, see `drift.py`) is read in its own and conformed: a column it lacks is
+null, one it has that the newest lack is left out, and one whose type changed is null too (as a
+drop and an add: the refresh that follows a change lands the new values).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .datasets import Dataset, landed_name, resolve
+from .datasets import SYSTEM_FIELDS, Dataset, landed_name, resolve
 from .errors import NothingLanded, StateError
 from .schema import Column, Schema
 from .sink.files import FileEntry
@@ -64,11 +69,47 @@ def key_schema(landed: Landed) -> Schema:
     return Schema((col,), landed.schema.integer_fields)
 
 
+def batch_schema(landed: Landed, batch: Batch) -> Schema:
+    """The columns `batch`'s files were written with."""
+    if batch.kind == "tombstones":
+        return key_schema(landed)
+    if batch.columns is None:
+        return landed.schema
+    columns = tuple(Column(c["field"], c["type"]) for c in batch.columns)
+    return Schema(columns, landed.schema.integer_fields)
+
+
 def _file_batches(
     landed: Landed, batch: Batch, entry: FileEntry, columns: list[str] | None = None
 ) -> Iterator[pa.Table]:
-    """One landed file's rows; a file that is not as committed is a `StateError` naming it."""
-    schema = key_schema(landed) if batch.kind == "tombstones" else landed.schema
+    """One landed file's rows in the newest columns (or just `columns`)."""
+    schema = batch_schema(landed, batch)
+    if schema is landed.schema or batch.kind == "tombstones":
+        yield from _read_file(landed, batch, schema, entry, columns)
+        return
+    want = list(columns or landed.schema.names)
+    newest = {c.name: c for c in landed.schema.columns}
+    keep = {landed.key_column, *(landed_name(f) for f in SYSTEM_FIELDS)}
+    have = [
+        c.name
+        for c in schema.columns
+        if c.name in want and (newest.get(c.name) == c or c.name in keep)
+    ]
+    for table in _read_file(landed, batch, schema, entry, have):
+        n = table.num_rows
+        yield pa.table(
+            {
+                name: table.column(name) if name in have else pa.nulls(n, pa.string())
+                for name in want
+            }
+        )
+
+
+def _read_file(
+    landed: Landed, batch: Batch, schema: Schema, entry: FileEntry, columns: list[str] | None
+) -> Iterator[pa.Table]:
+    """One landed file's rows as written; a file that is not as committed is a `StateError`
+    naming it."""
     where = f"{landed.storage.url}/{entry.path}"
     way_out = (
         f"`nyc-collisions backfill {landed.dataset.name} --force` lands a fresh snapshot "
@@ -82,12 +123,12 @@ def _file_batches(
                 f"{where}: landed file is {size:,} bytes, but {entry.bytes:,} were committed; "
                 + way_out
             )
-        want = list(columns or schema.names)
+        want = list(schema.names if columns is None else columns)
         try:
-            for table in read_text_batches(batch.format, f, schema, columns):
-                if table.column_names != want:
+            for table in read_text_batches(batch.format, f, schema, want):
+                if sorted(table.column_names) != sorted(want):
                     raise ValueError(f"its columns are not the committed ones: {want}")
-                yield table
+                yield table.select(want)
         except (pa.ArrowException, ValueError) as exc:  # ValueError: bytes that are not UTF-8
             raise StateError(f"{where}: landed file unreadable ({exc}); {way_out}") from exc
 

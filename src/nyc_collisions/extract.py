@@ -26,6 +26,7 @@ from typing import Any
 from tqdm import tqdm
 
 from .datasets import Dataset
+from .drift import column_specs
 from .errors import AlreadyLanded, NycCollisionsError, StateError, UsageError
 from .lease import Lease
 from .partition import FetchContext, PlanBook
@@ -326,17 +327,17 @@ class Backfill(DatasetJob):
                 "partitions": len(plan["partitions"]),
                 "planned": plan.get("planned"),
                 "splits": plan.get("splits", 0),
+                # no row of the snapshot was created after this (see counts.py)
+                "ahead_until": self.source.max_updated_at(),
             },
         )
+        columns = column_specs(schema.columns)
         if manifest is None:
             manifest = Manifest(
                 dataset=self.dataset.name,
                 dataset_id=self.dataset.dataset_id,
                 key=self.dataset.key,
-                columns=[
-                    {"field": c.field_name, "name": c.name, "type": c.data_type}
-                    for c in schema.columns
-                ],
+                columns=columns,
             )
         elif manifest.dataset_id != self.dataset.dataset_id:
             raise StateError(
@@ -344,9 +345,10 @@ class Backfill(DatasetJob):
                 f"{self.dataset.dataset_id}"
             )
         manifest.key = self.dataset.key
-        manifest.columns = [
-            {"field": c.field_name, "name": c.name, "type": c.data_type} for c in schema.columns
-        ]
+        change = manifest.change_columns(columns, batch.batch_id)
+        if change is not None:
+            result.extra["schema_change"] = change.summary()
+            logger.info("%s: snapshot %s lands the new columns", self.dataset.name, batch.batch_id)
         manifest.batches.append(batch)
         self.state.commit(manifest)
         self.snapshot_committed = True

@@ -7,9 +7,7 @@
   watermark) and duplicates nothing in the current state (a key's latest version wins). When most
   rows changed (a publisher's full replace), it lands a fresh snapshot instead, the way a backfill
   does: over partitions fetched at once rather than one stream ordered by `:updated_at`.
-- `Reconcile` compares the source's full key set (keys only, keyset-paged) with the landed current
-  state: keys that vanished get tombstones, keys that are missing or whose `:updated_at` differs
-  are fetched again by `:id`. Socrata reports no deletions; this is how they are seen.
+- `Reconcile` (in `reconcile.py`) finds deletions and gaps by comparing keys.
 - `compact` writes the current state as a fresh snapshot batch (and, with `prune`, forgets the
   batches it supersedes; their files are deleted once `grace_hours` have passed, so that readers
   still holding the previous manifest can finish).
@@ -20,18 +18,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import replace
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .current import Landed, current_keys, iter_current, open_landed
-from .datasets import Dataset, landed_name
+from .counts import NewRows
+from .current import Landed, iter_current, open_landed
+from .datasets import Dataset
 from .errors import NothingLanded, SchemaError
-from .extract import Backfill, DatasetJob, DatasetResult, RunOptions
+from .extract import DatasetJob, DatasetResult, RunOptions
 from .lease import Lease
-from .schema import Column, Schema
+from .refresh import drift, drifted_meanwhile, land_new_columns, land_snapshot
+from .schema import Schema
 from .sink.files import FileEntry, FileRotation, OnFile
 from .sink.storage import Storage
 from .socrata import soql
@@ -41,27 +41,12 @@ from .tidy import retire_after, tidy
 
 logger = logging.getLogger(__name__)
 
-KEYS_PAGE = 100_000
-IDS_PER_QUERY = 100
 # An update lands a fresh snapshot instead when more rows changed than this share of the last
 # snapshot: fetching every row over the partitions in parallel is then faster than the changes
 # in one stream (3 server slots against 1: break-even near a third).
 REFRESH_SHARE = 0.5
 # `compact --prune` keeps the files it supersedes this long for readers of the previous manifest
 DEFAULT_GRACE_HOURS = 24.0
-
-
-def _check_columns(landed: Landed, schema: Schema) -> None:
-    now = [(c.field_name, c.data_type) for c in schema.columns]
-    then = [(c.field_name, c.data_type) for c in landed.schema.columns]
-    if now != then:
-        added = sorted({f for f, _ in now} - {f for f, _ in then})
-        removed = sorted({f for f, _ in then} - {f for f, _ in now})
-        raise SchemaError(
-            f"{landed.dataset.name}: the source's columns changed since the backfill "
-            f"(added {added or 'none'}, removed {removed or 'none'}, or types/order changed); "
-            "land a new snapshot with `backfill --force`"
-        )
 
 
 def _open(state: DatasetState, dataset: Dataset) -> Landed:
@@ -100,17 +85,26 @@ def _changed_after(mark: Watermark, until: str) -> str:
 
 
 class _BatchCommitter:
-    """Commits a batch through the manifest file by file (`FileRotation.on_file`)."""
+    """Commits a batch through the manifest file by file (`FileRotation.on_file`), with the
+    current state's row count that `count` gives for each commit (see `counts.py`)."""
 
-    def __init__(self, landed: Landed, batch: Batch, watermark: bool) -> None:
+    def __init__(
+        self,
+        landed: Landed,
+        batch: Batch,
+        watermark: bool,
+        count: Callable[[], int | None] | None = None,
+    ) -> None:
         self.landed = landed
         self.batch = batch
         self.watermark = watermark
+        self.count = count
         self.committed = False
 
     def __call__(self, entry: FileEntry | None, last: pa.Table | None, done: bool) -> None:
         if entry is None:
             return
+        self.batch.current_rows = None if self.count is None else self.count()
         self.batch.files.append(entry)
         self.batch.rows += entry.rows
         self.batch.committed_at = utc_now()
@@ -141,24 +135,37 @@ class Update(DatasetJob):
 
     def _run(self, stop: threading.Event, result: DatasetResult) -> None:
         landed = _open(self.state, self.dataset)
-        schema = self.source.schema()
-        _check_columns(landed, schema)
         watermark = landed.manifest.watermark or Watermark("1970-01-01T00:00:00.000Z")
         result.extra["watermark_before"] = watermark.__dict__
-        until = self.source.max_updated_at()
         fmt = self.fmt or landed.manifest.current_batches()[-1].format
-        if until is not None and self._refresh_instead(landed, watermark, until, result):
-            refresh = Backfill(
-                self.client, self.storage, self.dataset, replace(self.opts, fmt=fmt, force=True)
-            )
-            refresh.source = self.source
-            refresh.state = self.state  # under this job's lease
-            refresh._run(stop, result)
-            self.snapshot_committed = refresh.snapshot_committed
-            after = self.state.load()
-            wm = None if after is None else after.watermark
-            result.extra["watermark"] = None if wm is None else wm.__dict__
+        change = drift(landed, self.source)
+        if change is not None:
+            land_new_columns(self, change, stop, result, fmt)
             return
+        until = self.source.max_updated_at()
+        if until is not None and self._refresh_instead(landed, watermark, until, result):
+            land_snapshot(self, stop, result, fmt)
+            return
+        try:
+            self._changes(landed, watermark, until, fmt, stop, result)
+        except SchemaError:
+            # a page carried other columns than the metadata named: if they changed since the
+            # run read it, land them as above (else the source is inconsistent: fail)
+            change = drifted_meanwhile(self, landed)
+            if change is None:
+                raise
+            land_new_columns(self, change, stop, result, fmt)
+
+    def _changes(
+        self,
+        landed: Landed,
+        watermark: Watermark,
+        until: str | None,
+        fmt: str,
+        stop: threading.Event,
+        result: DatasetResult,
+    ) -> None:
+        """Land the rows changed past `watermark` up to `until` as one batch of changes."""
         batch = Batch(
             new_batch_id("update"),
             "update",
@@ -169,7 +176,8 @@ class Update(DatasetJob):
             watermark=watermark,
             info={"until": until},
         )
-        committer = _BatchCommitter(landed, batch, watermark=True)
+        counter = NewRows(landed, watermark)
+        committer = _BatchCommitter(landed, batch, watermark=True, count=counter.current)
         files = batch_files(self.state, landed.schema, batch, self.opts.file_rows, committer)
         cursor = watermark
 
@@ -178,6 +186,7 @@ class Update(DatasetJob):
 
         def emit(table: pa.Table) -> None:
             nonlocal cursor
+            counter.add(table)
             files.write(table)
             cursor = Watermark(
                 table.column("socrata_updated_at")[-1].as_py(),
@@ -230,94 +239,6 @@ class Update(DatasetJob):
         return True
 
 
-class Reconcile(DatasetJob):
-    command = "reconcile"
-    status = "reconciled"
-
-    def _source_keys(self) -> pa.Table:
-        keys = self.source.all_keys(extra=(":updated_at",), page=KEYS_PAGE)
-        return pa.table(
-            {
-                "key": keys.column(self.dataset.key),
-                "id": keys.column(":id"),
-                "updated_at": keys.column(":updated_at"),
-            }
-        )
-
-    def _landed_keys(self, landed: Landed) -> pa.Table:
-        tables = list(current_keys(landed, "socrata_updated_at"))
-        if not tables:
-            return pa.table(
-                {"key": pa.array([], pa.string()), "updated_at": pa.array([], pa.string())}
-            )
-        t = pa.concat_tables(tables)
-        return pa.table(
-            {"key": t.column(landed.key_column), "updated_at": t.column("socrata_updated_at")}
-        )
-
-    def _run(self, stop: threading.Event, result: DatasetResult) -> None:
-        landed = _open(self.state, self.dataset)
-        schema = self.source.schema()
-        _check_columns(landed, schema)
-        src = self._source_keys()
-        mine = self._landed_keys(landed)
-        vanished = pc.filter(
-            mine.column("key"),
-            pc.invert(pc.is_in(mine.column("key"), value_set=src.column("key"))),
-        )
-        joined = src.join(mine, "key", join_type="left outer", right_suffix="_landed")
-        refetch = (
-            joined.filter(
-                pc.or_kleene(
-                    pc.is_null(joined.column("updated_at_landed")),
-                    pc.not_equal(joined.column("updated_at"), joined.column("updated_at_landed")),
-                )
-            )
-            .column("id")
-            .to_pylist()
-        )
-        missing = int(pc.sum(pc.is_null(joined.column("updated_at_landed"))).as_py() or 0)
-        result.extra.update(vanished=len(vanished), missing=missing, stale=len(refetch) - missing)
-        fmt = landed.manifest.current_batches()[-1].format
-        if refetch:
-            batch = Batch(
-                new_batch_id("repair"),
-                "update",
-                fmt,
-                utc_now(),
-                [],
-                0,
-                info={"reason": "reconcile"},
-            )
-            committer = _BatchCommitter(landed, batch, watermark=False)
-            files = batch_files(self.state, landed.schema, batch, self.opts.file_rows, committer)
-            try:
-                for start in range(0, len(refetch), IDS_PER_QUERY):
-                    ids = refetch[start : start + IDS_PER_QUERY]
-                    files.write(self.source.rows_by_id(landed.schema, ids))
-                files.commit(done=True)
-            except BaseException:
-                files.abort()
-                raise
-            result.rows += batch.rows
-            result.files += len(batch.files)
-        if len(vanished):
-            self._tombstones(landed, vanished, fmt)
-            result.files += 1
-        result.extra["tombstones"] = len(vanished)
-
-    def _tombstones(self, landed: Landed, keys: pa.Array, fmt: str) -> None:
-        key_col = next(c for c in landed.schema.columns if c.name == landed.key_column)
-        schema = Schema(
-            (Column(key_col.field_name, key_col.data_type),), landed.schema.integer_fields
-        )
-        batch = Batch(new_batch_id("tombstones"), "tombstones", fmt, utc_now(), [], 0)
-        committer = _BatchCommitter(landed, batch, watermark=False)
-        files = batch_files(self.state, schema, batch, max(len(keys), 1), committer)
-        files.write(pa.table({landed_name(key_col.field_name): keys}))
-        files.commit(done=True)
-
-
 def compact(
     storage: Storage,
     dataset: Dataset,
@@ -367,6 +288,7 @@ def _compact(
         info={"compacted": [b.batch_id for b in manifest.current_batches()]},
     )
     entries: list[FileEntry] = []
+    latest = ""  # the latest `:updated_at` it holds: no row of it was created after that
 
     def collect(entry: FileEntry | None, _last: Any, _done: bool) -> None:
         if entry is not None:
@@ -376,6 +298,7 @@ def _compact(
     try:
         for table in iter_current(landed):
             files.write(table)
+            latest = max(latest, pc.max(table.column("socrata_updated_at")).as_py() or "")
         files.commit(done=True)
     except BaseException:
         files.abort()
@@ -383,6 +306,8 @@ def _compact(
     batch.files = entries
     batch.rows = sum(e.rows for e in entries)
     batch.source_count = None
+    if latest:
+        batch.info["ahead_until"] = latest
     old = list(manifest.batches)
     if prune:
         # one commit: the new snapshot alone; the old files retired, deleted after the grace

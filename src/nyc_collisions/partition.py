@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
 
-from .pages import CsvRows
 from .plan import Partition, ResumePoint
+from .rows import CsvRows
 from .schema import Schema
 from .sink.files import FileEntry, FileRotation
 from .socrata import soql

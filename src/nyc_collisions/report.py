@@ -11,10 +11,12 @@ import pyarrow.compute as pc
 from .current import Landed, current_count, current_keys, open_landed
 from .datasets import Dataset
 from .errors import NothingLanded, NycCollisionsError
+from .keyspill import KeySpill, bucket_count
 from .sink.storage import Storage
 from .socrata.client import SodaClient
 from .socrata.source import DatasetSource
 from .state import DatasetState
+from .verify import columns_drift
 
 SAMPLE = 10
 
@@ -30,6 +32,7 @@ def dataset_status(storage: Storage, client: SodaClient | None, ds: Dataset) -> 
         "dataset_id": ds.dataset_id,
         "location": f"{storage.url}/{ds.name}/",
     }
+    landed: Landed | None = None
     try:
         landed = open_landed(storage, ds)
     except NothingLanded:
@@ -42,7 +45,7 @@ def dataset_status(storage: Storage, client: SodaClient | None, ds: Dataset) -> 
         wm = manifest.watermark
         entry.update(
             landed=True,
-            rows=current_count(landed),
+            rows=_rows(landed),
             files=sum(len(b.files) for b in batches),
             batches=len(batches),
             format=batches[-1].format,
@@ -66,6 +69,10 @@ def dataset_status(storage: Storage, client: SodaClient | None, ds: Dataset) -> 
             },
             tombstones=sum(b.rows for b in batches if b.kind == "tombstones"),
             watermark=None if wm is None else {"updated_at": wm.updated_at, "row_id": wm.row_id},
+            schema_changes=[
+                {k: v for k, v in c.to_dict().items() if k not in ("before", "after")}
+                for c in manifest.schema_changes
+            ],
         )
     if client is not None:
         source = DatasetSource(client, ds)
@@ -79,31 +86,49 @@ def dataset_status(storage: Storage, client: SodaClient | None, ds: Dataset) -> 
         except NycCollisionsError as exc:
             entry["source_count"] = None
             entry["source_error"] = str(exc)
+        else:
+            try:
+                change = None if landed is None else columns_drift(source, landed)
+            except NycCollisionsError as exc:  # such as a key that is no longer a column
+                entry["source_error"] = str(exc)
+            else:
+                if change is not None:
+                    entry["source_columns_changed"] = change.summary()
     entry["agree"] = bool(entry["landed"]) and entry.get("source_count") == entry["rows"]
     return entry
 
 
-def _collision_ids(landed: Landed) -> pa.Array:
-    chunks = [
-        t.column("collision_id").combine_chunks() for t in _iter_column(landed, "collision_id")
-    ]
-    return pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
-
-
-def _iter_column(landed: Landed, column: str) -> Any:
-    for table in current_keys(landed, column):
-        yield table.select([column])
+def _rows(landed: Landed) -> int:
+    """The current state's rows as the manifest records them (a manifest written by a version
+    that did not record them is counted from the data, once per status)."""
+    recorded = landed.manifest.current_rows()
+    return current_count(landed) if recorded is None else recorded
 
 
 def orphans(crashes: Landed, child: Landed) -> dict[str, Any]:
-    """Rows of persons/vehicles whose collision_id is not among the landed crashes."""
-    parents = pc.unique(_collision_ids(crashes))
-    ids = _collision_ids(child)
-    lost = pc.filter(ids, pc.invert(pc.is_in(ids, value_set=parents)))
-    distinct = pc.unique(lost)
+    """Rows of persons/vehicles whose collision_id is not among the landed crashes.
+
+    Both sides' collision_ids are spilled by hash and compared a bucket at a time (`keyspill`).
+    """
+    column = "collision_id"
+    side = pa.schema([pa.field(column, pa.string())])
+    rows = distinct = 0
+    sample: list[str] = []
+    expected = max(crashes.manifest.current_rows() or 0, child.manifest.current_rows() or 0)
+    with KeySpill({"parent": side, "child": side}, column, bucket_count(expected)) as spill:
+        for name, landed in (("parent", crashes), ("child", child)):
+            for table in current_keys(landed, column):
+                spill.add(name, table.select([column]))
+        for bucket in spill.pairs():
+            ids, parents = bucket["child"].column(column), bucket["parent"].column(column)
+            lost = pc.filter(ids, pc.invert(pc.is_in(ids, value_set=parents)))
+            unique = pc.unique(lost)
+            rows += len(lost)
+            distinct += len(unique)
+            sample += [str(v) for v in unique[: SAMPLE - len(sample)].to_pylist()]
     return {
         "dataset": child.dataset.name,
-        "rows": len(lost),
-        "collision_ids": len(distinct),
-        "sample": [str(v) for v in distinct[:SAMPLE].to_pylist()],
+        "rows": rows,
+        "collision_ids": distinct,
+        "sample": sample,
     }

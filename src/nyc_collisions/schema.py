@@ -8,8 +8,6 @@ types the metadata names.
 
 from __future__ import annotations
 
-import ctypes
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,59 +18,6 @@ import pyarrow.csv as pacsv
 
 from .datasets import SYSTEM_FIELDS, Dataset, landed_name
 from .errors import BadResponse, SchemaError
-
-
-def tune_allocators() -> None:
-    """Process-wide allocator settings for a run of the CLI or the AWS handler (not applied on
-    import, so a program that imports the package keeps its own).
-
-    Arrow allocates with jemalloc (else malloc): pages come and go in several threads, and the
-    other allocators keep what a page freed. Measured peak RSS of a backfill with 4 workers
-    (scale 0.05): crashes (JSON pages) 184 MB with jemalloc, 177 with malloc; persons (CSV
-    pages) 192 MB with jemalloc, 300 with malloc (its per-thread arenas), 261 with mimalloc.
-
-    glibc's malloc (Python's bytes and bytearrays: the few-MiB pieces of each page) is told to
-    keep blocks up to 16 MiB in its heap and to hold up to 64 MiB freed before giving it back.
-    By default it maps each such piece afresh and unmaps it when freed, so every received byte
-    also cost a page fault. A crashes backfill of 460,000 rows, median of 8 runs: 4.63 -> 4.32
-    CPU s (kernel 0.63 -> 0.37), peak RSS 233 -> 247 MiB.
-
-    It is also told to use at most 2 arenas: by default each thread that allocates may get its
-    own (up to 8 per core), and each kept its freed pieces (and an S3 run's 8 MiB parts) for
-    itself. Crashes at scale 0.1 (`python -m bench --scale 0.1 --s3`): peak RSS 210-213 -> 195-196
-    MiB to a local folder, 277-280 -> 251-252 MiB to S3, CPU unchanged.
-    """
-    try:
-        pa.set_memory_pool(pa.jemalloc_memory_pool())
-    except NotImplementedError:  # a pyarrow built without jemalloc
-        pa.set_memory_pool(pa.system_memory_pool())
-    _glibc_malloc(mmap=16 << 20, trim=64 << 20, arenas=2)
-
-
-def _glibc_malloc(mmap: int, trim: int, arenas: int) -> None:
-    """`mallopt(M_MMAP_THRESHOLD)`, `mallopt(M_TRIM_THRESHOLD)` and `mallopt(M_ARENA_MAX)`, as
-    glibc's `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` / `MALLOC_ARENA_MAX` would set
-    them (those win if set); a no-op on other C libraries."""
-    try:
-        if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
-            return
-    except (ValueError, OSError):  # not a glibc system
-        return
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ and "MALLOC_TRIM_THRESHOLD_" not in os.environ:
-        mallopt(_M_MMAP_THRESHOLD, mmap)
-        mallopt(_M_TRIM_THRESHOLD, trim)
-    if "MALLOC_ARENA_MAX" not in os.environ:
-        mallopt(_M_ARENA_MAX, arenas)
-
-
-_M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
-_M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
 
 
 def csv_text_options(

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .drift import SchemaChange, spec_columns
 from .errors import ManifestChanged, StateError
 from .sink.files import FileEntry
 from .sink.storage import Storage
@@ -68,6 +69,12 @@ class Batch:
     source_count: int | None = None
     watermark: Watermark | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # the columns the batch was landed with, once they are no longer the manifest's (None: the
+    # manifest's); see `Manifest.change_columns`
+    columns: list[dict[str, str]] | None = None
+    # rows in the current state once this batch is committed (a snapshot's are its `rows`);
+    # None when a version that did not record it committed the batch (see `Manifest.current_rows`)
+    current_rows: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Batch:
@@ -82,7 +89,21 @@ class Batch:
             source_count=d.get("source_count"),
             watermark=Watermark(**wm) if wm else None,
             info=d.get("info", {}),
+            columns=_column_specs(d.get("columns")),
+            current_rows=None if d.get("current_rows") is None else int(d["current_rows"]),
         )
+
+
+def _column_specs(value: Any) -> list[dict[str, str]] | None:
+    """A batch's own columns as written (None when absent); a TypeError if they are not."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(
+        isinstance(c, dict) and isinstance(c.get("field"), str) and isinstance(c.get("type"), str)
+        for c in value
+    ):
+        raise TypeError(f"a batch's columns are not a list of columns: {str(value)[:80]}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -99,12 +120,13 @@ class Manifest:
     dataset: str
     dataset_id: str
     key: str
-    columns: list[dict[str, str]]
+    columns: list[dict[str, str]]  # the newest: the current state is read in these
     batches: list[Batch] = field(default_factory=list)
     version: int = MANIFEST_VERSION
     updated: str = ""
     revision: int = 0  # one more at every commit: no two commits write the same bytes
     retired: list[Retired] = field(default_factory=list)
+    schema_changes: list[SchemaChange] = field(default_factory=list)
     # the store's version of the manifest this was read from (None: none yet); not written
     base: str | None = field(default=None, compare=False, repr=False)
 
@@ -122,9 +144,39 @@ class Manifest:
                 return self.batches[i:]
         return []
 
+    def columns_of(self, batch: Batch) -> list[dict[str, str]]:
+        """The columns `batch` was landed with."""
+        return self.columns if batch.columns is None else batch.columns
+
+    def change_columns(self, columns: list[dict[str, str]], batch_id: str) -> SchemaChange | None:
+        """Make `columns` the manifest's, as snapshot `batch_id` lands them; if they differ,
+        every batch landed before keeps its own and the change is recorded (and returned)."""
+        change = SchemaChange.between(spec_columns(self.columns), spec_columns(columns))
+        if change is not None:
+            for batch in self.batches:
+                if batch.columns is None:
+                    batch.columns = self.columns
+            change = change.landed(utc_now(), batch_id)
+            self.schema_changes.append(change)
+        self.columns = columns
+        return change
+
+    def current_rows(self) -> int | None:
+        """Rows in the current state, as its last commit recorded them (see counts.py);
+        None when that batch was committed by a version that did not record it."""
+        batches = self.current_batches()
+        if not batches:
+            return None
+        last = batches[-1]
+        return last.rows if last.kind == "snapshot" else last.current_rows
+
     def to_bytes(self) -> bytes:
         doc = asdict(self)
         del doc["base"]
+        doc["schema_changes"] = [c.to_dict() for c in self.schema_changes]
+        for batch in doc["batches"]:
+            if batch["columns"] is None:  # the manifest's: not repeated in every batch
+                del batch["columns"]
         return orjson.dumps(doc, option=orjson.OPT_INDENT_2)
 
     @classmethod
@@ -150,6 +202,7 @@ class Manifest:
                 updated=d.get("updated", ""),
                 revision=int(d.get("revision", 0)),
                 retired=[Retired(**r) for r in d.get("retired", [])],
+                schema_changes=[SchemaChange.from_dict(c) for c in d.get("schema_changes", [])],
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise StateError(f"{where}: manifest unreadable ({exc}); {way_out}") from exc
@@ -165,13 +218,16 @@ class DatasetState:
         self.storage = storage
         self.folder = folder
         self.lease: Lease | None = None
+        # in every data file's name: a killed run's write still in flight (an S3 upload the
+        # store completes after the process died) can never replace a later run's file
+        self.attempt = uuid.uuid4().hex[:6]
 
     @property
     def manifest_key(self) -> str:
         return f"{self.folder}/manifest.json"
 
     def data_key(self, batch_id: str, partition: int, seq: int, fmt: str) -> str:
-        return f"{self.folder}/data/{batch_id}/part-{partition:04d}-{seq:06d}.{fmt}"
+        return f"{self.folder}/data/{batch_id}/part-{partition:04d}-{seq:06d}-{self.attempt}.{fmt}"
 
     def run_prefix(self, batch_id: str) -> str:
         return f"{self.folder}/runs/{batch_id}"

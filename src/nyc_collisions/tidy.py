@@ -3,7 +3,8 @@
 Every command that writes (backfill, update, reconcile, compact) ends with `tidy` while it still
 holds the dataset's lease, so no other run is writing the dataset. It removes:
 
-- `runs/<batch>/` of batches the manifest names (a backfill's progress, kept until its commit);
+- `runs/<batch>/` of batches the manifest names (a backfill's progress, kept until its commit;
+  a reconcile's key scan, `runs/<scan>/scan.json`, is kept until the reconcile that ends it);
 - data files no manifest names, unless their batch is an unfinished backfill that a rerun
   resumes (after a new snapshot is committed those go too: it supersedes them);
 - temporary files and multipart uploads of killed runs (`Storage.cleanup_uploads`);
@@ -63,6 +64,9 @@ def _tidy(state: DatasetState, lease: Lease, drop_unfinished: bool) -> int:
     runs = storage.list_keys(f"{folder}/runs/")
     planned = {_batch(state, k, "runs") for k in runs if k.endswith("/plan.json")}
     resumable = set() if drop_unfinished else planned - batches
+    # a reconcile's key scan (`runs/<scan>/scan.json`) stays until the reconcile that finishes
+    # it: it records the source, which a new snapshot does not supersede
+    resumable |= {_batch(state, k, "runs") for k in runs if k.endswith("/scan.json")}
     doomed += [k for k in runs if _batch(state, k, "runs") not in resumable]
     doomed += [
         k

@@ -41,6 +41,30 @@ class AdminMethods(ABC):
         """Full replace: every row gets one new :updated_at, values and :id unchanged."""
         return dict(self._admin("POST", "replace", {"dataset": dataset_id}))
 
+    def add_column(
+        self, dataset_id: str, field: str, soda_type: str, position: int | None = None
+    ) -> dict[str, Any]:
+        """A new column (text, number, checkbox or floating_timestamp) at 1-based `position`
+        (default last), null in existing rows; inserted and edited rows get values in it.
+        Returns {dataset, columns: [[field, type], ...]}."""
+        payload = {"dataset": dataset_id, "field": field, "type": soda_type, "position": position}
+        return dict(self._admin("POST", "add_column", payload))
+
+    def drop_column(self, dataset_id: str, field: str) -> dict[str, Any]:
+        """Remove a column (not the key) from the metadata and every row."""
+        return dict(self._admin("POST", "drop_column", {"dataset": dataset_id, "field": field}))
+
+    def retype_column(self, dataset_id: str, field: str, soda_type: str) -> dict[str, Any]:
+        """Change a column's type; stored values stay (refused if one does not fit the type),
+        inserted and edited rows get values of the new type."""
+        payload = {"dataset": dataset_id, "field": field, "type": soda_type}
+        return dict(self._admin("POST", "retype_column", payload))
+
+    def move_column(self, dataset_id: str, field: str, position: int) -> dict[str, Any]:
+        """Move a column to 1-based `position` in the metadata (rows unchanged)."""
+        payload = {"dataset": dataset_id, "field": field, "position": position}
+        return dict(self._admin("POST", "move_column", payload))
+
     def add_fault(
         self, kind: str, times: int | None = 1, match: str | None = None, **kw: Any
     ) -> None:

@@ -225,6 +225,16 @@ class App:
                 return action(self.dataset(payload), n)
             case "POST", "replace":
                 return reg.replace(self.dataset(payload))
+            case "POST", "add_column":
+                ds, field = self.dataset(payload), payload["field"]
+                return reg.add_column(ds, field, payload["type"], payload.get("position"))
+            case "POST", "drop_column":
+                return reg.drop_column(self.dataset(payload), payload["field"])
+            case "POST", "retype_column":
+                return reg.retype_column(self.dataset(payload), payload["field"], payload["type"])
+            case "POST", "move_column":
+                ds, field = self.dataset(payload), payload["field"]
+                return reg.move_column(ds, field, payload["position"])
             case "POST", "faults":
                 if "random" in payload:
                     spec = payload["random"]

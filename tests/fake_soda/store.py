@@ -17,13 +17,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 
-from . import data, hostile
+from . import columns, data, hostile
 from .schema import CRASHES, PERSONS, SCHEMAS, VEHICLES, Schema
 
 
@@ -203,6 +204,12 @@ class _Dataset:
     index: int
     snap: Snapshot
     next_version: int
+    # columns added or retyped at run time: inserted and edited rows get values for them
+    fill: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def drifted(self) -> bool:
+        return self.schema is not SCHEMAS[self.schema.dataset_id]
 
 
 class Registry:
@@ -282,6 +289,11 @@ class Registry:
             rows = data.new_rows(
                 ds.schema, self._rng, keys, stamp // 86_400_000_000, parents, self.hostile_text
             )
+            if ds.drifted:
+                rows = [
+                    columns.conform(ds.schema, orjson.loads(b"{" + r + b"}"), ds.fill, self._rng)
+                    for r in rows
+                ]
             start = len(old.key)
             slots = np.arange(start, start + n, dtype=np.int64)
             sids = data.row_ids(ds.index, self.seed, slots)
@@ -337,6 +349,10 @@ class Registry:
             fields = hostile.text_fields(ds.schema)
             for slot, row in zip(slots.tolist(), old.decoded(slots), strict=True):
                 edited = data.edit_row(ds.schema, row, self._rng)
+                if ds.fill:
+                    edited = orjson.loads(
+                        b"{" + columns.conform(ds.schema, edited, ds.fill, self._rng) + b"}"
+                    )
                 if self.hostile_text and self._rng.random() < 0.5:
                     patched[slot] = hostile.put(ds.schema, edited, fields, self._rng).encode()
                 else:
@@ -416,3 +432,68 @@ class Registry:
             )
             ds.snap = snap
             return {"dataset": dataset_id, "n": len(snap), "updated_at": fixed_text(stamp)}
+
+    # -- columns changed at run time (see `columns`) --------------------------------------
+    def add_column(
+        self, dataset_id: str, field: str, soda_type: str, position: int | None = None
+    ) -> dict[str, Any]:
+        """A new column (null in every existing row) at `position` (1-based; default last)."""
+        with self._lock:
+            ds = self._datasets[dataset_id]
+            self._new_schema(ds, columns.added(ds.schema, field, soda_type, position))
+            ds.fill[field] = soda_type
+            return self._columns_result(ds)
+
+    def drop_column(self, dataset_id: str, field: str) -> dict[str, Any]:
+        """The column is gone from the metadata and from every row."""
+        with self._lock:
+            ds = self._datasets[dataset_id]
+            schema = columns.dropped(ds.schema, field)
+            old = ds.snap
+            ends = old.base_offsets.tolist()
+            base = columns.without((old.base[a:b] for a, b in pairwise(ends)), field)
+            offsets = np.zeros(len(base) + 1, np.int64)
+            np.cumsum([len(b) for b in base], out=offsets[1:])
+            patched = dict(
+                zip(old.patched, columns.without(old.patched.values(), field), strict=True)
+            )
+            ds.snap = replace(
+                old, base=memoryview(b"".join(base)), base_offsets=offsets, patched=patched
+            )
+            self._new_schema(ds, schema)
+            ds.fill.pop(field, None)
+            return self._columns_result(ds)
+
+    def retype_column(self, dataset_id: str, field: str, soda_type: str) -> dict[str, Any]:
+        """The column's type changes; stored values stay (refused if they do not fit)."""
+        with self._lock:
+            ds = self._datasets[dataset_id]
+            schema = columns.retyped(ds.schema, field, soda_type)
+            snap = ds.snap
+            columns.check_fits(schema, field, soda_type, snap.decoded(snap.by_id))
+            self._new_schema(ds, schema)
+            ds.fill[field] = soda_type
+            return self._columns_result(ds)
+
+    def move_column(self, dataset_id: str, field: str, position: int) -> dict[str, Any]:
+        """The column moves to `position` (1-based) in the metadata; rows are unchanged."""
+        with self._lock:
+            ds = self._datasets[dataset_id]
+            self._new_schema(ds, columns.moved(ds.schema, field, position))
+            return self._columns_result(ds)
+
+    def _new_schema(self, ds: _Dataset, schema: Schema) -> None:
+        ds.schema = schema
+        ds.snap = replace(
+            ds.snap,
+            schema=schema,
+            generation=ds.snap.generation + 1,
+            _lazy={},
+            _lazy_lock=threading.Lock(),
+        )
+
+    def _columns_result(self, ds: _Dataset) -> dict[str, Any]:
+        return {
+            "dataset": ds.schema.dataset_id,
+            "columns": [[c.field, c.soda_type] for c in ds.schema.columns],
+        }

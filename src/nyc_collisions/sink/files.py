@@ -1,4 +1,5 @@
-"""Stream text tables into a sequence of files of at most `file_rows` rows each.
+"""Stream text tables into a sequence of files of about `file_rows` rows each (a file is closed
+at the end of the piece of rows that takes it to `file_rows` or past).
 
 Each finished file is handed to `on_file` with its entry (path, rows, bytes) and the last row it
 holds, so the caller can record its progress (a backfill's part record, an update's watermark).
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from ..pages import CsvRows
+from ..rows import CsvRows
 from ..schema import Schema
 from .formats import CsvEncoder, Encoder, encoder
 from .storage import Storage, Writer

@@ -94,12 +94,18 @@ def boundary_params(after: str | None, offset: int, upper: str | None = None) ->
 
 
 def keys_params(
-    *, key: str, after: str | None, limit: int, extra: tuple[str, ...] = ()
+    *,
+    key: str,
+    after: str | None,
+    limit: int,
+    extra: tuple[str, ...] = (),
+    upper: str | None = None,
 ) -> dict[str, str]:
-    """One keyset page of (`:id`, key, *extra) only, for verification and reconciliation."""
+    """One keyset page of (`:id`, key, *extra) only in the `:id` range (after, upper], for
+    verification and reconciliation."""
     select = ",".join(dict.fromkeys([":id", key, *extra]))
     params = {"$select": select, "$order": ":id", "$limit": str(limit)}
-    clause = id_range(after, None)
+    clause = id_range(after, upper)
     if clause:
         params["$where"] = clause
     return params

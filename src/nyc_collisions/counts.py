@@ -1,0 +1,92 @@
+"""How many rows an update adds to the current state, known when it commits, without reading it.
+
+`status` reads the current state's row count from the manifest (`Manifest.current_rows`): every
+commit records the count it produces. A snapshot's count is its rows; a reconcile counts what
+it compares (it reads every landed key anyway); an update adds the rows whose key was not in
+the current state, which it tells from each row's `:created_at` against the watermark it
+started from (`mark`):
+
+- created before the mark: the row existed when the rows up to the mark were fetched, so an
+  earlier batch landed it (it is not new);
+- created after the mark: no earlier update can have landed it, nor a reconcile (which leaves
+  rows past the watermark to updates); only a snapshot can hold a row past its own watermark (a
+  row inserted while the backfill ran), and it records the source's latest `:updated_at` at its
+  commit (`ahead_until`): rows created after that are new for sure;
+- created at the mark's very time (after a run that stopped within one `:updated_at`), or between
+  the mark and `ahead_until`, or without `:created_at`: uncertain. Those few are looked up in the
+  current state itself when the file that holds them is committed (a read of the landed keys,
+  which only these rare cases pay).
+
+This holds while a key names one row at the source (what `verify` checks).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .current import Landed, current_keys
+from .state import Watermark
+
+logger = logging.getLogger(__name__)
+
+
+class NewRows:
+    """Counts an update's new rows as its tables go to files (`add`, then `current` at a commit)."""
+
+    def __init__(self, landed: Landed, mark: Watermark) -> None:
+        self.landed = landed
+        self.mark = mark
+        self.base = landed.manifest.current_rows()
+        snapshot = landed.manifest.current_batches()[0]
+        ahead = snapshot.info.get("ahead_until")
+        self.ahead = ahead if isinstance(ahead, str) and ahead > mark.updated_at else None
+        self.new = 0
+        self._uncertain: list[pa.Array] = []
+
+    def add(self, table: pa.Table) -> None:
+        """Count the rows of `table` (about to be written) that add a key; keep the uncertain."""
+        if self.base is None or not table.num_rows:
+            return
+        created = table.column("socrata_created_at")
+        mark = pa.scalar(self.mark.updated_at, pa.string())
+        after = pc.fill_null(pc.greater(created, mark), False)
+        at = pc.fill_null(pc.equal(created, mark), False)
+        unknown = pc.is_null(created)
+        if self.ahead is not None:
+            within = pc.and_(after, pc.less_equal(created, pa.scalar(self.ahead, pa.string())))
+            unknown = pc.or_(unknown, within)
+            after = pc.and_(after, pc.invert(within))
+        if self.mark.row_id is not None:
+            # created at the mark: new when never changed since (its only version is past it)
+            unchanged = pc.equal(created, table.column("socrata_updated_at"))
+            after = pc.or_(after, pc.and_(at, unchanged))
+            unknown = pc.or_(unknown, pc.and_(at, pc.invert(unchanged)))
+        self.new += int(pc.sum(after).as_py() or 0)
+        if pc.any(unknown).as_py():
+            key = table.column(self.landed.key_column).filter(unknown)
+            self._uncertain.append(key.combine_chunks())
+
+    def current(self) -> int | None:
+        """The current state's rows once what was added so far is committed (None: unknown)."""
+        if self.base is None:
+            return None
+        if self._uncertain:
+            self.new += self._resolve(pa.concat_arrays(self._uncertain))
+            self._uncertain = []
+        return self.base + self.new
+
+    def _resolve(self, keys: pa.Array) -> int:
+        """How many of `keys` the current state (as committed so far) does not hold."""
+        logger.info(
+            "%s: reading the landed keys to count %d rows changed near the watermark",
+            self.landed.dataset.name,
+            len(keys),
+        )
+        keys = pc.unique(keys)
+        found = pa.array([False] * len(keys))
+        for table in current_keys(self.landed):
+            found = pc.or_(found, pc.is_in(keys, value_set=table.column(self.landed.key_column)))
+        return len(keys) - int(pc.sum(found).as_py() or 0)

@@ -1,0 +1,420 @@
+"""Reconcile: find rows deleted at the source, and rows missing or stale in what landed.
+
+Socrata reports no deletions, so the source's keys are compared with the landed current state:
+
+1. **Scan** every `(key, :id, :updated_at)` of the source over `:id` partitions at once
+   (`keyscan.py`), while a thread reads the landed current keys. Both go to a local spill,
+   hash-partitioned by key (`keyspill.py`); the source's also go to chunk files under
+   `runs/<scan>/keys/`, each recorded in `runs/<scan>/parts/` as a backfill records its files,
+   with the plan in `runs/<scan>/scan.json`. A run stopped by `--max-seconds` or the Lambda
+   deadline, interrupted or killed goes on from them the next time: its chunks are read back
+   into the spill and only the rest of the source is scanned.
+2. **Compare** bucket by bucket: a landed key the source lacks gets a tombstone; a source row
+   that is missing from what landed, or whose `:updated_at` differs, is fetched again by `:id`.
+   Rows the scan cannot judge are left alone: a landed row changed after the scan started
+   (`scan_from`: an update may have landed it since, in a range already scanned), and a source
+   row past the watermark (the next update brings it, and counts it).
+3. **Commit** the tombstones, then the rows fetched again (file by file, stopping cleanly at the
+   deadline; the next run compares again and goes on), each commit with the current state's
+   row count, known exactly here since every landed key was read. The scan's records go last.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.ipc as ipc
+
+from .current import Landed, current_keys
+from .datasets import Dataset, landed_name
+from .errors import StateError
+from .extract import DatasetJob, DatasetResult
+from .incremental import _BatchCommitter, _open, batch_files
+from .keyscan import KeyScan, ResumePoint, ScanPlan, key_schema, keys_page, scan_threads
+from .keyspill import KeySpill, bucket_count
+from .plan import Partition
+from .refresh import drift, land_new_columns
+from .schema import Column, Schema
+from .sink.files import FileRotation
+from .sink.storage import Storage, Writer
+from .state import Batch, DatasetState, PartRecord, new_batch_id, utc_now
+
+logger = logging.getLogger(__name__)
+
+IDS_PER_QUERY = 100
+MAX_AGE_HOURS = 7 * 24.0  # older scan records are dropped: a fresh scan sees more deletions
+CHUNK_PAGES = 2  # a chunk file holds about this many pages of keys: what a kill loses at most
+_IPC = ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=1))
+
+
+def _strings(*names: str) -> pa.Schema:
+    return pa.schema([pa.field(n, pa.string()) for n in dict.fromkeys(names)])
+
+
+def scan_pending(storage: Storage, dataset: Dataset) -> bool:
+    """Whether a reconcile of `dataset` stopped before its end and left its key scan to resume."""
+    return any(k.endswith("/scan.json") for k in storage.list_keys(f"{dataset.name}/runs/"))
+
+
+class _Chunks:
+    """One partition's keys: to the spill, and to chunk files recorded under `runs/<scan>/`."""
+
+    def __init__(
+        self,
+        state: DatasetState,
+        plan: ScanPlan,
+        partition: Partition,
+        point: ResumePoint,
+        spill: KeySpill,
+        schema: pa.Schema,
+    ) -> None:
+        self.state = state
+        self.prefix = state.run_prefix(plan.scan_id)
+        self.partition = partition
+        self.seq = point.next_seq
+        self.spill = spill
+        self.schema = schema
+        self.chunk_rows = CHUNK_PAGES * plan.page
+        self._writer: Writer | None = None
+        self._ipc: ipc.RecordBatchStreamWriter | None = None
+        self._rows = 0
+        self._path = ""
+
+    def write(self, table: pa.Table) -> None:
+        table = table.select(self.schema.names)
+        self.spill.add("source", table)
+        if self._writer is None:
+            self._path = f"{self.prefix}/keys/{self.partition.index:04d}-{self.seq:06d}.arrow"
+            self._writer = self.state.storage.open_writer(self._path)
+            self._ipc = ipc.new_stream(self._writer, self.schema, options=_IPC)
+        assert self._ipc is not None
+        self._ipc.write_table(table)
+        self._rows += table.num_rows
+        if self._rows >= self.chunk_rows:
+            self._record(False, table.column("socrata_id")[-1].as_py())
+
+    def end(self, done: bool, after: str | None) -> None:
+        if self._writer is not None or done:
+            self._record(done, after)
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = self._ipc = None
+
+    def _record(self, done: bool, last_id: str | None) -> None:
+        path, size = None, 0
+        if self._writer is not None:
+            assert self._ipc is not None
+            self._ipc.close()
+            self._writer.close()
+            path, size = self._path, self._writer.bytes_written
+        record = PartRecord(self.partition.index, self.seq, done, path, self._rows, size, last_id)
+        key = f"{self.prefix}/parts/{self.partition.index:04d}-{self.seq:06d}.json"
+        self.state.put_json(key, record.to_dict())
+        self._writer = self._ipc = None
+        self._rows = 0
+        self.seq += 1
+
+
+@dataclass
+class _Repairs:
+    """What the comparison found, bucket by bucket."""
+
+    vanished: int = 0  # landed rows whose key the source lacks
+    missing: list[pa.Array] = field(default_factory=list)  # :ids of rows to land
+    stale: list[pa.Array] = field(default_factory=list)  # :ids of rows landed in another version
+    later: int = 0  # source rows past the watermark, left to the next update
+
+    @property
+    def missing_rows(self) -> int:
+        return sum(len(a) for a in self.missing)
+
+    @property
+    def stale_rows(self) -> int:
+        return sum(len(a) for a in self.stale)
+
+
+class Reconcile(DatasetJob):
+    command = "reconcile"
+    status = "reconciled"
+
+    def _run(self, stop: threading.Event, result: DatasetResult) -> None:
+        landed = _open(self.state, self.dataset)
+        change = drift(landed, self.source)
+        if change is not None:
+            # the fresh snapshot is the source's whole state: nothing is left to reconcile
+            fmt = landed.manifest.current_batches()[-1].format
+            land_new_columns(self, change, stop, result, fmt)
+            return
+        keys = key_schema(self.source, (":updated_at",))
+        plan, resume = self._resume_or_start(keys)
+        if plan.partitions:
+            result.extra["resumed"] = plan.scan_id
+        key = landed.key_column
+        source_side = _strings(key, "socrata_id", "socrata_updated_at")
+        sides = {"source": source_side, "landed": _strings(key, "socrata_updated_at")}
+        expected = max(plan.source_count, landed.manifest.current_rows() or 0)
+        with KeySpill(sides, key, bucket_count(expected)) as spill:
+            self._reload(plan, spill)
+
+            def read_landed(stop: threading.Event) -> None:
+                for table in current_keys(landed, "socrata_updated_at"):
+                    if stop.is_set():
+                        return
+                    spill.add("landed", table)
+
+            scan = KeyScan(
+                self.source,
+                keys,
+                plan,
+                workers=scan_threads(self.source, self.opts.workers),
+                stop=stop,
+                out_of_time=self.opts.out_of_time,
+                open_sink=lambda p: _Chunks(
+                    self.state, scan.plan, p, resume.get(p.index, ResumePoint()), spill, source_side
+                ),
+                record=self._record_plan,
+            )
+            complete = scan.run(resume, beside=read_landed)
+            result.extra["scanned"] = scan.rows
+            if not complete:
+                self._stopped(result, stop, "during the key scan")
+                return
+            landed_rows = spill.rows["landed"]
+            logger.info(
+                "%s: %d source keys, %d landed; comparing in %d buckets (%.1f MiB spilled)",
+                self.dataset.name,
+                spill.rows["source"],
+                landed_rows,
+                spill.buckets,
+                spill.bytes_on_disk / (1 << 20),
+            )
+            repairs = _Repairs()
+            fmt = landed.manifest.current_batches()[-1].format
+            tombs = self._tombstones(landed, fmt, landed_rows)
+            try:
+                for bucket in spill.pairs():
+                    gone = self._compare(landed, scan.plan, bucket, repairs)
+                    tombs.removed = repairs.vanished  # counted before the write may commit
+                    tombs.write(gone)
+                tombs.files.commit(done=True)
+            except BaseException:
+                tombs.files.abort()
+                raise
+        result.extra.update(
+            vanished=repairs.vanished,
+            missing=repairs.missing_rows,
+            stale=repairs.stale_rows,
+            tombstones=tombs.keys,
+            later=repairs.later,
+        )
+        result.files += tombs.files.files
+        count = landed_rows - repairs.vanished
+        if not self._refetch(landed, fmt, repairs, count, result, stop):
+            self._stopped(result, stop, "while fetching rows again")
+            return
+        self.state.drop_run(plan.scan_id)
+
+    # -- the scan's record under runs/ -----------------------------------------------------------
+
+    def _resume_or_start(self, keys: Schema) -> tuple[ScanPlan, dict[int, ResumePoint]]:
+        """The recorded scan of an earlier run that fits (others are dropped), or a new one."""
+        fields = tuple(keys.field_names)
+        found: list[ScanPlan] = []
+        for k in self.storage.list_keys(f"{self.state.folder}/runs/"):
+            if not k.endswith("/scan.json"):
+                continue
+            doc = self.state.get_json(k)
+            plan = None if doc is None else ScanPlan.from_dict(doc, f"{self.storage.url}/{k}")
+            if plan is not None and self._fits(plan, fields):
+                found.append(plan)
+            else:
+                self.state.drop_run(k.split("/")[-2])
+        found.sort(key=lambda p: p.started)
+        for stale in found[:-1]:
+            self.state.drop_run(stale.scan_id)
+        if found:
+            plan = found[-1]
+            logger.info("%s: resuming key scan %s", self.dataset.name, plan.scan_id)
+            return plan, self._resume_points(plan)
+        plan = ScanPlan.start(
+            new_batch_id("keyscan"),
+            self.source,
+            fields,
+            scan_threads(self.source, self.opts.workers),
+            keys_page(),
+        )
+        self._record_plan(plan)
+        return plan, {}
+
+    def _fits(self, plan: ScanPlan, fields: tuple[str, ...]) -> bool:
+        try:
+            started = datetime.strptime(plan.started, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        except ValueError:
+            return False
+        age = (datetime.now(UTC) - started).total_seconds() / 3600
+        return (
+            plan.dataset_id == self.dataset.dataset_id
+            and plan.key == self.dataset.key
+            and plan.fields == fields
+            and 0 <= age < MAX_AGE_HOURS
+        )
+
+    def _record_plan(self, plan: ScanPlan) -> None:
+        self.state.put_json(f"{self.state.run_prefix(plan.scan_id)}/scan.json", plan.to_dict())
+
+    def _resume_points(self, plan: ScanPlan) -> dict[int, ResumePoint]:
+        points: dict[int, ResumePoint] = {}
+        for rec in self.state.part_records(plan.scan_id):
+            point = points.get(rec.partition, ResumePoint())
+            if rec.seq >= point.next_seq:
+                point = replace(point, after=rec.last_id, next_seq=rec.seq + 1)
+            points[rec.partition] = replace(point, done=point.done or rec.done)
+        return points
+
+    def _reload(self, plan: ScanPlan, spill: KeySpill) -> None:
+        """The chunks an earlier run of this scan fetched, back into the spill."""
+        for rec in self.state.part_records(plan.scan_id):
+            if rec.path is None:
+                continue
+            where = f"{self.storage.url}/{rec.path}"
+            try:
+                with self.storage.open_reader(rec.path) as f, ipc.open_stream(f) as reader:
+                    for chunk in reader:
+                        spill.add("source", pa.Table.from_batches([chunk]))
+            except (pa.ArrowException, OSError) as exc:
+                raise StateError(
+                    f"{where}: a key scan chunk unreadable ({exc}); delete "
+                    f"{self.storage.url}/{self.state.run_prefix(plan.scan_id)}/ to scan again"
+                ) from exc
+
+    def _stopped(self, result: DatasetResult, stop: threading.Event, when: str) -> None:
+        result.status = "stopped"
+        why = "stop" if stop.is_set() else "time budget"
+        result.message = f"stopped {when} ({why}); the next run goes on from its recorded progress"
+
+    # -- compare and commit ----------------------------------------------------------------------
+
+    def _compare(
+        self, landed: Landed, plan: ScanPlan, bucket: dict[str, pa.Table], repairs: _Repairs
+    ) -> pa.Array:
+        """One bucket: record what to fetch again; returns the keys to tombstone."""
+        key = landed.key_column
+        src, mine = bucket["source"], bucket["landed"]
+        src_keys, mine_keys = src.column(key), mine.column(key)
+        mine_at = mine.column("socrata_updated_at")
+        # a landed row changed after the scan started may be newer than what the scan saw
+        judged = (
+            pc.fill_null(pc.less_equal(mine_at, plan.scan_from), True)
+            if plan.scan_from is not None
+            else pa.array(np.ones(len(mine), dtype=bool))
+        )
+        gone = pc.and_(pc.invert(pc.is_in(mine_keys, value_set=src_keys)), judged)
+        repairs.vanished += int(pc.sum(gone).as_py() or 0)
+        # each source row's landed version (of the first landed row of its key): `index_in`
+        # hashes one side, far lighter than a join of both
+        at = pc.index_in(src_keys, value_set=mine_keys)
+        src_at = src.column("socrata_updated_at")
+        due = self._due(landed, src_at)
+        repairs.later += len(src) - int(pc.sum(due).as_py() or 0)
+        absent = pc.is_null(at)
+        differs = pc.and_(
+            pc.not_equal(src_at, mine_at.take(at)), pc.fill_null(judged.take(at), False)
+        )
+        ids = src.column("socrata_id")
+        repairs.missing.append(ids.filter(pc.and_(absent, due)).combine_chunks())
+        stale = pc.fill_null(pc.and_(differs, due), False)
+        repairs.stale.append(ids.filter(stale).combine_chunks())
+        return pc.unique(mine_keys.filter(gone))
+
+    def _due(self, landed: Landed, src_at: pa.ChunkedArray) -> pa.Array:
+        """Source rows at or before the watermark: those a reconcile repairs (later ones are the
+        next update's, which counts them as it lands them)."""
+        mark = landed.manifest.watermark
+        if mark is None:
+            return pc.is_valid(src_at)
+        at = pa.scalar(mark.updated_at, pa.string())
+        due = pc.less(src_at, at) if mark.row_id is not None else pc.less_equal(src_at, at)
+        return pc.fill_null(due, True)
+
+    def _tombstones(self, landed: Landed, fmt: str, before: int) -> _Tombstones:
+        col = next(c for c in landed.schema.columns if c.name == landed.key_column)
+        schema = Schema((Column(col.field_name, col.data_type),), landed.schema.integer_fields)
+        batch = Batch(new_batch_id("tombstones"), "tombstones", fmt, utc_now(), [], 0)
+        tombs = _Tombstones(landed_name(col.field_name), before)
+        committer = _BatchCommitter(landed, batch, watermark=False, count=tombs.current)
+        tombs.files = batch_files(self.state, schema, batch, self.opts.file_rows, committer)
+        return tombs
+
+    def _refetch(
+        self,
+        landed: Landed,
+        fmt: str,
+        repairs: _Repairs,
+        count: int,
+        result: DatasetResult,
+        stop: threading.Event,
+    ) -> bool:
+        """Land the rows to fetch again, by `:id`; False when stopped before the end."""
+        lists = [(a, True) for a in repairs.missing] + [(a, False) for a in repairs.stale]
+        chunks = [
+            (ids.slice(i, IDS_PER_QUERY).to_pylist(), new)
+            for ids, new in lists
+            for i in range(0, len(ids), IDS_PER_QUERY)
+        ]
+        if not chunks:
+            return True
+        batch = Batch(
+            new_batch_id("repair"), "update", fmt, utc_now(), [], 0, info={"reason": "reconcile"}
+        )
+        added = 0
+        committer = _BatchCommitter(landed, batch, watermark=False, count=lambda: count + added)
+        files = batch_files(self.state, landed.schema, batch, self.opts.file_rows, committer)
+        workers = scan_threads(self.source, self.opts.workers)
+        finished = True
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="refetch") as pool:
+                for start in range(0, len(chunks), workers):
+                    if stop.is_set() or self.opts.out_of_time():
+                        finished = False
+                        break
+                    group = chunks[start : start + workers]
+                    tables = pool.map(lambda c: self.source.rows_by_id(landed.schema, c[0]), group)
+                    for (_, new), table in zip(group, tables, strict=True):
+                        if new:
+                            added += pc.count_distinct(table.column(landed.key_column)).as_py()
+                        files.write(table)
+            files.commit(done=finished)
+        except BaseException:
+            files.abort()
+            raise
+        result.rows += batch.rows
+        result.files += len(batch.files)
+        return finished
+
+
+class _Tombstones:
+    """The tombstone batch as it is written bucket by bucket, with the count each commit gives."""
+
+    def __init__(self, column: str, before: int) -> None:
+        self.column = column
+        self.before = before
+        self.removed = 0  # landed rows the keys written so far remove
+        self.keys = 0
+        self.files: FileRotation
+
+    def write(self, keys: pa.Array) -> None:
+        if len(keys):
+            self.keys += len(keys)
+            self.files.write(pa.table({self.column: keys}))
+
+    def current(self) -> int:
+        return self.before - self.removed
