@@ -17,8 +17,10 @@ import httpx
 import pytest
 
 from nyc_collisions import aws
+from nyc_collisions.drift import SchemaChange
 from nyc_collisions.errors import UsageError
 from nyc_collisions.report import _epoch
+from nyc_collisions.schema import Column
 from tests.cfn import load_template
 from tests.conftest import GOOD_TOKEN, SMALL
 from tests.fake_soda import FakeSoda, Latency
@@ -327,7 +329,7 @@ def test_a_schema_change_is_counted(
         def run(self, stop: Any) -> Any:
             result = super().run(stop)
             if result.dataset == "crashes":
-                result.extra["schema_change"] = {"added": ["x"], "removed": [], "retyped": []}
+                result.schema_change = SchemaChange.between((), (Column("x", "text"),))
             return result
 
     monkeypatch.setattr(aws, "Update", Drifting)

@@ -45,7 +45,7 @@ import orjson
 from . import settings
 from .datasets import Dataset, resolve_many
 from .errors import NothingLanded, NycCollisionsError, UsageError
-from .extract import DatasetResult, RunOptions, backfill
+from .extract import RunOptions, backfill
 from .incremental import Update
 from .metrics import (
     DatasetMetrics,
@@ -57,6 +57,7 @@ from .metrics import (
 )
 from .reconcile import Reconcile, scan_pending
 from .report import _epoch
+from .results import DatasetResult
 from .runtime import tune_allocators
 from .sink.formats import FORMATS
 from .sink.storage import Storage, open_storage
@@ -149,11 +150,17 @@ def _summary(command: str, r: DatasetResult) -> dict[str, Any]:
         "requests": r.requests,
         "seconds": round(r.seconds, 2),
     }
-    for k in ("watermark", "missing", "stale", "vanished", "total_rows", "refreshed"):
-        if k in r.extra:
-            out[k] = r.extra[k]
-    if "schema_change" in r.extra:  # {added, removed, retyped}: the source's columns changed
-        out["schema_change"] = r.extra["schema_change"]
+    if command == "update" or r.refreshed:
+        out["watermark"] = r.watermark_dict()
+    if r.reconciled is not None:
+        c = r.reconciled
+        out.update(missing=c.missing, stale=c.stale, vanished=c.vanished)
+    if r.total_rows is not None:
+        out["total_rows"] = r.total_rows
+    if r.refreshed:
+        out["refreshed"] = True
+    if r.schema_change is not None:  # {added, removed, retyped}: the source's columns changed
+        out["schema_change"] = r.schema_change.summary()
     return out
 
 

@@ -21,14 +21,9 @@ from .current import open_landed
 from .datasets import resolve, resolve_many
 from .drift import summary_text
 from .errors import CTRL_C_LINE, Interrupted, NycCollisionsError, UsageError
-from .extract import (
-    DEFAULT_FILE_ROWS,
-    DEFAULT_PAGE_SIZE,
-    DatasetResult,
-    RunOptions,
-    backfill,
-)
+from .extract import DEFAULT_FILE_ROWS, DEFAULT_PAGE_SIZE, RunOptions, backfill
 from .report import dataset_status, orphans
+from .results import DatasetResult
 from .runtime import tune_allocators
 from .sink.s3 import UploadStats
 from .sink.storage import DEFAULT_LOCAL_DEST, Storage, open_storage
@@ -323,23 +318,19 @@ def _print_summary(results: list[DatasetResult], started: float) -> None:
         )
         click.echo(line)
         _print_concurrency(r)
-        if r.extra.get("schema_change"):
-            said = summary_text(r.extra["schema_change"])
+        if r.schema_change is not None:
+            said = summary_text(r.schema_change.summary())
             click.echo(
                 f"  columns changed ({said}) since the last snapshot: recorded in the manifest"
             )
-        if r.extra.get("resumed"):
+        total = r.rows if r.total_rows is None else r.total_rows
+        if r.resumed:
+            click.echo(f"  resumed run {r.resumed}: {total:,} rows in the committed batch")
+        if r.status == "landed" and r.source_count is not None and total != r.source_count:
             click.echo(
-                f"  resumed run {r.extra['resumed']}: "
-                f"{r.extra.get('total_rows', r.rows):,} rows in the committed batch"
+                f"  note: the source counted {r.source_count:,} rows at the start; "
+                f"{total:,} landed (it changed meanwhile: `update` catches up)"
             )
-        if r.status == "landed" and r.source_count is not None:
-            total = r.extra.get("total_rows", r.rows)
-            if total != r.source_count:
-                click.echo(
-                    f"  note: the source counted {r.source_count:,} rows at the start; "
-                    f"{total:,} landed (it changed meanwhile: `update` catches up)"
-                )
         if r.message and r.status != "landed":
             click.echo(f"  {r.message}")
     total_rows = sum(r.rows for r in results)
@@ -352,12 +343,12 @@ def _print_summary(results: list[DatasetResult], started: float) -> None:
 
 
 def _print_concurrency(r: DatasetResult) -> None:
-    c = r.extra.get("concurrency")
+    c = r.concurrency
     if c:
-        how = f"found at run time, ceiling {c['ceiling']}" if c["adaptive"] else "--workers"
+        how = f"found at run time, ceiling {c.ceiling}" if c.adaptive else "--workers"
         click.echo(
-            f"  concurrency: settled at {c['settled']} requests in flight, {c['peak']} at the "
-            f"peak ({how}); {r.extra.get('splits', 0)} ranges split"
+            f"  concurrency: settled at {c.settled} requests in flight, {c.peak} at the "
+            f"peak ({how}); {r.splits} ranges split"
         )
 
 
@@ -472,20 +463,20 @@ def _print_upload(storage: Storage, started: float) -> None:
 def _print_changes(results: list[DatasetResult], started: float) -> None:
     for r in results:
         parts = [f"{r.dataset}: {r.status} {r.rows:,} rows in {r.files} files"]
-        if r.extra.get("schema_change"):
-            parts.append(f"columns changed ({summary_text(r.extra['schema_change'])})")
-        for k in ("missing", "stale", "vanished"):
-            if k in r.extra:
-                parts.append(f"{k} {r.extra[k]:,}")
-        wm = r.extra.get("watermark")
+        if r.schema_change is not None:
+            parts.append(f"columns changed ({summary_text(r.schema_change.summary())})")
+        if r.reconciled is not None:
+            c = r.reconciled
+            parts += [f"missing {c.missing:,}", f"stale {c.stale:,}", f"vanished {c.vanished:,}"]
+        wm = r.watermark
         if wm:
-            parts.append(f"watermark {wm['updated_at']} {wm['row_id'] or ''}".rstrip())
+            parts.append(f"watermark {wm.updated_at} {wm.row_id or ''}".rstrip())
         parts.append(f"{r.requests:,} requests, {r.seconds:,.1f}s -> {r.location}")
         click.echo(", ".join(parts))
         if r.message:
             click.echo(f"  {r.message}")
-        if r.extra.get("resumed"):
-            click.echo(f"  resumed run {r.extra['resumed']} from its committed files")
+        if r.resumed:
+            click.echo(f"  resumed run {r.resumed} from its committed files")
     click.echo(
         f"total: {sum(r.rows for r in results):,} rows, execution time "
         f"{time.monotonic() - started:,.1f}s"
@@ -686,7 +677,7 @@ def compact_cmd(
     _opts(file_rows=file_rows, started=started)
     for ds in resolve_many(list(datasets)):
         r = compact(storage, ds, prune=prune, file_rows=file_rows, grace_hours=grace_hours)
-        pruned = f", pruned {r.extra['pruned_batches']} batches" if prune else ""
+        pruned = f", pruned {r.pruned_batches} batches" if prune else ""
         click.echo(
             f"{r.dataset}: compacted {r.rows:,} rows into {r.files} files{pruned} "
             f"({r.seconds:,.1f}s) -> {r.location}"

@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tqdm import tqdm
@@ -31,6 +31,7 @@ from .errors import AlreadyLanded, NycCollisionsError, StateError, UsageError
 from .lease import Lease
 from .partition import FetchContext, PlanBook
 from .plan import Partition, ResumePoint, partition_count, partition_step
+from .results import DatasetResult
 from .schema import Schema
 from .sink.files import FileEntry
 from .sink.formats import check_format
@@ -69,23 +70,6 @@ class RunOptions:
             raise UsageError(f"--page-size must be a positive number of rows, not {self.page_size}")
         if self.file_rows < 1:
             raise UsageError(f"--file-rows must be positive, not {self.file_rows}")
-
-
-@dataclass
-class DatasetResult:
-    dataset: str
-    status: str  # "landed" | "skipped" | "stopped" | "updated" | ...
-    rows: int = 0
-    files: int = 0
-    bytes: int = 0
-    requests: int = 0
-    wire_bytes: int = 0
-    seconds: float = 0.0
-    batch_id: str | None = None
-    location: str = ""
-    source_count: int | None = None
-    message: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # -- one dataset's backfill -------------------------------------------------------------------
@@ -181,7 +165,7 @@ class Backfill(DatasetJob):
             ):
                 self._keyed_as_landed(plan["key"])  # a rerun without --key keeps the run's key
                 logger.info("%s: resuming run %s", self.dataset.name, batch_id)
-                result.extra["resumed"] = batch_id
+                result.resumed = batch_id
                 return plan
             logger.info(
                 "%s: dropping unfinished run %s (different format or columns)",
@@ -275,14 +259,8 @@ class Backfill(DatasetJob):
             bar.close()
         result.files, result.rows, result.bytes = done.files, done.rows, done.bytes
         usage = limit.usage()
-        result.extra["concurrency"] = {
-            "settled": usage.settled,
-            "peak": usage.peak,
-            "ceiling": usage.ceiling,
-            "adaptive": usage.adaptive,
-            "throttles": usage.throttles,
-        }
-        result.extra["splits"] = done.splits
+        result.concurrency = usage
+        result.splits = done.splits
         logger.info(
             "%s: concurrency settled at %d requests in flight (%s %d; peak %d), %d splits",
             self.dataset.name,
@@ -347,15 +325,14 @@ class Backfill(DatasetJob):
         manifest.key = self.dataset.key
         change = manifest.change_columns(columns, batch.batch_id)
         if change is not None:
-            result.extra["schema_change"] = change.summary()
+            result.schema_change = change
             logger.info("%s: snapshot %s lands the new columns", self.dataset.name, batch.batch_id)
         manifest.batches.append(batch)
         self.state.commit(manifest)
         self.snapshot_committed = True
         result.batch_id = batch.batch_id
         result.source_count = plan["source_count"]
-        result.extra["total_rows"] = total
-        result.extra["total_files"] = len(files)
+        result.total_rows = total
 
 
 def backfill(

@@ -28,9 +28,10 @@ from .counts import NewRows
 from .current import Landed, iter_current, open_landed
 from .datasets import Dataset
 from .errors import NothingLanded, SchemaError
-from .extract import DatasetJob, DatasetResult, RunOptions
+from .extract import DatasetJob, RunOptions
 from .lease import Lease
 from .refresh import drift, drifted_meanwhile, land_new_columns, land_snapshot
+from .results import DatasetResult
 from .schema import Schema
 from .sink.files import FileEntry, FileRotation, OnFile
 from .sink.storage import Storage
@@ -136,7 +137,6 @@ class Update(DatasetJob):
     def _run(self, stop: threading.Event, result: DatasetResult) -> None:
         landed = _open(self.state, self.dataset)
         watermark = landed.manifest.watermark or Watermark("1970-01-01T00:00:00.000Z")
-        result.extra["watermark_before"] = watermark.__dict__
         fmt = self.fmt or landed.manifest.current_batches()[-1].format
         change = drift(landed, self.source)
         if change is not None:
@@ -217,8 +217,7 @@ class Update(DatasetJob):
             files.landed_bytes,
         )
         result.batch_id = batch.batch_id if committer.committed else None
-        wm = landed.manifest.watermark
-        result.extra["watermark"] = None if wm is None else wm.__dict__
+        result.watermark = landed.manifest.watermark
 
     def _refresh_instead(
         self, landed: Landed, watermark: Watermark, until: str, result: DatasetResult
@@ -234,7 +233,7 @@ class Update(DatasetJob):
             f"{changed:,} rows changed since the watermark, against {snapshot_rows:,} in the "
             f"last snapshot: landed a fresh snapshot over partitions, as a backfill does"
         )
-        result.extra["refreshed"] = True
+        result.refreshed = True
         logger.info("%s: %s", self.dataset.name, result.message)
         return True
 
@@ -317,7 +316,7 @@ def _compact(
         if grace_hours > 0:
             until = retire_after(grace_hours)
             manifest.retired += [Retired(f.path, until) for b in old for f in b.files]
-        result.extra["pruned_batches"] = len(old)
+        result.pruned_batches = len(old)
     else:
         manifest.batches.append(batch)
     state.commit(manifest)

@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from .extract import DatasetResult
+from .results import DatasetResult
 
 NAMESPACE = "NycCollisions"
 THROTTLE_CAUSES = frozenset({"429", "403 throttle"})  # as `SodaClient` counts its retries
@@ -52,13 +52,13 @@ class DatasetMetrics:
     lag_seconds: float | None = None  # None: unknown (no watermark, or no rowsUpdatedAt)
 
 
-def rows_changed(command: str, rows: int, extra: dict[str, Any]) -> int | None:
+def rows_changed(command: str, r: DatasetResult) -> int | None:
     """Rows the source changed since the last run, as this run saw them: an update's rows past
     the watermark (all of a refreshed snapshot's), a reconcile's missing + stale + vanished."""
     if command == "update":
-        return rows
+        return r.rows
     if command == "reconcile":
-        return sum(int(extra.get(k) or 0) for k in ("missing", "stale", "vanished"))
+        return 0 if r.reconciled is None else r.reconciled.changed
     return None
 
 
@@ -69,11 +69,11 @@ def from_result(command: str, r: DatasetResult, retries: int, throttles: int) ->
         command,
         r.status,
         r.rows,
-        rows_changed(command, r.rows, r.extra),
+        rows_changed(command, r),
         r.seconds,
         retries,
         throttles,
-        int(bool(r.extra.get("schema_change"))),
+        int(r.schema_change is not None),
     )
 
 

@@ -35,12 +35,13 @@ import pyarrow.ipc as ipc
 from .current import Landed, current_keys
 from .datasets import Dataset, landed_name
 from .errors import StateError
-from .extract import DatasetJob, DatasetResult
+from .extract import DatasetJob
 from .incremental import _BatchCommitter, _open, batch_files
 from .keyscan import KeyScan, ResumePoint, ScanPlan, key_schema, keys_page, scan_threads
 from .keyspill import KeySpill, bucket_count
 from .plan import Partition
 from .refresh import drift, land_new_columns
+from .results import DatasetResult, ReconcileCounts
 from .schema import Column, Schema
 from .sink.files import FileRotation
 from .sink.storage import Storage, Writer
@@ -157,7 +158,7 @@ class Reconcile(DatasetJob):
         keys = key_schema(self.source, (":updated_at",))
         plan, resume = self._resume_or_start(keys)
         if plan.partitions:
-            result.extra["resumed"] = plan.scan_id
+            result.resumed = plan.scan_id
         key = landed.key_column
         source_side = _strings(key, "socrata_id", "socrata_updated_at")
         sides = {"source": source_side, "landed": _strings(key, "socrata_updated_at")}
@@ -184,7 +185,7 @@ class Reconcile(DatasetJob):
                 record=self._record_plan,
             )
             complete = scan.run(resume, beside=read_landed)
-            result.extra["scanned"] = scan.rows
+            result.scanned = scan.rows
             if not complete:
                 self._stopped(result, stop, "during the key scan")
                 return
@@ -209,7 +210,7 @@ class Reconcile(DatasetJob):
             except BaseException:
                 tombs.files.abort()
                 raise
-        result.extra.update(
+        result.reconciled = ReconcileCounts(
             vanished=repairs.vanished,
             missing=repairs.missing_rows,
             stale=repairs.stale_rows,

@@ -14,7 +14,8 @@ from dataclasses import replace
 
 from .current import Landed
 from .drift import SchemaChange
-from .extract import Backfill, DatasetJob, DatasetResult
+from .extract import Backfill, DatasetJob
+from .results import DatasetResult
 from .socrata.source import DatasetSource
 
 logger = logging.getLogger(__name__)
@@ -28,8 +29,7 @@ def land_snapshot(job: DatasetJob, stop: threading.Event, result: DatasetResult,
     refresh._run(stop, result)
     job.snapshot_committed = refresh.snapshot_committed
     after = job.state.load()
-    wm = None if after is None else after.watermark
-    result.extra["watermark"] = None if wm is None else wm.__dict__
+    result.watermark = None if after is None else after.watermark
 
 
 def drift(landed: Landed, source: DatasetSource) -> SchemaChange | None:
@@ -59,7 +59,7 @@ def land_new_columns(
         change.describe(),
     )
     land_snapshot(job, stop, result, fmt)
-    result.extra["refreshed"] = True
+    result.refreshed = True
     if result.status == "stopped":
         result.message = f"the source's columns changed ({change.describe()}): {result.message}"
     else:
