@@ -116,7 +116,7 @@ def test_a_damaged_data_file_is_one_line_naming_it(
 def test_an_unexpected_failure_is_one_line_and_the_traceback_only_with_v(
     soda_ro: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from nyc_collisions import extract
+    from nyc_collisions import snapshot
 
     token = GOOD_TOKEN
     monkeypatch.setenv("SOCRATA_APP_TOKEN", token)
@@ -124,7 +124,7 @@ def test_an_unexpected_failure_is_one_line_and_the_traceback_only_with_v(
     def broken(*_args: Any, **_kw: Any) -> None:
         raise RuntimeError(f"something nobody foresaw (with {token})")
 
-    monkeypatch.setattr(extract.Backfill, "_plan", broken)
+    monkeypatch.setattr(snapshot._Snapshot, "_plan", broken)
     args = ("backfill", "crashes", "--source", soda_ro.url, "--dest", str(tmp_path / "land"))
     res = cli(*args)
     assert res.code == 1, res.text

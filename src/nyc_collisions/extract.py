@@ -1,132 +1,23 @@
-"""The orchestrator: metadata -> plan -> pages -> files -> manifest.
+"""Backfill: land every row of each dataset as a snapshot (`snapshot.py` lands it).
 
-Only this module knows both the source and the sink. A backfill of one dataset:
-
-1. takes the dataset's lock and reads its manifest (a committed snapshot is not landed twice
-   unless `force`); an unfinished run of an earlier invocation is resumed from its committed files;
-2. asks the source for its count and latest `:updated_at` (the watermark the next `update` starts
-   from, so rows changed during the backfill are picked up), then probes partition boundaries;
-3. workers fetch partitions by keyset pages and stream them into files, closing a file every
-   `file_rows` rows and recording it under `runs/<batch>/parts/` (the unit a rerun resumes from);
-   as many at once as the source serves (`workers.py`), splitting ranges to keep its slots busy;
-4. when every partition has reached its end (its upper row landed, or an empty page that a count
-   confirms, never just a short page), one manifest write commits the snapshot batch and its
-   watermark; leftovers of killed runs are removed (`tidy`, as after every command that writes).
+A backfill of one dataset takes the dataset's lease (`job.py`) and reads its manifest: a
+committed snapshot is not landed twice unless `force`; an unfinished run of an earlier
+invocation is resumed from its committed files. Leftovers of killed runs are removed after it
+(`tidy`, as after every command that writes).
 """
 
 from __future__ import annotations
 
-import logging
 import threading
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
-
-from tqdm import tqdm
+from collections.abc import Callable
 
 from .datasets import Dataset
-from .drift import column_specs
-from .errors import AlreadyLanded, NycCollisionsError, StateError, UsageError
-from .lease import Lease
-from .partition import FetchContext, PlanBook
-from .plan import Partition, ResumePoint, partition_count, partition_step
+from .errors import AlreadyLanded, NycCollisionsError
+from .job import DEFAULT_FILE_ROWS, DEFAULT_PAGE_SIZE, DatasetJob, RunOptions
 from .results import DatasetResult
-from .schema import Schema
-from .sink.files import FileEntry
-from .sink.formats import check_format
 from .sink.storage import Storage
+from .snapshot import land_snapshot
 from .socrata.client import SodaClient
-from .socrata.source import DatasetSource, SourceInfo
-from .state import Batch, DatasetState, Manifest, Watermark, new_batch_id, utc_now
-from .tidy import tidy
-from .workers import BarProgress, fetch_partitions
-
-logger = logging.getLogger(__name__)
-
-DEFAULT_PAGE_SIZE = 50_000
-DEFAULT_FILE_ROWS = 500_000
-EPOCH = "1970-01-01T00:00:00.000Z"
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    fmt: str = "csv"
-    workers: int | None = None  # a fixed number of requests in flight; None: found at run time
-    page_size: int = DEFAULT_PAGE_SIZE
-    file_rows: int = DEFAULT_FILE_ROWS
-    force: bool = False
-    deadline: float | None = None  # time.monotonic() value to stop cleanly before
-    progress: bool = True
-
-    def out_of_time(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
-
-    def __post_init__(self) -> None:
-        check_format(self.fmt)
-        if self.workers is not None and self.workers < 1:
-            raise UsageError(f"--workers must be at least 1, not {self.workers}")
-        if self.page_size < 1:
-            raise UsageError(f"--page-size must be a positive number of rows, not {self.page_size}")
-        if self.file_rows < 1:
-            raise UsageError(f"--file-rows must be positive, not {self.file_rows}")
-
-
-# -- one dataset's backfill -------------------------------------------------------------------
-
-
-class DatasetJob:
-    """One command on one dataset: holds its lease, measures what it did, and cleans up after
-    killed runs before it gives the lease back (`tidy`)."""
-
-    command = ""
-    status = ""
-    snapshot_committed = False  # a new snapshot supersedes unfinished backfills too
-
-    def __init__(
-        self, client: SodaClient, storage: Storage, dataset: Dataset, opts: RunOptions
-    ) -> None:
-        self.client = client
-        self.storage = storage
-        self.dataset = dataset
-        self.opts = opts
-        self.source = DatasetSource(client, dataset)
-        self.state = DatasetState(storage, dataset.name)
-
-    def run(self, stop: threading.Event) -> DatasetResult:
-        started = time.monotonic()
-        requests0, bytes0 = self.client.stats.requests, self.client.stats.bytes
-        result = DatasetResult(
-            self.dataset.name, self.status, location=f"{self.storage.url}/{self.dataset.name}/"
-        )
-        try:
-            with Lease(self.storage, self.dataset.name, self.command, stop) as lease:
-                self.state.lease = lease
-                try:
-                    manifest = self.state.load()
-                    if manifest is not None:
-                        self._keyed_as_landed(manifest.key)
-                    self._run(stop, result)
-                    lease.check()  # a lease lost during the run fails it; during cleanup, not
-                    lease.finished()
-                    tidy(self.state, lease, drop_unfinished=self.snapshot_committed)
-                finally:
-                    self.state.lease = None
-        finally:
-            result.requests = self.client.stats.requests - requests0
-            result.wire_bytes = self.client.stats.bytes - bytes0
-            result.seconds = time.monotonic() - started
-        return result
-
-    def _keyed_as_landed(self, key: str) -> None:
-        """Work with the key the dataset was landed with (see `Dataset.keyed_as_landed`)."""
-        dataset = self.dataset.keyed_as_landed(key, f"{self.storage.url}/{self.dataset.name}/")
-        if dataset is not self.dataset:
-            self.dataset = dataset
-            self.source = DatasetSource(self.client, dataset)
-
-    def _run(self, stop: threading.Event, result: DatasetResult) -> None:
-        raise NotImplementedError
 
 
 class Backfill(DatasetJob):
@@ -144,195 +35,7 @@ class Backfill(DatasetJob):
                 f"{result.location} ({snap.rows:,} rows, {snap.committed_at}); "
                 "`nyc-collisions update` keeps it fresh, --force lands a new snapshot"
             )
-        schema = self.source.schema()
-        plan = self._plan(schema, result)
-        self._fetch(schema, plan, result, stop)
-        if result.status != "stopped":
-            self._commit(manifest, schema, plan, result)
-
-    def _plan(self, schema: Schema, result: DatasetResult) -> dict[str, Any]:
-        """Resume the unfinished run if there is one that fits, or probe and record a new plan."""
-        columns = [[c.field_name, c.data_type] for c in schema.columns]
-        for batch_id in reversed(self.state.unfinished_runs()):
-            plan = self.state.get_json(f"{self.state.run_prefix(batch_id)}/plan.json")
-            if (
-                plan
-                and plan.get("kind") == "snapshot"
-                and plan.get("format") == self.opts.fmt
-                and plan.get("columns") == columns
-                and isinstance(plan.get("key"), str)
-                and (plan["key"] == self.dataset.key or not self.dataset.key_given)
-            ):
-                self._keyed_as_landed(plan["key"])  # a rerun without --key keeps the run's key
-                logger.info("%s: resuming run %s", self.dataset.name, batch_id)
-                result.resumed = batch_id
-                return plan
-            logger.info(
-                "%s: dropping unfinished run %s (different format or columns)",
-                self.dataset.name,
-                batch_id,
-            )
-            self.state.drop_run(batch_id)
-        info: SourceInfo = self.source.info()
-        batch_id = new_batch_id("backfill")
-        n = partition_count(info.count, self.client.limit.ceiling, self.opts.page_size)
-        plan = {
-            "kind": "snapshot",
-            "batch_id": batch_id,
-            "dataset_id": self.dataset.dataset_id,
-            "key": self.dataset.key,
-            "format": self.opts.fmt,
-            "columns": columns,
-            "started": utc_now(),
-            "source_count": info.count,
-            "max_updated_at": info.max_updated_at,
-            "rows_updated_at": info.rows_updated_at,
-            "page_size": self.opts.page_size,
-            # partitions are added as their boundaries are found (see `_planner`), then split
-            "planned": n,
-            "step": partition_step(info.count, n),
-            "complete": False,
-            "splits": 0,
-            "partitions": [],
-        }
-        self.state.put_json(f"{self.state.run_prefix(batch_id)}/plan.json", plan)
-        return plan
-
-    def _planner(self, book: PlanBook, stop: threading.Event) -> Iterator[Partition]:
-        """Partitions as their boundaries are found, each recorded in the plan before it is used.
-
-        Fetching starts with the first boundary instead of after the last: the probes skip
-        rows by `$offset`, slow on the real server, and run beside the partitions' pages.
-        """
-        plan = book.plan
-        while not plan["complete"] and not stop.is_set() and not self.opts.out_of_time():
-            after, made = book.chain()
-            bound = None
-            if made < plan["planned"] - 1:
-                bound = self.source.probe(after, plan["step"] - 1)
-            left = plan["source_count"] - plan["step"] * made
-            yield book.extend(after, bound, plan["step"] if bound else max(0, left))
-
-    def _resume_points(self, plan: dict[str, Any]) -> tuple[dict[int, ResumePoint], int]:
-        """Per partition: where to go on; and rows already landed."""
-        points: dict[int, ResumePoint] = {}
-        rows = 0
-        for rec in self.state.part_records(plan["batch_id"]):
-            point = points.get(rec.partition, ResumePoint())
-            if rec.seq >= point.next_seq:
-                point = ResumePoint(rec.last_id, rec.seq + 1, point.done, point.rows)
-            points[rec.partition] = ResumePoint(
-                point.after, point.next_seq, point.done or rec.done, point.rows + rec.rows
-            )
-            rows += rec.rows
-        return points, rows
-
-    def _fetch(
-        self,
-        schema: Schema,
-        plan: dict[str, Any],
-        result: DatasetResult,
-        stop: threading.Event,
-    ) -> None:
-        points, landed_before = self._resume_points(plan)
-        book = PlanBook(self.state, plan)
-        bar = tqdm(
-            total=plan["source_count"],
-            initial=landed_before,
-            unit=" rows",
-            desc=self.dataset.name,
-            disable=not self.opts.progress,
-            unit_scale=True,
-            dynamic_ncols=True,
-            smoothing=0.1,
-        )
-        limit = self.client.limit
-        limit.reset_usage()
-        ctx = FetchContext(
-            self.source, self.state, schema, self.opts, plan["batch_id"], stop, BarProgress(bar)
-        )
-        try:
-            done = fetch_partitions(
-                ctx, book, points, limit, self._planner(book, stop), self.dataset.name
-            )
-        finally:
-            bar.close()
-        result.files, result.rows, result.bytes = done.files, done.rows, done.bytes
-        usage = limit.usage()
-        result.concurrency = usage
-        result.splits = done.splits
-        logger.info(
-            "%s: concurrency settled at %d requests in flight (%s %d; peak %d), %d splits",
-            self.dataset.name,
-            usage.settled,
-            "ceiling" if usage.adaptive else "fixed at",
-            usage.ceiling,
-            usage.peak,
-            done.splits,
-        )
-        points_after, _ = self._resume_points(plan)
-        if not plan.get("complete", True) or not all(
-            points_after.get(p["index"], ResumePoint()).done for p in plan["partitions"]
-        ):
-            result.status = "stopped"
-            result.batch_id = plan["batch_id"]
-            result.message = (
-                f"stopped before the end ({'time budget' if not stop.is_set() else 'stop'}); "
-                "a rerun resumes from the committed files"
-            )
-
-    def _commit(
-        self, manifest: Manifest | None, schema: Schema, plan: dict[str, Any], result: DatasetResult
-    ) -> None:
-        files = [
-            FileEntry(r.path, r.rows, r.bytes)
-            for r in self.state.part_records(plan["batch_id"])
-            if r.path
-        ]
-        total = sum(f.rows for f in files)
-        batch = Batch(
-            batch_id=plan["batch_id"],
-            kind="snapshot",
-            format=self.opts.fmt,
-            committed_at=utc_now(),
-            files=files,
-            rows=total,
-            source_count=plan["source_count"],
-            watermark=Watermark(plan["max_updated_at"] or EPOCH, None),
-            info={
-                "started": plan["started"],
-                "rows_updated_at": plan["rows_updated_at"],
-                "partitions": len(plan["partitions"]),
-                "planned": plan.get("planned"),
-                "splits": plan.get("splits", 0),
-                # no row of the snapshot was created after this (see counts.py)
-                "ahead_until": self.source.max_updated_at(),
-            },
-        )
-        columns = column_specs(schema.columns)
-        if manifest is None:
-            manifest = Manifest(
-                dataset=self.dataset.name,
-                dataset_id=self.dataset.dataset_id,
-                key=self.dataset.key,
-                columns=columns,
-            )
-        elif manifest.dataset_id != self.dataset.dataset_id:
-            raise StateError(
-                f"{result.location} holds dataset {manifest.dataset_id}, not "
-                f"{self.dataset.dataset_id}"
-            )
-        manifest.key = self.dataset.key
-        change = manifest.change_columns(columns, batch.batch_id)
-        if change is not None:
-            result.schema_change = change
-            logger.info("%s: snapshot %s lands the new columns", self.dataset.name, batch.batch_id)
-        manifest.batches.append(batch)
-        self.state.commit(manifest)
-        self.snapshot_committed = True
-        result.batch_id = batch.batch_id
-        result.source_count = plan["source_count"]
-        result.total_rows = total
+        land_snapshot(self, stop, result, self.opts.fmt)
 
 
 def backfill(
@@ -376,6 +79,8 @@ def _backfill_each(
 
 
 __all__ = [
+    "DEFAULT_FILE_ROWS",
+    "DEFAULT_PAGE_SIZE",
     "Backfill",
     "DatasetJob",
     "DatasetResult",

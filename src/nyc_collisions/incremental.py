@@ -28,9 +28,9 @@ from .counts import NewRows
 from .current import Landed, iter_current, open_landed
 from .datasets import Dataset
 from .errors import NothingLanded, SchemaError
-from .extract import DatasetJob, RunOptions
+from .job import DatasetJob, RunOptions
 from .lease import Lease
-from .refresh import drift, drifted_meanwhile, land_new_columns, land_snapshot
+from .refresh import drift, drifted_meanwhile, land_fresh, land_new_columns
 from .results import DatasetResult
 from .schema import Schema
 from .sink.files import FileEntry, FileRotation, OnFile
@@ -144,7 +144,7 @@ class Update(DatasetJob):
             return
         until = self.source.max_updated_at()
         if until is not None and self._refresh_instead(landed, watermark, until, result):
-            land_snapshot(self, stop, result, fmt)
+            land_fresh(self, stop, result, fmt)
             return
         try:
             self._changes(landed, watermark, until, fmt, stop, result)

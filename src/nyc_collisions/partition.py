@@ -15,12 +15,12 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Protocol
 
 import pyarrow as pa
 
-from .plan import Partition, ResumePoint
+from .plan import Partition, ResumePoint, SnapshotPlan
 from .rows import CsvRows
 from .schema import Schema
 from .sink.files import FileEntry, FileRotation
@@ -30,7 +30,7 @@ from .socrata.source import DatasetSource
 from .state import DatasetState, PartRecord
 
 if TYPE_CHECKING:
-    from .extract import RunOptions
+    from .job import RunOptions
 
 
 class Progress(Protocol):
@@ -63,23 +63,26 @@ class PlanBook:
     """A run's plan (`runs/<batch>/plan.json`): partitions are added and split under one lock,
     and the plan is written before a new or changed partition is used."""
 
-    def __init__(self, state: DatasetState, plan: dict[str, Any]) -> None:
+    def __init__(self, state: DatasetState, plan: SnapshotPlan) -> None:
         self.state = state
-        self.plan = plan
+        self._plan = plan
         self._lock = threading.Lock()
 
     @property
+    def plan(self) -> SnapshotPlan:
+        return self._plan
+
+    @property
     def key(self) -> str:
-        return f"{self.state.run_prefix(self.plan['batch_id'])}/plan.json"
+        return f"{self.state.run_prefix(self._plan.batch_id)}/plan.json"
 
     def partitions(self) -> list[Partition]:
         with self._lock:
-            step = self.plan.get("step")
+            step = self._plan.step
             out = []
-            for d in self.plan["partitions"]:
-                p = Partition.from_dict(d)
-                if p.rows is None and isinstance(step, int):
-                    p = Partition(p.index, p.lower, p.upper, step)  # planned before rows were kept
+            for p in self._plan.partitions:
+                if p.rows is None and step is not None:
+                    p = replace(p, rows=step)  # planned before rows were kept
                 out.append(p)
             return out
 
@@ -87,43 +90,47 @@ class PlanBook:
         """Where the planner's chain of boundaries is: the last boundary it found, and how many
         partitions it made (splits add others to the list meanwhile)."""
         with self._lock:
-            chain = self.plan.get("chain")
-            if isinstance(chain, dict):
-                return chain.get("after"), int(chain.get("made", 0))
-            parts = self.plan["partitions"]  # a plan from before splits: the list is the chain
-            return (parts[-1].get("upper") if parts else None), len(parts)
+            return self._plan.chain_after, self._plan.chain_made
 
     def extend(self, lower: str | None, upper: str | None, rows: int) -> Partition:
         """The planner's next partition (the last when `upper` is None), numbered here."""
         with self._lock:
-            parts = self.plan["partitions"]
-            partition = Partition(len(parts), lower, upper, rows)
-            parts.append(partition.to_dict())
-            made = int((self.plan.get("chain") or {}).get("made", len(parts) - 1)) + 1
-            self.plan["chain"] = {"after": upper, "made": made}
-            self.plan["complete"] = upper is None
-            self.state.put_json(self.key, self.plan)
+            plan = self._plan
+            partition = Partition(len(plan.partitions), lower, upper, rows)
+            self._write(
+                replace(
+                    plan,
+                    partitions=(*plan.partitions, partition),
+                    chain_after=upper,
+                    chain_made=plan.chain_made + 1,
+                    complete=upper is None,
+                )
+            )
             return partition
 
     def split(
         self, partition: Partition, bound: str, kept: int, rest: int
     ) -> tuple[Partition, Partition]:
         with self._lock:
-            parts = self.plan["partitions"]
+            plan = self._plan
+            parts = list(plan.partitions)
             mine, new = partition.split_at(bound, len(parts), kept, rest)
-            parts[partition.index] = mine.to_dict()
-            parts.append(new.to_dict())
-            self.plan["splits"] = int(self.plan.get("splits", 0)) + 1
-            self.state.put_json(self.key, self.plan)
+            parts[partition.index] = mine
+            parts.append(new)
+            self._write(replace(plan, partitions=tuple(parts), splits=plan.splits + 1))
             return mine, new
 
     def count(self) -> int:
         with self._lock:
-            return len(self.plan["partitions"])
+            return len(self._plan.partitions)
 
     def splits(self) -> int:
         with self._lock:
-            return int(self.plan.get("splits", 0))
+            return self._plan.splits
+
+    def _write(self, plan: SnapshotPlan) -> None:
+        self.state.put_json(self.key, plan.to_dict())
+        self._plan = plan
 
 
 class PartitionFetch:

@@ -16,8 +16,14 @@ either half is fetched, so a rerun resumes both.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .errors import StateError
+
+if TYPE_CHECKING:
+    from .state import PartRecord
 
 MAX_PARTITIONS = 10_000  # data files are named part-PPPP-SSSSSS
 MIN_SPLIT_ROWS = 16
@@ -58,6 +64,104 @@ class ResumePoint:
     next_seq: int = 0
     done: bool = False
     rows: int = 0
+
+
+def resume_points(records: Iterable[PartRecord]) -> dict[int, ResumePoint]:
+    """Per partition, where a run goes on from its part records (in (partition, seq) order)."""
+    points: dict[int, ResumePoint] = {}
+    for rec in records:
+        point = points.get(rec.partition, ResumePoint())
+        if rec.seq >= point.next_seq:
+            point = replace(point, after=rec.last_id, next_seq=rec.seq + 1)
+        points[rec.partition] = replace(
+            point, done=point.done or rec.done, rows=point.rows + rec.rows
+        )
+    return points
+
+
+@dataclass(frozen=True)
+class SnapshotPlan:
+    """A snapshot run's plan (`runs/<batch>/plan.json`): what the source said when it started,
+    and the partitions, added as the planner finds their boundaries (`chain_after` is the last
+    boundary it found, `chain_made` how many it made) and split as they are fetched."""
+
+    batch_id: str
+    dataset_id: str
+    key: str
+    format: str
+    columns: tuple[tuple[str, str], ...]
+    started: str
+    source_count: int
+    max_updated_at: str | None
+    rows_updated_at: int | None
+    page_size: int
+    planned: int
+    step: int | None  # None: a plan from before steps were kept
+    partitions: tuple[Partition, ...] = ()
+    complete: bool = False
+    splits: int = 0
+    chain_after: str | None = None
+    chain_made: int = 0
+
+    def fits(self, fmt: str, columns: tuple[tuple[str, str], ...], key: str | None) -> bool:
+        """Whether a run landing `fmt` with `columns` (and `key`, None: any) can go on with it."""
+        return self.format == fmt and self.columns == columns and key in (None, self.key)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "snapshot",
+            "batch_id": self.batch_id,
+            "dataset_id": self.dataset_id,
+            "key": self.key,
+            "format": self.format,
+            "columns": [list(c) for c in self.columns],
+            "started": self.started,
+            "source_count": self.source_count,
+            "max_updated_at": self.max_updated_at,
+            "rows_updated_at": self.rows_updated_at,
+            "page_size": self.page_size,
+            "planned": self.planned,
+            "step": self.step,
+            "complete": self.complete,
+            "splits": self.splits,
+            "partitions": [p.to_dict() for p in self.partitions],
+            "chain": {"after": self.chain_after, "made": self.chain_made},
+        }
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], where: str) -> SnapshotPlan:
+        try:
+            if doc.get("kind") != "snapshot":
+                raise ValueError(f"kind is {doc.get('kind')!r}")
+            parts = tuple(Partition.from_dict(p) for p in doc["partitions"])
+            chain = doc.get("chain")
+            if isinstance(chain, dict):
+                after, made = chain.get("after"), int(chain.get("made", 0))
+            else:  # a plan from before splits: the list is the chain
+                after, made = (parts[-1].upper if parts else None), len(parts)
+            step = doc.get("step")
+            updated = doc.get("rows_updated_at")
+            return cls(
+                batch_id=str(doc["batch_id"]),
+                dataset_id=str(doc["dataset_id"]),
+                key=str(doc["key"]),
+                format=str(doc["format"]),
+                columns=tuple((str(f), str(t)) for f, t in doc["columns"]),
+                started=str(doc["started"]),
+                source_count=int(doc["source_count"]),
+                max_updated_at=doc.get("max_updated_at"),
+                rows_updated_at=None if updated is None else int(updated),
+                page_size=int(doc["page_size"]),
+                planned=int(doc.get("planned", len(parts))),
+                step=None if step is None else int(step),
+                partitions=parts,
+                complete=bool(doc["complete"]),
+                splits=int(doc.get("splits", 0)),
+                chain_after=after,
+                chain_made=made,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateError(f"{where}: a corrupt backfill plan ({exc})") from exc
 
 
 def partition_count(rows: int, workers: int, page_size: int) -> int:

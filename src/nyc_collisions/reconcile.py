@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
@@ -35,11 +35,11 @@ import pyarrow.ipc as ipc
 from .current import Landed, current_keys
 from .datasets import Dataset, landed_name
 from .errors import StateError
-from .extract import DatasetJob
 from .incremental import _BatchCommitter, _open, batch_files
-from .keyscan import KeyScan, ResumePoint, ScanPlan, key_schema, keys_page, scan_threads
+from .job import DatasetJob
+from .keyscan import KeyScan, ScanPlan, key_schema, keys_page, scan_threads
 from .keyspill import KeySpill, bucket_count
-from .plan import Partition
+from .plan import Partition, ResumePoint, resume_points
 from .refresh import drift, land_new_columns
 from .results import DatasetResult, ReconcileCounts
 from .schema import Column, Schema
@@ -273,13 +273,7 @@ class Reconcile(DatasetJob):
         self.state.put_json(f"{self.state.run_prefix(plan.scan_id)}/scan.json", plan.to_dict())
 
     def _resume_points(self, plan: ScanPlan) -> dict[int, ResumePoint]:
-        points: dict[int, ResumePoint] = {}
-        for rec in self.state.part_records(plan.scan_id):
-            point = points.get(rec.partition, ResumePoint())
-            if rec.seq >= point.next_seq:
-                point = replace(point, after=rec.last_id, next_seq=rec.seq + 1)
-            points[rec.partition] = replace(point, done=point.done or rec.done)
-        return points
+        return resume_points(self.state.part_records(plan.scan_id))
 
     def _reload(self, plan: ScanPlan, spill: KeySpill) -> None:
         """The chunks an earlier run of this scan fetched, back into the spill."""

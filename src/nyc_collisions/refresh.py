@@ -1,33 +1,30 @@
 """Land a fresh snapshot under the lease of an `update` or a `reconcile`: when most rows changed
 (a publisher's full replace), or when the source's columns changed (schema drift).
 
-The snapshot is landed by the backfill's own code (`Backfill._run` with `force`): over the
-partitions at once, resumable from its committed files if the run stops, committed in one
-manifest write that also makes its columns the manifest's and records a `SchemaChange`.
+The snapshot is landed as a backfill lands one (`snapshot.land_snapshot`): over the partitions
+at once, resumable from its committed files if the run stops, committed in one manifest write
+that also makes its columns the manifest's and records a `SchemaChange`.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import replace
 
 from .current import Landed
 from .drift import SchemaChange
-from .extract import Backfill, DatasetJob
+from .job import DatasetJob
 from .results import DatasetResult
+from .snapshot import land_snapshot
 from .socrata.source import DatasetSource
 
 logger = logging.getLogger(__name__)
 
 
-def land_snapshot(job: DatasetJob, stop: threading.Event, result: DatasetResult, fmt: str) -> None:
-    """Land a fresh snapshot of `job`'s dataset in `fmt`, under `job`'s lease, into `result`."""
-    refresh = Backfill(job.client, job.storage, job.dataset, replace(job.opts, fmt=fmt, force=True))
-    refresh.source = job.source
-    refresh.state = job.state  # under the job's lease
-    refresh._run(stop, result)
-    job.snapshot_committed = refresh.snapshot_committed
+def land_fresh(job: DatasetJob, stop: threading.Event, result: DatasetResult, fmt: str) -> None:
+    """Land a fresh snapshot of `job`'s dataset in `fmt`, under `job`'s lease, into `result`,
+    with the watermark it leaves."""
+    land_snapshot(job, stop, result, fmt)
     after = job.state.load()
     result.watermark = None if after is None else after.watermark
 
@@ -58,7 +55,7 @@ def land_new_columns(
         job.dataset.name,
         change.describe(),
     )
-    land_snapshot(job, stop, result, fmt)
+    land_fresh(job, stop, result, fmt)
     result.refreshed = True
     if result.status == "stopped":
         result.message = f"the source's columns changed ({change.describe()}): {result.message}"

@@ -1,0 +1,103 @@
+"""One command on one dataset: its options, its lease, what it measured, cleanup after it.
+
+`DatasetJob.run` holds the dataset's lease while the command's `_run` works, counts the requests
+and bytes it cost into the `DatasetResult`, and removes what killed runs left (`tidy`) before it
+gives the lease back. Backfill, update and reconcile are jobs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from .datasets import Dataset
+from .errors import UsageError
+from .lease import Lease
+from .results import DatasetResult
+from .sink.formats import check_format
+from .sink.storage import Storage
+from .socrata.client import SodaClient
+from .socrata.source import DatasetSource
+from .state import DatasetState
+from .tidy import tidy
+
+DEFAULT_PAGE_SIZE = 50_000
+DEFAULT_FILE_ROWS = 500_000
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    fmt: str = "csv"
+    workers: int | None = None  # a fixed number of requests in flight; None: found at run time
+    page_size: int = DEFAULT_PAGE_SIZE
+    file_rows: int = DEFAULT_FILE_ROWS
+    force: bool = False
+    deadline: float | None = None  # time.monotonic() value to stop cleanly before
+    progress: bool = True
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def __post_init__(self) -> None:
+        check_format(self.fmt)
+        if self.workers is not None and self.workers < 1:
+            raise UsageError(f"--workers must be at least 1, not {self.workers}")
+        if self.page_size < 1:
+            raise UsageError(f"--page-size must be a positive number of rows, not {self.page_size}")
+        if self.file_rows < 1:
+            raise UsageError(f"--file-rows must be positive, not {self.file_rows}")
+
+
+class DatasetJob:
+    """One command on one dataset: holds its lease, measures what it did, and cleans up after
+    killed runs before it gives the lease back (`tidy`)."""
+
+    command = ""
+    status = ""
+    snapshot_committed = False  # a new snapshot supersedes unfinished backfills too
+
+    def __init__(
+        self, client: SodaClient, storage: Storage, dataset: Dataset, opts: RunOptions
+    ) -> None:
+        self.client = client
+        self.storage = storage
+        self.dataset = dataset
+        self.opts = opts
+        self.source = DatasetSource(client, dataset)
+        self.state = DatasetState(storage, dataset.name)
+
+    def run(self, stop: threading.Event) -> DatasetResult:
+        started = time.monotonic()
+        requests0, bytes0 = self.client.stats.requests, self.client.stats.bytes
+        result = DatasetResult(
+            self.dataset.name, self.status, location=f"{self.storage.url}/{self.dataset.name}/"
+        )
+        try:
+            with Lease(self.storage, self.dataset.name, self.command, stop) as lease:
+                self.state.lease = lease
+                try:
+                    manifest = self.state.load()
+                    if manifest is not None:
+                        self.keyed_as_landed(manifest.key)
+                    self._run(stop, result)
+                    lease.check()  # a lease lost during the run fails it; during cleanup, not
+                    lease.finished()
+                    tidy(self.state, lease, drop_unfinished=self.snapshot_committed)
+                finally:
+                    self.state.lease = None
+        finally:
+            result.requests = self.client.stats.requests - requests0
+            result.wire_bytes = self.client.stats.bytes - bytes0
+            result.seconds = time.monotonic() - started
+        return result
+
+    def keyed_as_landed(self, key: str) -> None:
+        """Work with the key the dataset was landed with (see `Dataset.keyed_as_landed`)."""
+        dataset = self.dataset.keyed_as_landed(key, f"{self.storage.url}/{self.dataset.name}/")
+        if dataset is not self.dataset:
+            self.dataset = dataset
+            self.source = DatasetSource(self.client, dataset)
+
+    def _run(self, stop: threading.Event, result: DatasetResult) -> None:
+        raise NotImplementedError

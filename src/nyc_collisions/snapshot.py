@@ -1,0 +1,242 @@
+"""Land one snapshot of a dataset: plan -> partitions fetched at once -> files -> one commit.
+
+The one way a snapshot is landed: a backfill calls `land_snapshot`, and so do an update or a
+reconcile that land a fresh snapshot instead (a full replace, new columns), under their lease.
+
+1. an unfinished run that fits (format, columns, key) is resumed from its committed files;
+   otherwise the source's count and latest `:updated_at` are asked (the watermark the next
+   `update` starts from, so rows changed meanwhile are picked up) and a new plan is recorded;
+2. partition boundaries are probed as the workers fetch the first partitions (`workers.py`),
+   each partition by keyset pages into files, every file recorded under `runs/<batch>/parts/`
+   (the unit a rerun resumes from);
+3. when every partition has reached its end (its upper row landed, or an empty page that a count
+   confirms, never just a short page), one manifest write commits the snapshot batch and its
+   watermark, and the snapshot's columns become the manifest's.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+
+from tqdm import tqdm
+
+from .drift import column_specs
+from .errors import StateError
+from .job import DatasetJob
+from .partition import FetchContext, PlanBook
+from .plan import (
+    Partition,
+    ResumePoint,
+    SnapshotPlan,
+    partition_count,
+    partition_step,
+    resume_points,
+)
+from .results import DatasetResult
+from .schema import Schema
+from .sink.files import FileEntry
+from .state import Batch, Manifest, Watermark, new_batch_id, utc_now
+from .workers import BarProgress, fetch_partitions
+
+logger = logging.getLogger(__name__)
+
+EPOCH = "1970-01-01T00:00:00.000Z"
+
+
+def land_snapshot(job: DatasetJob, stop: threading.Event, result: DatasetResult, fmt: str) -> None:
+    """Land a snapshot of `job`'s dataset in `fmt` under `job`'s lease, into `result` (status
+    "stopped" when it stopped before the end: a rerun resumes it)."""
+    _Snapshot(job, fmt).land(stop, result)
+
+
+class _Snapshot:
+    def __init__(self, job: DatasetJob, fmt: str) -> None:
+        self.job = job
+        self.fmt = fmt
+        self.opts = replace(job.opts, fmt=fmt)
+        self.state = job.state
+
+    def land(self, stop: threading.Event, result: DatasetResult) -> None:
+        manifest = self.state.load()
+        schema = self.job.source.schema()
+        plan = self._plan(schema, result)
+        plan = self._fetch(schema, plan, result, stop)
+        if result.status != "stopped":
+            self._commit(manifest, schema, plan, result)
+        else:
+            result.batch_id = plan.batch_id
+
+    def _plan(self, schema: Schema, result: DatasetResult) -> SnapshotPlan:
+        """Resume the unfinished run if there is one that fits, or probe and record a new plan."""
+        job, state = self.job, self.state
+        columns = tuple((c.field_name, c.data_type) for c in schema.columns)
+        for batch_id in reversed(state.unfinished_runs()):
+            key = f"{state.run_prefix(batch_id)}/plan.json"
+            doc = state.get_json(key)
+            plan = None
+            if doc is not None and doc.get("kind") == "snapshot":
+                plan = SnapshotPlan.from_dict(doc, f"{job.storage.url}/{key}")
+            wanted = job.dataset.key if job.dataset.key_given else None
+            if plan is not None and plan.fits(self.fmt, columns, wanted):
+                job.keyed_as_landed(plan.key)  # a rerun without --key keeps the run's key
+                logger.info("%s: resuming run %s", job.dataset.name, batch_id)
+                result.resumed = batch_id
+                return plan
+            logger.info(
+                "%s: dropping unfinished run %s (different format or columns)",
+                job.dataset.name,
+                batch_id,
+            )
+            state.drop_run(batch_id)
+        info = job.source.info()
+        n = partition_count(info.count, job.client.limit.ceiling, self.opts.page_size)
+        plan = SnapshotPlan(
+            batch_id=new_batch_id("backfill"),
+            dataset_id=job.dataset.dataset_id,
+            key=job.dataset.key,
+            format=self.fmt,
+            columns=columns,
+            started=utc_now(),
+            source_count=info.count,
+            max_updated_at=info.max_updated_at,
+            rows_updated_at=info.rows_updated_at,
+            page_size=self.opts.page_size,
+            # partitions are added as their boundaries are found (see `_planner`), then split
+            planned=n,
+            step=partition_step(info.count, n),
+        )
+        state.put_json(f"{state.run_prefix(plan.batch_id)}/plan.json", plan.to_dict())
+        return plan
+
+    def _planner(self, book: PlanBook, stop: threading.Event) -> Iterator[Partition]:
+        """Partitions as their boundaries are found, each recorded in the plan before it is used.
+
+        Fetching starts with the first boundary instead of after the last: the probes skip
+        rows by `$offset`, slow on the real server, and run beside the partitions' pages.
+        """
+        opts = self.opts
+        while not book.plan.complete and not stop.is_set() and not opts.out_of_time():
+            plan = book.plan
+            step = plan.step or 1
+            after, made = book.chain()
+            bound = None
+            if made < plan.planned - 1:
+                bound = self.job.source.probe(after, step - 1)
+            left = plan.source_count - step * made
+            yield book.extend(after, bound, step if bound else max(0, left))
+
+    def _resume_points(self, plan: SnapshotPlan) -> dict[int, ResumePoint]:
+        return resume_points(self.state.part_records(plan.batch_id))
+
+    def _fetch(
+        self, schema: Schema, plan: SnapshotPlan, result: DatasetResult, stop: threading.Event
+    ) -> SnapshotPlan:
+        """Fetch the plan's partitions; the plan as it is at the end (partitions added, split)."""
+        job = self.job
+        name = job.dataset.name
+        points = self._resume_points(plan)
+        book = PlanBook(self.state, plan)
+        bar = tqdm(
+            total=plan.source_count,
+            initial=sum(p.rows for p in points.values()),
+            unit=" rows",
+            desc=name,
+            disable=not self.opts.progress,
+            unit_scale=True,
+            dynamic_ncols=True,
+            smoothing=0.1,
+        )
+        limit = job.client.limit
+        limit.reset_usage()
+        ctx = FetchContext(
+            job.source, self.state, schema, self.opts, plan.batch_id, stop, BarProgress(bar)
+        )
+        try:
+            done = fetch_partitions(ctx, book, points, limit, self._planner(book, stop), name)
+        finally:
+            bar.close()
+        result.files, result.rows, result.bytes = done.files, done.rows, done.bytes
+        usage = limit.usage()
+        result.concurrency = usage
+        result.splits = done.splits
+        logger.info(
+            "%s: concurrency settled at %d requests in flight (%s %d; peak %d), %d splits",
+            name,
+            usage.settled,
+            "ceiling" if usage.adaptive else "fixed at",
+            usage.ceiling,
+            usage.peak,
+            done.splits,
+        )
+        plan = book.plan
+        points_after = self._resume_points(plan)
+        if not plan.complete or not all(
+            points_after.get(p.index, ResumePoint()).done for p in plan.partitions
+        ):
+            result.status = "stopped"
+            result.message = (
+                f"stopped before the end ({'time budget' if not stop.is_set() else 'stop'}); "
+                "a rerun resumes from the committed files"
+            )
+        return plan
+
+    def _commit(
+        self,
+        manifest: Manifest | None,
+        schema: Schema,
+        plan: SnapshotPlan,
+        result: DatasetResult,
+    ) -> None:
+        job = self.job
+        dataset = job.dataset
+        files = [
+            FileEntry(r.path, r.rows, r.bytes)
+            for r in self.state.part_records(plan.batch_id)
+            if r.path
+        ]
+        total = sum(f.rows for f in files)
+        batch = Batch(
+            batch_id=plan.batch_id,
+            kind="snapshot",
+            format=self.fmt,
+            committed_at=utc_now(),
+            files=files,
+            rows=total,
+            source_count=plan.source_count,
+            watermark=Watermark(plan.max_updated_at or EPOCH, None),
+            info={
+                "started": plan.started,
+                "rows_updated_at": plan.rows_updated_at,
+                "partitions": len(plan.partitions),
+                "planned": plan.planned,
+                "splits": plan.splits,
+                # no row of the snapshot was created after this (see counts.py)
+                "ahead_until": job.source.max_updated_at(),
+            },
+        )
+        columns = column_specs(schema.columns)
+        if manifest is None:
+            manifest = Manifest(
+                dataset=dataset.name,
+                dataset_id=dataset.dataset_id,
+                key=dataset.key,
+                columns=columns,
+            )
+        elif manifest.dataset_id != dataset.dataset_id:
+            raise StateError(
+                f"{result.location} holds dataset {manifest.dataset_id}, not {dataset.dataset_id}"
+            )
+        manifest.key = dataset.key
+        change = manifest.change_columns(columns, batch.batch_id)
+        if change is not None:
+            result.schema_change = change
+            logger.info("%s: snapshot %s lands the new columns", dataset.name, batch.batch_id)
+        manifest.batches.append(batch)
+        self.state.commit(manifest)
+        job.snapshot_committed = True
+        result.batch_id = batch.batch_id
+        result.source_count = plan.source_count
+        result.total_rows = total
