@@ -325,14 +325,16 @@ def test_a_schema_change_is_counted(
         == 0
     )
 
-    class Drifting(aws.Update):
+    from nyc_collisions import daily
+
+    class Drifting(daily.Update):
         def run(self, stop: Any) -> Any:
             result = super().run(stop)
             if result.dataset == "crashes":
                 result.schema_change = SchemaChange.between((), (Column("x", "text"),))
             return result
 
-    monkeypatch.setattr(aws, "Update", Drifting)
+    monkeypatch.setattr(daily, "Update", Drifting)
     capsys.readouterr()
     aws.handler({"command": "update"}, Context(60))
     per_dataset, _ = _metrics_of(_emf(capsys.readouterr().out))

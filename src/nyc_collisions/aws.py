@@ -34,19 +34,17 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
 from . import settings
+from .daily import DailyRun, update_then_reconcile
 from .datasets import Dataset, resolve_many
-from .errors import NothingLanded, NycCollisionsError, UsageError
+from .errors import NycCollisionsError, UsageError
 from .extract import RunOptions, backfill
-from .incremental import Update
 from .metrics import (
     DatasetMetrics,
     RetryMeter,
@@ -55,7 +53,6 @@ from .metrics import (
     update_line,
     with_lags,
 )
-from .reconcile import Reconcile, scan_pending
 from .report import _epoch
 from .results import DatasetResult
 from .runtime import tune_allocators
@@ -70,7 +67,6 @@ SAFETY_SECONDS = 90.0  # stop this long before Lambda's deadline (a quarter of s
 STATE_MACHINE = "NYC_COLLISIONS_STATE_MACHINE"
 WEEKDAYS = ("MONDAY", "TUESDAY", "WEDNESDAY", "THURSDAY", "FRIDAY", "SATURDAY", "SUNDAY")
 _token_cache: dict[str, str | None] = {}
-Record = Callable[[str, DatasetResult], None]
 
 
 class NotFinished(NycCollisionsError):
@@ -184,41 +180,6 @@ def _state_machine() -> str | None:
     if not (raw.startswith("arn:") and ":stateMachine:" in raw):
         raise UsageError(f"{STATE_MACHINE}={raw!r}: must be a state machine ARN")
     return raw
-
-
-def _update_all(
-    client: SodaClient,
-    storage: Storage,
-    datasets: list[Dataset],
-    opts: RunOptions,
-    reconcile: bool,
-    record: Record,
-) -> None:
-    """Update each dataset in turn (backfilling one with nothing landed yet); on the reconcile
-    day, then reconcile those that were updated. Stops at the first that ran out of time."""
-    stop = threading.Event()
-    storage.check_writable()
-    updated = []
-    for ds in datasets:
-        try:
-            result = Update(client, storage, ds, opts).run(stop)
-        except NothingLanded:
-            logger.warning(
-                "%s: nothing landed at %s/%s/ yet: backfilling it first",
-                ds.name,
-                storage.url,
-                ds.name,
-            )
-            result = backfill(client, storage, [ds], opts)[0]
-            record("backfill", result)
-        else:
-            record("update", result)
-            updated.append(ds)
-        if result.status == "stopped":
-            return
-    for ds in updated:  # a reconcile stopped by the deadline goes on the next day
-        if reconcile or scan_pending(storage, ds):
-            record("reconcile", Reconcile(client, storage, ds, opts).run(stop))
 
 
 def _lags(client: SodaClient, storage: Storage, names: set[str]) -> dict[str, float]:
@@ -342,7 +303,8 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
             if command == "backfill":
                 backfill(client, storage, datasets, opts, lambda r: record("backfill", r))
             else:
-                _update_all(client, storage, datasets, opts, reconcile, record)
+                daily = DailyRun(reconcile=reconcile, backfill_first=True, resume_scans=True)
+                update_then_reconcile(client, storage, datasets, opts, daily, record)
             landed = {r.dataset for _, r in results}
             updated = landed >= {d.name for d in datasets} and all(
                 r.status != "stopped" for kind, r in results if kind != "reconcile"

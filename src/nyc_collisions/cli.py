@@ -546,8 +546,7 @@ def update_cmd(
 
     Example: nyc-collisions update --dest s3://nyc-application-collisions/collisions_raw_data
     """
-    from .incremental import Update
-    from .reconcile import Reconcile
+    from .daily import DailyRun, update_then_reconcile
 
     _setup_logging(verbose)
     started = time.monotonic()
@@ -561,22 +560,12 @@ def update_cmd(
     )
     storage = open_storage(dest)
     chosen = resolve_many(list(datasets), key)
+    daily = DailyRun(reconcile=also_reconcile, fmt=fmt.lower() if fmt else None)
+    results: list[DatasetResult] = []
     with _client(source, retries, workers, max_concurrency) as client:
-        storage.check_writable()
-        try:
-            results = _run_each(
-                chosen,
-                lambda ds, stop: Update(
-                    client, storage, ds, opts, fmt.lower() if fmt else None
-                ).run(stop),
-            )
-        except BaseException:
-            storage.discard_if_empty()
-            raise
-        if also_reconcile and not any(r.status == "stopped" for r in results):
-            results += _run_each(
-                chosen, lambda ds, stop: Reconcile(client, storage, ds, opts).run(stop)
-            )
+        update_then_reconcile(
+            client, storage, chosen, opts, daily, lambda _command, r: results.append(r)
+        )
     _print_changes(results, started)
     if any(r.status == "stopped" for r in results):
         sys.exit(3)

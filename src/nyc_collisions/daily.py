@@ -1,0 +1,95 @@
+"""The daily run: update each dataset, then reconcile those updated. One orchestration, used by
+`nyc-collisions update [--reconcile]` and by the Lambda handler (`aws.py`), each saying what it
+wants in a `DailyRun`.
+
+The updates go in turn and end at the first one that stops (Ctrl-C, the time budget): the next
+run goes on from the committed files. The reconciles go in turn after them; one stopped by the
+budget has recorded its key scan, and a run with `resume_scans` goes on with it even on a day
+that does not reconcile, so that a reconcile ends within the next runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .datasets import Dataset
+from .errors import NothingLanded
+from .extract import backfill
+from .incremental import Update
+from .job import RunOptions
+from .reconcile import Reconcile, scan_pending
+from .results import DatasetResult
+from .sink.storage import Storage
+from .socrata.client import SodaClient
+
+logger = logging.getLogger(__name__)
+
+Record = Callable[[str, DatasetResult], None]  # the command ("update", ...) and its result
+
+
+@dataclass(frozen=True)
+class DailyRun:
+    """What a daily run does beyond updating each dataset."""
+
+    reconcile: bool = False  # then reconcile each dataset updated
+    fmt: str | None = None  # the format of new batches (None: as landed)
+    backfill_first: bool = False  # backfill a dataset with nothing landed (else: the error)
+    resume_scans: bool = False  # reconcile a dataset whose key scan stopped, even unasked
+
+
+def update_then_reconcile(
+    client: SodaClient,
+    storage: Storage,
+    datasets: list[Dataset],
+    opts: RunOptions,
+    run: DailyRun,
+    record: Record,
+) -> None:
+    """Update each dataset in turn, then reconcile as `run` says; each result goes to `record`
+    as it comes."""
+    stop = threading.Event()  # a lease lost sets it: the run ends there
+    storage.check_writable()
+    try:
+        updated = _update_each(client, storage, datasets, opts, run, record, stop)
+        for ds in updated:
+            if run.reconcile or (run.resume_scans and scan_pending(storage, ds)):
+                record("reconcile", Reconcile(client, storage, ds, opts).run(stop))
+    except BaseException:
+        storage.discard_if_empty()
+        raise
+
+
+def _update_each(
+    client: SodaClient,
+    storage: Storage,
+    datasets: list[Dataset],
+    opts: RunOptions,
+    run: DailyRun,
+    record: Record,
+    stop: threading.Event,
+) -> list[Dataset]:
+    """The datasets updated, when every update ended; none when one stopped."""
+    updated = []
+    for ds in datasets:
+        try:
+            result = Update(client, storage, ds, opts, run.fmt).run(stop)
+        except NothingLanded:
+            if not run.backfill_first:
+                raise
+            logger.warning(
+                "%s: nothing landed at %s/%s/ yet: backfilling it first",
+                ds.name,
+                storage.url,
+                ds.name,
+            )
+            result = backfill(client, storage, [ds], opts)[0]
+            record("backfill", result)
+        else:
+            record("update", result)
+            updated.append(ds)
+        if result.status == "stopped":
+            return []
+    return updated
