@@ -1,0 +1,127 @@
+"""The command group, and every error turned into one line on stderr and an exit status."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from .. import __version__
+from ..errors import CTRL_C_LINE, Interrupted, NycCollisionsError, UsageError
+from ..runtime import tune_allocators
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def say(text: str) -> None:
+    """Print to stderr, with the app token masked should any message ever carry it."""
+    token = os.environ.get("SOCRATA_APP_TOKEN")
+    click.echo(text.replace(token, "***") if token else text, err=True)
+
+
+def setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+
+
+def handle_errors(f: F) -> F:
+    """Errors -> one clear line on stderr and a non-zero exit; anything unforeseen too, with
+    its traceback only under -v."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except Interrupted as exc:
+            say(f"nyc-collisions: {exc}")
+            sys.exit(130)
+        except KeyboardInterrupt:
+            say(CTRL_C_LINE)
+            sys.exit(130)
+        except UsageError as exc:
+            say(f"nyc-collisions: error: {exc}")
+            sys.exit(2)
+        except NycCollisionsError as exc:
+            say(f"nyc-collisions: error: {exc}")
+            sys.exit(1)
+        except Exception as exc:
+            if kwargs.get("verbose"):
+                say(traceback.format_exc().rstrip())
+            text = " ".join(str(exc).split()) or "(no message)"
+            say(
+                f"nyc-collisions: error: unexpected {type(exc).__name__}: {text} "
+                "(nothing partial was committed; rerun with -v for the traceback, and please "
+                "report it)"
+            )
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class _NeverRaised(click.UsageError):
+    pass
+
+
+# click >= 8.2 raises this for a group called without a command (8.1 shows its help itself)
+_NO_ARGS: type[click.UsageError] = getattr(click.exceptions, "NoArgsIsHelpError", _NeverRaised)
+
+
+class _Commands(click.Group):
+    """click's group, with its usage errors (a bad option value, an unknown option) as one line
+    like every other error, instead of a usage block."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: list[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        def run() -> Any:
+            return super(_Commands, self).main(
+                args, prog_name, complete_var, standalone_mode=False, **extra
+            )
+
+        if not standalone_mode:
+            return run()
+        try:
+            code = run()
+        except _NO_ARGS as exc:  # the bare command: its help, as click shows it
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx else "nyc-collisions"
+            say(f"nyc-collisions: error: {exc.format_message()} (see {where} --help)")
+            sys.exit(2)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            say(CTRL_C_LINE)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(
+    cls=_Commands,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.version_option(__version__, prog_name="nyc-collisions")
+def main() -> None:
+    """Land NYC Motor Vehicle Collisions open data (crashes, persons, vehicles) from Socrata
+    into S3 or a local folder: a streaming, resumable backfill, then daily updates.
+
+    DATASET is crashes, persons, vehicles, or any Socrata dataset id (xxxx-xxxx).
+    """
+    tune_allocators()

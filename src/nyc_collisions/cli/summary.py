@@ -1,0 +1,106 @@
+"""What the writing commands print when they end: one line per dataset, then a total."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from ..drift import summary_text
+from ..results import DatasetResult
+from ..sink.s3 import UploadStats
+from ..sink.storage import Storage
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:,.1f} TiB"
+
+
+def print_summary(results: list[DatasetResult], started: float) -> None:
+    """A backfill's: rows, files, bytes and requests per dataset."""
+    for r in results:
+        if r.status == "skipped":
+            click.echo(f"{r.dataset}: skipped: {r.message}")
+            continue
+        line = (
+            f"{r.dataset}: {r.status} {r.rows:,} rows in {r.files} files "
+            f"({human_bytes(r.bytes)}), {r.requests:,} requests "
+            f"({human_bytes(r.wire_bytes)} received), {r.seconds:,.1f}s "
+            f"-> {r.location}"
+        )
+        click.echo(line)
+        _print_concurrency(r)
+        if r.schema_change is not None:
+            said = summary_text(r.schema_change.summary())
+            click.echo(
+                f"  columns changed ({said}) since the last snapshot: recorded in the manifest"
+            )
+        total = r.rows if r.total_rows is None else r.total_rows
+        if r.resumed:
+            click.echo(f"  resumed run {r.resumed}: {total:,} rows in the committed batch")
+        if r.status == "landed" and r.source_count is not None and total != r.source_count:
+            click.echo(
+                f"  note: the source counted {r.source_count:,} rows at the start; "
+                f"{total:,} landed (it changed meanwhile: `update` catches up)"
+            )
+        if r.message and r.status != "landed":
+            click.echo(f"  {r.message}")
+    total_rows = sum(r.rows for r in results)
+    click.echo(
+        f"total: {total_rows:,} rows, {sum(r.requests for r in results):,} requests, "
+        f"{human_bytes(sum(r.wire_bytes for r in results))} received, "
+        f"{sum(r.files for r in results)} files, execution time "
+        f"{time.monotonic() - started:,.1f}s"
+    )
+
+
+def _print_concurrency(r: DatasetResult) -> None:
+    c = r.concurrency
+    if c:
+        how = f"found at run time, ceiling {c.ceiling}" if c.adaptive else "--workers"
+        click.echo(
+            f"  concurrency: settled at {c.settled} requests in flight, {c.peak} at the "
+            f"peak ({how}); {r.splits} ranges split"
+        )
+
+
+def print_upload(storage: Storage, started: float) -> None:
+    """For S3: how much of the run was uploading, and how much of it was waited for."""
+    stats = getattr(storage, "stats", None)
+    if not isinstance(stats, UploadStats) or not stats.objects:
+        return
+    wall = time.monotonic() - started
+    click.echo(
+        f"S3: {human_bytes(stats.bytes)} in {stats.objects} objects ({stats.parts} parts); "
+        f"{stats.upload_seconds:,.1f}s of uploading ran beside the fetching, workers waited "
+        f"{stats.wait_seconds:,.1f}s for it ({stats.wait_seconds / max(wall, 1e-9):.0%} of "
+        f"{wall:,.1f}s wall, summed over workers)"
+    )
+
+
+def print_changes(results: list[DatasetResult], started: float) -> None:
+    """An update's or a reconcile's: what changed per dataset, and the watermark."""
+    for r in results:
+        parts = [f"{r.dataset}: {r.status} {r.rows:,} rows in {r.files} files"]
+        if r.schema_change is not None:
+            parts.append(f"columns changed ({summary_text(r.schema_change.summary())})")
+        if r.reconciled is not None:
+            c = r.reconciled
+            parts += [f"missing {c.missing:,}", f"stale {c.stale:,}", f"vanished {c.vanished:,}"]
+        wm = r.watermark
+        if wm:
+            parts.append(f"watermark {wm.updated_at} {wm.row_id or ''}".rstrip())
+        parts.append(f"{r.requests:,} requests, {r.seconds:,.1f}s -> {r.location}")
+        click.echo(", ".join(parts))
+        if r.message:
+            click.echo(f"  {r.message}")
+        if r.resumed:
+            click.echo(f"  resumed run {r.resumed} from its committed files")
+    click.echo(
+        f"total: {sum(r.rows for r in results):,} rows, execution time "
+        f"{time.monotonic() - started:,.1f}s"
+    )
