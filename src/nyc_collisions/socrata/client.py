@@ -19,24 +19,18 @@ http is refused for any host but this machine unless allowed.
 
 from __future__ import annotations
 
-import email.utils
-import ipaddress
 import logging
-import math
-import random
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TypeVar, cast
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlencode
 
 import httpx
-import orjson
-from isal import isal_zlib
 
-from .. import __version__, settings
+from .. import __version__
 from ..errors import (
     BadResponse,
     DatasetNotFound,
@@ -45,42 +39,29 @@ from ..errors import (
     SourceUnavailable,
     UsageError,
 )
+from .answers import (
+    clip,
+    error_message,
+    inflated,
+    looks_like_html,
+    parse_json_document,
+    retry_after,
+)
 from .concurrency import ConcurrencyLimit
+from .setup import (
+    DEFAULT_BASE_URL,
+    WIRES,
+    RetryPolicy,
+    check_wire,
+    max_concurrency,
+    origin_of,
+    validate_base_url,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DEFAULT_BASE_URL = "https://data.cityofnewyork.us"
 CANCEL_LINGER = 0.5  # seconds a dropped page still counts as in flight, at least
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How often and how patiently to retry a failing request."""
-
-    attempts: int = 10
-    base: float = 1.0
-    cap: float = 60.0
-    max_retry_after: float = 300.0
-
-    def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise UsageError(f"retry attempts must be at least 1, not {self.attempts}")
-
-    @classmethod
-    def from_env(cls, attempts: int | None = None) -> RetryPolicy:
-        """The policy: `attempts`, else `NYC_COLLISIONS_RETRIES` (1-100, default 10); the base
-        delay from `NYC_COLLISIONS_RETRY_BASE` (0-60 seconds, default 1)."""
-        base = settings.env_float(settings.RETRY_BASE, cls.base, 0.0, 60.0)
-        if attempts is None:
-            attempts = settings.env_int(settings.RETRIES, cls.attempts, 1, 100)
-        return cls(attempts=attempts, base=base)
-
-    def delay(self, attempt: int, retry_after: float | None) -> float:
-        """Seconds before attempt `attempt + 1` (full jitter, or the server's Retry-After)."""
-        if retry_after is not None:
-            return min(retry_after, self.max_retry_after)
-        return random.uniform(0, min(self.cap, self.base * 2**attempt))
 
 
 @dataclass
@@ -118,81 +99,6 @@ class _Retryable(Exception):
 _THROTTLES = ("429", "403 throttle")
 
 
-def validate_base_url(base_url: str, *, allow_http: bool = False, name: str = "--source") -> str:
-    """Check a source URL (`name` says where it came from): an http(s) URL of a host, without
-    query, and https unless the host is this machine or `allow_http`; returns it without a
-    final /."""
-    try:
-        url = httpx.URL(base_url)
-    except (httpx.InvalidURL, TypeError) as exc:
-        raise UsageError(f"{name} {base_url!r} is not a URL: {exc}") from None
-    if url.scheme not in ("http", "https") or not url.host or url.query or url.fragment:
-        raise UsageError(
-            f"{name} {base_url!r} is not a base URL like https://data.cityofnewyork.us"
-        )
-    if url.scheme == "http" and not allow_http and not _is_loopback(url.host):
-        raise UsageError(
-            f"{name} {base_url!r}: plain http would send the app token and the data unencrypted;"
-            f" use https, or allow it with --allow-http ({settings.ALLOW_HTTP}=1)"
-        )
-    return str(url).rstrip("/")
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _origin(url: httpx.URL) -> str:
-    """scheme://host[:port], the port only when it is not the scheme's default (as httpx keeps
-    it); never user or password."""
-    return f"{url.scheme}://{url.netloc.decode('ascii')}"
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    """Seconds the server asks us to wait: a number or an HTTP date; anything else is ignored
-    (the usual backoff applies)."""
-    value = response.headers.get("Retry-After", "").strip()
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError, OverflowError):
-            return None
-    return max(0.0, seconds) if math.isfinite(seconds) else None
-
-
-def _clip(text: str, n: int = 300) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= n else text[:n] + "…"
-
-
-def error_message(body: bytes) -> str:
-    """The server's message from either SODA error shape, or the clipped body."""
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return _clip(body.decode("utf-8", "replace"))
-    if isinstance(doc, dict):
-        code = doc.get("code") or doc.get("errorCode")
-        message = doc.get("message")
-        if message:
-            return _clip(f"{code}: {message}" if code and code not in message else str(message))
-    return _clip(body.decode("utf-8", "replace"))
-
-
-def looks_like_html(response: httpx.Response, body: bytes) -> bool:
-    content_type = response.headers.get("content-type", "")
-    return "html" in content_type or body.lstrip()[:1] == b"<"
-
-
 class SodaClient:
     """A pooled, retrying SODA client for one source (base URL) and optional app token."""
 
@@ -210,7 +116,7 @@ class SodaClient:
         allow_http: bool = False,
     ) -> None:
         self.base_url = validate_base_url(base_url, allow_http=allow_http)
-        self._origin = _origin(httpx.URL(self.base_url))
+        self._origin = origin_of(httpx.URL(self.base_url))
         self.wire = check_wire(wire)
         if not (timeout > 0 and connect_timeout > 0):
             raise UsageError(f"timeouts must be positive, not {timeout} and {connect_timeout}")
@@ -240,7 +146,7 @@ class SodaClient:
 
     def _same_origin(self, request: httpx.Request) -> None:
         """Before every request, redirects included: only to the source's own origin."""
-        origin = _origin(request.url)
+        origin = origin_of(request.url)
         if origin != self._origin:
             raise SourceRejected(
                 f"{self.base_url}: the source redirected to {origin}{request.url.path}, another "
@@ -275,7 +181,7 @@ class SodaClient:
         if status == 202 or status == 429 or status >= 500:
             if looks_like_html(response, body):
                 message = "an HTML error page"
-            raise _Retryable(str(status), f"HTTP {status}: {message}", _retry_after(response))
+            raise _Retryable(str(status), f"HTTP {status}: {message}", retry_after(response))
         if status == 404:
             raise DatasetNotFound(f"{self.base_url}{path}: HTTP 404 not found: {message}")
         if status in (401, 403):
@@ -284,9 +190,7 @@ class SodaClient:
                     f"{self.base_url}{path}: HTTP {status}: {message} (check SOCRATA_APP_TOKEN)"
                 )
             if any(w in message.lower() for w in ("throttl", "rate limit", "too many")):
-                raise _Retryable(
-                    "403 throttle", f"HTTP {status}: {message}", _retry_after(response)
-                )
+                raise _Retryable("403 throttle", f"HTTP {status}: {message}", retry_after(response))
         raise SourceRejected(f"{self.base_url}{shown}: HTTP {status}: {message}")
 
     def stream(
@@ -359,7 +263,7 @@ class SodaClient:
                         self._classify(response, body, shown, path)
                     ticket.first_byte()
                     try:
-                        result = consume(counted(_body(response)))
+                        result = consume(counted(inflated(response)))
                     except BadResponse as exc:
                         raise _Retryable("bad body", str(exc)) from None
             except _Retryable as exc:
@@ -395,7 +299,7 @@ class SodaClient:
         def with_columns(body: bytes) -> dict[str, Any]:
             doc = parse_json_document(body)
             if not isinstance(doc, dict) or not isinstance(doc.get("columns"), list):
-                raise BadResponse(f"metadata without columns: {_clip(str(doc), 80)}")
+                raise BadResponse(f"metadata without columns: {clip(str(doc), 80)}")
             return doc
 
         return self.fetch(f"/api/views/{dataset_id}.json", None, with_columns)
@@ -413,60 +317,22 @@ class SodaClient:
         def one_row(body: bytes) -> dict[str, Any]:
             rows = parse_json_document(body)
             if not isinstance(rows, list) or len(rows) != 1 or not isinstance(rows[0], dict):
-                raise BadResponse(f"{dataset_id}: unexpected aggregate answer {_clip(str(rows))}")
+                raise BadResponse(f"{dataset_id}: unexpected aggregate answer {clip(str(rows))}")
             return rows[0]
 
         value = self.fetch(self.resource_path(dataset_id), params, one_row).get(alias)
         return None if value is None else str(value)
 
 
-_INFLATE_ERROR = cast("type[Exception]", isal_zlib.error)  # its stubs type it as an instance
+_body = inflated  # the name tests know
 
-
-def _body(response: httpx.Response) -> Iterator[bytes]:
-    """The body as it arrives, un-gzipped with ISA-L (igzip inflates these pages about twice as
-    fast as zlib, which was a tenth of the CPU); other encodings are left to httpx. A gzip
-    stream that stops before its end or does not inflate is a `BadResponse` (fetched again)."""
-    if response.headers.get("content-encoding", "").strip().lower() != "gzip":
-        yield from response.iter_bytes()
-        return
-    inflate = isal_zlib.decompressobj(16 + isal_zlib.MAX_WBITS)
-    try:
-        for raw in response.iter_raw():
-            data = inflate.decompress(raw)
-            if data:
-                yield data
-    except _INFLATE_ERROR as exc:
-        raise BadResponse(f"gzip body does not inflate: {exc}") from None
-    if not inflate.eof:
-        raise BadResponse("gzip body cut short")
-
-
-DEFAULT_MAX_CONCURRENCY = 8
-
-
-def max_concurrency() -> int:
-    """The polite ceiling of requests in flight: `NYC_COLLISIONS_MAX_CONCURRENCY` (1-64), or 8."""
-    return settings.env_int(settings.MAX_CONCURRENCY, DEFAULT_MAX_CONCURRENCY, 1, 64)
-
-
-WIRES = ("auto", "json", "csv")
-
-
-def check_wire(wire: str) -> str:
-    """How pages of rows are read: `auto` (CSV where it is exact for the dataset, else JSON),
-    `json`, or `csv` (refused for a dataset whose types CSV does not carry exactly)."""
-    wire = wire.lower()
-    if wire not in WIRES:
-        raise UsageError(f"unknown wire format {wire!r}: use auto, json or csv")
-    return wire
-
-
-def parse_json_document(body: bytes) -> Any:
-    """A whole JSON document; a body cut short is a `BadResponse` (and so retried)."""
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        if body.lstrip()[:1] == b"<":
-            raise BadResponse("the source answered with an HTML page, not JSON") from None
-        raise BadResponse(f"body is not complete JSON ({exc}; {len(body)} bytes)") from None
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "WIRES",
+    "PageCancelled",
+    "RetryPolicy",
+    "SodaClient",
+    "error_message",
+    "parse_json_document",
+    "validate_base_url",
+]

@@ -1,0 +1,250 @@
+"""Moving bytes to and from S3: objects stream up as multipart uploads whose parts go up in
+the background while rows keep arriving, and are read back by ranged GETs with read-ahead."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+import time
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+from ..errors import DestinationError
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+    from .s3 import S3Storage
+
+PART_SIZE = 8 * 1024 * 1024
+PARTS_IN_FLIGHT = 4
+READ_AHEAD = 8 * 1024 * 1024
+
+
+def s3_client(max_pool: int = 32) -> S3Client:
+    """A boto3 S3 client from the standard credential chain; honours AWS_ENDPOINT_URL(_S3)."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        retries={"mode": "adaptive", "max_attempts": 10},
+        max_pool_connections=max_pool,
+        connect_timeout=10,
+        read_timeout=120,
+    )
+    return boto3.session.Session().client("s3", config=config)
+
+
+def s3_error(where: str, exc: Exception) -> DestinationError:
+    from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return DestinationError(
+            f"{where}: no AWS credentials found (set AWS_PROFILE or AWS_ACCESS_KEY_ID/"
+            "AWS_SECRET_ACCESS_KEY, or run where an IAM role is available)"
+        )
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        if code == "NoSuchBucket":
+            return DestinationError(f"{where}: the bucket does not exist")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
+            return DestinationError(
+                f"{where}: S3 refused the AWS credentials ({code}); check AWS_PROFILE or "
+                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN)"
+            )
+        if code in ("AccessDenied", "403", "AllAccessDisabled"):
+            return DestinationError(f"{where}: access denied ({code})")
+        if code in (
+            "PermanentRedirect",
+            "301",
+            "AuthorizationHeaderMalformed",
+            "IllegalLocationConstraintException",
+        ):
+            headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+            region = err.get("Region") or headers.get("x-amz-bucket-region") or "?"
+            return DestinationError(
+                f"{where}: the bucket is in another region ({region}); "
+                f"set AWS_DEFAULT_REGION={region}"
+            )
+        return DestinationError(f"{where}: S3 error {code}: {err.get('Message', '')}")
+    return DestinationError(f"{where}: {type(exc).__name__}: {exc}")
+
+
+def code_of(exc: Any) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+class UploadStats:
+    """Where S3 time went: uploading (in background threads) and waiting for it (in workers)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.objects = 0
+        self.parts = 0
+        self.bytes = 0
+        self.upload_seconds = 0.0
+        self.wait_seconds = 0.0
+
+    def uploaded(self, nbytes: int, seconds: float, part: bool) -> None:
+        with self._lock:
+            self.bytes += nbytes
+            self.upload_seconds += seconds
+            self.parts += part
+
+    def waited(self, seconds: float) -> None:
+        with self._lock:
+            self.wait_seconds += seconds
+
+    def completed(self) -> None:
+        with self._lock:
+            self.objects += 1
+
+
+class S3Writer:
+    """Streams an object to S3: multipart once it passes one part, parts uploaded in background."""
+
+    def __init__(self, storage: S3Storage, key: str) -> None:
+        self._stats = storage.stats
+        self._s3 = storage.client
+        self._bucket = storage.bucket
+        self._key = storage.full_key(key)
+        self._where = f"s3://{self._bucket}/{self._key}"
+        self._buffer = io.BytesIO()
+        self._upload_id: str | None = None
+        self._parts: list[Future[dict[str, Any]]] = []
+        self._pool = storage.upload_pool
+        self._slots = storage.part_slots
+        self.bytes_written = 0
+        self.closed = False
+        self._aborted = False
+
+    def write(self, data: bytes | memoryview) -> int:
+        if self._aborted:  # an encoder closing after an abort (e.g. at garbage collection)
+            return len(data)
+        self._buffer.write(data)
+        self.bytes_written += len(data)
+        if self._buffer.tell() >= PART_SIZE:
+            self._send_part()
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def _send_part(self) -> None:
+        data = self._buffer.getvalue()
+        self._buffer = io.BytesIO()
+        try:
+            if self._upload_id is None:
+                created = self._s3.create_multipart_upload(Bucket=self._bucket, Key=self._key)
+                self._upload_id = created["UploadId"]
+        except Exception as exc:
+            raise s3_error(self._where, exc) from exc
+        number = len(self._parts) + 1
+        started = time.monotonic()
+        self._slots.acquire()
+        self._stats.waited(time.monotonic() - started)
+        self._parts.append(self._pool.submit(self._upload_part, number, data))
+
+    def _upload_part(self, number: int, data: bytes) -> dict[str, Any]:
+        started = time.monotonic()
+        try:
+            assert self._upload_id is not None
+            result = self._s3.upload_part(
+                Bucket=self._bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                Body=data,
+            )
+            self._stats.uploaded(len(data), time.monotonic() - started, part=True)
+            return {"PartNumber": number, "ETag": result["ETag"]}
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        started = time.monotonic()
+        try:
+            if self._upload_id is None:
+                body = self._buffer.getvalue()
+                self._s3.put_object(Bucket=self._bucket, Key=self._key, Body=body)
+                self._stats.uploaded(len(body), time.monotonic() - started, part=False)
+            else:
+                if self._buffer.tell() or not self._parts:
+                    self._send_part()
+                parts = [f.result() for f in self._parts]
+                self._s3.complete_multipart_upload(
+                    Bucket=self._bucket,
+                    Key=self._key,
+                    UploadId=self._upload_id,
+                    MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
+                )
+            self._stats.completed()
+            self._stats.waited(time.monotonic() - started)
+        except DestinationError:
+            self.abort()
+            raise
+        except Exception as exc:
+            self.abort()
+            raise s3_error(self._where, exc) from exc
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = self._aborted = True
+        for f in self._parts:
+            with contextlib.suppress(Exception):
+                f.result()
+        if self._upload_id is not None:
+            with contextlib.suppress(Exception):
+                self._s3.abort_multipart_upload(
+                    Bucket=self._bucket, Key=self._key, UploadId=self._upload_id
+                )
+
+
+class S3Reader(io.RawIOBase):
+    """A seekable reader over ranged GETs with read-ahead (pyarrow's Parquet reader seeks)."""
+
+    def __init__(self, client: S3Client, bucket: str, key: str, size: int) -> None:
+        self._s3 = client
+        self._bucket = bucket
+        self._key = key
+        self._size = size
+        self._pos = 0
+        self._buf = b""
+        self._buf_start = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        want = min(len(b), self._size - self._pos)
+        if want <= 0:
+            return 0
+        end_of_buf = self._buf_start + len(self._buf)
+        if not (self._buf_start <= self._pos and self._pos + want <= end_of_buf):
+            length = max(want, READ_AHEAD)
+            last = min(self._size, self._pos + length) - 1
+            obj = self._s3.get_object(
+                Bucket=self._bucket, Key=self._key, Range=f"bytes={self._pos}-{last}"
+            )
+            self._buf = obj["Body"].read()
+            self._buf_start = self._pos
+        start = self._pos - self._buf_start
+        data = self._buf[start : start + want]
+        b[: len(data)] = data
+        self._pos += len(data)
+        return len(data)

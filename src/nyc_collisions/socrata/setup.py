@@ -1,0 +1,100 @@
+"""How a client of the source is set up, each setting checked: the base URL (https, or a
+loopback host, unless allowed), the retry policy, the wire format, the ceiling of requests in
+flight."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from dataclasses import dataclass
+
+import httpx
+
+from .. import settings
+from ..errors import UsageError
+
+DEFAULT_BASE_URL = "https://data.cityofnewyork.us"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently to retry a failing request."""
+
+    attempts: int = 10
+    base: float = 1.0
+    cap: float = 60.0
+    max_retry_after: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise UsageError(f"retry attempts must be at least 1, not {self.attempts}")
+
+    @classmethod
+    def from_env(cls, attempts: int | None = None) -> RetryPolicy:
+        """The policy: `attempts`, else `NYC_COLLISIONS_RETRIES` (1-100, default 10); the base
+        delay from `NYC_COLLISIONS_RETRY_BASE` (0-60 seconds, default 1)."""
+        base = settings.env_float(settings.RETRY_BASE, cls.base, 0.0, 60.0)
+        if attempts is None:
+            attempts = settings.env_int(settings.RETRIES, cls.attempts, 1, 100)
+        return cls(attempts=attempts, base=base)
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        """Seconds before attempt `attempt + 1` (full jitter, or the server's Retry-After)."""
+        if retry_after is not None:
+            return min(retry_after, self.max_retry_after)
+        return random.uniform(0, min(self.cap, self.base * 2**attempt))
+
+
+def validate_base_url(base_url: str, *, allow_http: bool = False, name: str = "--source") -> str:
+    """Check a source URL (`name` says where it came from): an http(s) URL of a host, without
+    query, and https unless the host is this machine or `allow_http`; returns it without a
+    final /."""
+    try:
+        url = httpx.URL(base_url)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise UsageError(f"{name} {base_url!r} is not a URL: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.host or url.query or url.fragment:
+        raise UsageError(
+            f"{name} {base_url!r} is not a base URL like https://data.cityofnewyork.us"
+        )
+    if url.scheme == "http" and not allow_http and not _is_loopback(url.host):
+        raise UsageError(
+            f"{name} {base_url!r}: plain http would send the app token and the data unencrypted;"
+            f" use https, or allow it with --allow-http ({settings.ALLOW_HTTP}=1)"
+        )
+    return str(url).rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def origin_of(url: httpx.URL) -> str:
+    """scheme://host[:port], the port only when it is not the scheme's default (as httpx keeps
+    it); never user or password."""
+    return f"{url.scheme}://{url.netloc.decode('ascii')}"
+
+
+DEFAULT_MAX_CONCURRENCY = 8
+
+
+def max_concurrency() -> int:
+    """The polite ceiling of requests in flight: `NYC_COLLISIONS_MAX_CONCURRENCY` (1-64), or 8."""
+    return settings.env_int(settings.MAX_CONCURRENCY, DEFAULT_MAX_CONCURRENCY, 1, 64)
+
+
+WIRES = ("auto", "json", "csv")
+
+
+def check_wire(wire: str) -> str:
+    """How pages of rows are read: `auto` (CSV where it is exact for the dataset, else JSON),
+    `json`, or `csv` (refused for a dataset whose types CSV does not carry exactly)."""
+    wire = wire.lower()
+    if wire not in WIRES:
+        raise UsageError(f"unknown wire format {wire!r}: use auto, json or csv")
+    return wire
