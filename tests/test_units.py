@@ -734,8 +734,9 @@ def test_s3_parts_in_flight_are_bounded_across_writers(
     """However many partitions write at once, at most PARTS_IN_FLIGHT parts (the memory of
     parts not yet sent) are uploading; a writer waits for a slot instead."""
     from nyc_collisions.sink import s3 as st_mod
+    from nyc_collisions.sink import s3_transfer
 
-    monkeypatch.setattr(st_mod, "PART_SIZE", 1024)
+    monkeypatch.setattr(s3_transfer, "PART_SIZE", 1024)
     storage = st_mod.S3Storage("bucket", "prefix")
     slow = _SlowS3()
     storage.client = slow  # type: ignore[assignment]
