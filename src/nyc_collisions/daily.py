@@ -20,8 +20,9 @@ from .errors import NothingLanded
 from .extract import backfill
 from .incremental import Update
 from .job import RunOptions
-from .reconcile import Reconcile, scan_pending
+from .reconcile import Reconcile
 from .results import DatasetResult
+from .scanrecord import scan_pending
 from .sink.storage import Storage
 from .socrata.client import SodaClient
 

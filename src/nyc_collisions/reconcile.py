@@ -6,9 +6,9 @@ Socrata reports no deletions, so the source's keys are compared with the landed 
    (`keyscan.py`), while a thread reads the landed current keys. Both go to a local spill,
    hash-partitioned by key (`keyspill.py`); the source's also go to chunk files under
    `runs/<scan>/keys/`, each recorded in `runs/<scan>/parts/` as a backfill records its files,
-   with the plan in `runs/<scan>/scan.json`. A run stopped by `--max-seconds` or the Lambda
-   deadline, interrupted or killed goes on from them the next time: its chunks are read back
-   into the spill and only the rest of the source is scanned.
+   with the plan in `runs/<scan>/scan.json` (`scanrecord.py`). A run stopped by `--max-seconds`
+   or the Lambda deadline, interrupted or killed goes on from them the next time: its chunks
+   are read back into the spill and only the rest of the source is scanned.
 2. **Compare** bucket by bucket: a landed key the source lacks gets a tombstone; a source row
    that is missing from what landed, or whose `:updated_at` differs, is fetched again by `:id`.
    Rows the scan cannot judge are left alone: a landed row changed after the scan started
@@ -25,104 +25,32 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.ipc as ipc
 
 from .current import Landed, current_keys
-from .datasets import Dataset, landed_name
-from .errors import StateError
+from .datasets import landed_name
 from .incremental import _BatchCommitter, _open, batch_files
 from .job import DatasetJob
-from .keyscan import KeyScan, ScanPlan, key_schema, keys_page, scan_threads
+from .keyscan import KeyScan, ScanPlan, key_schema, scan_threads
 from .keyspill import KeySpill, bucket_count
-from .plan import Partition, ResumePoint, resume_points
+from .plan import ResumePoint
 from .refresh import drift, land_new_columns
 from .results import DatasetResult, ReconcileCounts
+from .scanrecord import Chunks, ScanRecords
 from .schema import Column, Schema
 from .sink.files import FileRotation
-from .sink.storage import Storage, Writer
-from .state import Batch, DatasetState, PartRecord, new_batch_id, utc_now
+from .state import Batch, new_batch_id, utc_now
 
 logger = logging.getLogger(__name__)
 
 IDS_PER_QUERY = 100
-MAX_AGE_HOURS = 7 * 24.0  # older scan records are dropped: a fresh scan sees more deletions
-CHUNK_PAGES = 2  # a chunk file holds about this many pages of keys: what a kill loses at most
-_IPC = ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=1))
 
 
 def _strings(*names: str) -> pa.Schema:
     return pa.schema([pa.field(n, pa.string()) for n in dict.fromkeys(names)])
-
-
-def scan_pending(storage: Storage, dataset: Dataset) -> bool:
-    """Whether a reconcile of `dataset` stopped before its end and left its key scan to resume."""
-    return any(k.endswith("/scan.json") for k in storage.list_keys(f"{dataset.name}/runs/"))
-
-
-class _Chunks:
-    """One partition's keys: to the spill, and to chunk files recorded under `runs/<scan>/`."""
-
-    def __init__(
-        self,
-        state: DatasetState,
-        plan: ScanPlan,
-        partition: Partition,
-        point: ResumePoint,
-        spill: KeySpill,
-        schema: pa.Schema,
-    ) -> None:
-        self.state = state
-        self.prefix = state.run_prefix(plan.scan_id)
-        self.partition = partition
-        self.seq = point.next_seq
-        self.spill = spill
-        self.schema = schema
-        self.chunk_rows = CHUNK_PAGES * plan.page
-        self._writer: Writer | None = None
-        self._ipc: ipc.RecordBatchStreamWriter | None = None
-        self._rows = 0
-        self._path = ""
-
-    def write(self, table: pa.Table) -> None:
-        table = table.select(self.schema.names)
-        self.spill.add("source", table)
-        if self._writer is None:
-            self._path = f"{self.prefix}/keys/{self.partition.index:04d}-{self.seq:06d}.arrow"
-            self._writer = self.state.storage.open_writer(self._path)
-            self._ipc = ipc.new_stream(self._writer, self.schema, options=_IPC)
-        assert self._ipc is not None
-        self._ipc.write_table(table)
-        self._rows += table.num_rows
-        if self._rows >= self.chunk_rows:
-            self._record(False, table.column("socrata_id")[-1].as_py())
-
-    def end(self, done: bool, after: str | None) -> None:
-        if self._writer is not None or done:
-            self._record(done, after)
-
-    def abort(self) -> None:
-        if self._writer is not None:
-            self._writer.abort()
-            self._writer = self._ipc = None
-
-    def _record(self, done: bool, last_id: str | None) -> None:
-        path, size = None, 0
-        if self._writer is not None:
-            assert self._ipc is not None
-            self._ipc.close()
-            self._writer.close()
-            path, size = self._path, self._writer.bytes_written
-        record = PartRecord(self.partition.index, self.seq, done, path, self._rows, size, last_id)
-        key = f"{self.prefix}/parts/{self.partition.index:04d}-{self.seq:06d}.json"
-        self.state.put_json(key, record.to_dict())
-        self._writer = self._ipc = None
-        self._rows = 0
-        self.seq += 1
 
 
 @dataclass
@@ -156,7 +84,8 @@ class Reconcile(DatasetJob):
             land_new_columns(self, change, stop, result, fmt)
             return
         keys = key_schema(self.source, (":updated_at",))
-        plan, resume = self._resume_or_start(keys)
+        records = ScanRecords(self.state, self.dataset)
+        plan, resume = records.resume_or_start(self.source, keys, self.opts.workers)
         if plan.partitions:
             result.resumed = plan.scan_id
         key = landed.key_column
@@ -164,7 +93,7 @@ class Reconcile(DatasetJob):
         sides = {"source": source_side, "landed": _strings(key, "socrata_updated_at")}
         expected = max(plan.source_count, landed.manifest.current_rows() or 0)
         with KeySpill(sides, key, bucket_count(expected)) as spill:
-            self._reload(plan, spill)
+            records.reload(plan, spill)
 
             def read_landed(stop: threading.Event) -> None:
                 for table in current_keys(landed, "socrata_updated_at"):
@@ -179,10 +108,10 @@ class Reconcile(DatasetJob):
                 workers=scan_threads(self.source, self.opts.workers),
                 stop=stop,
                 out_of_time=self.opts.out_of_time,
-                open_sink=lambda p: _Chunks(
+                open_sink=lambda p: Chunks(
                     self.state, scan.plan, p, resume.get(p.index, ResumePoint()), spill, source_side
                 ),
-                record=self._record_plan,
+                record=records.record_plan,
             )
             complete = scan.run(resume, beside=read_landed)
             result.scanned = scan.rows
@@ -223,73 +152,6 @@ class Reconcile(DatasetJob):
             self._stopped(result, stop, "while fetching rows again")
             return
         self.state.drop_run(plan.scan_id)
-
-    # -- the scan's record under runs/ -----------------------------------------------------------
-
-    def _resume_or_start(self, keys: Schema) -> tuple[ScanPlan, dict[int, ResumePoint]]:
-        """The recorded scan of an earlier run that fits (others are dropped), or a new one."""
-        fields = tuple(keys.field_names)
-        found: list[ScanPlan] = []
-        for k in self.storage.list_keys(f"{self.state.folder}/runs/"):
-            if not k.endswith("/scan.json"):
-                continue
-            doc = self.state.get_json(k)
-            plan = None if doc is None else ScanPlan.from_dict(doc, f"{self.storage.url}/{k}")
-            if plan is not None and self._fits(plan, fields):
-                found.append(plan)
-            else:
-                self.state.drop_run(k.split("/")[-2])
-        found.sort(key=lambda p: p.started)
-        for stale in found[:-1]:
-            self.state.drop_run(stale.scan_id)
-        if found:
-            plan = found[-1]
-            logger.info("%s: resuming key scan %s", self.dataset.name, plan.scan_id)
-            return plan, self._resume_points(plan)
-        plan = ScanPlan.start(
-            new_batch_id("keyscan"),
-            self.source,
-            fields,
-            scan_threads(self.source, self.opts.workers),
-            keys_page(),
-        )
-        self._record_plan(plan)
-        return plan, {}
-
-    def _fits(self, plan: ScanPlan, fields: tuple[str, ...]) -> bool:
-        try:
-            started = datetime.strptime(plan.started, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-        except ValueError:
-            return False
-        age = (datetime.now(UTC) - started).total_seconds() / 3600
-        return (
-            plan.dataset_id == self.dataset.dataset_id
-            and plan.key == self.dataset.key
-            and plan.fields == fields
-            and 0 <= age < MAX_AGE_HOURS
-        )
-
-    def _record_plan(self, plan: ScanPlan) -> None:
-        self.state.put_json(f"{self.state.run_prefix(plan.scan_id)}/scan.json", plan.to_dict())
-
-    def _resume_points(self, plan: ScanPlan) -> dict[int, ResumePoint]:
-        return resume_points(self.state.part_records(plan.scan_id))
-
-    def _reload(self, plan: ScanPlan, spill: KeySpill) -> None:
-        """The chunks an earlier run of this scan fetched, back into the spill."""
-        for rec in self.state.part_records(plan.scan_id):
-            if rec.path is None:
-                continue
-            where = f"{self.storage.url}/{rec.path}"
-            try:
-                with self.storage.open_reader(rec.path) as f, ipc.open_stream(f) as reader:
-                    for chunk in reader:
-                        spill.add("source", pa.Table.from_batches([chunk]))
-            except (pa.ArrowException, OSError) as exc:
-                raise StateError(
-                    f"{where}: a key scan chunk unreadable ({exc}); delete "
-                    f"{self.storage.url}/{self.state.run_prefix(plan.scan_id)}/ to scan again"
-                ) from exc
 
     def _stopped(self, result: DatasetResult, stop: threading.Event, when: str) -> None:
         result.status = "stopped"
