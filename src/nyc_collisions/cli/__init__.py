@@ -5,7 +5,7 @@
   run goes), each defined once, and the typed record they make;
 - `landing.py`: the commands that write (backfill, update, reconcile, compact);
 - `reading.py`: the commands that read (export, status, verify);
-- `summary.py`: what the writing commands print when they end.
+- `summary.py`: what the commands print (a summary after a write, a status, a mismatch).
 """
 
 from __future__ import annotations

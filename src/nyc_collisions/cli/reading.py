@@ -10,13 +10,13 @@ import orjson
 
 from ..current import open_landed
 from ..datasets import resolve, resolve_many
-from ..drift import summary_text
 from ..report import dataset_status, orphans
 from ..sink.storage import open_storage
 from ..socrata.source import DatasetSource
 from ..verify import columns_changed, verify
 from .app import handle_errors, main, setup_logging
 from .options import LANDED_KEY_HELP, SourceOptions, common, dest_option, key_option
+from .summary import print_mismatch, print_status
 
 
 @main.command("export")
@@ -60,48 +60,7 @@ def status_cmd(
     if as_json:
         click.echo(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
         return
-    for e in out:
-        if not e["landed"]:
-            if e.get("unfinished_backfill"):
-                click.echo(
-                    f"{e['dataset']}: a backfill is unfinished "
-                    f"({e['unfinished_backfill'][0]}); rerun backfill to complete it"
-                )
-            click.echo(
-                f"{e['dataset']}: nothing landed at {e['location']}; "
-                f"source has {e['source_count'] if e['source_count'] is not None else '?'}"
-                " rows"
-            )
-            continue
-        src = f"{e['source_count']:,}" if e["source_count"] is not None else "unknown"
-        agree = "agree" if e["agree"] else "DIFFER"
-        click.echo(
-            f"{e['dataset']}: {e['rows']:,} rows in {e['files']} files "
-            f"({e['format']}); last run {e['last_run']['kind']} "
-            f"{e['last_run']['committed_at']}; source {src} rows: {agree}"
-        )
-        if e.get("watermark"):
-            wm = e["watermark"]
-            lag = e.get("lag_seconds")
-            click.echo(
-                f"  watermark {wm['updated_at']} {wm['row_id'] or ''}".rstrip()
-                + (f"; source changed {lag / 3600:,.1f} h after it" if lag else "")
-            )
-        if e.get("last_update"):
-            u = e["last_update"]
-            click.echo(f"  last update {u['committed_at']}: {u['rows']:,} rows")
-        if e.get("tombstones"):
-            click.echo(f"  tombstones: {e['tombstones']:,}")
-        if e.get("schema_changes"):
-            c = e["schema_changes"][-1]
-            click.echo(f"  last schema change {c['at']}: {summary_text(c)}")
-        if e.get("source_columns_changed"):
-            said = summary_text(e["source_columns_changed"])
-            click.echo(
-                f"  the source's columns changed since they were landed ({said}): run update"
-            )
-        if e.get("source_error"):
-            click.echo(f"  source: {e['source_error']}")
+    print_status(out)
 
 
 @main.command("verify")
@@ -136,18 +95,7 @@ def verify_cmd(
                 click.echo(f"{ds.name}: OK: {diff.landed_rows:,} rows, keys match the source")
                 continue
             ok = False
-            click.echo(
-                f"{ds.name}: MISMATCH: source {diff.source_rows:,} rows, "
-                f"landed {diff.landed_rows:,}; missing {diff.missing:,}, "
-                f"extra {diff.extra:,}, duplicated {diff.duplicated:,}"
-            )
-            for label, sample in (
-                ("missing", diff.missing_sample),
-                ("extra", diff.extra_sample),
-                ("duplicated", diff.duplicated_sample),
-            ):
-                if sample:
-                    click.echo(f"  {label} {landed.dataset.key}: {', '.join(sample)}")
+            print_mismatch(ds.name, landed.dataset.key, diff)
         names = {ds.name for ds in resolve_many(list(datasets))}
         if "crashes" in names and names & {"persons", "vehicles"}:
             crashes = open_landed(storage, resolve("crashes"))

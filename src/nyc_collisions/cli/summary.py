@@ -1,8 +1,10 @@
-"""What the writing commands print when they end: one line per dataset, then a total."""
+"""What the commands print: after a write, one line per dataset and a total; a status; a
+mismatch found by verify."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import click
 
@@ -10,6 +12,7 @@ from ..drift import summary_text
 from ..results import DatasetResult
 from ..sink.s3 import UploadStats
 from ..sink.storage import Storage
+from ..verify import KeyDiff
 
 
 def human_bytes(n: float) -> str:
@@ -104,3 +107,65 @@ def print_changes(results: list[DatasetResult], started: float) -> None:
         f"total: {sum(r.rows for r in results):,} rows, execution time "
         f"{time.monotonic() - started:,.1f}s"
     )
+
+
+def print_status(entries: list[dict[str, Any]]) -> None:
+    """`status` without --json: a line per dataset, and what stands out under it."""
+    for e in entries:
+        if not e["landed"]:
+            if e.get("unfinished_backfill"):
+                click.echo(
+                    f"{e['dataset']}: a backfill is unfinished "
+                    f"({e['unfinished_backfill'][0]}); rerun backfill to complete it"
+                )
+            click.echo(
+                f"{e['dataset']}: nothing landed at {e['location']}; "
+                f"source has {e['source_count'] if e['source_count'] is not None else '?'}"
+                " rows"
+            )
+            continue
+        src = f"{e['source_count']:,}" if e["source_count"] is not None else "unknown"
+        agree = "agree" if e["agree"] else "DIFFER"
+        click.echo(
+            f"{e['dataset']}: {e['rows']:,} rows in {e['files']} files "
+            f"({e['format']}); last run {e['last_run']['kind']} "
+            f"{e['last_run']['committed_at']}; source {src} rows: {agree}"
+        )
+        if e.get("watermark"):
+            wm = e["watermark"]
+            lag = e.get("lag_seconds")
+            click.echo(
+                f"  watermark {wm['updated_at']} {wm['row_id'] or ''}".rstrip()
+                + (f"; source changed {lag / 3600:,.1f} h after it" if lag else "")
+            )
+        if e.get("last_update"):
+            u = e["last_update"]
+            click.echo(f"  last update {u['committed_at']}: {u['rows']:,} rows")
+        if e.get("tombstones"):
+            click.echo(f"  tombstones: {e['tombstones']:,}")
+        if e.get("schema_changes"):
+            c = e["schema_changes"][-1]
+            click.echo(f"  last schema change {c['at']}: {summary_text(c)}")
+        if e.get("source_columns_changed"):
+            said = summary_text(e["source_columns_changed"])
+            click.echo(
+                f"  the source's columns changed since they were landed ({said}): run update"
+            )
+        if e.get("source_error"):
+            click.echo(f"  source: {e['source_error']}")
+
+
+def print_mismatch(name: str, key: str, diff: KeyDiff) -> None:
+    """A dataset whose keys differ from the source's: the counts, and samples of each."""
+    click.echo(
+        f"{name}: MISMATCH: source {diff.source_rows:,} rows, "
+        f"landed {diff.landed_rows:,}; missing {diff.missing:,}, "
+        f"extra {diff.extra:,}, duplicated {diff.duplicated:,}"
+    )
+    for label, sample in (
+        ("missing", diff.missing_sample),
+        ("extra", diff.extra_sample),
+        ("duplicated", diff.duplicated_sample),
+    ):
+        if sample:
+            click.echo(f"  {label} {key}: {', '.join(sample)}")
