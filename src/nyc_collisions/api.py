@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from . import settings
+from .connect import SourceSettings
 from .current import iter_current, open_landed
 from .datasets import resolve
 from .errors import UsageError
@@ -20,7 +20,7 @@ from .sink.formats import READ_BATCH_ROWS
 from .sink.local import LocalStorage
 from .sink.storage import DEFAULT_LOCAL_DEST, open_storage
 from .socrata import soql
-from .socrata.client import DEFAULT_BASE_URL, WIRES, RetryPolicy, SodaClient
+from .socrata.client import SodaClient
 from .socrata.source import DatasetSource
 
 if TYPE_CHECKING:
@@ -45,13 +45,7 @@ def _dest(dest: str | None) -> str:
 
 def _client(source: str | None, allow_http: bool) -> SodaClient:
     """A client as the CLI makes one: the same environment variables, checked the same way."""
-    return SodaClient(
-        source or os.environ.get("SOCRATA_BASE_URL") or DEFAULT_BASE_URL,
-        app_token=os.environ.get("SOCRATA_APP_TOKEN") or None,
-        retry=RetryPolicy.from_env(),
-        wire=settings.env_choice(settings.WIRE, "auto", WIRES),
-        allow_http=allow_http or settings.env_flag(settings.ALLOW_HTTP),
-    )
+    return SourceSettings.from_env(source, allow_http=allow_http).client()
 
 
 def fetch(

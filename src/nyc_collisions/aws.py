@@ -41,6 +41,7 @@ from typing import Any
 import orjson
 
 from . import settings
+from .connect import SourceSettings
 from .daily import DailyRun, update_then_reconcile
 from .datasets import Dataset, resolve_many
 from .errors import NycCollisionsError, UsageError
@@ -58,7 +59,7 @@ from .results import DatasetResult
 from .runtime import tune_allocators
 from .sink.formats import FORMATS
 from .sink.storage import Storage, open_storage
-from .socrata.client import DEFAULT_BASE_URL, WIRES, RetryPolicy, SodaClient, validate_base_url
+from .socrata.client import SodaClient, validate_base_url
 from .socrata.source import DatasetSource
 from .state import DatasetState
 
@@ -254,14 +255,8 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
         raise UsageError("NYC_COLLISIONS_DEST is not set")
     weekday = _reconcile_weekday()
     machine = _state_machine()
-    allow_http = settings.env_flag(settings.ALLOW_HTTP)
-    source = validate_base_url(
-        os.environ.get("SOCRATA_BASE_URL") or DEFAULT_BASE_URL,
-        allow_http=allow_http,
-        name="SOCRATA_BASE_URL",
-    )
-    retry = RetryPolicy.from_env()
-    wire = settings.env_choice(settings.WIRE, "auto", WIRES)
+    source = SourceSettings.from_env()
+    validate_base_url(source.url, allow_http=source.allow_http, name="SOCRATA_BASE_URL")
     fmt = settings.env_choice("NYC_COLLISIONS_FORMAT", "csv", FORMATS)
     reconcile = bool(event.get("reconcile")) or (
         bool(weekday) and datetime.now(UTC).strftime("%a").upper() == weekday
@@ -287,13 +282,7 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
     done = updated = False
     summary: dict[str, Any] = {"command": command, "destination": storage.url}
     try:
-        with SodaClient(
-            source,
-            app_token=token,
-            retry=retry,
-            wire=wire,
-            allow_http=allow_http,
-        ) as client:
+        with source.client(app_token=token) as client:
             meter = RetryMeter(lambda: client.stats.retries)
 
             def record(kind: str, r: DatasetResult) -> None:

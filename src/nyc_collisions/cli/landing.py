@@ -9,6 +9,7 @@ import time
 
 import click
 
+from ..connect import SourceSettings
 from ..datasets import resolve_many
 from ..extract import backfill
 from ..results import DatasetResult
@@ -16,7 +17,6 @@ from ..sink.storage import open_storage
 from .app import handle_errors, main, setup_logging
 from .options import (
     LANDED_KEY_HELP,
-    SourceOptions,
     common,
     concurrency_options,
     dest_option,
@@ -49,7 +49,7 @@ def _exit_if_stopped(results: list[DatasetResult]) -> None:
 @handle_errors
 def backfill_cmd(
     datasets: tuple[str, ...],
-    source: SourceOptions,
+    source: SourceSettings,
     dest: str,
     verbose: int,
     fmt: str,
@@ -114,7 +114,7 @@ def backfill_cmd(
 @handle_errors
 def update_cmd(
     datasets: tuple[str, ...],
-    source: SourceOptions,
+    source: SourceSettings,
     dest: str,
     verbose: int,
     key: str | None,
@@ -170,7 +170,7 @@ def update_cmd(
 @handle_errors
 def reconcile_cmd(
     datasets: tuple[str, ...],
-    source: SourceOptions,
+    source: SourceSettings,
     dest: str,
     verbose: int,
     key: str | None,

@@ -2,68 +2,29 @@
 
 `common` gives every command that talks to the source `--source`, `--allow-http`, `--dest`,
 `-v`, `--retries`, `--timeout` and `--wire`; the command receives the source's as one
-`SourceOptions` (`source`), `dest` and `verbose`. An option left unset takes its environment
+`SourceSettings` (`source`), `dest` and `verbose`. An option left unset takes its environment
 variable when it has one, checked (a bad value is one line, exit 2).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import click
 from click.core import ParameterSource
 
 from .. import settings
+from ..connect import DEFAULT_RETRIES, DEFAULT_TIMEOUT, SourceSettings
 from ..errors import UsageError
 from ..job import DEFAULT_FILE_ROWS, DEFAULT_PAGE_SIZE, RunOptions
 from ..sink.storage import DEFAULT_LOCAL_DEST
-from ..socrata.client import DEFAULT_BASE_URL, WIRES, RetryPolicy, SodaClient
+from ..socrata.client import DEFAULT_BASE_URL, WIRES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 LANDED_KEY_HELP = "The dataset's unique key; if given, it must be the key it was landed with."
-
-
-@dataclass(frozen=True)
-class SourceOptions:
-    """Where the rows come from and how they are asked for (`common`'s options)."""
-
-    url: str = DEFAULT_BASE_URL
-    retries: int = 10
-    timeout: float = 120.0
-    wire: str = "auto"
-    allow_http: bool = False
-
-    def client(
-        self,
-        workers: int | None = None,
-        max_concurrency: int | None = None,
-        *,
-        retries: int | None = None,
-    ) -> SodaClient:
-        """A client of the source: `workers` requests in flight, or as many as it serves up to
-        `max_concurrency` (give one of them); `retries` instead of `--retries`."""
-        if workers is not None and max_concurrency is not None:
-            raise UsageError(
-                "--workers fixes the requests in flight and --max-concurrency bounds the number "
-                "found at run time: give one of them"
-            )
-        if max_concurrency is not None and not 1 <= max_concurrency <= 64:
-            raise UsageError(f"--max-concurrency must be from 1 to 64, not {max_concurrency}")
-        return SodaClient(
-            self.url,
-            wire=self.wire,
-            app_token=os.environ.get("SOCRATA_APP_TOKEN") or None,
-            concurrency=workers if workers is not None else max_concurrency,
-            adaptive=workers is None,
-            retry=RetryPolicy.from_env(attempts=self.retries if retries is None else retries),
-            timeout=self.timeout,
-            allow_http=self.allow_http,
-        )
 
 
 class _EnvError(click.ClickException):
@@ -129,15 +90,15 @@ _SOURCE_OPTIONS: tuple[Callable[[Any], Any], ...] = (
     click.option(
         "--retries",
         type=click.IntRange(1, 100),
-        default=10,
+        default=DEFAULT_RETRIES,
         show_default=True,
-        callback=_or_env(lambda: settings.env_int(settings.RETRIES, 10, 1, 100)),
+        callback=_or_env(lambda: settings.env_int(settings.RETRIES, DEFAULT_RETRIES, 1, 100)),
         help="Attempts per request before giving up (env NYC_COLLISIONS_RETRIES).",
     ),
     click.option(
         "--timeout",
         type=click.FloatRange(min=0.1),
-        default=120.0,
+        default=DEFAULT_TIMEOUT,
         show_default=True,
         help="Seconds the source may stay silent before the request is retried.",
     ),
@@ -156,7 +117,8 @@ _SOURCE_OPTIONS: tuple[Callable[[Any], Any], ...] = (
 
 def common(f: F) -> F:
     """Options every command that talks to the source takes: where the source and the
-    destination are, how loud to be. The command gets `source: SourceOptions`, `dest`, `verbose`."""
+    destination are, how loud to be. The command gets `source: SourceSettings`, `dest` and
+    `verbose`."""
 
     @functools.wraps(f)
     def gather(
@@ -168,7 +130,7 @@ def common(f: F) -> F:
         wire: str,
         **kwargs: Any,
     ) -> Any:
-        options = SourceOptions(source, retries, timeout, wire.lower(), allow_http)
+        options = SourceSettings(source, retries, timeout, wire.lower(), allow_http)
         return f(*args, source=options, **kwargs)
 
     decorated: Any = gather

@@ -8,6 +8,7 @@ import time
 import click
 import orjson
 
+from ..connect import SourceSettings
 from ..current import open_landed
 from ..datasets import resolve, resolve_many
 from ..report import dataset_status, orphans
@@ -15,7 +16,7 @@ from ..sink.storage import open_storage
 from ..socrata.source import DatasetSource
 from ..verify import columns_changed, verify
 from .app import handle_errors, main, setup_logging
-from .options import LANDED_KEY_HELP, SourceOptions, common, dest_option, key_option
+from .options import LANDED_KEY_HELP, common, dest_option, key_option
 from .summary import print_mismatch, print_status
 
 
@@ -47,7 +48,7 @@ def export_cmd(dataset: str, output: str, dest: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @handle_errors
 def status_cmd(
-    datasets: tuple[str, ...], source: SourceOptions, dest: str, verbose: int, as_json: bool
+    datasets: tuple[str, ...], source: SourceSettings, dest: str, verbose: int, as_json: bool
 ) -> None:
     """Per dataset: rows landed, files, last run, the source's count, and whether they agree.
 
@@ -69,7 +70,7 @@ def status_cmd(
 @key_option(LANDED_KEY_HELP)
 @handle_errors
 def verify_cmd(
-    datasets: tuple[str, ...], source: SourceOptions, dest: str, verbose: int, key: str | None
+    datasets: tuple[str, ...], source: SourceSettings, dest: str, verbose: int, key: str | None
 ) -> None:
     """Compare what landed with the source now: row count and the full set of unique keys.
 
