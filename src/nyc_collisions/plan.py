@@ -12,6 +12,9 @@ A partition can be split while it is fetched: its worker stops where it is (afte
 it landed, `after`), probes the `:id` half its remaining rows further (`split_offset`), and the
 range beyond that boundary becomes a new partition. The split is recorded in the plan before
 either half is fetched, so a rerun resumes both.
+
+The plan (`SnapshotPlan`, stored as `runs/<batch>/plan.json`) and where each partition goes on
+(`ResumePoint`, from the run's part records) are typed here; the dicts exist only at storage.
 """
 
 from __future__ import annotations
