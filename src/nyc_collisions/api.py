@@ -21,7 +21,7 @@ from .sink.local import LocalStorage
 from .sink.storage import DEFAULT_LOCAL_DEST, open_storage
 from .socrata import soql
 from .socrata.client import DEFAULT_BASE_URL, WIRES, RetryPolicy, SodaClient
-from .socrata.source import DatasetSource
+from .source import DatasetSource
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -79,15 +79,23 @@ def fetch(
         tables: list[pa.Table] = []
         after: str | None = None
         got = 0
-        while limit is None or got < limit:
+
+        def page(_counted: bool) -> int:
+            nonlocal after, got
             n = page_size if limit is None else min(page_size, limit - got)
             params = soql.page_params(after=after, upper=None, limit=n, where=where)
             table = client.fetch(src.path, params, lambda b: parse_page(b, schema))
-            if table.num_rows == 0:
-                break
-            tables.append(table)
-            got += table.num_rows
-            after = table.column("socrata_id")[-1].as_py()
+            if table.num_rows:
+                tables.append(table)
+                got += table.num_rows
+                after = table.column("socrata_id")[-1].as_py()
+            return int(table.num_rows)
+
+        src.page_until_empty(
+            page,
+            lambda: soql.rows_in(where, after),
+            stopped=lambda: limit is not None and got >= limit,
+        )
         text = pa.concat_tables(tables) if tables else schema.text_schema().empty_table()
         frame: pd.DataFrame = schema.to_typed(text).to_pandas()
         return frame

@@ -33,7 +33,7 @@ from .runtime import tune_allocators
 from .sink.s3 import UploadStats
 from .sink.storage import DEFAULT_LOCAL_DEST, Storage, open_storage
 from .socrata.client import DEFAULT_BASE_URL, WIRES, RetryPolicy, SodaClient
-from .socrata.source import DatasetSource
+from .source import DatasetSource
 from .verify import columns_changed, verify
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -36,7 +36,7 @@ from .sink.files import FileEntry
 from .sink.formats import check_format
 from .sink.storage import Storage
 from .socrata.client import SodaClient
-from .socrata.source import DatasetSource, SourceInfo
+from .source import DatasetSource, SourceInfo
 from .state import Batch, DatasetState, Manifest, Watermark, new_batch_id, utc_now
 from .tidy import tidy
 from .workers import BarProgress, fetch_partitions

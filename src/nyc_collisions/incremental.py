@@ -193,21 +193,17 @@ class Update(DatasetJob):
                 table.column("socrata_id")[-1].as_py(),
             )
 
-        empty = 0
         try:
-            while until is not None:
-                if stop.is_set() or self.opts.out_of_time():
-                    files.commit(done=False)
+            if until is not None:
+                done = self.source.page_until_empty(
+                    lambda _counted: self.source.stream_rows(landed.schema, params, emit),
+                    lambda: _changed_after(cursor, until),
+                    stopped=lambda: stop.is_set() or self.opts.out_of_time(),
+                )
+                files.commit(done=done)
+                if not done:
                     result.status = "stopped"
                     result.message = "stopped before the end; the next run goes on"
-                    break
-                if self.source.stream_rows(landed.schema, params, emit) > 0:
-                    empty = 0
-                    continue
-                empty += 1
-                if self.source.confirm_empty(_changed_after(cursor, until), empty):
-                    files.commit(done=True)
-                    break
         except BaseException:
             files.abort()
             raise

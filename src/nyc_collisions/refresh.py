@@ -15,7 +15,7 @@ from dataclasses import replace
 from .current import Landed
 from .drift import SchemaChange
 from .extract import Backfill, DatasetJob, DatasetResult
-from .socrata.source import DatasetSource
+from .source import DatasetSource
 
 logger = logging.getLogger(__name__)
 

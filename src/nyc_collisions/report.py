@@ -14,7 +14,7 @@ from .errors import NothingLanded, NycCollisionsError
 from .keyspill import KeySpill, bucket_count
 from .sink.storage import Storage
 from .socrata.client import SodaClient
-from .socrata.source import DatasetSource
+from .source import DatasetSource
 from .state import DatasetState
 from .verify import columns_drift
 
