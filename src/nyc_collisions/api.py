@@ -1,4 +1,5 @@
-"""The Python API: `fetch` straight from the source, `read` and `export` what landed."""
+"""The Python API: `fetch` straight from the source (keyset pages until an empty page a count
+confirms, as the commands page), `read` and `export` what landed."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from . import settings
 from .current import iter_current, open_landed
 from .datasets import resolve
 from .errors import UsageError
+from .extract import DEFAULT_PAGE_SIZE
 from .pages import parse_page
 from .sink.formats import READ_BATCH_ROWS
 from .sink.local import LocalStorage
@@ -40,7 +42,7 @@ def _need_pandas(name: str) -> None:
 
 
 def _dest(dest: str | None) -> str:
-    return dest or os.environ.get("NYC_COLLISIONS_DEST") or DEFAULT_LOCAL_DEST
+    return dest or os.environ.get(settings.DEST) or DEFAULT_LOCAL_DEST
 
 
 def _client(source: str | None, allow_http: bool) -> SodaClient:
@@ -60,7 +62,7 @@ def fetch(
     limit: int | None = None,
     *,
     source: str | None = None,
-    page_size: int = 50_000,
+    page_size: int = DEFAULT_PAGE_SIZE,
     allow_http: bool = False,
 ) -> pd.DataFrame:
     """Rows straight from the API as a typed DataFrame (for notebooks).

@@ -1,6 +1,8 @@
 """The orchestrator: metadata -> plan -> pages -> files -> manifest.
 
-Only this module knows both the source and the sink. A backfill of one dataset:
+`DatasetJob` is what every command that writes a dataset shares (update and compact in
+`incremental.py`, reconcile in `reconcile.py`); the source is read through `source.py` and the
+pool of partitions is in `workers.py`/`partition.py`. A backfill of one dataset:
 
 1. takes the dataset's lock and reads its manifest (a committed snapshot is not landed twice
    unless `force`); an unfinished run of an earlier invocation is resumed from its committed files;
@@ -37,7 +39,7 @@ from .sink.formats import check_format
 from .sink.storage import Storage
 from .socrata.client import SodaClient
 from .source import DatasetSource, SourceInfo
-from .state import Batch, DatasetState, Manifest, Watermark, new_batch_id, utc_now
+from .state import EPOCH, Batch, DatasetState, Manifest, Watermark, new_batch_id, utc_now
 from .tidy import tidy
 from .workers import BarProgress, fetch_partitions
 
@@ -45,7 +47,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50_000
 DEFAULT_FILE_ROWS = 500_000
-EPOCH = "1970-01-01T00:00:00.000Z"
 
 
 @dataclass(frozen=True)

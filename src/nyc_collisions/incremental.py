@@ -36,14 +36,14 @@ from .sink.files import FileEntry, FileRotation, OnFile
 from .sink.storage import Storage
 from .socrata import soql
 from .socrata.client import SodaClient
-from .state import Batch, DatasetState, Retired, Watermark, new_batch_id, utc_now
+from .state import EPOCH, Batch, DatasetState, Retired, Watermark, new_batch_id, utc_now
 from .tidy import retire_after, tidy
 
 logger = logging.getLogger(__name__)
 
 # An update lands a fresh snapshot instead when more rows changed than this share of the last
-# snapshot: fetching every row over the partitions in parallel is then faster than the changes
-# in one stream (3 server slots against 1: break-even near a third).
+# snapshot (more than half: a publisher's full replace, not a day's edits); every row fetched
+# over partitions at once then takes less time than the changes in one ordered stream.
 REFRESH_SHARE = 0.5
 # `compact --prune` keeps the files it supersedes this long for readers of the previous manifest
 DEFAULT_GRACE_HOURS = 24.0
@@ -135,7 +135,7 @@ class Update(DatasetJob):
 
     def _run(self, stop: threading.Event, result: DatasetResult) -> None:
         landed = _open(self.state, self.dataset)
-        watermark = landed.manifest.watermark or Watermark("1970-01-01T00:00:00.000Z")
+        watermark = landed.manifest.watermark or Watermark(EPOCH)
         result.extra["watermark_before"] = watermark.__dict__
         fmt = self.fmt or landed.manifest.current_batches()[-1].format
         change = drift(landed, self.source)

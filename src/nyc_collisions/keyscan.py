@@ -28,6 +28,7 @@ import pyarrow as pa
 from . import settings
 from .errors import Interrupted, StateError
 from .plan import Partition, partition_count, partition_step
+from .plan import ResumePoint as ResumePoint  # where a partition of a scan goes on
 from .schema import Column, Schema
 from .socrata import soql
 from .source import DatasetSource
@@ -141,16 +142,6 @@ class ScanPlan:
             planned=planned,
             step=partition_step(count, planned),
         )
-
-
-@dataclass(frozen=True)
-class ResumePoint:
-    """Where a partition goes on: after `after` (None: its lower bound), its next chunk numbered
-    `next_seq`; `done` when it ended."""
-
-    after: str | None = None
-    next_seq: int = 0
-    done: bool = False
 
 
 class PartitionSink(Protocol):

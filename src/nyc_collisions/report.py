@@ -16,9 +16,7 @@ from .sink.storage import Storage
 from .socrata.client import SodaClient
 from .source import DatasetSource
 from .state import DatasetState
-from .verify import columns_drift
-
-SAMPLE = 10
+from .verify import SAMPLE, columns_drift
 
 
 def _epoch(iso: str) -> float:

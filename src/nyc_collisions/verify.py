@@ -22,7 +22,7 @@ from .plan import Partition
 from .schema import Schema
 from .source import DatasetSource
 
-SAMPLE = 10
+SAMPLE = 10  # keys shown of each kind of difference
 
 
 @dataclass
