@@ -176,9 +176,9 @@ def test_backfill_under_a_tiny_budget_invoked_repeatedly_ends_exact(
     with FakeSoda(sizes=sizes, seed=8, tokens=(GOOD_TOKEN,), latency=latency) as srv:
         monkeypatch.setenv("SOCRATA_BASE_URL", srv.url)
         monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes,persons")
-        monkeypatch.setattr("nyc_collisions.extract.DEFAULT_PAGE_SIZE", 100)
         import nyc_collisions.extract as extract
 
+        # the handler makes its own RunOptions: small pages and files come through them
         monkeypatch.setattr(extract.RunOptions, "__init__", _small_files(extract.RunOptions))
         invocations = 0
         while True:
