@@ -204,10 +204,12 @@ def test_limit_bounds_requests_in_flight() -> None:
         t.start()
     # two are let in at once; a third is not while they are in flight (a slow machine could
     # only let a broken limit pass here, never fail a sound one)
-    assert entered.acquire(timeout=10)
-    assert entered.acquire(timeout=10)
-    assert not entered.acquire(timeout=0.3)
-    release.set()
+    try:
+        assert entered.acquire(timeout=10)
+        assert entered.acquire(timeout=10)
+        assert not entered.acquire(timeout=0.3)
+    finally:
+        release.set()
     for t in threads:
         t.join()
     assert peak == 2

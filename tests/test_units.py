@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from decimal import Decimal
 from typing import Any
 
@@ -704,12 +703,15 @@ def test_tuned_malloc_keeps_to_two_arenas() -> None:
     assert arenas("tuned") <= 2
 
 
-class _SlowS3:
-    """Just the multipart calls, each part held a while; records how many are in flight."""
+class _HeldS3:
+    """Just the multipart calls, each part held in flight until `release` is set; records how
+    many are in flight."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.now = self.most = self.parts = 0
+        self.entered = threading.Semaphore(0)
+        self.release = threading.Event()
 
     def create_multipart_upload(self, **kw: Any) -> dict[str, Any]:
         return {"UploadId": "u"}
@@ -718,7 +720,8 @@ class _SlowS3:
         with self.lock:
             self.now += 1
             self.most = max(self.most, self.now)
-        time.sleep(0.02)
+        self.entered.release()
+        self.release.wait(timeout=30)
         with self.lock:
             self.now -= 1
             self.parts += 1
@@ -737,8 +740,8 @@ def test_s3_parts_in_flight_are_bounded_across_writers(
 
     monkeypatch.setattr(st_mod, "PART_SIZE", 1024)
     storage = st_mod.S3Storage("bucket", "prefix")
-    slow = _SlowS3()
-    storage.client = slow  # type: ignore[assignment]
+    held = _HeldS3()
+    storage.client = held  # type: ignore[assignment]
 
     def partition(i: int) -> None:
         writer = storage.open_writer(f"part-{i}.csv")
@@ -746,13 +749,21 @@ def test_s3_parts_in_flight_are_bounded_across_writers(
             writer.write(b"x" * 1024)
         writer.close()
 
-    threads = [threading.Thread(target=partition, args=(i,)) for i in range(6)]
+    threads = [threading.Thread(target=partition, args=(i,), daemon=True) for i in range(6)]
     for t in threads:
         t.start()
+    # the slots fill while every part is held; one more is not sent until a slot frees (a slow
+    # machine could only let a broken bound pass here, never fail a sound one)
+    try:
+        for _ in range(st_mod.PARTS_IN_FLIGHT):
+            assert held.entered.acquire(timeout=10)
+        assert not held.entered.acquire(timeout=0.3)
+    finally:
+        held.release.set()
     for t in threads:
         t.join()
-    assert slow.parts == 36
-    assert 1 < slow.most <= st_mod.PARTS_IN_FLIGHT  # 8 before: 2 per writer, 8 upload threads
+    assert held.parts == 36
+    assert held.most == st_mod.PARTS_IN_FLIGHT
 
 
 @pytest.mark.parametrize(
