@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -815,3 +816,35 @@ def test_csv_page_cut_inside_a_value_that_spans_lines_is_refetched(pass_through:
     with pytest.raises(BadResponse, match="cut short"):
         stream.finish()
     assert sum(t.num_rows for t in got) <= 1  # the whole first row at most
+
+
+@pytest.mark.parametrize(
+    ("package", "unknown"),
+    [
+        # the source's HTTP and SoQL: no page parsers, nothing of what is landed
+        ("socrata", ("pages", "state", "source", "sink", "rows", "schema")),
+        # where rows land: neither the source nor the page parsers
+        ("sink", ("pages", "socrata", "source")),
+    ],
+)
+def test_a_layer_loads_nothing_of_the_layers_it_does_not_know(
+    package: str, unknown: tuple[str, ...]
+) -> None:
+    import pkgutil
+
+    import nyc_collisions
+
+    root = Path(nyc_collisions.__file__).parent / package
+    modules = [f"nyc_collisions.{package}.{m.name}" for m in pkgutil.iter_modules([str(root)])]
+    probe = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('nyc_collisions.'))))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    loaded = {m.split(".")[1] for m in proc.stdout.split()}
+    assert modules
+    assert loaded.isdisjoint(unknown), sorted(loaded & set(unknown))
