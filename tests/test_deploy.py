@@ -33,6 +33,7 @@ from packaging.version import Version
 
 from nyc_collisions import aws, errors, metrics
 from nyc_collisions.datasets import DEFAULT_DATASETS, resolve
+from nyc_collisions.sink.formats import FORMATS
 from nyc_collisions.socrata.client import DEFAULT_BASE_URL
 from tests.cfn import NO_VALUE, Resolver, load_template
 
@@ -250,7 +251,7 @@ def test_template_is_sam_with_the_expected_parameters(template: dict[str, Any]) 
         DEFAULT_DATASETS
     )
     assert params["SourceUrl"]["Default"] == DEFAULT_BASE_URL
-    assert params["Format"]["AllowedValues"] == ["csv", "parquet"]
+    assert set(params["Format"]["AllowedValues"]) == set(FORMATS)  # each one the handler takes
 
 
 def test_parameter_defaults_satisfy_their_own_constraints(template: dict[str, Any]) -> None:
