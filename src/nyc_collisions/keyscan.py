@@ -28,7 +28,7 @@ import pyarrow as pa
 from . import settings
 from .errors import Interrupted, StateError
 from .plan import Partition, partition_count, partition_step
-from .plan import ResumePoint as ResumePoint  # where a partition of a scan goes on
+from .plan import ResumePoint as ResumePoint  # re-exported: reconcile.py imports it from here
 from .schema import Column, Schema
 from .socrata import soql
 from .source import DatasetSource
