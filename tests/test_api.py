@@ -32,6 +32,15 @@ def test_fetch_where_and_limit(soda_ro: FakeSoda) -> None:
         nyc_collisions.fetch("crashes", limit=-1, source=soda_ro.url)
 
 
+def test_fetch_ends_at_an_empty_page_only_when_a_count_agrees(soda: FakeSoda) -> None:
+    # the second page comes back well formed but empty, as a body cut short can: rows follow it
+    soda.add_fault("truncate_rows", match=":id >", after_rows=0)
+    df = nyc_collisions.fetch("crashes", source=soda.url, page_size=300)
+    assert soda.stats()["faults"]["truncate_rows"] == 1
+    assert len(df) == len(soda.rows("h9gi-nx95"))
+    assert df["collision_id"].is_unique
+
+
 def test_read_and_export_what_landed(soda_ro: FakeSoda, tmp_path: Path) -> None:
     dest = str(tmp_path / "land")
     assert cli("backfill", "vehicles", "--source", soda_ro.url, "--dest", dest).code == 0

@@ -20,7 +20,7 @@ from nyc_collisions import aws
 from nyc_collisions.schema import Column, Schema
 from nyc_collisions.sink.files import FileEntry, FileRotation
 from nyc_collisions.sink.local import LocalStorage
-from nyc_collisions.socrata.source import DatasetSource
+from nyc_collisions.source import DatasetSource
 from nyc_collisions.state import Batch, DatasetState
 from tests.conftest import GOOD_TOKEN
 from tests.fake_soda import CRASHES, PERSONS, FakeSoda

@@ -185,6 +185,8 @@ def test_limit_bounds_requests_in_flight() -> None:
     peak = 0
     now = 0
     lock = threading.Lock()
+    entered = threading.Semaphore(0)
+    release = threading.Event()
 
     def work() -> None:
         nonlocal peak, now
@@ -192,13 +194,22 @@ def test_limit_bounds_requests_in_flight() -> None:
             with lock:
                 now += 1
                 peak = max(peak, now)
-            time.sleep(0.02)
+            entered.release()
+            release.wait(timeout=30)  # in flight until the test has looked
             with lock:
                 now -= 1
 
-    threads = [threading.Thread(target=work) for _ in range(10)]
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(10)]
     for t in threads:
         t.start()
+    # two are let in at once; a third is not while they are in flight (a slow machine could
+    # only let a broken limit pass here, never fail a sound one)
+    try:
+        assert entered.acquire(timeout=10)
+        assert entered.acquire(timeout=10)
+        assert not entered.acquire(timeout=0.3)
+    finally:
+        release.set()
     for t in threads:
         t.join()
     assert peak == 2

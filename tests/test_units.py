@@ -7,8 +7,8 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -704,12 +704,15 @@ def test_tuned_malloc_keeps_to_two_arenas() -> None:
     assert arenas("tuned") <= 2
 
 
-class _SlowS3:
-    """Just the multipart calls, each part held a while; records how many are in flight."""
+class _HeldS3:
+    """Just the multipart calls, each part held in flight until `release` is set; records how
+    many are in flight."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.now = self.most = self.parts = 0
+        self.entered = threading.Semaphore(0)
+        self.release = threading.Event()
 
     def create_multipart_upload(self, **kw: Any) -> dict[str, Any]:
         return {"UploadId": "u"}
@@ -718,7 +721,8 @@ class _SlowS3:
         with self.lock:
             self.now += 1
             self.most = max(self.most, self.now)
-        time.sleep(0.02)
+        self.entered.release()
+        self.release.wait(timeout=30)
         with self.lock:
             self.now -= 1
             self.parts += 1
@@ -738,8 +742,8 @@ def test_s3_parts_in_flight_are_bounded_across_writers(
 
     monkeypatch.setattr(s3_transfer, "PART_SIZE", 1024)
     storage = st_mod.S3Storage("bucket", "prefix")
-    slow = _SlowS3()
-    storage.client = slow  # type: ignore[assignment]
+    held = _HeldS3()
+    storage.client = held  # type: ignore[assignment]
 
     def partition(i: int) -> None:
         writer = storage.open_writer(f"part-{i}.csv")
@@ -747,13 +751,21 @@ def test_s3_parts_in_flight_are_bounded_across_writers(
             writer.write(b"x" * 1024)
         writer.close()
 
-    threads = [threading.Thread(target=partition, args=(i,)) for i in range(6)]
+    threads = [threading.Thread(target=partition, args=(i,), daemon=True) for i in range(6)]
     for t in threads:
         t.start()
+    # the slots fill while every part is held; one more is not sent until a slot frees (a slow
+    # machine could only let a broken bound pass here, never fail a sound one)
+    try:
+        for _ in range(st_mod.PARTS_IN_FLIGHT):
+            assert held.entered.acquire(timeout=10)
+        assert not held.entered.acquire(timeout=0.3)
+    finally:
+        held.release.set()
     for t in threads:
         t.join()
-    assert slow.parts == 36
-    assert 1 < slow.most <= st_mod.PARTS_IN_FLIGHT  # 8 before: 2 per writer, 8 upload threads
+    assert held.parts == 36
+    assert held.most == st_mod.PARTS_IN_FLIGHT
 
 
 @pytest.mark.parametrize(
@@ -805,3 +817,35 @@ def test_csv_page_cut_inside_a_value_that_spans_lines_is_refetched(pass_through:
     with pytest.raises(BadResponse, match="cut short"):
         stream.finish()
     assert sum(t.num_rows for t in got) <= 1  # the whole first row at most
+
+
+@pytest.mark.parametrize(
+    ("package", "unknown"),
+    [
+        # the source's HTTP and SoQL: no page parsers, nothing of what is landed
+        ("socrata", ("pages", "state", "source", "sink", "rows", "schema")),
+        # where rows land: neither the source nor the page parsers
+        ("sink", ("pages", "socrata", "source")),
+    ],
+)
+def test_a_layer_loads_nothing_of_the_layers_it_does_not_know(
+    package: str, unknown: tuple[str, ...]
+) -> None:
+    import pkgutil
+
+    import nyc_collisions
+
+    root = Path(nyc_collisions.__file__).parent / package
+    modules = [f"nyc_collisions.{package}.{m.name}" for m in pkgutil.iter_modules([str(root)])]
+    probe = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('nyc_collisions.'))))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    loaded = {m.split(".")[1] for m in proc.stdout.split()}
+    assert modules
+    assert loaded.isdisjoint(unknown), sorted(loaded & set(unknown))

@@ -1,4 +1,5 @@
-"""The Python API: `fetch` straight from the source, `read` and `export` what landed."""
+"""The Python API: `fetch` straight from the source (keyset pages until an empty page a count
+confirms, as the commands page), `read` and `export` what landed."""
 
 from __future__ import annotations
 
@@ -11,17 +12,19 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from . import settings
 from .connect import SourceSettings
 from .current import iter_current, open_landed
 from .datasets import resolve
 from .errors import UsageError
+from .extract import DEFAULT_PAGE_SIZE
 from .pages import parse_page
 from .sink.formats import READ_BATCH_ROWS
 from .sink.local import LocalStorage
 from .sink.storage import DEFAULT_LOCAL_DEST, open_storage
 from .socrata import soql
 from .socrata.client import SodaClient
-from .socrata.source import DatasetSource
+from .source import DatasetSource
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -40,7 +43,7 @@ def _need_pandas(name: str) -> None:
 
 
 def _dest(dest: str | None) -> str:
-    return dest or os.environ.get("NYC_COLLISIONS_DEST") or DEFAULT_LOCAL_DEST
+    return dest or os.environ.get(settings.DEST) or DEFAULT_LOCAL_DEST
 
 
 def _client(source: str | None, allow_http: bool) -> SodaClient:
@@ -54,7 +57,7 @@ def fetch(
     limit: int | None = None,
     *,
     source: str | None = None,
-    page_size: int = 50_000,
+    page_size: int = DEFAULT_PAGE_SIZE,
     allow_http: bool = False,
 ) -> pd.DataFrame:
     """Rows straight from the API as a typed DataFrame (for notebooks).
@@ -73,15 +76,23 @@ def fetch(
         tables: list[pa.Table] = []
         after: str | None = None
         got = 0
-        while limit is None or got < limit:
+
+        def page(_counted: bool) -> int:
+            nonlocal after, got
             n = page_size if limit is None else min(page_size, limit - got)
             params = soql.page_params(after=after, upper=None, limit=n, where=where)
             table = client.fetch(src.path, params, lambda b: parse_page(b, schema))
-            if table.num_rows == 0:
-                break
-            tables.append(table)
-            got += table.num_rows
-            after = table.column("socrata_id")[-1].as_py()
+            if table.num_rows:
+                tables.append(table)
+                got += table.num_rows
+                after = table.column("socrata_id")[-1].as_py()
+            return int(table.num_rows)
+
+        src.page_until_empty(
+            page,
+            lambda: soql.rows_in(where, after),
+            stopped=lambda: limit is not None and got >= limit,
+        )
         text = pa.concat_tables(tables) if tables else schema.text_schema().empty_table()
         frame: pd.DataFrame = schema.to_typed(text).to_pandas()
         return frame

@@ -60,7 +60,7 @@ from .runtime import tune_allocators
 from .sink.formats import FORMATS
 from .sink.storage import Storage, open_storage
 from .socrata.client import SodaClient, validate_base_url
-from .socrata.source import DatasetSource
+from .source import DatasetSource
 from .state import DatasetState
 
 logger = logging.getLogger("nyc_collisions.aws")

@@ -37,14 +37,14 @@ from .sink.files import FileEntry, FileRotation, OnFile
 from .sink.storage import Storage
 from .socrata import soql
 from .socrata.client import SodaClient
-from .state import Batch, DatasetState, Retired, Watermark, new_batch_id, utc_now
+from .state import EPOCH, Batch, DatasetState, Retired, Watermark, new_batch_id, utc_now
 from .tidy import retire_after, tidy
 
 logger = logging.getLogger(__name__)
 
 # An update lands a fresh snapshot instead when more rows changed than this share of the last
-# snapshot: fetching every row over the partitions in parallel is then faster than the changes
-# in one stream (3 server slots against 1: break-even near a third).
+# snapshot (more than half: a publisher's full replace, not a day's edits); every row fetched
+# over partitions at once then takes less time than the changes in one ordered stream.
 REFRESH_SHARE = 0.5
 # `compact --prune` keeps the files it supersedes this long for readers of the previous manifest
 DEFAULT_GRACE_HOURS = 24.0
@@ -136,7 +136,7 @@ class Update(DatasetJob):
 
     def _run(self, stop: threading.Event, result: DatasetResult) -> None:
         landed = _open(self.state, self.dataset)
-        watermark = landed.manifest.watermark or Watermark("1970-01-01T00:00:00.000Z")
+        watermark = landed.manifest.watermark or Watermark(EPOCH)
         fmt = self.fmt or landed.manifest.current_batches()[-1].format
         change = drift(landed, self.source)
         if change is not None:
@@ -193,21 +193,17 @@ class Update(DatasetJob):
                 table.column("socrata_id")[-1].as_py(),
             )
 
-        empty = 0
         try:
-            while until is not None:
-                if stop.is_set() or self.opts.out_of_time():
-                    files.commit(done=False)
+            if until is not None:
+                done = self.source.page_until_empty(
+                    lambda _counted: self.source.stream_rows(landed.schema, params, emit),
+                    lambda: _changed_after(cursor, until),
+                    stopped=lambda: stop.is_set() or self.opts.out_of_time(),
+                )
+                files.commit(done=done)
+                if not done:
                     result.status = "stopped"
                     result.message = "stopped before the end; the next run goes on"
-                    break
-                if self.source.stream_rows(landed.schema, params, emit) > 0:
-                    empty = 0
-                    continue
-                empty += 1
-                if self.source.confirm_empty(_changed_after(cursor, until), empty):
-                    files.commit(done=True)
-                    break
         except BaseException:
             files.abort()
             raise

@@ -18,7 +18,7 @@ from .results import DatasetResult
 from .sink.formats import check_format
 from .sink.storage import Storage
 from .socrata.client import SodaClient
-from .socrata.source import DatasetSource
+from .source import DatasetSource
 from .state import DatasetState
 from .tidy import tidy
 

@@ -8,7 +8,7 @@ by `:id`, streamed and parsed a few MiB at a time, so memory holds pieces, never
 partition's rows go to a `PartitionSink` the caller opens: a spill to local files (`keyspill`),
 and for a reconcile also chunk files under `runs/` that a later run resumes from.
 
-A partition ends only where a count confirms an empty page (`DatasetSource.confirm_empty`), as a
+A partition ends only where a count confirms an empty page (`DatasetSource.page_until_empty`), as a
 backfill's do. A stop (Ctrl-C, `--max-seconds`, the Lambda deadline, a lost lease) ends each
 partition at a page boundary with `end(done=False)`: the sink records where to go on.
 """
@@ -30,7 +30,7 @@ from .errors import Interrupted, StateError
 from .plan import Partition, ResumePoint, partition_count, partition_step
 from .schema import Column, Schema
 from .socrata import soql
-from .socrata.source import DatasetSource
+from .source import DatasetSource
 
 logger = logging.getLogger(__name__)
 
@@ -292,19 +292,14 @@ class KeyScan:
             with self._lock:
                 self.rows += table.num_rows
 
-        empty = 0
         try:
-            while True:
-                if self.stop.is_set() or self.out_of_time():
-                    sink.end(False, after)
-                    return False
-                if self.source.stream_rows(self.schema, params, emit) > 0:
-                    empty = 0
-                    continue
-                empty += 1
-                if self.source.confirm_empty(soql.id_range(after, partition.upper), empty):
-                    sink.end(True, after)
-                    return True
+            done = self.source.page_until_empty(
+                lambda _counted: self.source.stream_rows(self.schema, params, emit),
+                lambda: soql.id_range(after, partition.upper),
+                stopped=lambda: self.stop.is_set() or self.out_of_time(),
+            )
+            sink.end(done, after)
+            return done
         except BaseException:
             sink.abort()
             raise

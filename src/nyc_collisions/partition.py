@@ -26,7 +26,7 @@ from .schema import Schema
 from .sink.files import FileEntry, FileRotation
 from .socrata import soql
 from .socrata.client import PageCancelled
-from .socrata.source import DatasetSource
+from .source import DatasetSource
 from .state import DatasetState, PartRecord
 
 if TYPE_CHECKING:
@@ -153,6 +153,7 @@ class PartitionFetch:
         self.split_wanted = threading.Event()
         self.split_keep = 0
         self._asked = ctx.opts.page_size  # rows the current page asks for
+        self._short = False  # the last page held fewer rows than it asked for
         self.seconds = 0.0  # spent in pages: with `page_rows`, how long a row takes
         self.page_rows = 0
         opts = ctx.opts
@@ -173,28 +174,23 @@ class PartitionFetch:
 
     def run(self) -> None:
         try:
-            while True:
-                upper = self.partition.upper
-                if self.ctx.stop.is_set() or self.ctx.opts.out_of_time():
-                    self.files.commit(done=False)
-                    return
-                if upper is not None and self.after == upper:
-                    self.files.commit(done=True)  # its last row is landed
-                    return
-                if self.split_wanted.is_set():
-                    self._split()
-                    continue
-                got = self._page(splittable=True)
-                if got is None or got >= self._asked:
-                    continue
-                if self.after == upper and upper is not None:
-                    continue
-                if self._ended(got):
-                    self.files.commit(done=True)
-                    return
+            done = self.ctx.source.page_until_empty(
+                self._next,
+                lambda: soql.id_range(self.after, self.partition.upper),
+                stopped=lambda: self.ctx.stop.is_set() or self.ctx.opts.out_of_time(),
+                ended=self._upper_landed,
+                counts=self.ctx.counts,
+                short=lambda: self._short,
+            )
+            self.files.commit(done=done)
         except BaseException:
             self.files.abort()
             raise
+
+    def _upper_landed(self) -> bool:
+        """Whether the row at its upper bound is landed: nothing can follow it in the range."""
+        upper = self.partition.upper
+        return upper is not None and self.after == upper
 
     # -- pages -------------------------------------------------------------------------------
     def _limit(self) -> int:
@@ -223,6 +219,14 @@ class PartitionFetch:
         self.landed += rows.num_rows
         self.ctx.progress.add(rows.num_rows)
 
+    def _next(self, counted: bool) -> int | None:
+        """The next page, or a split when one is wanted (None). A page with a count beside it
+        is the one expected empty at the end: it is not split."""
+        if not counted and self.split_wanted.is_set():
+            self._split()
+            return None
+        return self._page(splittable=not counted)
+
     def _page(self, splittable: bool) -> int | None:
         """One page; None when it was dropped for a split."""
         # CSV pages go to CSV files unparsed where they can (see `CsvPageStream`)
@@ -230,37 +234,20 @@ class PartitionFetch:
         started, landed = time.monotonic(), self.landed
         self._asked = self._limit()
         try:
-            return self.ctx.source.stream_rows(
+            got = self.ctx.source.stream_rows(
                 self.ctx.schema,
                 self._params,
                 self._emit,
                 pass_through,
                 cancelled=self.split_wanted.is_set if splittable else None,
             )
+            self._short = got < self._asked
+            return got
         except PageCancelled:
             return None
         finally:
             self.seconds += time.monotonic() - started
             self.page_rows += self.landed - landed
-
-    def _ended(self, got: int) -> bool:
-        """After a short page: whether the range has ended. The next page (expected empty) and a
-        count of the range after the last row go at once; the end is taken when both agree."""
-        source = self.ctx.source
-        ask_page = got > 0  # after an empty page, only the count is missing
-        empty = 0
-        while True:
-            where = soql.id_range(self.after, self.partition.upper)
-            assert self.ctx.counts is not None
-            left = self.ctx.counts.submit(source.count, where)
-            if ask_page:
-                got = self._page(splittable=False) or 0
-                if got > 0:
-                    return False  # more rows: the short page was not the end
-            ask_page = True
-            empty += 1
-            if source.confirm_empty(where, empty, left=left.result()):
-                return True
 
     # -- splits ------------------------------------------------------------------------------
     def ask_split(self, keep: int) -> None:

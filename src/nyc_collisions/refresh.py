@@ -16,7 +16,7 @@ from .drift import SchemaChange
 from .job import DatasetJob
 from .results import DatasetResult
 from .snapshot import land_snapshot
-from .socrata.source import DatasetSource
+from .source import DatasetSource
 
 logger = logging.getLogger(__name__)
 

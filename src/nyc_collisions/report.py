@@ -14,11 +14,9 @@ from .errors import NothingLanded, NycCollisionsError
 from .keyspill import KeySpill, bucket_count
 from .sink.storage import Storage
 from .socrata.client import SodaClient
-from .socrata.source import DatasetSource
+from .source import DatasetSource
 from .state import DatasetState
-from .verify import columns_drift
-
-SAMPLE = 10
+from .verify import SAMPLE, columns_drift
 
 
 def _epoch(iso: str) -> float:

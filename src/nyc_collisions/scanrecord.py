@@ -18,7 +18,7 @@ from .keyspill import KeySpill
 from .plan import Partition, ResumePoint, resume_points
 from .schema import Schema
 from .sink.storage import Storage, Writer
-from .socrata.source import DatasetSource
+from .source import DatasetSource
 from .state import DatasetState, PartRecord, new_batch_id
 
 logger = logging.getLogger(__name__)

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 from .errors import UsageError
 
+DEST = "NYC_COLLISIONS_DEST"
 RETRIES = "NYC_COLLISIONS_RETRIES"
 RETRY_BASE = "NYC_COLLISIONS_RETRY_BASE"
 WIRE = "NYC_COLLISIONS_WIRE"

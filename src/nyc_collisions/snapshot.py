@@ -38,12 +38,10 @@ from .plan import (
 from .results import DatasetResult
 from .schema import Schema
 from .sink.files import FileEntry
-from .state import Batch, Manifest, Watermark, new_batch_id, utc_now
+from .state import EPOCH, Batch, Manifest, Watermark, new_batch_id, utc_now
 from .workers import BarProgress, fetch_partitions
 
 logger = logging.getLogger(__name__)
-
-EPOCH = "1970-01-01T00:00:00.000Z"
 
 
 def land_snapshot(job: DatasetJob, stop: threading.Event, result: DatasetResult, fmt: str) -> None:

@@ -47,6 +47,9 @@ def new_batch_id(kind: str) -> str:
     return f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{kind}-{uuid.uuid4().hex[:6]}"
 
 
+EPOCH = "1970-01-01T00:00:00.000Z"  # the watermark before any change: every row is past it
+
+
 @dataclass(frozen=True)
 class Watermark:
     """The position of the last change landed: rows past (`updated_at`, `row_id`) are new.

@@ -20,9 +20,9 @@ from .keyscan import KeyScan, PartitionSink, ScanPlan, key_schema, keys_page, sc
 from .keyspill import KeySpill, bucket_count
 from .plan import Partition
 from .schema import Schema
-from .socrata.source import DatasetSource
+from .source import DatasetSource
 
-SAMPLE = 10
+SAMPLE = 10  # keys shown of each kind of difference
 
 
 @dataclass

@@ -55,7 +55,7 @@ def dest_option(help_text: str) -> Callable[[F], F]:
     """`--dest DEST` (env NYC_COLLISIONS_DEST)."""
     return click.option(
         "--dest",
-        envvar="NYC_COLLISIONS_DEST",
+        envvar=settings.DEST,
         default=DEFAULT_LOCAL_DEST,
         show_default=True,
         metavar="DEST",

@@ -13,7 +13,7 @@ from ..current import open_landed
 from ..datasets import resolve, resolve_many
 from ..report import dataset_status, orphans
 from ..sink.storage import open_storage
-from ..socrata.source import DatasetSource
+from ..source import DatasetSource
 from ..verify import columns_changed, verify
 from .app import handle_errors, main, setup_logging
 from .options import LANDED_KEY_HELP, common, dest_option, key_option

@@ -183,7 +183,7 @@ def _row_end(buf: bytearray, tries: int = 64) -> int:
     cut = buf.rfind(b"\n")
     if cut < 0:
         return -1
-    quotes = np.frombuffer(buf, np.uint8, count=cut) == ord('"')  # numpy counts 4x faster
+    quotes = np.frombuffer(buf, np.uint8, count=cut) == ord('"')  # counted in bulk by numpy
     while cut >= 0 and tries:
         if np.count_nonzero(quotes[:cut]) % 2 == 0:
             return cut

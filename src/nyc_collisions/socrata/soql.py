@@ -36,12 +36,17 @@ def _and(*clauses: str | None) -> str | None:
     return " AND ".join(f"({c})" for c in present)
 
 
+def rows_in(where: str | None, after: str | None, upper: str | None = None) -> str | None:
+    """`$where` for the rows matching `where` in the `:id` range (after, upper]."""
+    return _and(where, id_range(after, upper))
+
+
 def page_params(
     *, after: str | None, upper: str | None, limit: int, where: str | None = None
 ) -> dict[str, str]:
     """One keyset page of full rows in the `:id` range (after, upper], ordered by `:id`."""
     params = {"$select": SELECT_ALL, "$order": ":id", "$limit": str(limit)}
-    clause = _and(where, id_range(after, upper))
+    clause = rows_in(where, after, upper)
     if clause:
         params["$where"] = clause
     return params

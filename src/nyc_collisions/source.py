@@ -1,23 +1,24 @@
-"""One dataset on the source: its schema, counts and pages, parsed (the extract side's view)."""
+"""One dataset on the source, above the HTTP client: its schema, counts, boundary probes and
+pages parsed into rows, and the one loop that pages a range until a count confirms its end."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import pyarrow as pa
 
-from ..datasets import Dataset
-from ..errors import BadResponse, SourceUnavailable, UsageError
-from ..pages import CsvPageStream, CsvRows, PageStream, parse_page
-from ..schema import CSV_EXACT_TYPES, Schema
-from ..state import Watermark
-from . import soql
-from .client import PageCancelled, SodaClient, parse_json_document
+from .datasets import Dataset
+from .errors import BadResponse, SourceUnavailable, UsageError
+from .pages import CsvPageStream, CsvRows, PageStream, parse_page
+from .schema import CSV_EXACT_TYPES, Schema
+from .socrata import soql
+from .socrata.client import PageCancelled, SodaClient, parse_json_document
+from .state import Watermark
 
 
 @dataclass
@@ -98,6 +99,43 @@ class DatasetSource:
         time.sleep(retry.delay(pages_seen_empty - 1, None))
         return False
 
+    def page_until_empty(
+        self,
+        page: Callable[[bool], int | None],
+        where: Callable[[], str | None],
+        *,
+        stopped: Callable[[], bool],
+        ended: Callable[[], bool] | None = None,
+        counts: Executor | None = None,
+        short: Callable[[], bool] | None = None,
+    ) -> bool:
+        """Ask `page()` until the range is exhausted: True at its end, False when `stopped()`.
+
+        The end is an empty page confirmed by a count of `where()` (the rows left after the
+        last one landed; see `confirm_empty`), never a short page alone. `page` returns the rows
+        it landed, or None when it was dropped (for a split, say); it is told whether a count
+        goes beside it. `ended()` may say the range is done without an empty page (its upper
+        row is landed). With `counts`, after a page `short()` says was short the count is asked
+        there, beside the next page (expected empty), so the end costs no extra round trip.
+        """
+        empty = 0
+        while True:
+            if stopped():
+                return False
+            if ended is not None and ended():
+                return True
+            beside = counts is not None and short is not None and short()
+            left = counts.submit(self.count, where()) if counts is not None and beside else None
+            got = page(beside)
+            if got is None:
+                continue
+            if got > 0:
+                empty = 0
+                continue
+            empty += 1
+            if self.confirm_empty(where(), empty, None if left is None else left.result()):
+                return True
+
     def probe(self, after: str | None, offset: int, upper: str | None = None) -> str | None:
         """The `:id` `offset` rows past `after` (up to `upper`), or None when there are not
         that many."""
@@ -169,45 +207,6 @@ class DatasetSource:
         return soql.incremental_params(
             updated_at=after.updated_at, row_id=after.row_id, limit=limit, until=until
         )
-
-    def keys(
-        self, *, after: str | None, limit: int, extra: tuple[str, ...] = ()
-    ) -> list[dict[str, Any]]:
-        """One keyset page of {":id", key, *extra} objects."""
-        params = soql.keys_params(key=self.dataset.key, after=after, limit=limit, extra=extra)
-        return self.client.fetch(self.path, params, _json_rows)
-
-    def all_keys(self, *, extra: tuple[str, ...] = (), page: int = 100_000) -> pa.Table:
-        """Every row's `:id`, key and `extra` fields, as text columns named as in SODA.
-
-        Keyset pages on `:id`; the end is taken only when a count agrees (see `confirm_empty`).
-        """
-        names = list(dict.fromkeys([":id", self.dataset.key, *extra]))
-        chunks: list[pa.Table] = []
-        after: str | None = None
-        empty = 0
-        while True:
-            rows = self.keys(after=after, limit=page, extra=extra)
-            if not rows:
-                empty += 1
-                if self.confirm_empty(soql.id_range(after, None), empty):
-                    break
-                continue
-            empty = 0
-            after = str(rows[-1][":id"])
-            chunks.append(
-                pa.table(
-                    {
-                        n: pa.array(
-                            [None if r.get(n) is None else str(r[n]) for r in rows], pa.string()
-                        )
-                        for n in names
-                    }
-                )
-            )
-        if not chunks:
-            return pa.table({n: pa.array([], pa.string()) for n in names})
-        return pa.concat_tables(chunks)
 
     def rows_by_id(self, schema: Schema, ids: list[str]) -> pa.Table:
         """The full rows with these `:id`s (at most a few hundred per call).
