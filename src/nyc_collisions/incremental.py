@@ -50,7 +50,8 @@ REFRESH_SHARE = 0.5
 DEFAULT_GRACE_HOURS = 24.0
 
 
-def _open(state: DatasetState, dataset: Dataset) -> Landed:
+def open_for_job(state: DatasetState, dataset: Dataset) -> Landed:
+    """What landed, for a command that needs it (an unfinished backfill is said as such)."""
     storage = state.storage
     try:
         return open_landed(storage, dataset, state)
@@ -85,7 +86,7 @@ def _changed_after(mark: Watermark, until: str) -> str:
     )["$where"]
 
 
-class _BatchCommitter:
+class BatchCommitter:
     """Commits a batch through the manifest file by file (`FileRotation.on_file`), with the
     current state's row count that `count` gives for each commit (see `counts.py`)."""
 
@@ -135,7 +136,7 @@ class Update(DatasetJob):
         self.fmt = fmt
 
     def _run(self, stop: threading.Event, result: DatasetResult) -> None:
-        landed = _open(self.state, self.dataset)
+        landed = open_for_job(self.state, self.dataset)
         watermark = landed.manifest.watermark or Watermark(EPOCH)
         fmt = self.fmt or landed.manifest.current_batches()[-1].format
         change = drift(landed, self.source)
@@ -177,7 +178,7 @@ class Update(DatasetJob):
             info={"until": until},
         )
         counter = NewRows(landed, watermark)
-        committer = _BatchCommitter(landed, batch, watermark=True, count=counter.current)
+        committer = BatchCommitter(landed, batch, watermark=True, count=counter.current)
         files = batch_files(self.state, landed.schema, batch, self.opts.file_rows, committer)
         cursor = watermark
 
@@ -269,7 +270,7 @@ def _compact(
     grace_hours: float,
     result: DatasetResult,
 ) -> None:
-    landed = _open(state, dataset)
+    landed = open_for_job(state, dataset)
     manifest = landed.manifest
     fmt = fmt or manifest.current_batches()[-1].format
     batch = Batch(

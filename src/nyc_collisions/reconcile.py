@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 
 from .current import Landed, current_keys
 from .datasets import landed_name
-from .incremental import _BatchCommitter, _open, batch_files
+from .incremental import BatchCommitter, batch_files, open_for_job
 from .job import DatasetJob
 from .keyscan import KeyScan, ScanPlan, key_schema, scan_threads
 from .keyspill import KeySpill, bucket_count
@@ -76,7 +76,7 @@ class Reconcile(DatasetJob):
     status = "reconciled"
 
     def _run(self, stop: threading.Event, result: DatasetResult) -> None:
-        landed = _open(self.state, self.dataset)
+        landed = open_for_job(self.state, self.dataset)
         change = drift(landed, self.source)
         if change is not None:
             # the fresh snapshot is the source's whole state: nothing is left to reconcile
@@ -207,7 +207,7 @@ class Reconcile(DatasetJob):
         schema = Schema((Column(col.field_name, col.data_type),), landed.schema.integer_fields)
         batch = Batch(new_batch_id("tombstones"), "tombstones", fmt, utc_now(), [], 0)
         tombs = _Tombstones(landed_name(col.field_name), before)
-        committer = _BatchCommitter(landed, batch, watermark=False, count=tombs.current)
+        committer = BatchCommitter(landed, batch, watermark=False, count=tombs.current)
         tombs.files = batch_files(self.state, schema, batch, self.opts.file_rows, committer)
         return tombs
 
@@ -233,7 +233,7 @@ class Reconcile(DatasetJob):
             new_batch_id("repair"), "update", fmt, utc_now(), [], 0, info={"reason": "reconcile"}
         )
         added = 0
-        committer = _BatchCommitter(landed, batch, watermark=False, count=lambda: count + added)
+        committer = BatchCommitter(landed, batch, watermark=False, count=lambda: count + added)
         files = batch_files(self.state, landed.schema, batch, self.opts.file_rows, committer)
         workers = scan_threads(self.source, self.opts.workers)
         finished = True

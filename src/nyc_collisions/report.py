@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -103,7 +104,17 @@ def _rows(landed: Landed) -> int:
     return current_count(landed) if recorded is None else recorded
 
 
-def orphans(crashes: Landed, child: Landed) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Orphans:
+    """Rows of a child dataset whose collision_id no landed crash has."""
+
+    dataset: str
+    rows: int
+    collision_ids: int  # distinct ones
+    sample: tuple[str, ...]
+
+
+def orphans(crashes: Landed, child: Landed) -> Orphans:
     """Rows of persons/vehicles whose collision_id is not among the landed crashes.
 
     Both sides' collision_ids are spilled by hash and compared a bucket at a time (`keyspill`).
@@ -124,9 +135,4 @@ def orphans(crashes: Landed, child: Landed) -> dict[str, Any]:
             rows += len(lost)
             distinct += len(unique)
             sample += [str(v) for v in unique[: SAMPLE - len(sample)].to_pylist()]
-    return {
-        "dataset": child.dataset.name,
-        "rows": rows,
-        "collision_ids": distinct,
-        "sample": sample,
-    }
+    return Orphans(child.dataset.name, rows, distinct, tuple(sample))

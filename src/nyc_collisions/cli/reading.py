@@ -103,9 +103,9 @@ def verify_cmd(
             for child in sorted(names & {"persons", "vehicles"}):
                 o = orphans(crashes, open_landed(storage, resolve(child)))
                 click.echo(
-                    f"{child}: {o['rows']:,} rows refer to {o['collision_ids']:,} "
+                    f"{child}: {o.rows:,} rows refer to {o.collision_ids:,} "
                     f"collision_ids that are not in crashes (not an error: the source "
-                    f"has some)" + (f"; e.g. {', '.join(o['sample'])}" if o["rows"] else "")
+                    f"has some)" + (f"; e.g. {', '.join(o.sample)}" if o.rows else "")
                 )
     if not ok:
         sys.exit(1)
