@@ -113,6 +113,20 @@ def test_a_damaged_data_file_is_one_line_naming_it(
     exact(soda_ro, dest, "crashes", tmp_path)
 
 
+def test_an_unfinished_run_with_a_damaged_plan_is_replaced_by_a_new_run(
+    soda_ro: FakeSoda, tmp_path: Path
+) -> None:
+    """Nothing of an unfinished run is committed: a plan that cannot be read as one is dropped
+    (a warning names it) and the backfill lands the snapshot afresh."""
+    dest = str(tmp_path / "land")
+    state = DatasetState(open_storage(dest), "crashes")
+    state.put_json(f"{state.run_prefix('backfill-damaged')}/plan.json", {"kind": "snapshot"})
+    res = cli("backfill", "crashes", "--source", soda_ro.url, "--dest", dest)
+    assert res.code == 0, res.text
+    assert not state.storage.list_keys(f"{state.run_prefix('backfill-damaged')}/")
+    exact(soda_ro, dest, "crashes", tmp_path)
+
+
 def test_an_unexpected_failure_is_one_line_and_the_traceback_only_with_v(
     soda_ro: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -76,7 +76,10 @@ class _Snapshot:
             doc = state.get_json(key)
             plan = None
             if doc is not None and doc.get("kind") == "snapshot":
-                plan = SnapshotPlan.from_dict(doc, f"{job.storage.url}/{key}")
+                try:
+                    plan = SnapshotPlan.from_dict(doc, f"{job.storage.url}/{key}")
+                except StateError as exc:  # nothing of it is committed: a new run replaces it
+                    logger.warning("%s", exc)
             wanted = job.dataset.key if job.dataset.key_given else None
             if plan is not None and plan.fits(self.fmt, columns, wanted):
                 job.keyed_as_landed(plan.key)  # a rerun without --key keeps the run's key
