@@ -144,6 +144,27 @@ def key_option(help_text: str) -> Callable[[F], F]:
     return click.option("--key", default=None, metavar="FIELD", help=help_text)
 
 
+def _table_format(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from .table import TABLE_ENV, check_table_format
+
+    try:
+        return check_table_format(value if value is not None else os.environ.get(TABLE_ENV))
+    except UsageError as exc:
+        raise _EnvError(str(exc)) from None
+
+
+def table_option(f: F) -> F:
+    """`--table FORMAT`: keep DEST/<dataset>/table/ equal to the current state (table.py)."""
+    return click.option(
+        "--table",
+        default=None,
+        metavar="FORMAT",
+        callback=_table_format,
+        help="Also keep DEST/<dataset>/table/ equal to the current state as a table of this "
+        "format: delta (env NYC_COLLISIONS_TABLE; needs the [table] extra).",
+    )(f)
+
+
 LANDED_KEY_HELP = "The dataset's unique key; if given, it must be the key it was landed with."
 
 
@@ -361,6 +382,7 @@ def _print_summary(results: list[DatasetResult], started: float) -> None:
     help="Stop cleanly before this many seconds; a rerun resumes.",
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@table_option
 @handle_errors
 def backfill_cmd(
     datasets: tuple[str, ...],
@@ -376,6 +398,7 @@ def backfill_cmd(
     force: bool,
     max_seconds: float | None,
     no_progress: bool,
+    table: str | None,
 ) -> None:
     """Mass upload: land every row of each DATASET (default: all three) as a snapshot.
 
@@ -397,6 +420,7 @@ def backfill_cmd(
         workers=workers,
         force=force,
         progress=not no_progress and sys.stderr.isatty(),
+        table=table,
     )
     chosen = resolve_many(list(datasets), key)
     storage = open_storage(dest)
@@ -500,6 +524,7 @@ def _print_changes(results: list[DatasetResult], started: float) -> None:
     help="Stop cleanly before this many seconds; the next run goes on.",
 )
 @key_option(LANDED_KEY_HELP)
+@table_option
 @handle_errors
 def update_cmd(
     datasets: tuple[str, ...],
@@ -514,6 +539,7 @@ def update_cmd(
     workers: int,
     also_reconcile: bool,
     max_seconds: float | None,
+    table: str | None,
 ) -> None:
     """Daily update: land every row changed since the watermark as a new batch.
 
@@ -538,6 +564,7 @@ def update_cmd(
         started=started,
         workers=workers,
         progress=sys.stderr.isatty(),
+        table=table,
     )
     storage = open_storage(dest)
     chosen = resolve_many(list(datasets), key)
@@ -572,6 +599,7 @@ def update_cmd(
     default=None,
     help="Stop cleanly before this many seconds; the next run goes on from its progress.",
 )
+@table_option
 @handle_errors
 def reconcile_cmd(
     datasets: tuple[str, ...],
@@ -581,6 +609,7 @@ def reconcile_cmd(
     retries: int,
     key: str | None,
     max_seconds: float | None,
+    table: str | None,
 ) -> None:
     """Find deletions and gaps: compare the source's key set with what landed.
 
@@ -597,7 +626,7 @@ def reconcile_cmd(
     _setup_logging(verbose)
     started = time.monotonic()
     storage = open_storage(dest)
-    opts = _opts(started=started, max_seconds=max_seconds)
+    opts = _opts(started=started, max_seconds=max_seconds, table=table)
     with _client(source, retries) as client:
         storage.check_writable()
         results = _run_each(
@@ -639,9 +668,15 @@ def reconcile_cmd(
     show_default=True,
     help="Rows per file of the new snapshot.",
 )
+@table_option
 @handle_errors
 def compact_cmd(
-    datasets: tuple[str, ...], dest: str, prune: bool, grace_hours: float, file_rows: int
+    datasets: tuple[str, ...],
+    dest: str,
+    prune: bool,
+    grace_hours: float,
+    file_rows: int,
+    table: str | None,
 ) -> None:
     """Write the current state of each DATASET as one fresh snapshot batch.
 
@@ -656,7 +691,9 @@ def compact_cmd(
     storage = open_storage(dest)
     _opts(file_rows=file_rows, started=started)
     for ds in resolve_many(list(datasets)):
-        r = compact(storage, ds, prune=prune, file_rows=file_rows, grace_hours=grace_hours)
+        r = compact(
+            storage, ds, prune=prune, file_rows=file_rows, grace_hours=grace_hours, table=table
+        )
         pruned = f", pruned {r.extra['pruned_batches']} batches" if prune else ""
         click.echo(
             f"{r.dataset}: compacted {r.rows:,} rows into {r.files} files{pruned} "

@@ -59,6 +59,7 @@ class RunOptions:
     force: bool = False
     deadline: float | None = None  # time.monotonic() value to stop cleanly before
     progress: bool = True
+    table: str | None = None  # keep <dest>/<dataset>/table/ in this format (table.py)
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
@@ -212,6 +213,7 @@ class DatasetJob:
                         self._keyed_as_landed(manifest.key)
                     self._run(stop, result)
                     lease.check()  # a lease lost during the run fails it; during cleanup, not
+                    self._sync_table()
                     lease.finished()
                     tidy(self.state, lease, drop_unfinished=self.snapshot_committed)
                 finally:
@@ -221,6 +223,13 @@ class DatasetJob:
             result.wire_bytes = self.client.stats.bytes - bytes0
             result.seconds = time.monotonic() - started
         return result
+
+    def _sync_table(self) -> None:
+        """With a table format: bring the dataset's table up to its manifest (table.py)."""
+        if self.opts.table:
+            from .table import sync_table
+
+            sync_table(self.storage, self.dataset, self.state)
 
     def _keyed_as_landed(self, key: str) -> None:
         """Work with the key the dataset was landed with (see `Dataset.keyed_as_landed`)."""
@@ -242,6 +251,7 @@ class Backfill(DatasetJob):
     def _run(self, stop: threading.Event, result: DatasetResult) -> None:
         manifest = self.state.load()
         if manifest and manifest.current_batches() and not self.opts.force:
+            self._sync_table()  # the table of a landed dataset, written (or healed) anyway
             snap = manifest.current_batches()[0]
             raise AlreadyLanded(
                 f"{self.dataset.name}: a backfill is already committed at "
