@@ -4,6 +4,7 @@ Configuration comes from the environment:
 
 - `NYC_COLLISIONS_DEST` (`s3://bucket/prefix`), `NYC_COLLISIONS_DATASETS`
   (`crashes,persons,vehicles`), `SOCRATA_BASE_URL`, `NYC_COLLISIONS_FORMAT` (for a backfill),
+  `NYC_COLLISIONS_TABLE` (`delta`: keep each dataset's table, as `--table`),
   `NYC_COLLISIONS_RECONCILE_WEEKDAY`
   (`SUN`: that day's run also reconciles deletions; a reconcile the deadline stopped goes on
   in the next runs until it ends), `NYC_COLLISIONS_WIRE` (`auto`, `json` or
@@ -59,6 +60,7 @@ from .reconcile import Reconcile, scan_pending
 from .report import _epoch
 from .runtime import tune_allocators
 from .sink.formats import FORMATS
+from .table import TABLE_ENV, check_table_format
 from .sink.storage import Storage, open_storage
 from .socrata.client import DEFAULT_BASE_URL, WIRES, RetryPolicy, SodaClient, validate_base_url
 from .socrata.source import DatasetSource
@@ -295,6 +297,7 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
     retry = RetryPolicy.from_env()
     wire = settings.env_choice(settings.WIRE, "auto", WIRES)
     fmt = settings.env_choice("NYC_COLLISIONS_FORMAT", "csv", FORMATS)
+    table = check_table_format(os.environ.get(TABLE_ENV))
     reconcile = bool(event.get("reconcile")) or (
         bool(weekday) and datetime.now(UTC).strftime("%a").upper() == weekday
     )
@@ -304,7 +307,7 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
         else 900.0
     )
     deadline = started + remaining - min(SAFETY_SECONDS, remaining / 4)
-    opts = RunOptions(fmt=fmt, deadline=deadline, progress=False)
+    opts = RunOptions(fmt=fmt, deadline=deadline, progress=False, table=table)
     storage = open_storage(dest)
     function = os.environ.get("AWS_LAMBDA_FUNCTION_NAME") or "nyc-collisions"
     logger.info(

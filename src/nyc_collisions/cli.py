@@ -148,7 +148,9 @@ def _table_format(ctx: click.Context, param: click.Parameter, value: str | None)
     from .table import TABLE_ENV, check_table_format
 
     try:
-        return check_table_format(value if value is not None else os.environ.get(TABLE_ENV))
+        if value is not None:
+            return check_table_format(value, "--table")
+        return check_table_format(os.environ.get(TABLE_ENV), TABLE_ENV)
     except UsageError as exc:
         raise _EnvError(str(exc)) from None
 

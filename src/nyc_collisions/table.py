@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 
 from .current import Landed, iter_current, open_landed, read_batch_file
 from .datasets import Dataset
-from .errors import DestinationError, NothingLanded, UsageError
+from .errors import DestinationError, NothingLanded, NycCollisionsError, UsageError
 from .sink.storage import Storage
 from .state import Batch, DatasetState
 
@@ -44,6 +44,9 @@ MARK_KEY = "nyc_collisions.mark"
 # that refetched many rows, a table left far behind): a merge holds them all in memory
 MERGE_MAX_ROWS = 200_000
 DELETE_FLAG = "_nyc_collisions_delete"
+# data files of the table: zstd as landed Parquet; delta-rs holds a file in memory until it
+# reaches this size, so it bounds the memory of a write (and a merge rewrites whole files)
+TARGET_FILE_BYTES = 64 << 20
 # how many of the table's last commits to look through for the mark (each sync commit has it)
 MARK_LOOKBACK = 20
 
@@ -52,13 +55,15 @@ class TableError(DestinationError):
     """The table could not be read or written."""
 
 
-def check_table_format(fmt: str | None) -> str | None:
-    """`--table FORMAT` / NYC_COLLISIONS_TABLE: `delta`, or None (empty: no table)."""
+def check_table_format(fmt: str | None, where: str = TABLE_ENV) -> str | None:
+    """`--table FORMAT` / NYC_COLLISIONS_TABLE (`where`): `delta`, or None (empty: no table)."""
     if fmt is None or not fmt.strip():
         return None
     value = fmt.strip().lower()
     if value not in TABLE_FORMATS:
-        raise UsageError(f"unknown table format {fmt!r}: use {' or '.join(TABLE_FORMATS)}")
+        raise UsageError(
+            f"{where} {fmt!r} is not a table format: use {' or '.join(TABLE_FORMATS)}"
+        )
     try:
         import deltalake  # noqa: F401
     except ImportError:
@@ -161,6 +166,25 @@ def read_mark(storage: Storage, folder: str, version: int) -> Mark | None:
     return None
 
 
+def table_schema(landed: Landed) -> pa.Schema:
+    """The table's columns: the landed Parquet types, timestamps in microseconds (Delta's)."""
+    fields = []
+    for f in landed.schema.typed_schema():
+        t = pa.timestamp("us", tz=f.type.tz) if pa.types.is_timestamp(f.type) else f.type
+        fields.append(pa.field(f.name, t))
+    return pa.schema(fields)
+
+
+def _typed(landed: Landed, text: pa.Table, schema: pa.Schema) -> pa.Table:
+    return landed.schema.to_typed(text).cast(schema)
+
+
+def _writer_properties() -> Any:
+    from deltalake import WriterProperties
+
+    return WriterProperties(compression="ZSTD")
+
+
 def _commit_properties(mark: Mark | None) -> Any:
     from deltalake import CommitProperties
 
@@ -180,16 +204,14 @@ def sync_table(
     where = table_location(storage, dataset.name)
     try:
         return _sync(landed, where, started)
-    except (OSError, RuntimeError, ValueError, pa.ArrowException) as exc:
-        raise _table_error(where, exc) from exc
-    except Exception as exc:  # deltalake's own errors (DeltaError, TableNotFoundError, ...)
-        if type(exc).__module__.startswith("deltalake"):
-            raise _table_error(where, exc) from exc
+    except NycCollisionsError:
         raise
+    except Exception as exc:  # delta-rs's errors, the store's: one line, the data committed
+        raise _table_error(where, exc) from exc
 
 
 def _table_error(where: TableLocation, exc: BaseException) -> TableError:
-    text = " ".join(str(exc).split())[:300]
+    text = f"{type(exc).__name__}: " + " ".join(str(exc).split())[:300]
     return TableError(
         f"{where.uri}: the table could not be brought up to the manifest ({text}); the landed "
         "data is committed, and the next run with the table on tries again"
@@ -199,7 +221,7 @@ def _table_error(where: TableLocation, exc: BaseException) -> TableError:
 def _sync(landed: Landed, where: TableLocation, started: float) -> TableSync:
     table = _open_table(where)
     mark = Mark.of(landed)
-    typed = landed.schema.typed_schema()
+    typed = table_schema(landed)
     folder = landed.dataset.name
     found = None if table is None else read_mark(landed.storage, folder, table.version())
     pending = None if found is None else _pending(landed, found)
@@ -280,6 +302,7 @@ def _merge(
             predicate=f's."{key}" = t."{key}"',
             source_alias="s",
             target_alias="t",
+            writer_properties=_writer_properties(),
             commit_properties=_commit_properties(mark),
         )
         .when_matched_delete(predicate=f's."{DELETE_FLAG}"')
@@ -297,7 +320,7 @@ def _changes(landed: Landed, pending: list[tuple[Batch, list[Any]]]) -> pa.Table
     """The pending rows reduced to each key's latest entry: its typed row, or (a tombstone) the
     key alone with the delete flag set."""
     key = landed.key_column
-    typed = landed.schema.typed_schema()
+    typed = table_schema(landed)
     parts: list[pa.Table] = []
     seq = 0
     for batch, entries in pending:
@@ -306,13 +329,13 @@ def _changes(landed: Landed, pending: list[tuple[Batch, list[Any]]]) -> pa.Table
                 n = text.num_rows
                 tomb = batch.kind == "tombstones"
                 if tomb:
-                    keys = landed.schema.to_typed(_key_only(landed, text)).column(key)
+                    keys = _typed(landed, _key_only(landed, text), typed).column(key)
                     rows = pa.table(
                         {f.name: keys if f.name == key else pa.nulls(n, f.type) for f in typed},
                         schema=typed,
                     )
                 else:
-                    rows = landed.schema.to_typed(text)
+                    rows = _typed(landed, text, typed)
                 rows = rows.append_column(
                     DELETE_FLAG, pa.array(np.full(n, tomb), pa.bool_())
                 ).append_column("_seq", pa.array(np.arange(seq, seq + n, dtype=np.int64)))
@@ -341,7 +364,7 @@ def _rewrite(landed: Landed, where: TableLocation, mark: Mark) -> int:
     """Overwrite the table with the current state (and its columns), streamed, in one commit."""
     from deltalake import write_deltalake
 
-    schema = landed.schema.typed_schema()
+    schema = table_schema(landed)
     written = 0
     failed: list[BaseException] = []
 
@@ -349,7 +372,7 @@ def _rewrite(landed: Landed, where: TableLocation, mark: Mark) -> int:
         nonlocal written
         try:
             for text in iter_current(landed):
-                typed = landed.schema.to_typed(text)
+                typed = _typed(landed, text, schema)
                 written += typed.num_rows
                 yield from typed.to_batches()
         except BaseException as exc:  # raised again below as itself, not as delta-rs's error
@@ -364,6 +387,8 @@ def _rewrite(landed: Landed, where: TableLocation, mark: Mark) -> int:
             mode="overwrite",
             schema_mode="overwrite",
             storage_options=where.storage_options,
+            target_file_size=TARGET_FILE_BYTES,
+            writer_properties=_writer_properties(),
             commit_properties=_commit_properties(mark),
         )
     except Exception:
@@ -385,7 +410,11 @@ def compact_table(
     try:
         table = _open_table(where)
         mark = read_mark(storage, dataset.name, table.version())
-        table.optimize.compact(commit_properties=_commit_properties(mark))
+        table.optimize.compact(
+            target_size=TARGET_FILE_BYTES,
+            writer_properties=_writer_properties(),
+            commit_properties=_commit_properties(mark),
+        )
         if prune:
             deleted = table.vacuum(
                 retention_hours=math.ceil(grace_hours),
@@ -394,9 +423,7 @@ def compact_table(
                 commit_properties=_commit_properties(mark),
             )
             logger.info("%s: table vacuum deleted %d files", dataset.name, len(deleted))
-    except Exception as exc:
-        if isinstance(exc, OSError | RuntimeError | ValueError) or type(exc).__module__.startswith(
-            "deltalake"
-        ):
-            raise _table_error(where, exc) from exc
+    except NycCollisionsError:
         raise
+    except Exception as exc:
+        raise _table_error(where, exc) from exc
