@@ -98,7 +98,8 @@ def child_iceberg(dest: str, name: str, step: str) -> None:
     from pyiceberg.expressions import AlwaysTrue, In
 
     from nyc_collisions.current import iter_current
-    from nyc_collisions.table import DELETE_FLAG, Mark, _changes, _pending
+    from nyc_collisions.table import Mark, _changes, _pending
+    from nyc_collisions.table_write import DELETE_FLAG
 
     landed = _landed(dest, name)
     schema = _iceberg_schema(landed.schema.typed_schema())

@@ -60,11 +60,11 @@ from .reconcile import Reconcile, scan_pending
 from .report import _epoch
 from .runtime import tune_allocators
 from .sink.formats import FORMATS
-from .table import TABLE_ENV, check_table_format
 from .sink.storage import Storage, open_storage
 from .socrata.client import DEFAULT_BASE_URL, WIRES, RetryPolicy, SodaClient, validate_base_url
 from .socrata.source import DatasetSource
 from .state import DatasetState
+from .table import TABLE_ENV, check_table_format
 
 logger = logging.getLogger("nyc_collisions.aws")
 SAFETY_SECONDS = 90.0  # stop this long before Lambda's deadline (a quarter of short budgets)

@@ -17,10 +17,8 @@ of any command with the table on brings it up. See docs/design-table.md.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +32,15 @@ from .datasets import Dataset
 from .errors import DestinationError, NothingLanded, NycCollisionsError, UsageError
 from .sink.storage import Storage
 from .state import Batch, DatasetState
+from .table_write import (
+    DELETE_FLAG,
+    MERGE_MAX_FILE_SHARE,
+    merge_changes,
+    optimize,
+    overwrite,
+    rewrite_with_changes,
+    touched_share,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +50,6 @@ MARK_KEY = "nyc_collisions.mark"
 # the table is rewritten rather than merged when more rows than this are pending (a reconcile
 # that refetched many rows, a table left far behind): a merge holds them all in memory
 MERGE_MAX_ROWS = 200_000
-DELETE_FLAG = "_nyc_collisions_delete"
-# data files of the table: zstd as landed Parquet; delta-rs holds a file in memory until it
-# reaches this size, so it bounds the memory of a write (and a merge rewrites whole files)
-TARGET_FILE_BYTES = 64 << 20
 # how many of the table's last commits to look through for the mark (each sync commit has it)
 MARK_LOOKBACK = 20
 
@@ -61,9 +64,7 @@ def check_table_format(fmt: str | None, where: str = TABLE_ENV) -> str | None:
         return None
     value = fmt.strip().lower()
     if value not in TABLE_FORMATS:
-        raise UsageError(
-            f"{where} {fmt!r} is not a table format: use {' or '.join(TABLE_FORMATS)}"
-        )
+        raise UsageError(f"{where} {fmt!r} is not a table format: use {' or '.join(TABLE_FORMATS)}")
     try:
         import deltalake  # noqa: F401
     except ImportError:
@@ -179,18 +180,6 @@ def _typed(landed: Landed, text: pa.Table, schema: pa.Schema) -> pa.Table:
     return landed.schema.to_typed(text).cast(schema)
 
 
-def _writer_properties() -> Any:
-    from deltalake import WriterProperties
-
-    return WriterProperties(compression="ZSTD")
-
-
-def _commit_properties(mark: Mark | None) -> Any:
-    from deltalake import CommitProperties
-
-    return CommitProperties(custom_metadata=None if mark is None else {MARK_KEY: mark.to_json()})
-
-
 def sync_table(
     storage: Storage, dataset: Dataset, state: DatasetState | None = None
 ) -> TableSync | None:
@@ -221,19 +210,38 @@ def _table_error(where: TableLocation, exc: BaseException) -> TableError:
 def _sync(landed: Landed, where: TableLocation, started: float) -> TableSync:
     table = _open_table(where)
     mark = Mark.of(landed)
+    meta = {MARK_KEY: mark.to_json()}
     typed = table_schema(landed)
     folder = landed.dataset.name
     found = None if table is None else read_mark(landed.storage, folder, table.version())
     pending = None if found is None else _pending(landed, found)
-    same_columns = table is not None and _same_columns(table, typed)
-    if table is not None and pending is not None and same_columns:
+    if table is not None and pending is not None and _same_columns(table, typed):
         rows = sum(entry.rows for _, entries in pending for entry in entries)
         if not rows:  # nothing landed since (a commit of no rows, or of nothing at all)
             return _done(landed, where, "current", 0, 0, table.version(), started)
         if rows <= MERGE_MAX_ROWS:
-            merged, deleted = _merge(landed, table, pending, mark)
-            return _done(landed, where, "merged", merged, deleted, table.version(), started)
-    written = _rewrite(landed, where, mark)
+            key = landed.key_column
+            changes = _changes(landed, pending)
+            if touched_share(table, key, changes.column(key)) <= MERGE_MAX_FILE_SHARE:
+                written, deleted = merge_changes(table, key, changes, meta)
+                action = "merged"
+            else:
+                written, deleted = rewrite_with_changes(
+                    landed.storage,
+                    folder,
+                    table,
+                    where.uri,
+                    where.storage_options,
+                    typed,
+                    key,
+                    changes,
+                    meta,
+                )
+                action = "merged by a rewrite"
+            version = _open_table(where).version()
+            return _done(landed, where, action, written, deleted, version, started)
+    tables = (_typed(landed, text, typed) for text in iter_current(landed))
+    written = overwrite(where.uri, where.storage_options, typed, tables, meta)
     version = _open_table(where).version()
     return _done(landed, where, "rewritten", written, 0, version, started)
 
@@ -290,32 +298,6 @@ def _pending(landed: Landed, mark: Mark) -> list[tuple[Batch, list[Any]]] | None
     return pending
 
 
-def _merge(
-    landed: Landed, table: Any, pending: list[tuple[Batch, list[Any]]], mark: Mark
-) -> tuple[int, int]:
-    """Merge the pending files' rows into the table by key, in one commit."""
-    source = _changes(landed, pending)
-    key = landed.key_column
-    metrics = (
-        table.merge(
-            source,
-            predicate=f's."{key}" = t."{key}"',
-            source_alias="s",
-            target_alias="t",
-            writer_properties=_writer_properties(),
-            commit_properties=_commit_properties(mark),
-        )
-        .when_matched_delete(predicate=f's."{DELETE_FLAG}"')
-        .when_matched_update_all(predicate=f'NOT s."{DELETE_FLAG}"', except_cols=[DELETE_FLAG])
-        .when_not_matched_insert_all(predicate=f'NOT s."{DELETE_FLAG}"', except_cols=[DELETE_FLAG])
-        .execute()
-    )
-    written = int(metrics.get("num_target_rows_inserted", 0)) + int(
-        metrics.get("num_target_rows_updated", 0)
-    )
-    return written, int(metrics.get("num_target_rows_deleted", 0))
-
-
 def _changes(landed: Landed, pending: list[tuple[Batch, list[Any]]]) -> pa.Table:
     """The pending rows reduced to each key's latest entry: its typed row, or (a tombstone) the
     key alone with the delete flag set."""
@@ -360,44 +342,6 @@ def _key_only(landed: Landed, text: pa.Table) -> pa.Table:
     )
 
 
-def _rewrite(landed: Landed, where: TableLocation, mark: Mark) -> int:
-    """Overwrite the table with the current state (and its columns), streamed, in one commit."""
-    from deltalake import write_deltalake
-
-    schema = table_schema(landed)
-    written = 0
-    failed: list[BaseException] = []
-
-    def batches() -> Iterator[pa.RecordBatch]:
-        nonlocal written
-        try:
-            for text in iter_current(landed):
-                typed = _typed(landed, text, schema)
-                written += typed.num_rows
-                yield from typed.to_batches()
-        except BaseException as exc:  # raised again below as itself, not as delta-rs's error
-            failed.append(exc)
-            raise
-
-    reader = pa.RecordBatchReader.from_batches(schema, batches())
-    try:
-        write_deltalake(
-            where.uri,
-            reader,
-            mode="overwrite",
-            schema_mode="overwrite",
-            storage_options=where.storage_options,
-            target_file_size=TARGET_FILE_BYTES,
-            writer_properties=_writer_properties(),
-            commit_properties=_commit_properties(mark),
-        )
-    except Exception:
-        if failed:
-            raise failed[0] from None
-        raise
-    return written
-
-
 def compact_table(
     storage: Storage, dataset: Dataset, state: DatasetState, *, prune: bool, grace_hours: float
 ) -> None:
@@ -410,19 +354,8 @@ def compact_table(
     try:
         table = _open_table(where)
         mark = read_mark(storage, dataset.name, table.version())
-        table.optimize.compact(
-            target_size=TARGET_FILE_BYTES,
-            writer_properties=_writer_properties(),
-            commit_properties=_commit_properties(mark),
-        )
-        if prune:
-            deleted = table.vacuum(
-                retention_hours=math.ceil(grace_hours),
-                dry_run=False,
-                enforce_retention_duration=False,
-                commit_properties=_commit_properties(mark),
-            )
-            logger.info("%s: table vacuum deleted %d files", dataset.name, len(deleted))
+        meta = None if mark is None else {MARK_KEY: mark.to_json()}
+        optimize(table, meta, prune, grace_hours)
     except NycCollisionsError:
         raise
     except Exception as exc:
