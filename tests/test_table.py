@@ -200,3 +200,19 @@ def test_unknown_table_format_is_one_line(soda_ro: FakeSoda, tmp_path: Path, how
     assert res.err.strip().count("\n") == 0, res.err
     assert "parquet-ish" in res.err
     assert not any(tmp_path.iterdir())
+
+
+def test_new_columns_rewrite_the_table(soda: FakeSoda, dest: str, tmp_path: Path) -> None:
+    """The publisher adds and retypes columns: update lands a fresh snapshot with them, and the
+    table is written again in the new columns (DuckDB reads them as export writes them)."""
+    src = ("crashes", "--source", soda.url, "--dest", dest)
+    _run("backfill", *src, *TABLE)
+    soda.add_column(NAMES["crashes"], "severity_score", "number", position=3)
+    soda.retype_column(NAMES["crashes"], "zip_code", "number")
+    soda.edit(NAMES["crashes"], 10)
+    _run("update", *src, *TABLE)
+    got = assert_table_is_export(dest, "crashes", tmp_path)
+    assert got == len(soda.rows(NAMES["crashes"]))
+    soda.insert(NAMES["crashes"], 12)
+    _run("update", *src, *TABLE)  # and changes merge into the new columns
+    assert_table_is_export(dest, "crashes", tmp_path)
