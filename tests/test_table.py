@@ -216,3 +216,25 @@ def test_new_columns_rewrite_the_table(soda: FakeSoda, dest: str, tmp_path: Path
     soda.insert(NAMES["crashes"], 12)
     _run("update", *src, *TABLE)  # and changes merge into the new columns
     assert_table_is_export(dest, "crashes", tmp_path)
+
+
+def test_the_lambda_keeps_the_table(
+    soda: FakeSoda, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NYC_COLLISIONS_TABLE=delta: the scheduled update keeps the table on S3 too."""
+    from nyc_collisions import aws
+    from tests.test_aws import Context
+
+    dest = f"s3://{bucket}/collisions_raw_data"
+    _run("backfill", "crashes", "--source", soda.url, "--dest", dest)
+    soda.insert(NAMES["crashes"], 9)
+    soda.edit(NAMES["crashes"], 4)
+    for name, value in {
+        "NYC_COLLISIONS_DEST": dest,
+        "NYC_COLLISIONS_DATASETS": "crashes",
+        "SOCRATA_BASE_URL": soda.url,
+        "NYC_COLLISIONS_TABLE": "delta",
+    }.items():
+        monkeypatch.setenv(name, value)
+    assert aws.handler({"command": "update"}, Context(60))["done"] is True
+    assert_table_is_export(dest, "crashes", tmp_path)
