@@ -195,6 +195,9 @@ def main() -> None:
     parser.add_argument("--child", nargs=4, metavar=("FORMAT", "DEST", "DATASET", "STEP"))
     args = parser.parse_args()
     if args.child:
+        from nyc_collisions.runtime import tune_allocators
+
+        tune_allocators()  # as the command does
         fmt, dest, name, step = args.child
         if fmt == "delta":
             child_delta(dest, name)
