@@ -145,9 +145,9 @@ def _options(dest: str) -> dict[str, str]:
 
 
 def _data_objects(dest: str) -> list[str]:
-    """Every parquet file under the crashes table, as stored."""
+    """Every data file of the crashes table, as stored (not the log's checkpoints)."""
     if not dest.startswith("s3://"):
-        return [str(p) for p in Path(dest, "crashes", "table").rglob("*.parquet")]
+        return [str(p) for p in Path(dest, "crashes", "table").glob("*.parquet")]
     import boto3
 
     url = urlparse(dest)
@@ -156,7 +156,8 @@ def _data_objects(dest: str) -> list[str]:
         .get_paginator("list_objects_v2")
         .paginate(Bucket=url.netloc, Prefix=f"{url.path.strip('/')}/crashes/table/")
     )
-    return [o["Key"] for p in pages for o in p.get("Contents", []) if o["Key"].endswith(".parquet")]
+    keys = [o["Key"] for p in pages for o in p.get("Contents", [])]
+    return [k for k in keys if k.endswith(".parquet") and "/_delta_log/" not in k]
 
 
 def test_a_crash_between_commits_is_healed(

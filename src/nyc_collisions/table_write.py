@@ -90,6 +90,12 @@ def overwrite(
         if failed:
             raise failed[0] from None
         raise
+    # a checkpoint: readers load one file instead of every commit since, and
+    # `_last_checkpoint` exists (a GET of a missing key is a 403 to a role that may list
+    # only with a prefix, which readers would take for an error)
+    from deltalake import DeltaTable
+
+    DeltaTable(uri, storage_options=options).create_checkpoint()
     return written
 
 
