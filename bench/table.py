@@ -160,7 +160,12 @@ def _measure(work: Path, name: str, cmd: list[str]) -> dict[str, Any]:
 
 
 def run_dataset(
-    srv: FakeSodaServer, work: Path, name: str, scale: float, formats: list[str]
+    srv: FakeSodaServer,
+    work: Path,
+    name: str,
+    scale: float,
+    formats: list[str],
+    inserts_only: bool = False,
 ) -> Any:
     from tests.fake_soda import FakeSodaClient
 
@@ -169,8 +174,11 @@ def run_dataset(
     src = ["--source", srv.url, "--dest", dest]
     results: dict[str, Any] = {"backfill_s": round(_cli("backfill", name, *src), 1)}
     changes = max(10, int(DAILY[name] * scale))
-    for step in ("write", "merge", "replace"):
-        if step == "merge":
+    for step in ("write", "merge") if inserts_only else ("write", "merge", "replace"):
+        if step == "merge" and inserts_only:  # new rows only: they fall in no file of the table
+            admin.insert(IDS[name], changes)
+            results["update_s"] = round(_cli("update", name, *src), 1)
+        elif step == "merge":
             admin.insert(IDS[name], changes * 8 // 10)
             admin.edit(IDS[name], changes * 2 // 10)
             admin.delete(IDS[name], changes // 10)
@@ -192,6 +200,11 @@ def main() -> None:
     parser.add_argument("--datasets", default="crashes,persons")
     parser.add_argument("--formats", default="delta,iceberg")
     parser.add_argument("--work", default=None, help="folder to land in (default: a temp one)")
+    parser.add_argument(
+        "--inserts-only",
+        action="store_true",
+        help="the day's changes are new rows only (write and merge, no replace)",
+    )
     parser.add_argument("--child", nargs=4, metavar=("FORMAT", "DEST", "DATASET", "STEP"))
     args = parser.parse_args()
     if args.child:
@@ -211,7 +224,7 @@ def main() -> None:
     srv = FakeSodaServer(ROOT, work / "logs", args.scale, None, cache=cache).start()
     try:
         for name in args.datasets.split(","):
-            results[name] = run_dataset(srv, work, name, args.scale, formats)
+            results[name] = run_dataset(srv, work, name, args.scale, formats, args.inserts_only)
     finally:
         srv.stop()
     print(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode())

@@ -14,12 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from nyc_collisions.sink.storage import open_storage
-from tests.fake_soda import FakeSoda
+from tests.fake_soda import GENERIC, FakeSoda
 from tests.helpers import NAMES, cli
 
 deltalake = pytest.importorskip("deltalake")
 
-KEYS = {"crashes": "collision_id", "persons": "unique_id"}
+KEYS = {"crashes": "collision_id", "persons": "unique_id", GENERIC: "socrata_id"}
 TABLE = ("--table", "delta")
 
 
@@ -82,7 +82,7 @@ def _run(*args: str) -> str:
 
 
 def _mutate(srv: FakeSoda, cycle: int) -> None:
-    for name in KEYS:
+    for name in ("crashes", "persons"):
         srv.insert(NAMES[name], 20 + cycle)
         srv.edit(NAMES[name], 15)
         srv.delete(NAMES[name], 7)
@@ -94,7 +94,7 @@ def test_table_follows_every_command(
     from nyc_collisions import table as table_module
 
     src = ("--source", soda.url, "--dest", dest)
-    names = list(KEYS)
+    names = ["crashes", "persons"]
     _run("backfill", *names, *src, "--page-size", "700", *TABLE)
     for name in names:
         assert_table_is_export(dest, name, tmp_path)
@@ -239,3 +239,19 @@ def test_the_lambda_keeps_the_table(
         monkeypatch.setenv(name, value)
     assert aws.handler({"command": "update"}, Context(60))["done"] is True
     assert_table_is_export(dest, "crashes", tmp_path)
+
+
+def test_text_keys_merge(soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dataset keyed by `:id` (text, quoted in the merge's predicate) merges exactly too."""
+    from nyc_collisions import table as table_module
+
+    monkeypatch.setattr(table_module, "MERGE_MAX_FILE_SHARE", 1.0)  # always MERGE
+    dest = str(tmp_path / "landing")
+    src = (GENERIC, "--source", soda.url, "--dest", dest)
+    _run("backfill", *src, *TABLE)
+    soda.insert(GENERIC, 7)
+    soda.edit(GENERIC, 5)
+    soda.delete(GENERIC, 3)
+    _run("update", *src, "--reconcile", *TABLE)
+    assert _last_operation(dest, GENERIC) == "MERGE"
+    assert_table_is_export(dest, GENERIC, tmp_path)

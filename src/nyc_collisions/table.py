@@ -35,6 +35,7 @@ from .state import Batch, DatasetState
 from .table_write import (
     DELETE_FLAG,
     MERGE_MAX_FILE_SHARE,
+    MERGE_MAX_KEYS,
     merge_changes,
     optimize,
     overwrite,
@@ -222,7 +223,10 @@ def _sync(landed: Landed, where: TableLocation, started: float) -> TableSync:
         if rows <= MERGE_MAX_ROWS:
             key = landed.key_column
             changes = _changes(landed, pending)
-            if touched_share(table, key, changes.column(key)) <= MERGE_MAX_FILE_SHARE:
+            if (
+                changes.num_rows <= MERGE_MAX_KEYS
+                and touched_share(table, key, changes.column(key)) <= MERGE_MAX_FILE_SHARE
+            ):
                 written, deleted = merge_changes(table, key, changes, meta)
                 action = "merged"
             else:

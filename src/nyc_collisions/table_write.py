@@ -35,8 +35,10 @@ TARGET_FILE_BYTES = 32 << 20
 BATCH_ROWS = 8_192
 # rows per Parquet row group: the writer holds one in memory, readers skip by their statistics
 ROW_GROUP_ROWS = 65_536
-# above this share of the table's files holding a changed key, the table is rewritten instead
+# above this share of the table's files holding a changed key, or more changed keys than this,
+# the table is rewritten instead (MERGE names the keys in its predicate, see `merge_changes`)
 MERGE_MAX_FILE_SHARE = 0.5
+MERGE_MAX_KEYS = 10_000
 
 
 def writer_properties() -> Any:
@@ -120,12 +122,23 @@ def touched_share(table: Any, key: str, keys: pa.Array) -> float:
     return float(touched / actions.num_rows)
 
 
+def _literal(value: Any) -> str:
+    if isinstance(value, int | float):
+        return repr(value)
+    return "'" + str(value).replace("'", "''") + "'"
+
+
 def merge_changes(table: Any, key: str, changes: pa.Table, meta: dict[str, str]) -> tuple[int, int]:
-    """MERGE `changes` (rows with `DELETE_FLAG`) by `key`; rows written and deleted."""
+    """MERGE `changes` (rows with `DELETE_FLAG`) by `key`; rows written and deleted.
+
+    The predicate also names the changed keys on the table's side: delta-rs then reads only
+    the files whose statistics may hold one (without it, it reads the whole table into memory:
+    2 GiB for crashes to add 1,000 new rows)."""
+    keys = ", ".join(_literal(k) for k in changes.column(key).to_pylist())
     metrics = (
         table.merge(
             changes,
-            predicate=f's."{key}" = t."{key}"',
+            predicate=f's."{key}" = t."{key}" AND t."{key}" IN ({keys})',
             source_alias="s",
             target_alias="t",
             writer_properties=writer_properties(),
