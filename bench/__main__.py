@@ -68,6 +68,7 @@ VARIANT_FLAGS = {
     "format": "--format",
     "file_rows": "--file-rows",
     "wire": "--wire",
+    "table": "--table",
 }
 INSERT_SHARE = 0.8  # of a day's changes; the rest are edits of existing rows
 

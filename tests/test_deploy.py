@@ -344,6 +344,7 @@ def test_function_environment_is_what_the_handler_reads(template: dict[str, Any]
         "SOCRATA_APP_TOKEN_PARAMETER",
         "NYC_COLLISIONS_RECONCILE_WEEKDAY",
         "NYC_COLLISIONS_STATE_MACHINE",
+        "NYC_COLLISIONS_TABLE",
     }
     assert env["NYC_COLLISIONS_DEST"] == {"Fn::Sub": "s3://${BucketName}/${Prefix}"}
     assert env["NYC_COLLISIONS_DATASETS"] == {"Ref": "Datasets"}

@@ -4,6 +4,7 @@ Configuration comes from the environment:
 
 - `NYC_COLLISIONS_DEST` (`s3://bucket/prefix`), `NYC_COLLISIONS_DATASETS`
   (`crashes,persons,vehicles`), `SOCRATA_BASE_URL`, `NYC_COLLISIONS_FORMAT` (for a backfill),
+  `NYC_COLLISIONS_TABLE` (`delta`: keep each dataset's table, as `--table`),
   `NYC_COLLISIONS_RECONCILE_WEEKDAY`
   (`SUN`: that day's run also reconciles deletions; a reconcile the deadline stopped goes on
   in the next runs until it ends), `NYC_COLLISIONS_WIRE` (`auto`, `json` or
@@ -62,6 +63,7 @@ from .sink.storage import Storage, open_storage
 from .socrata.client import SodaClient, validate_base_url
 from .source import DatasetSource
 from .state import DatasetState
+from .table import TABLE_ENV, check_table_format
 
 logger = logging.getLogger("nyc_collisions.aws")
 SAFETY_SECONDS = 90.0  # stop this long before Lambda's deadline (a quarter of short budgets)
@@ -258,6 +260,7 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
     source = SourceSettings.from_env()
     validate_base_url(source.url, allow_http=source.allow_http, name="SOCRATA_BASE_URL")
     fmt = settings.env_choice("NYC_COLLISIONS_FORMAT", "csv", FORMATS)
+    table = check_table_format(os.environ.get(TABLE_ENV))
     reconcile = bool(event.get("reconcile")) or (
         bool(weekday) and datetime.now(UTC).strftime("%a").upper() == weekday
     )
@@ -267,7 +270,7 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
         else 900.0
     )
     deadline = started + remaining - min(SAFETY_SECONDS, remaining / 4)
-    opts = RunOptions(fmt=fmt, deadline=deadline, progress=False)
+    opts = RunOptions(fmt=fmt, deadline=deadline, progress=False, table=table)
     storage = open_storage(dest)
     function = os.environ.get("AWS_LAMBDA_FUNCTION_NAME") or "nyc-collisions"
     logger.info(

@@ -207,3 +207,9 @@ def current_count(landed: Landed) -> int:
     if len(batches) == 1:
         return batches[0].rows
     return sum(t.num_rows for t in current_keys(landed))
+
+
+def read_batch_file(landed: Landed, batch: Batch, entry: FileEntry) -> Iterator[pa.Table]:
+    """One committed file of `batch` as text tables in the newest columns (a tombstone file:
+    its keys alone)."""
+    yield from _file_batches(landed, batch, entry)

@@ -29,6 +29,7 @@ class Backfill(DatasetJob):
     def _run(self, stop: threading.Event, result: DatasetResult) -> None:
         manifest = self.state.load()
         if manifest and manifest.current_batches() and not self.opts.force:
+            self.sync_table()  # the table of a landed dataset, written (or healed) anyway
             snap = manifest.current_batches()[0]
             raise AlreadyLanded(
                 f"{self.dataset.name}: a backfill is already committed at "

@@ -243,6 +243,7 @@ def compact(
     file_rows: int,
     fmt: str | None = None,
     grace_hours: float = DEFAULT_GRACE_HOURS,
+    table: str | None = None,
 ) -> DatasetResult:
     """Write the current state as a new snapshot batch; with `prune`, forget what it supersedes
     and delete its files after `grace_hours` (at once with 0)."""
@@ -254,6 +255,10 @@ def compact(
             state.lease = lease
             _compact(state, dataset, prune, file_rows, fmt, grace_hours, result)
             lease.check()
+            if table:
+                from .table import compact_table
+
+                compact_table(storage, dataset, state, prune=prune, grace_hours=grace_hours)
             lease.finished()
             tidy(state, lease, drop_unfinished=False)
     finally:

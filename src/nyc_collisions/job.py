@@ -35,6 +35,7 @@ class RunOptions:
     force: bool = False
     deadline: float | None = None  # time.monotonic() value to stop cleanly before
     progress: bool = True
+    table: str | None = None  # keep <dest>/<dataset>/table/ in this format (table.py)
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
@@ -82,6 +83,7 @@ class DatasetJob:
                         self.keyed_as_landed(manifest.key)
                     self._run(stop, result)
                     lease.check()  # a lease lost during the run fails it; during cleanup, not
+                    self.sync_table()
                     lease.finished()
                     tidy(self.state, lease, drop_unfinished=self.snapshot_committed)
                 finally:
@@ -91,6 +93,13 @@ class DatasetJob:
             result.wire_bytes = self.client.stats.bytes - bytes0
             result.seconds = time.monotonic() - started
         return result
+
+    def sync_table(self) -> None:
+        """With a table format: bring the dataset's table up to its manifest (table.py)."""
+        if self.opts.table:
+            from .table import sync_table
+
+            sync_table(self.storage, self.dataset, self.state)
 
     def keyed_as_landed(self, key: str) -> None:
         """Work with the key the dataset was landed with (see `Dataset.keyed_as_landed`)."""

@@ -26,6 +26,7 @@ from .options import (
     max_seconds_option,
     page_size_option,
     run_options,
+    table_option,
 )
 from .summary import print_changes, print_summary, print_upload
 
@@ -46,6 +47,7 @@ def _exit_if_stopped(results: list[DatasetResult]) -> None:
 @click.option("--force", is_flag=True, help="Land a new snapshot even if one is committed.")
 @max_seconds_option("Stop cleanly before this many seconds; a rerun resumes.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@table_option
 @handle_errors
 def backfill_cmd(
     datasets: tuple[str, ...],
@@ -61,6 +63,7 @@ def backfill_cmd(
     force: bool,
     max_seconds: float | None,
     no_progress: bool,
+    table: str | None,
 ) -> None:
     """Mass upload: land every row of each DATASET (default: all three) as a snapshot.
 
@@ -83,6 +86,7 @@ def backfill_cmd(
         workers=workers,
         force=force,
         progress=not no_progress and sys.stderr.isatty(),
+        table=table,
     )
     chosen = resolve_many(list(datasets), key)
     storage = open_storage(dest)
@@ -111,6 +115,7 @@ def backfill_cmd(
 )
 @max_seconds_option("Stop cleanly before this many seconds; the next run goes on.")
 @key_option(LANDED_KEY_HELP)
+@table_option
 @handle_errors
 def update_cmd(
     datasets: tuple[str, ...],
@@ -125,6 +130,7 @@ def update_cmd(
     max_concurrency: int | None,
     also_reconcile: bool,
     max_seconds: float | None,
+    table: str | None,
 ) -> None:
     """Daily update: land every row changed since the watermark as a new batch.
 
@@ -147,6 +153,7 @@ def update_cmd(
         started=started,
         workers=workers,
         progress=sys.stderr.isatty(),
+        table=table,
     )
     storage = open_storage(dest)
     chosen = resolve_many(list(datasets), key)
@@ -167,6 +174,7 @@ def update_cmd(
 @max_seconds_option(
     "Stop cleanly before this many seconds; the next run goes on from its progress."
 )
+@table_option
 @handle_errors
 def reconcile_cmd(
     datasets: tuple[str, ...],
@@ -175,6 +183,7 @@ def reconcile_cmd(
     verbose: int,
     key: str | None,
     max_seconds: float | None,
+    table: str | None,
 ) -> None:
     """Find deletions and gaps: compare the source's key set with what landed.
 
@@ -191,7 +200,7 @@ def reconcile_cmd(
     setup_logging(verbose)
     started = time.monotonic()
     storage = open_storage(dest)
-    opts = run_options(started=started, max_seconds=max_seconds)
+    opts = run_options(started=started, max_seconds=max_seconds, table=table)
     stop = threading.Event()
     results: list[DatasetResult] = []
     with source.client() as client:
@@ -221,9 +230,15 @@ def reconcile_cmd(
     "manifest (a later run deletes them); 0 deletes them at once.",
 )
 @file_rows_option("Rows per file of the new snapshot.")
+@table_option
 @handle_errors
 def compact_cmd(
-    datasets: tuple[str, ...], dest: str, prune: bool, grace_hours: float, file_rows: int
+    datasets: tuple[str, ...],
+    dest: str,
+    prune: bool,
+    grace_hours: float,
+    file_rows: int,
+    table: str | None,
 ) -> None:
     """Write the current state of each DATASET as one fresh snapshot batch.
 
@@ -238,7 +253,9 @@ def compact_cmd(
     storage = open_storage(dest)
     run_options(file_rows=file_rows, started=started)  # checks --file-rows
     for ds in resolve_many(list(datasets)):
-        r = compact(storage, ds, prune=prune, file_rows=file_rows, grace_hours=grace_hours)
+        r = compact(
+            storage, ds, prune=prune, file_rows=file_rows, grace_hours=grace_hours, table=table
+        )
         pruned = f", pruned {r.pruned_batches} batches" if prune else ""
         click.echo(
             f"{r.dataset}: compacted {r.rows:,} rows into {r.files} files{pruned} "

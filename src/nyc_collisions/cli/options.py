@@ -9,6 +9,7 @@ variable when it has one, checked (a bad value is one line, exit 2).
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -187,6 +188,29 @@ def file_rows_option(help_text: str) -> Callable[[F], F]:
     return click.option(
         "--file-rows", type=int, default=DEFAULT_FILE_ROWS, show_default=True, help=help_text
     )
+
+
+def _table_format(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from ..table import TABLE_ENV, check_table_format
+
+    try:
+        if value is not None:
+            return check_table_format(value, "--table")
+        return check_table_format(os.environ.get(TABLE_ENV), TABLE_ENV)
+    except UsageError as exc:
+        raise _EnvError(str(exc)) from None
+
+
+def table_option(f: F) -> F:
+    """`--table FORMAT`: keep DEST/<dataset>/table/ equal to the current state (table.py)."""
+    return click.option(
+        "--table",
+        default=None,
+        metavar="FORMAT",
+        callback=_table_format,
+        help="Also keep DEST/<dataset>/table/ equal to the current state as a table of this "
+        "format: delta (env NYC_COLLISIONS_TABLE; needs the [table] extra).",
+    )(f)
 
 
 def max_seconds_option(help_text: str) -> Callable[[F], F]:
