@@ -30,7 +30,7 @@ from .host import boot_id, process_gone
 logger = logging.getLogger(__name__)
 
 BUCKET_ROWS = "NYC_COLLISIONS_KEYSCAN_BUCKET_ROWS"
-DEFAULT_BUCKET_ROWS = 250_000  # rows of one side in a bucket: a few tens of MiB compared at once
+DEFAULT_BUCKET_ROWS = 100_000  # rows of one side in a bucket: a few MiB compared at once
 PREFIX = "nyc-collisions-keys-"
 _OPTIONS = ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=1))
 # murmur3's 64-bit finaliser, and an odd multiplier for the polynomial over a key's bytes
@@ -43,7 +43,7 @@ _MIX1, _MIX2, _POLY = (
 
 def bucket_count(rows: int, bucket_rows: int | None = None) -> int:
     """Buckets for `rows` keys a side, each about `bucket_rows` rows (default: env
-    NYC_COLLISIONS_KEYSCAN_BUCKET_ROWS, else 250,000)."""
+    NYC_COLLISIONS_KEYSCAN_BUCKET_ROWS, else 100,000)."""
     per = bucket_rows or settings.env_int(BUCKET_ROWS, DEFAULT_BUCKET_ROWS, 1, 1 << 40)
     return max(1, -(-max(rows, 0) // per))
 
