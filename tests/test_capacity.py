@@ -162,3 +162,26 @@ def test_a_run_killed_right_after_a_split_resumes_exactly(tmp_path: Path) -> Non
         assert "resumed run" in res.out
         assert manifest(str(dest))["batches"][0]["info"]["splits"] >= 1
         exact(srv, str(dest), "crashes", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("flags", "most"),
+    [([], 8), (["--max-concurrency", "2"], 2), (["--workers", "1"], 1)],
+    ids=["default", "max-concurrency", "workers"],
+)
+def test_key_scans_keep_to_the_ceiling_too(tmp_path: Path, flags: list[str], most: int) -> None:
+    """verify and reconcile scan keys over partitions: as many requests at once as a backfill
+    may send, never more (a source that would serve 16 gets the ceiling), and they still find a
+    deletion."""
+    with FakeSoda(sizes=SIZES, seed=8, latency=latency(16)) as srv:
+        dest = str(tmp_path / "land")
+        where = ["--source", srv.url, "--dest", dest]
+        assert cli("backfill", "crashes", *where, "--page-size", "1000").code == 0
+        srv.delete("h9gi-nx95", 1)
+        env = {"NYC_COLLISIONS_KEYSCAN_PAGE": "500"}  # many key pages, so many could overlap
+        for command, code in [("verify", 1), ("reconcile", 0), ("verify", 0)]:
+            srv.reset_stats()
+            res = cli(command, "crashes", *where, *flags, env=env)
+            assert res.code == code, res.text
+            assert 1 <= srv.stats()["peak_in_flight"] <= most, command
+        exact(srv, dest, "crashes", tmp_path)

@@ -174,6 +174,7 @@ def update_cmd(
 @max_seconds_option(
     "Stop cleanly before this many seconds; the next run goes on from its progress."
 )
+@concurrency_options("Requests in flight for the key scan, fixed; default: found at run time.")
 @table_option
 @handle_errors
 def reconcile_cmd(
@@ -183,6 +184,8 @@ def reconcile_cmd(
     verbose: int,
     key: str | None,
     max_seconds: float | None,
+    workers: int | None,
+    max_concurrency: int | None,
     table: str | None,
 ) -> None:
     """Find deletions and gaps: compare the source's key set with what landed.
@@ -200,10 +203,10 @@ def reconcile_cmd(
     setup_logging(verbose)
     started = time.monotonic()
     storage = open_storage(dest)
-    opts = run_options(started=started, max_seconds=max_seconds, table=table)
+    opts = run_options(started=started, max_seconds=max_seconds, workers=workers, table=table)
     stop = threading.Event()
     results: list[DatasetResult] = []
-    with source.client() as client:
+    with source.client(workers, max_concurrency) as client:
         storage.check_writable()
         for ds in resolve_many(list(datasets), key):
             results.append(Reconcile(client, storage, ds, opts).run(stop))

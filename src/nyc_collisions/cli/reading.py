@@ -16,7 +16,7 @@ from ..sink.storage import open_storage
 from ..source import DatasetSource
 from ..verify import columns_changed, verify
 from .app import handle_errors, main, setup_logging
-from .options import LANDED_KEY_HELP, common, dest_option, key_option
+from .options import LANDED_KEY_HELP, common, concurrency_options, dest_option, key_option
 from .summary import print_mismatch, print_status
 
 
@@ -68,9 +68,16 @@ def status_cmd(
 @click.argument("datasets", nargs=-1, metavar="[DATASET]...")
 @common
 @key_option(LANDED_KEY_HELP)
+@concurrency_options("Requests in flight for the key scan, fixed; default: found at run time.")
 @handle_errors
 def verify_cmd(
-    datasets: tuple[str, ...], source: SourceSettings, dest: str, verbose: int, key: str | None
+    datasets: tuple[str, ...],
+    source: SourceSettings,
+    dest: str,
+    verbose: int,
+    key: str | None,
+    workers: int | None,
+    max_concurrency: int | None,
 ) -> None:
     """Compare what landed with the source now: row count and the full set of unique keys.
 
@@ -81,7 +88,7 @@ def verify_cmd(
     setup_logging(verbose)
     storage = open_storage(dest)
     ok = True
-    with source.client() as client:
+    with source.client(workers, max_concurrency) as client:
         for ds in resolve_many(list(datasets), key):
             landed = open_landed(storage, ds)
             where = f"{storage.url}/{ds.name}/"
@@ -91,7 +98,7 @@ def verify_cmd(
                 ok = False
                 click.echo(changed)
                 continue
-            diff = verify(remote, landed)
+            diff = verify(remote, landed, workers)
             if diff.ok:
                 click.echo(f"{ds.name}: OK: {diff.landed_rows:,} rows, keys match the source")
                 continue
