@@ -7,13 +7,18 @@ ARG BASE=public.ecr.aws/lambda/python:3.12@sha256:145350008f3f67d82c0bc6ecd34d9e
 # ---- builder: compiles the native JSON -> CSV converter (src/nyc_collisions/_jsoncsv.c) into the
 # package's wheel and installs exactly the locked set into /install; the compiler stays here.
 FROM ${BASE} AS builder
+# TABLE=delta (the template's Table parameter, or --build-arg) builds the image for `--table
+# delta`: deploy/requirements-table.lock, the same pins plus deltalake, which must then import.
+ARG TABLE=
 # hadolint ignore=DL3041
 RUN dnf install -y gcc && dnf clean all
 WORKDIR /build
-COPY deploy/requirements.lock deploy/build.lock deploy/prune-site-packages.sh deploy/
-RUN pip install --no-cache-dir --require-hashes --only-binary :all: -r deploy/build.lock \
+COPY deploy/requirements.lock deploy/requirements-table.lock deploy/build.lock \
+    deploy/image-lock.sh deploy/prune-site-packages.sh deploy/
+RUN lock=$(sh deploy/image-lock.sh "$TABLE") \
+    && pip install --no-cache-dir --require-hashes --only-binary :all: -r deploy/build.lock \
     && pip install --no-cache-dir --require-hashes --only-binary :all: --no-deps \
-        --target /install -r deploy/requirements.lock
+        --target /install -r "$lock"
 COPY pyproject.toml README.md ./
 COPY src/ ./src/
 # The build fails if the converter did not compile (setuptools treats it as optional).
@@ -21,7 +26,8 @@ RUN pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /wheels 
     && pip install --no-cache-dir --no-deps --target /install /wheels/nyc_collisions-*.whl \
     && sh deploy/prune-site-packages.sh /install \
     && rm -rf /install/bin \
-    && PYTHONPATH=/install python -c "import nyc_collisions._jsoncsv, nyc_collisions.aws, boto3"
+    && PYTHONPATH=/install python -c "import nyc_collisions._jsoncsv, nyc_collisions.aws, boto3" \
+    && PYTHONPATH=/install python -c "from nyc_collisions.table import check_table_format as c; c('$TABLE')"
 
 # ---- the image: the base, the installed set in the function's own folder (first on the Lambda
 # runtime's sys.path, so the locked boto3 wins over the base image's), and the CLI's launcher.

@@ -44,6 +44,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 DEPLOY_README = DEPLOY / "README.md"
 LOCK = DEPLOY / "requirements.lock"
+TABLE_LOCK = DEPLOY / "requirements-table.lock"
 BUILD_LOCK = DEPLOY / "build.lock"
 PYPROJECT = ROOT / "pyproject.toml"
 
@@ -329,6 +330,8 @@ def test_function_is_the_container_image_running_the_handler(template: dict[str,
     assert meta["DockerContext"] == ".."
     assert meta["DockerTag"]
     assert (TEMPLATE.parent / meta["DockerContext"] / meta["Dockerfile"]).resolve() == DOCKERFILE
+    # `sam build` passes the Table parameter to the image, which picks its lock with it
+    assert meta["DockerBuildArgs"] == {"TABLE": {"Ref": "Table"}}
 
 
 def test_function_environment_is_what_the_handler_reads(template: dict[str, Any]) -> None:
@@ -987,7 +990,10 @@ def test_the_final_stage_has_no_compiler_and_runs_the_handler() -> None:
 def test_the_image_installs_exactly_the_locked_set() -> None:
     runs = " ".join(arg for stage in _stages() for word, arg in stage if word == "RUN")
     installs = re.findall(r"pip install ([^&]*)", runs)
-    from_lock = [i for i in installs if "-r deploy/requirements.lock" in i]
+    # the lock deploy/image-lock.sh names for the TABLE build argument (tested below)
+    assert "TABLE=" in [arg for word, arg in _stages()[0] if word == "ARG"]
+    assert 'lock=$(sh deploy/image-lock.sh "$TABLE")' in runs
+    from_lock = [i for i in installs if '-r "$lock"' in i]
     assert from_lock
     assert all("--require-hashes" in i and "--only-binary :all:" in i for i in from_lock)
     # the project itself goes in without resolving anything more
@@ -1039,7 +1045,7 @@ def _image_environment(path: Path) -> dict[str, str]:
 
 def test_the_locks_are_resolved_for_the_image() -> None:
     """For the base image's Python, on the Lambda's x86_64 glibc (Amazon Linux 2023: 2.34)."""
-    for path in (LOCK, BUILD_LOCK):
+    for path in (LOCK, TABLE_LOCK, BUILD_LOCK):
         target = _lock_target(path)
         assert target["python-version"] == _base_python(), path.name
         assert target["python-platform"] == "x86_64-manylinux_2_34", path.name
@@ -1054,20 +1060,23 @@ def test_the_locks_are_resolved_for_the_image() -> None:
         assert req.specifier.contains(locked[name][0], prereleases=True), req
 
 
-def test_the_lock_covers_every_runtime_dependency() -> None:
-    """Each dependency pyproject declares is locked at a version it allows, and each locked
-    package's own dependencies are locked too (read from the installed metadata of those at the
-    locked version): `pip install --require-hashes` in the image then needs nothing else."""
-    env = _image_environment(LOCK)
-    locked = _lock(LOCK)
-    declared = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]["dependencies"]
+@pytest.mark.parametrize(("path", "extra"), [(LOCK, None), (TABLE_LOCK, "table")])
+def test_the_lock_covers_every_runtime_dependency(path: Path, extra: str | None) -> None:
+    """Each dependency pyproject declares (with the lock's extra) is locked at a version it
+    allows, and each locked package's own dependencies are locked too (read from the installed
+    metadata of those at the locked version): `pip install --require-hashes` in the image then
+    needs nothing else."""
+    env = _image_environment(path)
+    locked = _lock(path)
+    project = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]
+    declared = project["dependencies"] + (project["optional-dependencies"][extra] if extra else [])
     for req in map(Requirement, declared):
         if req.marker is not None and not req.marker.evaluate(env):
             continue
         name = canonicalize_name(req.name)
-        assert name in locked, f"requirements.lock lacks {req} (run deploy/lock.sh)"
+        assert name in locked, f"{path.name} lacks {req} (run deploy/lock.sh)"
         assert req.specifier.contains(locked[name][0], prereleases=True), (
-            f"requirements.lock has {name} {locked[name][0]}, pyproject asks {req}"
+            f"{path.name} has {name} {locked[name][0]}, pyproject asks {req}"
         )
     checked = 0
     for name, (version, _) in locked.items():
@@ -1082,10 +1091,96 @@ def test_the_lock_covers_every_runtime_dependency() -> None:
             if req.marker is not None and not Marker(str(req.marker)).evaluate(env):
                 continue
             dep = canonicalize_name(req.name)
-            assert dep in locked, f"requirements.lock lacks {dep}, which {name} needs"
+            assert dep in locked, f"{path.name} lacks {dep}, which {name} needs"
             assert req.specifier.contains(locked[dep][0], prereleases=True), (name, req)
         checked += 1
     assert checked, "none of the locked packages is installed here at its locked version"
+
+
+def _image_lock(table: str) -> subprocess.CompletedProcess[str]:
+    """deploy/image-lock.sh, as the Dockerfile runs it for `--build-arg TABLE=<table>`."""
+    return subprocess.run(
+        ["sh", "deploy/image-lock.sh", table],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_each_table_setting_builds_from_a_lock_with_what_it_needs(
+    template: dict[str, Any],
+) -> None:
+    """The image built for each value of the Table parameter installs a lock the image COPYs:
+    the default one without deltalake, and for delta the same pins, hashes included, plus the
+    [table] extra (so the table image differs from the default by deltalake alone)."""
+    copied = {
+        src
+        for stage in _stages()
+        for word, arg in stage
+        if word == "COPY" and not arg.startswith("--from=")
+        for src in arg.split()[:-1]
+    }
+    base = _lock(LOCK)
+    extra = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    table_reqs = [Requirement(r) for r in extra["table"]]
+    for value in template["Parameters"]["Table"]["AllowedValues"]:
+        proc = _image_lock(value)
+        assert proc.returncode == 0, proc.stderr
+        path = proc.stdout.strip()
+        assert path in copied, f"Table={value!r}: the image does not COPY {path}"
+        locked = _lock(ROOT / path)
+        if not value:
+            assert locked == base
+            assert not {canonicalize_name(r.name) for r in table_reqs} & set(locked)
+            continue
+        assert {k: v for k, v in locked.items() if k in base} == base
+        for req in table_reqs:
+            name = canonicalize_name(req.name)
+            assert name in locked, f"{path} lacks {req}"
+            assert req.specifier.contains(locked[name][0], prereleases=True), (path, req)
+
+
+def test_an_unknown_table_setting_stops_the_build_with_one_line() -> None:
+    proc = _image_lock("iceberg")
+    assert proc.returncode != 0
+    assert proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "iceberg" in proc.stderr
+
+
+def test_a_table_run_on_an_image_without_deltalake_stops_at_its_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Table=delta with an image built without it (sam build without the parameter): each run
+    raises one line naming the missing package before it reads the source or writes."""
+    monkeypatch.setitem(sys.modules, "deltalake", None)  # `import deltalake` fails
+    for name in (
+        "SOCRATA_APP_TOKEN_SECRET",
+        "SOCRATA_APP_TOKEN_PARAMETER",
+        "NYC_COLLISIONS_RECONCILE_WEEKDAY",
+        "NYC_COLLISIONS_STATE_MACHINE",
+        "NYC_COLLISIONS_FORMAT",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    dest = tmp_path / "dest"
+    monkeypatch.setenv("NYC_COLLISIONS_DEST", str(dest))
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
+    monkeypatch.setenv("NYC_COLLISIONS_TABLE", "delta")
+    monkeypatch.setenv("SOCRATA_APP_TOKEN", "not-a-token")
+    # nothing listens there: reaching the source would fail differently
+    monkeypatch.setenv("SOCRATA_BASE_URL", "https://127.0.0.1:9")
+    aws._token_cache.clear()
+    try:
+        with pytest.raises(errors.UsageError) as caught:
+            aws.handler({"command": "update"}, None)
+    finally:
+        aws._token_cache.clear()
+    message = str(caught.value)
+    assert "deltalake" in message
+    assert "\n" not in message
+    assert not dest.exists()
 
 
 def test_dockerfile_copies_what_the_build_needs_and_the_context_has_it() -> None:
