@@ -70,7 +70,8 @@ def check_table_format(fmt: str | None, where: str = TABLE_ENV) -> str | None:
         import deltalake  # noqa: F401
     except ImportError:
         raise UsageError(
-            "a delta table needs the deltalake package: pip install 'nyc-collisions[table]'"
+            "a delta table needs the deltalake package: pip install 'nyc-collisions[table]' "
+            "(the Lambda image: sam build --parameter-overrides Table=delta)"
         ) from None
     return value
 
