@@ -255,3 +255,166 @@ def test_text_keys_merge(soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.Mon
     _run("update", *src, "--reconcile", *TABLE)
     assert _last_operation(dest, GENERIC) == "MERGE"
     assert_table_is_export(dest, GENERIC, tmp_path)
+
+
+def test_a_lost_lease_stops_the_table_sync(
+    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another run takes the lease over while the table syncs: the stale run does not commit
+    the table, and ends with one line and a non-zero exit."""
+    import time
+
+    from nyc_collisions import table as table_module
+
+    dest = str(tmp_path / "d")
+    src = ("crashes", "--source", soda.url, "--dest", dest)
+    _run("backfill", *src, *TABLE)
+    soda.insert(NAMES["crashes"], 30)
+    real = table_module.merge_changes
+    before: list[int] = []
+
+    def taken_over(table: object, *args: object) -> tuple[int, int]:
+        st = open_storage(dest)
+        got = st.get_versioned("crashes/lock.json")
+        assert got is not None
+        # another run takes the lease over (as after a stall of a whole TTL)
+        assert st.put_if(
+            "crashes/lock.json", got.data.replace(b'"beat"', b'"xbeat"'), expect=got.version
+        )
+        time.sleep(1.5)  # the renewer (TTL 2 s: every 0.5 s) finds it lost
+        before.append(deltalake.DeltaTable(_table_uri(dest, "crashes")).version())
+        return real(table, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setenv("NYC_COLLISIONS_LEASE_TTL", "2")
+    monkeypatch.setattr(table_module, "MERGE_MAX_FILE_SHARE", 1.0)
+    monkeypatch.setattr(table_module, "merge_changes", taken_over)
+    res = cli("update", *src, *TABLE)
+    assert res.code != 0
+    assert len([line for line in res.err.splitlines() if "error" in line]) == 1, res.err
+    assert "lease" in res.err
+    assert before, res.err
+    assert deltalake.DeltaTable(_table_uri(dest, "crashes")).version() == before[0]
+
+
+def test_a_commit_in_between_fails_the_stale_sync(
+    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A table commit lands between the sync's open and its overwrite: the overwrite fails
+    (delta-rs would replay it on top, keeping the other's files: rows twice), one line, and
+    the next run heals the table."""
+    from nyc_collisions import table as table_module
+
+    dest = str(tmp_path / "d")
+    src = ("crashes", "--source", soda.url, "--dest", dest)
+    _run("backfill", *src, *TABLE)
+    soda.insert(NAMES["crashes"], 30)
+    real = table_module.overwrite
+    uri = _table_uri(dest, "crashes")
+
+    def meanwhile(*args: object) -> int:
+        # another run's sync commits the table as it was (its own files, the same mark)
+        other = deltalake.DeltaTable(uri)
+        mark = other.history(1)[0][table_module.MARK_KEY]
+        deltalake.write_deltalake(
+            other,
+            other.to_pyarrow_table(),
+            mode="overwrite",
+            commit_properties=deltalake.CommitProperties(
+                custom_metadata={table_module.MARK_KEY: mark}
+            ),
+        )
+        return real(*args)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(table_module, "MERGE_MAX_ROWS", 0)  # a rewrite
+        patch.setattr(table_module, "overwrite", meanwhile)
+        res = cli("update", *src, *TABLE)
+    assert res.code == 1
+    assert len([line for line in res.err.splitlines() if line.strip()]) == 1, res.err
+    _run("update", *src, *TABLE)
+    assert_table_is_export(dest, "crashes", tmp_path)
+
+
+def test_one_table_error_does_not_stop_the_other_datasets(
+    soda: FakeSoda, dest: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The table of every dataset fails: each is still updated, each failure is one line, the
+    run exits 1, and the next run heals the tables."""
+    from nyc_collisions import table as table_module
+
+    names = ["crashes", "persons"]
+    src = ("--source", soda.url, "--dest", dest)
+    _run("backfill", *names, *src, *TABLE)
+    _mutate(soda, 0)
+
+    def broken(*_args: object, **_kw: object) -> None:
+        raise OSError("the table store went away")
+
+    with monkeypatch.context() as patch:
+        for name in ("merge_changes", "rewrite_with_changes", "overwrite"):
+            patch.setattr(table_module, name, broken)
+        res = cli("update", *names, *src, *TABLE)
+    assert res.code == 1
+    lines = [line for line in res.err.splitlines() if line.strip()]
+    assert len(lines) == 2, res.err
+    for name in names:  # both updated: nothing new at the source, the tables healed
+        after = cli("update", name, *src, *TABLE)
+        assert after.code == 0, after.text
+        assert " 0 rows" in after.out, after.out
+        assert_table_is_export(dest, name, tmp_path)
+
+
+def test_prune_deletes_files_no_commit_names(soda: FakeSoda, tmp_path: Path) -> None:
+    """compact --prune --grace 0 leaves only the table's live files: also the files of a killed
+    write, and those whose remove entries the checkpoints no longer hold."""
+    dest = str(tmp_path / "d")
+    src = ("crashes", "--source", soda.url, "--dest", dest)
+    _run("backfill", *src, *TABLE)
+    uri = _table_uri(dest, "crashes")
+    deltalake.DeltaTable(uri).alter.set_table_properties(
+        {"delta.deletedFileRetentionDuration": "interval 0 seconds"}
+    )
+    killed = Path(uri, "part-00000-killed-write.zstd.parquet")
+    pq.write_table(pa.table({"x": [1]}), killed)
+    soda.edit(NAMES["crashes"], 5)
+    _run("backfill", *src, "--force", *TABLE)  # a rewrite, and its checkpoint
+    _run("compact", "crashes", "--dest", dest, "--prune", "--grace", "0", *TABLE)
+    table = deltalake.DeltaTable(uri)
+    assert sorted(Path(p).name for p in table.file_uris()) == sorted(
+        Path(p).name for p in _data_objects(dest)
+    )
+    assert_table_is_export(dest, "crashes", tmp_path)
+
+
+def test_the_sync_keeps_to_the_time_budget(
+    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--max-seconds runs out while the table is rewritten: the rewrite does not commit (the
+    next run brings the table up)."""
+    import time
+
+    from nyc_collisions import table as table_module
+
+    dest = str(tmp_path / "d")
+    src = ("crashes", "--source", soda.url, "--dest", dest)
+    _run("backfill", *src, *TABLE)
+    version = deltalake.DeltaTable(_table_uri(dest, "crashes")).version()
+    soda.insert(NAMES["crashes"], 30)
+    budget = 4
+    real = table_module.iter_current
+
+    def slow(*args: object) -> object:
+        for i, rows in enumerate(real(*args)):  # type: ignore[arg-type]
+            yield rows
+            if i == 0:
+                time.sleep(budget)  # past the deadline, however fast the run was
+
+    with monkeypatch.context() as patch:
+        patch.setattr(table_module, "MERGE_MAX_ROWS", 0)  # a rewrite
+        patch.setattr(table_module, "iter_current", slow)
+        res = cli("update", *src, "--max-seconds", str(budget), *TABLE)
+    assert res.code in (0, 3), res.text  # (3: the update itself stopped by the deadline)
+    assert "error" not in res.err, res.err
+    assert deltalake.DeltaTable(_table_uri(dest, "crashes")).version() == version
+    _run("update", *src, *TABLE)
+    assert_table_is_export(dest, "crashes", tmp_path)

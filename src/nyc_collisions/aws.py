@@ -160,6 +160,8 @@ def _summary(command: str, r: DatasetResult) -> dict[str, Any]:
         out["refreshed"] = True
     if r.schema_change is not None:  # {added, removed, retyped}: the source's columns changed
         out["schema_change"] = r.schema_change.summary()
+    if r.table_error:  # the table's sync failed (the landed data is committed)
+        out["table_error"] = r.table_error
     return out
 
 
@@ -314,8 +316,12 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
         raise
     finally:
         _emit(function, command, done, measured)
+    failed = [r.dataset for _, r in results if r.table_error]
+    if failed:  # the landed data is committed; the next run with the table on heals the table
+        logger.error("the table of %s could not be brought up to the manifest", ", ".join(failed))
     summary.update(
         done=done,
+        table_failed=failed,
         results=[_summary(kind, r) for kind, r in results],
         seconds=round(time.monotonic() - started, 2),
     )

@@ -66,11 +66,13 @@ def _backfill_each(
     results = []
     for ds in datasets:
         try:
-            result = Backfill(client, storage, ds, opts).run(stop)
+            job = Backfill(client, storage, ds, opts)
+            result = job.run(stop)
         except AlreadyLanded as exc:
             result = DatasetResult(
                 ds.name, "skipped", message=str(exc), location=f"{storage.url}/{ds.name}/"
             )
+            result.table_error = job.table_error  # the landed dataset's table, synced anyway
         results.append(result)
         if on_result:
             on_result(result)

@@ -256,9 +256,20 @@ def compact(
             _compact(state, dataset, prune, file_rows, fmt, grace_hours, result)
             lease.check()
             if table:
-                from .table import compact_table
+                from .table import TableError, compact_table
 
-                compact_table(storage, dataset, state, prune=prune, grace_hours=grace_hours)
+                try:
+                    compact_table(
+                        storage,
+                        dataset,
+                        state,
+                        prune=prune,
+                        grace_hours=grace_hours,
+                        check=lease.check,
+                    )
+                except TableError as exc:
+                    result.table_error = str(exc)
+            lease.check()
             lease.finished()
             tidy(state, lease, drop_unfinished=False)
     finally:

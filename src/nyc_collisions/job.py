@@ -7,6 +7,7 @@ gives the lease back. Backfill, update and reconcile are jobs.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from .socrata.client import SodaClient
 from .source import DatasetSource
 from .state import DatasetState
 from .tidy import tidy
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50_000
 DEFAULT_FILE_ROWS = 500_000
@@ -57,6 +60,7 @@ class DatasetJob:
     command = ""
     status = ""
     snapshot_committed = False  # a new snapshot supersedes unfinished backfills too
+    table_error: str | None = None  # why the table's sync failed (the landed data committed)
 
     def __init__(
         self, client: SodaClient, storage: Storage, dataset: Dataset, opts: RunOptions
@@ -84,6 +88,8 @@ class DatasetJob:
                     self._run(stop, result)
                     lease.check()  # a lease lost during the run fails it; during cleanup, not
                     self.sync_table()
+                    result.table_error = self.table_error
+                    lease.check()  # (a lease lost during the table's sync too)
                     lease.finished()
                     tidy(self.state, lease, drop_unfinished=self.snapshot_committed)
                 finally:
@@ -95,11 +101,25 @@ class DatasetJob:
         return result
 
     def sync_table(self) -> None:
-        """With a table format: bring the dataset's table up to its manifest (table.py)."""
-        if self.opts.table:
-            from .table import sync_table
+        """With a table format: bring the dataset's table up to its manifest (table.py), under
+        the lease and within the run's time. The table's own failure is recorded in
+        `table_error` (the run goes on to the next dataset, and ends with it as an error)."""
+        if not self.opts.table:
+            return
+        from .table import TableError, sync_table
 
-            sync_table(self.storage, self.dataset, self.state)
+        lease = self.state.lease
+        try:
+            sync_table(
+                self.storage,
+                self.dataset,
+                self.state,
+                check=None if lease is None else lease.check,
+                deadline=self.opts.deadline,
+            )
+        except TableError as exc:
+            logger.info("%s: %s", self.dataset.name, exc)
+            self.table_error = str(exc)
 
     def keyed_as_landed(self, key: str) -> None:
         """Work with the key the dataset was landed with (see `Dataset.keyed_as_landed`)."""

@@ -50,6 +50,7 @@ class DatasetResult:
     scanned: int | None = None  # source keys a reconcile scanned in this run
     reconciled: ReconcileCounts | None = None
     pruned_batches: int | None = None  # batches `compact --prune` forgot
+    table_error: str | None = None  # the table's sync failed (the landed data is committed)
 
     def watermark_dict(self) -> dict[str, Any] | None:
         wm = self.watermark

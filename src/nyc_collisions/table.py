@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,8 @@ from .table_write import (
     DELETE_FLAG,
     MERGE_MAX_FILE_SHARE,
     MERGE_MAX_KEYS,
+    Guard,
+    Target,
     merge_changes,
     optimize,
     overwrite,
@@ -57,6 +60,10 @@ MARK_LOOKBACK = 20
 
 class TableError(DestinationError):
     """The table could not be read or written."""
+
+
+class _OutOfTime(NycCollisionsError):
+    """The run's time ran out before the table's commit: the next run brings it up."""
 
 
 def check_table_format(fmt: str | None, where: str = TABLE_ENV) -> str | None:
@@ -183,22 +190,50 @@ def _typed(landed: Landed, text: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def sync_table(
-    storage: Storage, dataset: Dataset, state: DatasetState | None = None
+    storage: Storage,
+    dataset: Dataset,
+    state: DatasetState | None = None,
+    *,
+    check: Callable[[], None] | None = None,
+    deadline: float | None = None,
 ) -> TableSync | None:
     """Bring the table of `dataset` up to its committed manifest (idempotent); None when
-    nothing is landed yet."""
+    nothing is landed yet, or the time ran out (the monotonic `deadline`) before it could.
+    `check` (the lease's) is called just before the table's commit: what it raises stops the
+    sync, the table untouched."""
     started = time.monotonic()
+    guard = Guard(check or (lambda: None), lambda: _in_time(deadline))
     try:
+        guard.in_time()
         landed = open_landed(storage, dataset, state)
     except NothingLanded:
         return None
+    except _OutOfTime:
+        _skipped(dataset)
+        return None
     where = table_location(storage, dataset.name)
     try:
-        return _sync(landed, where, started)
+        return _sync(landed, where, started, guard)
+    except _OutOfTime:
+        _skipped(dataset)
+        return None
     except NycCollisionsError:
         raise
     except Exception as exc:  # delta-rs's errors, the store's: one line, the data committed
         raise _table_error(where, exc) from exc
+
+
+def _in_time(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise _OutOfTime()
+
+
+def _skipped(dataset: Dataset) -> None:
+    logger.warning(
+        "%s: out of time before the table's commit: the table is left as it was, and the next "
+        "run with the table on brings it up",
+        dataset.name,
+    )
 
 
 def _table_error(where: TableLocation, exc: BaseException) -> TableError:
@@ -209,8 +244,9 @@ def _table_error(where: TableLocation, exc: BaseException) -> TableError:
     )
 
 
-def _sync(landed: Landed, where: TableLocation, started: float) -> TableSync:
-    table = _open_table(where)
+def _sync(landed: Landed, where: TableLocation, started: float, guard: Guard) -> TableSync:
+    table = _open_table(where)  # opened once: a commit landed since fails this sync's
+    target = Target(table, where.uri, where.storage_options)
     mark = Mark.of(landed)
     meta = {MARK_KEY: mark.to_json()}
     typed = table_schema(landed)
@@ -228,25 +264,24 @@ def _sync(landed: Landed, where: TableLocation, started: float) -> TableSync:
                 changes.num_rows <= MERGE_MAX_KEYS
                 and touched_share(table, key, changes.column(key)) <= MERGE_MAX_FILE_SHARE
             ):
-                written, deleted = merge_changes(table, key, changes, meta)
+                written, deleted = merge_changes(table, key, changes, meta, guard)
                 action = "merged"
             else:
                 written, deleted = rewrite_with_changes(
                     landed.storage,
                     folder,
-                    table,
-                    where.uri,
-                    where.storage_options,
+                    target,
                     typed,
                     key,
                     changes,
                     meta,
+                    guard,
                 )
                 action = "merged by a rewrite"
             version = _open_table(where).version()
             return _done(landed, where, action, written, deleted, version, started)
     tables = (_typed(landed, text, typed) for text in iter_current(landed))
-    written = overwrite(where.uri, where.storage_options, typed, tables, meta)
+    written = overwrite(target, typed, tables, meta, guard)
     version = _open_table(where).version()
     return _done(landed, where, "rewritten", written, 0, version, started)
 
@@ -348,19 +383,25 @@ def _key_only(landed: Landed, text: pa.Table) -> pa.Table:
 
 
 def compact_table(
-    storage: Storage, dataset: Dataset, state: DatasetState, *, prune: bool, grace_hours: float
+    storage: Storage,
+    dataset: Dataset,
+    state: DatasetState,
+    *,
+    prune: bool,
+    grace_hours: float,
+    check: Callable[[], None] | None = None,
 ) -> None:
     """After `compact`: bring the table up to the manifest, fold its small files together and,
     with `prune`, delete the files of versions older than `grace_hours` (as `compact --prune`
-    does with landed files)."""
-    if sync_table(storage, dataset, state) is None:
+    does with landed files). `check` (the lease's) is called before each commit."""
+    if sync_table(storage, dataset, state, check=check) is None:
         return
     where = table_location(storage, dataset.name)
     try:
         table = _open_table(where)
         mark = read_mark(storage, dataset.name, table.version())
         meta = None if mark is None else {MARK_KEY: mark.to_json()}
-        optimize(table, meta, prune, grace_hours)
+        optimize(table, meta, prune, grace_hours, Guard(check or (lambda: None)))
     except NycCollisionsError:
         raise
     except Exception as exc:

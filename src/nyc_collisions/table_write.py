@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,20 +49,41 @@ def writer_properties() -> Any:
 
 
 def commit_properties(meta: dict[str, str] | None) -> Any:
+    """A commit that fails when any other commit landed since the table was opened: delta-rs
+    would otherwise replay it on top (a stale overwrite then keeps the other's files too)."""
     from deltalake import CommitProperties
 
-    return CommitProperties(custom_metadata=meta)
+    return CommitProperties(custom_metadata=meta, max_commit_retries=0)
+
+
+@dataclass(frozen=True)
+class Guard:
+    """Called by a write before it commits: `check` raises when the run may not commit (its
+    lease lost), `in_time` when the run is out of time."""
+
+    check: Callable[[], None] = lambda: None
+    in_time: Callable[[], None] = lambda: None
+
+
+@dataclass(frozen=True)
+class Target:
+    """The table to write: the DeltaTable opened once by the sync (None: no table yet), and
+    where it lives."""
+
+    table: Any
+    uri: str
+    options: dict[str, str]
 
 
 def overwrite(
-    uri: str,
-    options: dict[str, str],
+    target: Target,
     schema: pa.Schema,
     tables: Iterable[pa.Table],
     meta: dict[str, str],
+    guard: Guard,
 ) -> int:
     """Overwrite the table (and its columns) with `tables`, streamed, in one commit; the rows
-    written. An error of `tables` is raised as itself, not as delta-rs's."""
+    written. An error of `tables` or of `guard` is raised as itself, not as delta-rs's."""
     from deltalake import write_deltalake
 
     written = 0
@@ -71,19 +93,22 @@ def overwrite(
         nonlocal written
         try:
             for table in tables:
+                guard.in_time()
                 written += table.num_rows
                 yield from table.cast(schema).to_batches(max_chunksize=BATCH_ROWS)
+            guard.in_time()
+            guard.check()  # raised here, delta-rs ends the write without its commit
         except BaseException as exc:
             failed.append(exc)
             raise
 
     try:
         write_deltalake(
-            uri,
+            target.uri if target.table is None else target.table,
             pa.RecordBatchReader.from_batches(schema, batches()),
             mode="overwrite",
             schema_mode="overwrite",
-            storage_options=options,
+            storage_options=target.options if target.table is None else None,
             target_file_size=TARGET_FILE_BYTES,
             writer_properties=writer_properties(),
             commit_properties=commit_properties(meta),
@@ -97,7 +122,7 @@ def overwrite(
     # only with a prefix, which readers would take for an error)
     from deltalake import DeltaTable
 
-    DeltaTable(uri, storage_options=options).create_checkpoint()
+    DeltaTable(target.uri, storage_options=target.options).create_checkpoint()
     return written
 
 
@@ -128,14 +153,16 @@ def _literal(value: Any) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
-def merge_changes(table: Any, key: str, changes: pa.Table, meta: dict[str, str]) -> tuple[int, int]:
+def merge_changes(
+    table: Any, key: str, changes: pa.Table, meta: dict[str, str], guard: Guard
+) -> tuple[int, int]:
     """MERGE `changes` (rows with `DELETE_FLAG`) by `key`; rows written and deleted.
 
     The predicate also names the changed keys on the table's side: delta-rs then reads only
     the files whose statistics may hold one (without it, it reads the whole table into memory:
     2 GiB for crashes to add 1,000 new rows)."""
     keys = ", ".join(_literal(k) for k in changes.column(key).to_pylist())
-    metrics = (
+    merge = (
         table.merge(
             changes,
             predicate=f's."{key}" = t."{key}" AND t."{key}" IN ({keys})',
@@ -147,8 +174,10 @@ def merge_changes(table: Any, key: str, changes: pa.Table, meta: dict[str, str])
         .when_matched_delete(predicate=f's."{DELETE_FLAG}"')
         .when_matched_update_all(predicate=f'NOT s."{DELETE_FLAG}"', except_cols=[DELETE_FLAG])
         .when_not_matched_insert_all(predicate=f'NOT s."{DELETE_FLAG}"', except_cols=[DELETE_FLAG])
-        .execute()
     )
+    guard.in_time()
+    guard.check()
+    metrics = merge.execute()
     written = int(metrics.get("num_target_rows_inserted", 0)) + int(
         metrics.get("num_target_rows_updated", 0)
     )
@@ -158,20 +187,19 @@ def merge_changes(table: Any, key: str, changes: pa.Table, meta: dict[str, str])
 def rewrite_with_changes(
     storage: Storage,
     folder: str,
-    table: Any,
-    uri: str,
-    options: dict[str, str],
+    target: Target,
     schema: pa.Schema,
     key: str,
     changes: pa.Table,
     meta: dict[str, str],
+    guard: Guard,
 ) -> tuple[int, int]:
     """The table's rows but the changed keys, then the changes' live rows, as one overwrite
     (in `schema`, the table's); its files are read through the project's storage, a row group
     at a time."""
     changed = changes.column(key).combine_chunks()
     live = changes.filter(pc.invert(changes.column(DELETE_FLAG))).drop_columns([DELETE_FLAG])
-    paths = pa.table(table.get_add_actions(flatten=True)).column("path").to_pylist()
+    paths = pa.table(target.table.get_add_actions(flatten=True)).column("path").to_pylist()
 
     def tables() -> Iterator[pa.Table]:
         for path in paths:
@@ -183,23 +211,30 @@ def rewrite_with_changes(
                     yield rows.filter(pc.invert(pc.is_in(rows.column(key), value_set=changed)))
         yield live
 
-    overwrite(uri, options, schema, tables(), meta)
+    overwrite(target, schema, tables(), meta, guard)
     return live.num_rows, changes.num_rows - live.num_rows
 
 
-def optimize(table: Any, meta: dict[str, str] | None, prune: bool, grace_hours: float) -> None:
-    """Fold small files together; with `prune`, delete files no version of the last
-    `grace_hours` needs."""
+def optimize(
+    table: Any, meta: dict[str, str] | None, prune: bool, grace_hours: float, guard: Guard
+) -> None:
+    """Fold small files together; with `prune`, delete every file of the table's folder that
+    no version of the last `grace_hours` needs (a full vacuum: also files whose remove entries
+    checkpoints have dropped, and files of a killed write that no commit names; only this tool
+    writes the table, under the lease)."""
+    guard.check()
     table.optimize.compact(
         target_size=TARGET_FILE_BYTES,
         writer_properties=writer_properties(),
         commit_properties=commit_properties(meta),
     )
     if prune:
+        guard.check()
         deleted = table.vacuum(
             retention_hours=math.ceil(grace_hours),
             dry_run=False,
             enforce_retention_duration=False,
+            full=True,
             commit_properties=commit_properties(meta),
         )
         logger.info("table vacuum deleted %d files", len(deleted))

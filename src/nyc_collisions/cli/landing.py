@@ -28,12 +28,15 @@ from .options import (
     run_options,
     table_option,
 )
-from .summary import print_changes, print_summary, print_upload
+from .summary import print_changes, print_summary, print_upload, say_table_errors
 
 
 def _exit_if_stopped(results: list[DatasetResult]) -> None:
+    failed = say_table_errors(results)
     if any(r.status == "stopped" for r in results):
         sys.exit(3)
+    if failed:
+        sys.exit(1)
 
 
 @main.command("backfill")
@@ -255,6 +258,7 @@ def compact_cmd(
     started = time.monotonic()
     storage = open_storage(dest)
     run_options(file_rows=file_rows, started=started)  # checks --file-rows
+    results: list[DatasetResult] = []
     for ds in resolve_many(list(datasets)):
         r = compact(
             storage, ds, prune=prune, file_rows=file_rows, grace_hours=grace_hours, table=table
@@ -264,3 +268,5 @@ def compact_cmd(
             f"{r.dataset}: compacted {r.rows:,} rows into {r.files} files{pruned} "
             f"({r.seconds:,.1f}s) -> {r.location}"
         )
+        results.append(r)
+    _exit_if_stopped(results)

@@ -61,6 +61,17 @@ def print_summary(results: list[DatasetResult], started: float) -> None:
     )
 
 
+def say_table_errors(results: list[DatasetResult]) -> bool:
+    """The table of a dataset that could not be synced: one line each on stderr (the landed
+    data is committed; the next run with the table on heals the table); whether any."""
+    from .app import say
+
+    failed = [r for r in results if r.table_error]
+    for r in failed:
+        say(f"nyc-collisions: error: {r.table_error}")
+    return bool(failed)
+
+
 def _print_concurrency(r: DatasetResult) -> None:
     c = r.concurrency
     if c:
