@@ -88,3 +88,34 @@ def test_ctrl_c_in_each_phase(soda: FakeSoda, tmp_path: Path, command: str, matc
         res = cli(catch_up, "crashes", *where)
         assert res.code == 0, res.text
     exact(soda, dest, "crashes", tmp_path)
+
+
+def test_ctrl_c_while_a_partition_end_count_is_held(soda: FakeSoda, tmp_path: Path) -> None:
+    """The count that confirms a partition's end hangs at the source: Ctrl-C does not wait for
+    it (nor would it for one that never answers), and a rerun resumes from what was committed."""
+    dest = str(tmp_path / "land")
+    where = ["--source", soda.url, "--dest", dest]
+    held = 60.0  # far longer than the interrupt may take
+    soda.add_fault("slow", times=None, match="count(*) AS n&$where=:id", seconds=held)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", INTERACTIVE, "backfill", "crashes", *where, "--page-size", "400"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not soda.stats()["faults"].get("slow"):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no partition's end was counted"
+        time.sleep(0.05)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    assert_one_interrupted_line(proc)
+    assert time.monotonic() - sent < held / 4, "Ctrl-C waited for the held count"
+    soda.clear_faults()
+    assert not (tmp_path / "land" / "crashes" / "manifest.json").exists()
+    assert not (tmp_path / "land" / "crashes" / "lock.json").exists()
+    res = cli("backfill", "crashes", *where, "--page-size", "400")
+    assert res.code == 0, res.text
+    assert "resumed run" in res.out, res.text
+    exact(soda, dest, "crashes", tmp_path)
