@@ -88,3 +88,70 @@ def test_ctrl_c_in_each_phase(soda: FakeSoda, tmp_path: Path, command: str, matc
         res = cli(catch_up, "crashes", *where)
         assert res.code == 0, res.text
     exact(soda, dest, "crashes", tmp_path)
+
+
+def test_ctrl_c_while_a_partition_end_count_is_held(soda: FakeSoda, tmp_path: Path) -> None:
+    """The count that confirms a partition's end hangs at the source: Ctrl-C does not wait for
+    it (nor would it for one that never answers), and a rerun resumes from what was committed."""
+    dest = str(tmp_path / "land")
+    where = ["--source", soda.url, "--dest", dest]
+    held = 60.0  # far longer than the interrupt may take
+    soda.add_fault("slow", times=None, match="count(*) AS n&$where=:id", seconds=held)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", INTERACTIVE, "backfill", "crashes", *where, "--page-size", "400"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not soda.stats()["faults"].get("slow"):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no partition's end was counted"
+        time.sleep(0.05)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    assert_one_interrupted_line(proc)
+    assert time.monotonic() - sent < held / 4, "Ctrl-C waited for the held count"
+    soda.clear_faults()
+    assert not (tmp_path / "land" / "crashes" / "manifest.json").exists()
+    assert not (tmp_path / "land" / "crashes" / "lock.json").exists()
+    res = cli("backfill", "crashes", *where, "--page-size", "400")
+    assert res.code == 0, res.text
+    assert "resumed run" in res.out, res.text
+    exact(soda, dest, "crashes", tmp_path)
+
+
+def test_a_worker_left_behind_writes_no_plan_nor_part_record(tmp_path: Path) -> None:
+    """A worker still alive after its run gave the lease back (Ctrl-C waits only so long for
+    it) cannot split the run's plan nor record a part: a newer run may own them by then."""
+    from nyc_collisions.errors import LeaseLost
+    from nyc_collisions.partition import PlanBook
+    from nyc_collisions.plan import Partition, SnapshotPlan
+    from nyc_collisions.sink.storage import open_storage
+    from nyc_collisions.state import DatasetState
+
+    dest = tmp_path / "land"
+    plan = SnapshotPlan(
+        batch_id="b1",
+        dataset_id="h9gi-nx95",
+        key="collision_id",
+        format="parquet",
+        columns=(("collision_id", "number"),),
+        started="2024-01-01T00:00:00Z",
+        source_count=10,
+        max_updated_at=None,
+        rows_updated_at=None,
+        page_size=5,
+        planned=1,
+        step=10,
+        partitions=(Partition(0, None, None, 10),),
+        complete=True,
+    )
+    state = DatasetState(open_storage(str(dest)), "crashes")  # no lease: the run has ended
+    book = PlanBook(state, plan)
+    with pytest.raises(LeaseLost):
+        book.split(book.partitions()[0], "row-5", 5, 5)
+    assert book.plan == plan
+    with pytest.raises(LeaseLost):
+        state.put_run_json(f"{state.run_prefix('b1')}/parts/0000-000000.json", {})
+    assert not [p for p in dest.rglob("*") if p.is_file()]

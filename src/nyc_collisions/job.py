@@ -93,7 +93,7 @@ class DatasetJob:
                     lease.finished()
                     tidy(self.state, lease, drop_unfinished=self.snapshot_committed)
                 finally:
-                    self.state.lease = None
+                    self.state.end_run()  # no late worker writes once the lease is given back
         finally:
             result.requests = self.client.stats.requests - requests0
             result.wire_bytes = self.client.stats.bytes - bytes0

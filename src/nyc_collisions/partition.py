@@ -129,7 +129,7 @@ class PlanBook:
             return self._plan.splits
 
     def _write(self, plan: SnapshotPlan) -> None:
-        self.state.put_json(self.key, plan.to_dict())
+        self.state.put_run_json(self.key, plan.to_dict())
         self._plan = plan
 
 
@@ -293,7 +293,7 @@ class PartitionFetch:
             bytes=entry.bytes if entry else 0,
             last_id=last_id,
         )
-        self.ctx.state.put_json(
+        self.ctx.state.put_run_json(
             f"{self.ctx.state.run_prefix(self.ctx.batch_id)}/parts/"
             f"{self.partition.index:04d}-{self.files.seq:06d}.json",
             record.to_dict(),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,8 @@ from .schema import CSV_EXACT_TYPES, Schema
 from .socrata import soql
 from .socrata.client import PageCancelled, SodaClient, parse_json_document
 from .state import Watermark
+
+STOP_TICK = 0.1  # seconds between looks at `stopped()` while a count is awaited
 
 
 @dataclass
@@ -133,7 +135,14 @@ class DatasetSource:
                 empty = 0
                 continue
             empty += 1
-            if self.confirm_empty(where(), empty, None if left is None else left.result()):
+            counted = None
+            if left is not None:
+                # a count the source holds must not hold up a stop (Ctrl-C): looked at in turns
+                while not wait([left], timeout=STOP_TICK).done:
+                    if stopped():
+                        return False
+                counted = left.result()
+            if self.confirm_empty(where(), empty, counted):
                 return True
 
     def probe(self, after: str | None, offset: int, upper: str | None = None) -> str | None:

@@ -19,6 +19,7 @@ write), and only while the run holds the dataset's lease (`lease.py`); otherwise
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from .drift import SchemaChange, spec_columns
-from .errors import ManifestChanged, StateError
+from .errors import LeaseLost, ManifestChanged, StateError
 from .sink.files import FileEntry
 from .sink.storage import Storage
 
@@ -221,6 +222,8 @@ class DatasetState:
         self.storage = storage
         self.folder = folder
         self.lease: Lease | None = None
+        self._run_writes = threading.Condition()  # guards `lease` against `put_run_json`
+        self._writing = 0  # run records being written now
         # in every data file's name: a killed run's write still in flight (an S3 upload the
         # store completes after the process died) can never replace a later run's file
         self.attempt = uuid.uuid4().hex[:6]
@@ -269,6 +272,28 @@ class DatasetState:
         manifest = self.load()
         committed = {b.batch_id for b in manifest.batches} if manifest else set()
         return [i for i in ids if i not in committed]
+
+    def put_run_json(self, key: str, doc: dict[str, Any]) -> None:
+        """Write a run's record (its plan, a part record) only while it holds the lease: a
+        worker still alive after Ctrl-C never writes over the records of a newer run."""
+        with self._run_writes:
+            if self.lease is None:
+                raise LeaseLost(f"{self.storage.url}/{key}: not written, the run has ended")
+            self.lease.check()
+            self._writing += 1
+        try:
+            self.put_json(key, doc)
+        finally:
+            with self._run_writes:
+                self._writing -= 1
+                self._run_writes.notify_all()
+
+    def end_run(self) -> None:
+        """Before the lease is given back: no run record is written from now on, and those
+        being written are done."""
+        with self._run_writes:
+            self.lease = None
+            self._run_writes.wait_for(lambda: self._writing == 0)
 
     def put_json(self, key: str, doc: dict[str, Any]) -> None:
         self.storage.put_bytes(key, orjson.dumps(doc, option=orjson.OPT_INDENT_2))

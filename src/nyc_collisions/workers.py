@@ -13,10 +13,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from .errors import Interrupted
 from .partition import FetchContext, PartitionFetch, PlanBook
@@ -24,6 +24,9 @@ from .plan import MAX_PARTITIONS, Partition, ResumePoint, min_split_rows
 from .socrata.concurrency import ConcurrencyLimit
 
 logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 TICK = 0.05  # seconds between looks at the limit while waiting
 
@@ -241,6 +244,25 @@ def fetch_partitions(
     name: str,
 ) -> PoolResult:
     """Run a `PartitionPool`, with the executor its partitions' end counts run on."""
-    with ThreadPoolExecutor(max_workers=limit.ceiling, thread_name_prefix="count") as counts:
-        ctx = replace(ctx, counts=counts)
-        return PartitionPool(ctx, book, points, limit, name).run(planner)
+    ctx = replace(ctx, counts=DaemonCalls())
+    return PartitionPool(ctx, book, points, limit, name).run(planner)
+
+
+class DaemonCalls(Executor):
+    """Each call on a daemon thread of its own. A count the source holds (or never answers)
+    is left behind on a stop: nothing waits for it, not even the interpreter's exit, as it
+    would for a `ThreadPoolExecutor`'s threads. A worker awaits at most one count at a time."""
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        future: Future[T] = Future()
+
+        def call() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        threading.Thread(target=call, daemon=True, name="count").start()
+        return future
