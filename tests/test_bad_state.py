@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -15,6 +16,10 @@ from nyc_collisions.state import DatasetState
 from tests.conftest import GOOD_TOKEN
 from tests.fake_soda import FakeSoda
 from tests.helpers import cli, exact
+
+# dummy credentials made at run time (never a real-looking key in the repository)
+_KEY_ID = "test-" + uuid.uuid4().hex[:12]
+_SECRET = "test-secret-" + uuid.uuid4().hex
 
 
 def one_line(text: str, *needles: str) -> str:
@@ -186,8 +191,8 @@ def s3_refusing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_port}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEKEYID0001")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "example-secret-value-never-shown")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", _KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", _SECRET)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     yield code
     server.shutdown()
@@ -214,4 +219,4 @@ def test_an_s3_refusal_says_what_to_fix(
         res = cli(*command, "--dest", "s3://some-bucket/prefix")
         assert res.code == 1, res.text
         one_line(res.err, "s3://some-bucket", *needles)
-        assert "example-secret-value" not in res.text
+        assert _SECRET not in res.text
