@@ -22,9 +22,12 @@ INTERACTIVE = (
 )
 
 
-def interrupt_while_held(soda: FakeSoda, match: str, args: list[str]) -> subprocess.Popen[str]:
-    """Start the CLI, hold the first request that matches `match`, and Ctrl-C it there."""
-    soda.add_fault("slow", times=None, match=match, seconds=30)
+def interrupt_while_held(
+    soda: FakeSoda, match: str, args: list[str], seconds: float = 30
+) -> subprocess.Popen[str]:
+    """Start the CLI, hold the first request that matches `match` `seconds` long, and Ctrl-C it
+    there."""
+    soda.add_fault("slow", times=None, match=match, seconds=seconds)
     proc = subprocess.Popen(
         [sys.executable, "-c", INTERACTIVE, *args],
         stdout=subprocess.PIPE,
@@ -96,20 +99,9 @@ def test_ctrl_c_while_a_partition_end_count_is_held(soda: FakeSoda, tmp_path: Pa
     dest = str(tmp_path / "land")
     where = ["--source", soda.url, "--dest", dest]
     held = 60.0  # far longer than the interrupt may take
-    soda.add_fault("slow", times=None, match="count(*) AS n&$where=:id", seconds=held)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", INTERACTIVE, "backfill", "crashes", *where, "--page-size", "400"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while not soda.stats()["faults"].get("slow"):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no partition's end was counted"
-        time.sleep(0.05)
+    args = ["backfill", "crashes", *where, "--page-size", "400"]
+    proc = interrupt_while_held(soda, "count(*) AS n&$where=:id", args, seconds=held)
     sent = time.monotonic()
-    proc.send_signal(signal.SIGINT)
     assert_one_interrupted_line(proc)
     assert time.monotonic() - sent < held / 4, "Ctrl-C waited for the held count"
     soda.clear_faults()
