@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import socket
 import uuid
@@ -100,3 +102,14 @@ def dest(request: pytest.FixtureRequest, tmp_path: Any) -> str:
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("NO_COLOR", "1")
+
+
+@pytest.fixture
+def json_log() -> Iterator[io.StringIO]:
+    """What is logged during the test (the Lambda's JSON lines among it)."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    yield stream
+    root.removeHandler(handler)

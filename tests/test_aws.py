@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import socket
 import uuid
@@ -57,16 +56,6 @@ def lambda_env(bucket: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     aws._token_cache.clear()
     yield dest
     aws._token_cache.clear()
-
-
-@pytest.fixture
-def json_log() -> Iterator[io.StringIO]:
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    root = logging.getLogger()
-    root.addHandler(handler)
-    yield stream
-    root.removeHandler(handler)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -239,16 +238,6 @@ def test_columns_that_change_while_an_update_runs(
     assert changed
     assert "columns changed" in out
     exact(srv, dest, "persons", tmp_path)
-
-
-@pytest.fixture
-def json_log() -> Iterator[io.StringIO]:
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    root = logging.getLogger()
-    root.addHandler(handler)
-    yield stream
-    root.removeHandler(handler)
 
 
 def test_the_lambda_update_lands_drift_and_reports_it(
