@@ -43,9 +43,13 @@ MERGE_MAX_KEYS = 10_000
 
 
 def writer_properties() -> Any:
-    from deltalake import WriterProperties
+    from deltalake import ColumnProperties, WriterProperties
 
-    return WriterProperties(compression="ZSTD", max_row_group_size=ROW_GROUP_ROWS)
+    return WriterProperties(
+        compression="ZSTD",
+        max_row_group_size=ROW_GROUP_ROWS,
+        default_column_properties=ColumnProperties(dictionary_enabled=False),
+    )
 
 
 def commit_properties(meta: dict[str, str] | None) -> Any:
