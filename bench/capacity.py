@@ -4,7 +4,9 @@ against sources that serve different numbers of requests at once.
 For each scale and each capacity, one fake SODA server with the latency model and
 `--max-concurrent CAPACITY`; for each dataset, `nyc-collisions backfill` with its defaults as a
 child process (wall, peak RSS, CPU measured from outside), then `export` and the exactness check.
-Each cell prints wall / model limit, the concurrency the run settled on, how many ranges it split,
+Each cell prints wall / model limit, wall / the model's limit at the polite ceiling (a capacity
+above the ceiling, 8 by default, is left unused by design), the concurrency the run settled on,
+how many ranges it split,
 the fake server's CPU during the run (it shares the machine: with many slots it can become the
 limit) and the load average before and after (other processes share the machine too).
 """
@@ -16,10 +18,13 @@ import os
 import re
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
+
+from nyc_collisions.socrata.setup import max_concurrency
 
 from .check import load_truth
 from .report import MIB, MethodResult
@@ -36,6 +41,7 @@ HEAD = (
     "wall s",
     "limit s",
     "x limit",
+    "x ceiling limit",
     "peak RSS MiB",
     "CPU s",
     "srv CPU s",
@@ -95,6 +101,9 @@ def run_matrix(
                     before = os.getloadavg()[0]
                     r, _, _ = bench.ours(ds, truth, f"ours capacity={capacity}", [])
                     r.phases.update(capacity=capacity, load=(before, os.getloadavg()[0]))
+                    # what a client that keeps to the polite ceiling can do at best
+                    polite = replace(latency, max_concurrent=min(capacity, max_concurrency()))
+                    r.phases["ceiling_limit"] = polite.limit(r.rows) if r.ok else None
                     if r.measurement is not None:
                         r.phases["settled"], r.phases["splits"] = _settled(r.measurement.stdout)
                     results.append(r)
@@ -107,6 +116,7 @@ def _cells(r: MethodResult) -> list[str]:
     ok = r.ok and m is not None
     wall = m.wall if ok and m else None
     load = r.phases.get("load", (0.0, 0.0))
+    polite = r.phases.get("ceiling_limit")
     return [
         f"{r.scale:g}",
         str(r.phases.get("capacity", "?")),
@@ -115,6 +125,7 @@ def _cells(r: MethodResult) -> list[str]:
         f"{wall:.1f}" if wall else "-",
         f"{r.limit:.1f}" if r.limit else "-",
         f"{wall / r.limit:.2f}" if wall and r.limit else "-",
+        f"{wall / polite:.2f}" if wall and polite else "-",
         f"{m.peak_rss / MIB:.0f}" if ok and m else "-",
         f"{m.cpu:.1f}" if ok and m else "-",
         f"{r.server_cpu:.1f}",
