@@ -78,7 +78,7 @@ def _print_concurrency(r: DatasetResult) -> None:
         how = f"found at run time, ceiling {c.ceiling}" if c.adaptive else "--workers"
         click.echo(
             f"  concurrency: settled at {c.settled} requests in flight, {c.peak} at the "
-            f"peak ({how}); {r.splits} ranges split"
+            f"peak ({how}); {r.splits} {'range' if r.splits == 1 else 'ranges'} split"
         )
 
 
