@@ -148,3 +148,21 @@ def test_a_dropped_page_still_counts_until_the_source_stops_it() -> None:
         ticket.linger(60)
     assert limit.in_flight() == 1
     assert not limit._core.admits()
+
+
+def test_what_it_reports_as_settled_was_in_flight() -> None:
+    """A run with fewer streams than its limit allows (two at most here, under a limit of 4)
+    reports the requests it had in flight, not a limit it never used."""
+    now = [0.0]
+    limit = ConcurrencyLimit(CEILING, adaptive=True, initial=4, clock=lambda: now[0])
+    for _ in range(10):
+        with limit.request(sample=True) as a, limit.request(sample=True) as b:
+            now[0] += 0.15
+            a.first_byte()
+            b.first_byte()
+            now[0] += 1.0
+            a.done(1 << 20)
+            b.done(1 << 20)
+    usage = limit.usage()
+    assert usage.peak == 2
+    assert usage.settled <= usage.peak

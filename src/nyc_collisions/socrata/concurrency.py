@@ -266,7 +266,7 @@ class _Core:
 class Usage:
     """What the limit did over a run: for logs and summaries."""
 
-    settled: int  # the limit held longest
+    settled: int  # the limit held longest, or the peak in flight when that was less
     peak: int  # most requests in flight at once
     ceiling: int
     throttles: int
@@ -393,6 +393,7 @@ class ConcurrencyLimit:
         """What the limit did since it was made or `reset_usage`."""
         with self._cond:
             core = self._core
-            return Usage(
-                core.settled(self._clock()), core.peak, core.ceiling, core.throttles, core.adaptive
-            )
+            settled = core.settled(self._clock())
+            if core.peak:  # a limit never filled (fewer streams than it allowed) was not the bound
+                settled = min(settled, core.peak)
+            return Usage(settled, core.peak, core.ceiling, core.throttles, core.adaptive)
