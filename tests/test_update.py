@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -116,6 +117,25 @@ def test_reconcile_alone_after_deletions(soda: FakeSoda, tmp_path: Path) -> None
     res = cli("reconcile", "vehicles", "--source", soda.url, "--dest", dest)
     assert res.code == 0, res.text
     exact(soda, dest, "vehicles", tmp_path)
+
+
+def test_status_with_the_source_unreachable_says_so(soda: FakeSoda, tmp_path: Path) -> None:
+    """Landed rows against a source that cannot be reached: not compared, rather than "DIFFER"
+    (or `"agree": false`), which would say the source has other rows."""
+    dest = str(tmp_path / "land")
+    land(soda, dest, "crashes")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        gone = f"http://127.0.0.1:{s.getsockname()[1]}"
+    args = ("status", "crashes", "--source", gone, "--retries", "1", "--dest", dest)
+    res = cli(*args)
+    assert res.code == 0, res.text
+    assert "DIFFER" not in res.out
+    assert "not reached" in res.out
+    (entry,) = json.loads(cli(*args, "--json").out)
+    assert entry["agree"] is None
+    res = cli("status", "crashes", "--source", soda.url, "--dest", dest)
+    assert ": agree" in res.out, res.out
 
 
 def test_compact_then_prune(soda: FakeSoda, tmp_path: Path) -> None:

@@ -93,7 +93,10 @@ def dataset_status(storage: Storage, client: SodaClient | None, ds: Dataset) -> 
             else:
                 if change is not None:
                     entry["source_columns_changed"] = change.summary()
-    entry["agree"] = bool(entry["landed"]) and entry.get("source_count") == entry["rows"]
+    count = entry.get("source_count")
+    entry["agree"] = False
+    if entry["landed"]:  # None: the source's count is not known (not reached), nothing compared
+        entry["agree"] = None if count is None else count == entry["rows"]
     return entry
 
 

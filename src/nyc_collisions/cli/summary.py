@@ -135,12 +135,15 @@ def print_status(entries: list[dict[str, Any]]) -> None:
                 " rows"
             )
             continue
-        src = f"{e['source_count']:,}" if e["source_count"] is not None else "unknown"
-        agree = "agree" if e["agree"] else "DIFFER"
+        if e.get("source_count") is None:
+            source = "source not reached: not compared"
+        else:
+            agree = "agree" if e["agree"] else "DIFFER"
+            source = f"source {e['source_count']:,} rows: {agree}"
         click.echo(
             f"{e['dataset']}: {e['rows']:,} rows in {e['files']} files "
             f"({e['format']}); last run {e['last_run']['kind']} "
-            f"{e['last_run']['committed_at']}; source {src} rows: {agree}"
+            f"{e['last_run']['committed_at']}; {source}"
         )
         if e.get("watermark"):
             wm = e["watermark"]
