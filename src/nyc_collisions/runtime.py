@@ -7,11 +7,8 @@ What each setting saves is measured in bench/README.md.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
-from collections.abc import Iterator
-from typing import Any
 
 
 def tune_threads() -> None:
@@ -56,31 +53,8 @@ def _glibc_malloc(mmap: int, trim: int, arenas: int) -> None:
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ and "MALLOC_TRIM_THRESHOLD_" not in os.environ:
         mallopt(_M_MMAP_THRESHOLD, mmap)
         mallopt(_M_TRIM_THRESHOLD, trim)
-        global _tuned_trim
-        _tuned_trim = (mallopt, trim)
     if "MALLOC_ARENA_MAX" not in os.environ:
         mallopt(_M_ARENA_MAX, arenas)
-
-
-@contextlib.contextmanager
-def freed_memory_returned(trim: int = 1 << 20) -> Iterator[None]:
-    """While inside, glibc gives the system back freed heap memory above `trim` bytes at once
-    instead of the `tune_allocators` 64 MiB: a table write frees large blocks in delta-rs's
-    threads, and holding them is memory, not time, there. A no-op unless `tune_allocators`
-    set the threshold (not the environment)."""
-    tuned = _tuned_trim
-    if tuned is None:
-        yield
-        return
-    mallopt, kept = tuned
-    mallopt(_M_TRIM_THRESHOLD, trim)
-    try:
-        yield
-    finally:
-        mallopt(_M_TRIM_THRESHOLD, kept)
-
-
-_tuned_trim: tuple[Any, int] | None = None  # mallopt and the trim threshold tune_allocators set
 
 
 _M_TRIM_THRESHOLD = -1  # glibc <malloc.h>

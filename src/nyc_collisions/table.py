@@ -31,7 +31,6 @@ import pyarrow.compute as pc
 from .current import Landed, iter_current, open_landed, read_batch_file
 from .datasets import Dataset
 from .errors import DestinationError, NothingLanded, NycCollisionsError, UsageError
-from .runtime import freed_memory_returned
 from .sink.storage import Storage
 from .state import Batch, DatasetState
 from .table_write import (
@@ -214,8 +213,7 @@ def sync_table(
         return None
     where = table_location(storage, dataset.name)
     try:
-        with freed_memory_returned():
-            return _sync(landed, where, started, guard)
+        return _sync(landed, where, started, guard)
     except _OutOfTime:
         _skipped(dataset)
         return None
