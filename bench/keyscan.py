@@ -152,7 +152,9 @@ class KeyscanBench:
             agree = orjson.loads(status.m.stdout)[0]["agree"]
         except (orjson.JSONDecodeError, IndexError, KeyError, TypeError):
             agree = False
-        status.note = "agrees with the source" if agree else "DIFFERS from the source"
+        status.note = {True: "agrees with the source", None: "not compared (no source count)"}.get(
+            agree, "DIFFERS from the source"
+        )
         out = self.work / ds.name
         export = ["export", ds.name, "--dest", dest, "-o"]
         csv = self.step(ds, "export csv", [*export, str(out / "x.csv")])

@@ -74,30 +74,35 @@ def dataset_status(storage: Storage, client: SodaClient | None, ds: Dataset) -> 
             ],
         )
     if client is not None:
-        source = DatasetSource(client, ds)
-        try:
-            entry["source_count"] = source.count()
-            rows_updated = source.metadata().get("rowsUpdatedAt")
-            entry["source_rows_updated_at"] = rows_updated
-            wm_doc = entry.get("watermark")
-            if isinstance(rows_updated, int | float) and wm_doc:
-                entry["lag_seconds"] = max(0.0, float(rows_updated) - _epoch(wm_doc["updated_at"]))
-        except NycCollisionsError as exc:
-            entry["source_count"] = None
-            entry["source_error"] = str(exc)
-        else:
-            try:
-                change = None if landed is None else columns_drift(source, landed)
-            except NycCollisionsError as exc:  # such as a key that is no longer a column
-                entry["source_error"] = str(exc)
-            else:
-                if change is not None:
-                    entry["source_columns_changed"] = change.summary()
+        _add_source(entry, DatasetSource(client, ds), landed)
     count = entry.get("source_count")
     entry["agree"] = False
-    if entry["landed"]:  # None: the source's count is not known (not reached), nothing compared
+    if entry["landed"]:  # None: the source's count could not be had, so nothing was compared
         entry["agree"] = None if count is None else count == entry["rows"]
     return entry
+
+
+def _add_source(entry: dict[str, Any], source: DatasetSource, landed: Landed | None) -> None:
+    """The source's count, lag and column changes into `entry`. When the count fails nothing
+    more is asked (a source not reached would only make each request wait again)."""
+    try:
+        entry["source_count"] = source.count()
+    except NycCollisionsError as exc:
+        entry["source_count"] = None
+        entry["source_error"] = str(exc)
+        return
+    try:
+        rows_updated = source.metadata().get("rowsUpdatedAt")
+        entry["source_rows_updated_at"] = rows_updated
+        wm_doc = entry.get("watermark")
+        if isinstance(rows_updated, int | float) and wm_doc:
+            entry["lag_seconds"] = max(0.0, float(rows_updated) - _epoch(wm_doc["updated_at"]))
+        change = None if landed is None else columns_drift(source, landed)
+    except NycCollisionsError as exc:  # the metadata, or a key that is no longer a column
+        entry["source_error"] = str(exc)
+        return
+    if change is not None:
+        entry["source_columns_changed"] = change.summary()
 
 
 def _rows(landed: Landed) -> int:

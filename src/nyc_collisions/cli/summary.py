@@ -136,7 +136,7 @@ def print_status(entries: list[dict[str, Any]]) -> None:
             )
             continue
         if e.get("source_count") is None:
-            source = "source not reached: not compared"
+            source = "the source's count unavailable: not compared"
         else:
             agree = "agree" if e["agree"] else "DIFFER"
             source = f"source {e['source_count']:,} rows: {agree}"
