@@ -98,7 +98,7 @@ def child_iceberg(dest: str, name: str, step: str) -> None:
     from pyiceberg.expressions import AlwaysTrue, In
 
     from nyc_collisions.current import iter_current
-    from nyc_collisions.table import Mark, _changes, _pending
+    from nyc_collisions.table import Mark, _changes, _pending, table_schema
     from nyc_collisions.table_write import DELETE_FLAG
 
     landed = _landed(dest, name)
@@ -110,7 +110,7 @@ def child_iceberg(dest: str, name: str, step: str) -> None:
         assert mark is not None
         pending = _pending(landed, mark)
         assert pending is not None, "the table reflects another snapshot"
-        changes = _changes(landed, pending)
+        changes = _changes(landed, pending, table_schema(landed))
         key = landed.key_column
         keys = changes.column(key).to_pylist()
         upserts = changes.filter(pa.compute.invert(changes.column(DELETE_FLAG)))

@@ -39,6 +39,7 @@ from .table_write import (
     MERGE_MAX_KEYS,
     Guard,
     Target,
+    Written,
     merge_changes,
     optimize,
     overwrite,
@@ -256,55 +257,44 @@ def _sync(landed: Landed, where: TableLocation, started: float, guard: Guard) ->
     if table is not None and pending is not None and _same_columns(table, typed):
         rows = sum(entry.rows for _, entries in pending for entry in entries)
         if not rows:  # nothing landed since (a commit of no rows, or of nothing at all)
-            return _done(landed, where, "current", 0, 0, table.version(), started)
+            return _done(landed, where, "current", Written(0, 0, table.version()), started)
         if rows <= MERGE_MAX_ROWS:
             key = landed.key_column
-            changes = _changes(landed, pending)
+            changes = _changes(landed, pending, typed)
             if (
                 changes.num_rows <= MERGE_MAX_KEYS
                 and touched_share(table, key, changes.column(key)) <= MERGE_MAX_FILE_SHARE
             ):
-                written, deleted = merge_changes(table, key, changes, meta, guard)
-                action = "merged"
-            else:
-                written, deleted = rewrite_with_changes(
-                    landed.storage,
-                    folder,
-                    target,
-                    typed,
-                    key,
-                    changes,
-                    meta,
-                    guard,
-                )
-                action = "merged by a rewrite"
-            version = _open_table(where).version()
-            return _done(landed, where, action, written, deleted, version, started)
+                done = merge_changes(table, key, changes, meta, guard)
+                return _done(landed, where, "merged", done, started)
+            done = rewrite_with_changes(
+                landed.storage, folder, target, typed, key, changes, meta, guard
+            )
+            return _done(landed, where, "merged by a rewrite", done, started)
     tables = (_typed(landed, text, typed) for text in iter_current(landed))
-    written = overwrite(target, typed, tables, meta, guard)
-    version = _open_table(where).version()
-    return _done(landed, where, "rewritten", written, 0, version, started)
+    done = overwrite(target, typed, tables, meta, guard)
+    return _done(landed, where, "rewritten", done, started)
 
 
 def _done(
-    landed: Landed,
-    where: TableLocation,
-    action: str,
-    rows: int,
-    deleted: int,
-    version: int,
-    started: float,
+    landed: Landed, where: TableLocation, action: str, done: Written, started: float
 ) -> TableSync:
     sync = TableSync(
-        landed.dataset.name, where.uri, action, rows, deleted, version, time.monotonic() - started
+        landed.dataset.name,
+        where.uri,
+        action,
+        done.rows,
+        done.deleted,
+        done.version,
+        time.monotonic() - started,
     )
     logger.info(
         "%s: table %s (%s rows, %s deleted, version %s) in %.1fs",
         sync.dataset,
         action,
-        rows,
-        deleted,
-        version,
+        sync.rows,
+        sync.deleted,
+        sync.version,
         sync.seconds,
     )
     return sync
@@ -338,11 +328,10 @@ def _pending(landed: Landed, mark: Mark) -> list[tuple[Batch, list[Any]]] | None
     return pending
 
 
-def _changes(landed: Landed, pending: list[tuple[Batch, list[Any]]]) -> pa.Table:
-    """The pending rows reduced to each key's latest entry: its typed row, or (a tombstone) the
-    key alone with the delete flag set."""
+def _changes(landed: Landed, pending: list[tuple[Batch, list[Any]]], typed: pa.Schema) -> pa.Table:
+    """The pending rows reduced to each key's latest entry, in the table's columns `typed`: its
+    typed row, or (a tombstone) the key alone with the delete flag set."""
     key = landed.key_column
-    typed = table_schema(landed)
     parts: list[pa.Table] = []
     seq = 0
     for batch, entries in pending:

@@ -73,6 +73,15 @@ class Guard:
 
 
 @dataclass(frozen=True)
+class Written:
+    """What one write committed: rows written, rows deleted, and the table's version after it."""
+
+    rows: int
+    deleted: int
+    version: int
+
+
+@dataclass(frozen=True)
 class Target:
     """The table to write: the DeltaTable opened once by the sync (None: no table yet), and
     where it lives."""
@@ -89,9 +98,9 @@ def overwrite(
     meta: dict[str, str],
     guard: Guard,
     batch_rows: int = BATCH_ROWS,
-) -> int:
-    """Overwrite the table (and its columns) with `tables`, streamed, in one commit; the rows
-    written. An error of `tables` or of `guard` is raised as itself, not as delta-rs's."""
+) -> Written:
+    """Overwrite the table (and its columns) with `tables`, streamed, in one commit. An error of
+    `tables` or of `guard` is raised as itself, not as delta-rs's."""
     from deltalake import write_deltalake
 
     written = 0
@@ -130,8 +139,10 @@ def overwrite(
     # only with a prefix, which readers would take for an error)
     from deltalake import DeltaTable
 
-    DeltaTable(target.uri, storage_options=target.options).create_checkpoint()
-    return written
+    # (the write brought an opened table up to its commit; a new one is opened once)
+    table = target.table or DeltaTable(target.uri, storage_options=target.options)
+    table.create_checkpoint()
+    return Written(written, 0, table.version())
 
 
 def touched_share(table: Any, key: str, keys: pa.Array) -> float:
@@ -163,8 +174,8 @@ def _literal(value: Any) -> str:
 
 def merge_changes(
     table: Any, key: str, changes: pa.Table, meta: dict[str, str], guard: Guard
-) -> tuple[int, int]:
-    """MERGE `changes` (rows with `DELETE_FLAG`) by `key`; rows written and deleted.
+) -> Written:
+    """MERGE `changes` (rows with `DELETE_FLAG`) by `key`.
 
     The predicate also names the changed keys on the table's side: delta-rs then reads only
     the files whose statistics may hold one (without it, it reads the whole table into memory:
@@ -189,7 +200,8 @@ def merge_changes(
     written = int(metrics.get("num_target_rows_inserted", 0)) + int(
         metrics.get("num_target_rows_updated", 0)
     )
-    return written, int(metrics.get("num_target_rows_deleted", 0))
+    # (the merge brought `table` up to its commit)
+    return Written(written, int(metrics.get("num_target_rows_deleted", 0)), table.version())
 
 
 def rewrite_with_changes(
@@ -201,10 +213,10 @@ def rewrite_with_changes(
     changes: pa.Table,
     meta: dict[str, str],
     guard: Guard,
-) -> tuple[int, int]:
+) -> Written:
     """The table's rows but the changed keys, then the changes' live rows, as one overwrite
     (in `schema`, the table's); its files are read through the project's storage, a row group
-    at a time."""
+    at a time. The rows counted written are the changes' live rows, as a MERGE's would be."""
     changed = changes.column(key).combine_chunks()
     live = changes.filter(pc.invert(changes.column(DELETE_FLAG))).drop_columns([DELETE_FLAG])
     paths = pa.table(target.table.get_add_actions(flatten=True)).column("path").to_pylist()
@@ -221,8 +233,8 @@ def rewrite_with_changes(
                     yield rows.filter(pc.invert(pc.is_in(rows.column(key), value_set=changed)))
         yield live
 
-    overwrite(target, schema, tables(), meta, guard, REWRITE_BATCH_ROWS)
-    return live.num_rows, changes.num_rows - live.num_rows
+    done = overwrite(target, schema, tables(), meta, guard, REWRITE_BATCH_ROWS)
+    return Written(live.num_rows, changes.num_rows - live.num_rows, done.version)
 
 
 def optimize(
