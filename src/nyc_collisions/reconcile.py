@@ -36,7 +36,7 @@ from .incremental import BatchCommitter, batch_files, open_for_job
 from .job import DatasetJob
 from .keyscan import KeyScan, ScanPlan, key_schema, scan_threads
 from .keyspill import KeySpill, bucket_count
-from .plan import ResumePoint
+from .plan import ResumePoint, resume_points
 from .refresh import drift, land_new_columns
 from .results import DatasetResult, ReconcileCounts
 from .scanrecord import Chunks, ScanRecords
@@ -85,7 +85,8 @@ class Reconcile(DatasetJob):
             return
         keys = key_schema(self.source, (":updated_at",))
         records = ScanRecords(self.state, self.dataset)
-        plan, resume = records.resume_or_start(self.source, keys, self.opts.workers)
+        plan, parts = records.resume_or_start(self.source, keys, self.opts.workers)
+        resume = resume_points(parts)
         if plan.partitions:
             result.resumed = plan.scan_id
         key = landed.key_column
@@ -93,7 +94,7 @@ class Reconcile(DatasetJob):
         sides = {"source": source_side, "landed": _strings(key, "socrata_updated_at")}
         expected = max(plan.source_count, landed.manifest.current_rows() or 0)
         with KeySpill(sides, key, bucket_count(expected)) as spill:
-            records.reload(plan, spill)
+            records.reload(plan, parts, spill)
 
             def read_landed(stop: threading.Event) -> None:
                 for table in current_keys(landed, "socrata_updated_at"):

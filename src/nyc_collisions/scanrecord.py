@@ -15,7 +15,7 @@ from .datasets import Dataset
 from .errors import StateError
 from .keyscan import ScanPlan, keys_page, scan_threads
 from .keyspill import KeySpill
-from .plan import Partition, ResumePoint, resume_points
+from .plan import Partition, ResumePoint
 from .schema import Schema
 from .sink.storage import Storage, Writer
 from .source import DatasetSource
@@ -103,8 +103,9 @@ class ScanRecords:
 
     def resume_or_start(
         self, source: DatasetSource, keys: Schema, workers: int | None
-    ) -> tuple[ScanPlan, dict[int, ResumePoint]]:
-        """The recorded scan of an earlier run that fits (others are dropped), or a new one."""
+    ) -> tuple[ScanPlan, list[PartRecord]]:
+        """The recorded scan of an earlier run that fits (others are dropped) with the records of
+        the chunks it fetched, or a new one with none."""
         fields = tuple(keys.field_names)
         found: list[ScanPlan] = []
         for k in self.state.storage.list_keys(f"{self.state.folder}/runs/"):
@@ -122,7 +123,7 @@ class ScanRecords:
         if found:
             plan = found[-1]
             logger.info("%s: resuming key scan %s", self.dataset.name, plan.scan_id)
-            return plan, self._resume_points(plan)
+            return plan, self.state.part_records(plan.scan_id)
         plan = ScanPlan.start(
             new_batch_id("keyscan"),
             source,
@@ -131,7 +132,7 @@ class ScanRecords:
             keys_page(),
         )
         self.record_plan(plan)
-        return plan, {}
+        return plan, []
 
     def _fits(self, plan: ScanPlan, fields: tuple[str, ...]) -> bool:
         try:
@@ -149,12 +150,9 @@ class ScanRecords:
     def record_plan(self, plan: ScanPlan) -> None:
         self.state.put_json(f"{self.state.run_prefix(plan.scan_id)}/scan.json", plan.to_dict())
 
-    def _resume_points(self, plan: ScanPlan) -> dict[int, ResumePoint]:
-        return resume_points(self.state.part_records(plan.scan_id))
-
-    def reload(self, plan: ScanPlan, spill: KeySpill) -> None:
-        """The chunks an earlier run of this scan fetched, back into the spill."""
-        for rec in self.state.part_records(plan.scan_id):
+    def reload(self, plan: ScanPlan, parts: list[PartRecord], spill: KeySpill) -> None:
+        """The chunks an earlier run of this scan fetched (`parts`), back into the spill."""
+        for rec in parts:
             if rec.path is None:
                 continue
             where = f"{self.state.storage.url}/{rec.path}"

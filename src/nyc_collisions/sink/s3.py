@@ -67,21 +67,8 @@ class S3Storage:
             raise s3_error(self.where(key), exc) from exc
 
     def get_bytes(self, key: str) -> bytes | None:
-        from botocore.exceptions import ClientError
-
-        try:
-            obj = self.client.get_object(Bucket=self.bucket, Key=self.full_key(key))
-            return obj["Body"].read()
-        except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in ("NoSuchKey", "404"):
-                return None
-            if code in ("AccessDenied", "403") and not self._listed(key):
-                # without an unconditioned ListBucket, S3 answers 403 for a missing key
-                return None
-            raise s3_error(f"s3://{self.bucket}/{self.full_key(key)}", exc) from exc
-        except Exception as exc:
-            raise s3_error(f"s3://{self.bucket}/{self.full_key(key)}", exc) from exc
+        got = self.get_versioned(key)
+        return None if got is None else got.data
 
     def _listed(self, key: str) -> bool:
         full = self.full_key(key)
