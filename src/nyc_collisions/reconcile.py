@@ -60,7 +60,6 @@ class _Repairs:
     vanished: int = 0  # landed rows whose key the source lacks
     missing: list[pa.Array] = field(default_factory=list)  # :ids of rows to land
     stale: list[pa.Array] = field(default_factory=list)  # :ids of rows landed in another version
-    later: int = 0  # source rows past the watermark, left to the next update
 
     @property
     def missing_rows(self) -> int:
@@ -115,7 +114,6 @@ class Reconcile(DatasetJob):
                 record=records.record_plan,
             )
             complete = scan.run(resume, beside=read_landed)
-            result.scanned = scan.rows
             if not complete:
                 self._stopped(result, stop, "during the key scan")
                 return
@@ -144,8 +142,6 @@ class Reconcile(DatasetJob):
             vanished=repairs.vanished,
             missing=repairs.missing_rows,
             stale=repairs.stale_rows,
-            tombstones=tombs.keys,
-            later=repairs.later,
         )
         result.files += tombs.files.files
         count = landed_rows - repairs.vanished
@@ -182,7 +178,6 @@ class Reconcile(DatasetJob):
         at = pc.index_in(src_keys, value_set=mine_keys)
         src_at = src.column("socrata_updated_at")
         due = self._due(landed, src_at)
-        repairs.later += len(src) - int(pc.sum(due).as_py() or 0)
         absent = pc.is_null(at)
         differs = pc.and_(
             pc.not_equal(src_at, mine_at.take(at)), pc.fill_null(judged.take(at), False)
@@ -266,12 +261,10 @@ class _Tombstones:
         self.column = column
         self.before = before
         self.removed = 0  # landed rows the keys written so far remove
-        self.keys = 0
         self.files: FileRotation
 
     def write(self, keys: pa.Array) -> None:
         if len(keys):
-            self.keys += len(keys)
             self.files.write(pa.table({self.column: keys}))
 
     def current(self) -> int:

@@ -18,8 +18,6 @@ class ReconcileCounts:
     vanished: int = 0  # landed rows whose key the source lacks (tombstoned)
     missing: int = 0  # source rows that had not landed (fetched again)
     stale: int = 0  # rows landed in another version (fetched again)
-    tombstones: int = 0  # keys written as tombstones
-    later: int = 0  # source rows past the watermark, left to the next update
 
     @property
     def changed(self) -> int:
@@ -47,7 +45,6 @@ class DatasetResult:
     splits: int = 0  # ranges a snapshot's fetch split
     watermark: Watermark | None = None  # after an update, or a fresh snapshot under one
     refreshed: bool = False  # an update or reconcile landed a fresh snapshot instead
-    scanned: int | None = None  # source keys a reconcile scanned in this run
     reconciled: ReconcileCounts | None = None
     pruned_batches: int | None = None  # batches `compact --prune` forgot
     table_error: str | None = None  # the table's sync failed (the landed data is committed)

@@ -38,7 +38,7 @@ from .plan import (
 from .results import DatasetResult
 from .schema import Schema
 from .sink.files import FileEntry
-from .state import EPOCH, Batch, Manifest, Watermark, new_batch_id, utc_now
+from .state import EPOCH, Batch, Manifest, PartRecord, Watermark, new_batch_id, utc_now
 from .workers import BarProgress, fetch_partitions
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,6 @@ def land_snapshot(job: DatasetJob, stop: threading.Event, result: DatasetResult,
 class _Snapshot:
     def __init__(self, job: DatasetJob, fmt: str) -> None:
         self.job = job
-        self.fmt = fmt
         self.opts = replace(job.opts, fmt=fmt)
         self.state = job.state
 
@@ -61,9 +60,9 @@ class _Snapshot:
         manifest = self.state.load()
         schema = self.job.source.schema()
         plan = self._plan(schema, result)
-        plan = self._fetch(schema, plan, result, stop)
+        plan, parts = self._fetch(schema, plan, result, stop)
         if result.status != "stopped":
-            self._commit(manifest, schema, plan, result)
+            self._commit(manifest, schema, plan, parts, result)
         else:
             result.batch_id = plan.batch_id
 
@@ -81,7 +80,7 @@ class _Snapshot:
                 except StateError as exc:  # nothing of it is committed: a new run replaces it
                     logger.warning("%s", exc)
             wanted = job.dataset.key if job.dataset.key_given else None
-            if plan is not None and plan.fits(self.fmt, columns, wanted):
+            if plan is not None and plan.fits(self.opts.fmt, columns, wanted):
                 job.keyed_as_landed(plan.key)  # a rerun without --key keeps the run's key
                 logger.info("%s: resuming run %s", job.dataset.name, batch_id)
                 result.resumed = batch_id
@@ -98,7 +97,7 @@ class _Snapshot:
             batch_id=new_batch_id("backfill"),
             dataset_id=job.dataset.dataset_id,
             key=job.dataset.key,
-            format=self.fmt,
+            format=self.opts.fmt,
             columns=columns,
             started=utc_now(),
             source_count=info.count,
@@ -134,8 +133,9 @@ class _Snapshot:
 
     def _fetch(
         self, schema: Schema, plan: SnapshotPlan, result: DatasetResult, stop: threading.Event
-    ) -> SnapshotPlan:
-        """Fetch the plan's partitions; the plan as it is at the end (partitions added, split)."""
+    ) -> tuple[SnapshotPlan, list[PartRecord]]:
+        """Fetch the plan's partitions; the plan as it is at the end (partitions added, split)
+        and the run's part records."""
         job = self.job
         name = job.dataset.name
         points = self._resume_points(plan)
@@ -173,7 +173,8 @@ class _Snapshot:
             done.splits,
         )
         plan = book.plan
-        points_after = self._resume_points(plan)
+        parts = self.state.part_records(plan.batch_id)
+        points_after = resume_points(parts)
         if not plan.complete or not all(
             points_after.get(p.index, ResumePoint()).done for p in plan.partitions
         ):
@@ -182,27 +183,24 @@ class _Snapshot:
                 f"stopped before the end ({'time budget' if not stop.is_set() else 'stop'}); "
                 "a rerun resumes from the committed files"
             )
-        return plan
+        return plan, parts
 
     def _commit(
         self,
         manifest: Manifest | None,
         schema: Schema,
         plan: SnapshotPlan,
+        parts: list[PartRecord],
         result: DatasetResult,
     ) -> None:
         job = self.job
         dataset = job.dataset
-        files = [
-            FileEntry(r.path, r.rows, r.bytes)
-            for r in self.state.part_records(plan.batch_id)
-            if r.path
-        ]
+        files = [FileEntry(r.path, r.rows, r.bytes) for r in parts if r.path]
         total = sum(f.rows for f in files)
         batch = Batch(
             batch_id=plan.batch_id,
             kind="snapshot",
-            format=self.fmt,
+            format=self.opts.fmt,
             committed_at=utc_now(),
             files=files,
             rows=total,
