@@ -27,7 +27,7 @@ class Backfill(DatasetJob):
     status = "landed"
 
     def _run(self, stop: threading.Event, result: DatasetResult) -> None:
-        manifest = self.state.load()
+        manifest = self.manifest
         if manifest and manifest.current_batches() and not self.opts.force:
             self.sync_table()  # the table of a landed dataset, written (or healed) anyway
             snap = manifest.current_batches()[0]

@@ -20,7 +20,7 @@ from .sink.formats import check_format
 from .sink.storage import Storage
 from .socrata.client import SodaClient
 from .source import DatasetSource
-from .state import DatasetState
+from .state import DatasetState, Manifest
 from .tidy import tidy
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class DatasetJob:
     status = ""
     snapshot_committed = False  # a new snapshot supersedes unfinished backfills too
     table_error: str | None = None  # why the table's sync failed (the landed data committed)
+    manifest: Manifest | None = None  # as read under the lease when the run began
 
     def __init__(
         self, client: SodaClient, storage: Storage, dataset: Dataset, opts: RunOptions
@@ -82,7 +83,7 @@ class DatasetJob:
             with Lease(self.storage, self.dataset.name, self.command, stop) as lease:
                 self.state.lease = lease
                 try:
-                    manifest = self.state.load()
+                    self.manifest = manifest = self.state.load()
                     if manifest is not None:
                         self.keyed_as_landed(manifest.key)
                     self._run(stop, result)

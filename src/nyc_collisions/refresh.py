@@ -24,8 +24,7 @@ logger = logging.getLogger(__name__)
 def land_fresh(job: DatasetJob, stop: threading.Event, result: DatasetResult, fmt: str) -> None:
     """Land a fresh snapshot of `job`'s dataset in `fmt`, under `job`'s lease, into `result`,
     with the watermark it leaves."""
-    land_snapshot(job, stop, result, fmt)
-    after = job.state.load()
+    after = land_snapshot(job, stop, result, fmt)
     result.watermark = None if after is None else after.watermark
 
 

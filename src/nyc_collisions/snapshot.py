@@ -44,10 +44,13 @@ from .workers import BarProgress, fetch_partitions
 logger = logging.getLogger(__name__)
 
 
-def land_snapshot(job: DatasetJob, stop: threading.Event, result: DatasetResult, fmt: str) -> None:
+def land_snapshot(
+    job: DatasetJob, stop: threading.Event, result: DatasetResult, fmt: str
+) -> Manifest | None:
     """Land a snapshot of `job`'s dataset in `fmt` under `job`'s lease, into `result` (status
-    "stopped" when it stopped before the end: a rerun resumes it)."""
-    _Snapshot(job, fmt).land(stop, result)
+    "stopped" when it stopped before the end: a rerun resumes it); the manifest as it stands
+    after (as read when it stopped)."""
+    return _Snapshot(job, fmt).land(stop, result)
 
 
 class _Snapshot:
@@ -56,15 +59,15 @@ class _Snapshot:
         self.opts = replace(job.opts, fmt=fmt)
         self.state = job.state
 
-    def land(self, stop: threading.Event, result: DatasetResult) -> None:
+    def land(self, stop: threading.Event, result: DatasetResult) -> Manifest | None:
         manifest = self.state.load()
         schema = self.job.source.schema()
         plan = self._plan(schema, result)
         plan, parts = self._fetch(schema, plan, result, stop)
-        if result.status != "stopped":
-            self._commit(manifest, schema, plan, parts, result)
-        else:
+        if result.status == "stopped":
             result.batch_id = plan.batch_id
+            return manifest
+        return self._commit(manifest, schema, plan, parts, result)
 
     def _plan(self, schema: Schema, result: DatasetResult) -> SnapshotPlan:
         """Resume the unfinished run if there is one that fits, or probe and record a new plan."""
@@ -192,7 +195,7 @@ class _Snapshot:
         plan: SnapshotPlan,
         parts: list[PartRecord],
         result: DatasetResult,
-    ) -> None:
+    ) -> Manifest:
         job = self.job
         dataset = job.dataset
         files = [FileEntry(r.path, r.rows, r.bytes) for r in parts if r.path]
@@ -239,3 +242,4 @@ class _Snapshot:
         result.batch_id = batch.batch_id
         result.source_count = plan.source_count
         result.total_rows = total
+        return manifest
