@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -116,9 +117,11 @@ def test_ctrl_c_while_a_partition_end_count_is_held(soda: FakeSoda, tmp_path: Pa
 def test_a_worker_left_behind_writes_no_plan_nor_part_record(tmp_path: Path) -> None:
     """A worker still alive after its run gave the lease back (Ctrl-C waits only so long for
     it) cannot split the run's plan nor record a part: a newer run may own them by then."""
+    from nyc_collisions.datasets import resolve
     from nyc_collisions.errors import LeaseLost
     from nyc_collisions.partition import PlanBook
-    from nyc_collisions.plan import Partition, SnapshotPlan
+    from nyc_collisions.plan import Partition, ResumePoint, SnapshotPlan
+    from nyc_collisions.scanrecord import Chunks, ScanRecords
     from nyc_collisions.sink.storage import open_storage
     from nyc_collisions.state import DatasetState
 
@@ -146,4 +149,12 @@ def test_a_worker_left_behind_writes_no_plan_nor_part_record(tmp_path: Path) -> 
     assert book.plan == plan
     with pytest.raises(LeaseLost):
         state.put_run_json(f"{state.run_prefix('b1')}/parts/0000-000000.json", {})
+    # nor a reconcile's key scan: its plan, nor the record of a partition's chunks
+    records = ScanRecords(state, resolve("crashes"))
+    scan = SimpleNamespace(scan_id="s1", page=10, to_dict=lambda: {})
+    with pytest.raises(LeaseLost):
+        records.record_plan(scan)  # type: ignore[arg-type]
+    chunks = Chunks(state, scan, Partition(0, None, None, 10), ResumePoint(), None, None)  # type: ignore[arg-type]
+    with pytest.raises(LeaseLost):
+        chunks.end(done=True, after="row-9")
     assert not [p for p in dest.rglob("*") if p.is_file()]

@@ -293,8 +293,4 @@ class PartitionFetch:
             bytes=entry.bytes if entry else 0,
             last_id=last_id,
         )
-        self.ctx.state.put_run_json(
-            f"{self.ctx.state.run_prefix(self.ctx.batch_id)}/parts/"
-            f"{self.partition.index:04d}-{self.files.seq:06d}.json",
-            record.to_dict(),
-        )
+        self.ctx.state.put_part_record(self.ctx.batch_id, record)

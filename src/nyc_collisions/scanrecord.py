@@ -46,6 +46,7 @@ class Chunks:
         schema: pa.Schema,
     ) -> None:
         self.state = state
+        self.scan_id = plan.scan_id
         self.prefix = state.run_prefix(plan.scan_id)
         self.partition = partition
         self.seq = point.next_seq
@@ -87,8 +88,7 @@ class Chunks:
             self._writer.close()
             path, size = self._path, self._writer.bytes_written
         record = PartRecord(self.partition.index, self.seq, done, path, self._rows, size, last_id)
-        key = f"{self.prefix}/parts/{self.partition.index:04d}-{self.seq:06d}.json"
-        self.state.put_json(key, record.to_dict())
+        self.state.put_part_record(self.scan_id, record)
         self._writer = self._ipc = None
         self._rows = 0
         self.seq += 1
@@ -148,7 +148,7 @@ class ScanRecords:
         )
 
     def record_plan(self, plan: ScanPlan) -> None:
-        self.state.put_json(f"{self.state.run_prefix(plan.scan_id)}/scan.json", plan.to_dict())
+        self.state.put_run_json(f"{self.state.run_prefix(plan.scan_id)}/scan.json", plan.to_dict())
 
     def reload(self, plan: ScanPlan, parts: list[PartRecord], spill: KeySpill) -> None:
         """The chunks an earlier run of this scan fetched (`parts`), back into the spill."""

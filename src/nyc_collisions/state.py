@@ -288,6 +288,11 @@ class DatasetState:
                 self._writing -= 1
                 self._run_writes.notify_all()
 
+    def put_part_record(self, run_id: str, record: PartRecord) -> None:
+        """A part record of run `run_id` (a backfill's or a key scan's), under the lease."""
+        key = f"{self.run_prefix(run_id)}/parts/{record.partition:04d}-{record.seq:06d}.json"
+        self.put_run_json(key, record.to_dict())
+
     def end_run(self) -> None:
         """Before the lease is given back: no run record is written from now on, and those
         being written are done."""
