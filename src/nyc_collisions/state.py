@@ -277,11 +277,12 @@ class DatasetState:
         """Write a run's record (its plan, a part record) only while it holds the lease: a
         worker still alive after Ctrl-C never writes over the records of a newer run."""
         with self._run_writes:
-            if self.lease is None:
+            lease = self.lease
+            if lease is None:
                 raise LeaseLost(f"{self.storage.url}/{key}: not written, the run has ended")
-            self.lease.check()
-            self._writing += 1
+            self._writing += 1  # `end_run` waits for it from here on
         try:
+            lease.check()  # (outside the lock: a renewal must not hold up the other writers)
             self.put_json(key, doc)
         finally:
             with self._run_writes:
