@@ -145,7 +145,7 @@ def test_a_worker_left_behind_writes_no_plan_nor_part_record(tmp_path: Path) -> 
     state = DatasetState(open_storage(str(dest)), "crashes")  # no lease: the run has ended
     book = PlanBook(state, plan)
     with pytest.raises(LeaseLost):
-        book.split(book.partitions()[0], "row-5", 5, 5)
+        book.split(book.plan.partitions[0], "row-5", 5, 5)
     assert book.plan == plan
     with pytest.raises(LeaseLost):
         state.put_run_json(f"{state.run_prefix('b1')}/parts/0000-000000.json", {})

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from nyc_collisions.datasets import KNOWN, resolve, resolve_many
 from nyc_collisions.errors import BadResponse, SchemaError, UsageError
 from nyc_collisions.pages import parse_page, parse_page_fast, parse_page_plain
-from nyc_collisions.plan import partition_count, partition_step
+from nyc_collisions.plan import SnapshotPlan, partition_count, partition_step
 from nyc_collisions.schema import Schema
 from nyc_collisions.socrata import soql
 from nyc_collisions.socrata.client import (
@@ -106,6 +106,28 @@ def test_partition_count(rows: int, workers: int, page: int, expected: int) -> N
 def test_partition_step_covers_rows() -> None:
     assert partition_step(10, 3) == 4
     assert partition_step(0, 1) == 1
+
+
+def test_a_plan_from_before_rows_were_kept_resumes_with_a_step_per_partition() -> None:
+    doc = {
+        "kind": "snapshot",
+        "batch_id": "b",
+        "dataset_id": "h9gi-nx95",
+        "key": "collision_id",
+        "format": "csv",
+        "columns": [["collision_id", "number"]],
+        "started": "2026-01-01T00:00:00Z",
+        "source_count": 300,
+        "page_size": 100,
+        "planned": 3,
+        "step": 100,
+        "complete": False,
+        "partitions": [{"index": 0, "lower": None, "upper": "row-a"}],
+        "chain": {"after": "row-a", "made": 1},
+    }
+    plan = SnapshotPlan.from_dict(doc, "plan.json")
+    assert [p.rows for p in plan.partitions] == [100]
+    assert SnapshotPlan.from_dict(plan.to_dict(), "plan.json") == plan
 
 
 def test_schema_from_metadata_orders_and_skips_computed_regions() -> None:

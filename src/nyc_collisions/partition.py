@@ -76,22 +76,6 @@ class PlanBook:
     def key(self) -> str:
         return f"{self.state.run_prefix(self._plan.batch_id)}/plan.json"
 
-    def partitions(self) -> list[Partition]:
-        with self._lock:
-            step = self._plan.step
-            out = []
-            for p in self._plan.partitions:
-                if p.rows is None and step is not None:
-                    p = replace(p, rows=step)  # planned before rows were kept
-                out.append(p)
-            return out
-
-    def chain(self) -> tuple[str | None, int]:
-        """Where the planner's chain of boundaries is: the last boundary it found, and how many
-        partitions it made (splits add others to the list meanwhile)."""
-        with self._lock:
-            return self._plan.chain_after, self._plan.chain_made
-
     def extend(self, lower: str | None, upper: str | None, rows: int) -> Partition:
         """The planner's next partition (the last when `upper` is None), numbered here."""
         with self._lock:
@@ -119,14 +103,6 @@ class PlanBook:
             parts.append(new)
             self._write(replace(plan, partitions=tuple(parts), splits=plan.splits + 1))
             return mine, new
-
-    def count(self) -> int:
-        with self._lock:
-            return len(self._plan.partitions)
-
-    def splits(self) -> int:
-        with self._lock:
-            return self._plan.splits
 
     def _write(self, plan: SnapshotPlan) -> None:
         self.state.put_run_json(self.key, plan.to_dict())

@@ -136,13 +136,16 @@ class SnapshotPlan:
         try:
             if doc.get("kind") != "snapshot":
                 raise ValueError(f"kind is {doc.get('kind')!r}")
+            step = doc.get("step")
             parts = tuple(Partition.from_dict(p) for p in doc["partitions"])
+            if step is not None:  # planned before rows were kept: each held a step
+                rows = int(step)
+                parts = tuple(replace(p, rows=rows) if p.rows is None else p for p in parts)
             chain = doc.get("chain")
             if isinstance(chain, dict):
                 after, made = chain.get("after"), int(chain.get("made", 0))
             else:  # a plan from before splits: the list is the chain
                 after, made = (parts[-1].upper if parts else None), len(parts)
-            step = doc.get("step")
             updated = doc.get("rows_updated_at")
             return cls(
                 batch_id=str(doc["batch_id"]),

@@ -124,7 +124,7 @@ class _Snapshot:
         while not book.plan.complete and not stop.is_set() and not opts.out_of_time():
             plan = book.plan
             step = plan.step or 1
-            after, made = book.chain()
+            after, made = plan.chain_after, plan.chain_made
             bound = None
             if made < plan.planned - 1:
                 bound = self.job.source.probe(after, step - 1)

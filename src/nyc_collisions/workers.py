@@ -137,7 +137,7 @@ class PartitionPool:
     def _ask_split(self) -> None:
         """Ask the partition with the most rows left to give some to a new one: all but its
         share when it has much more, else half."""
-        if self.book.count() + self._splitting >= MAX_PARTITIONS:
+        if len(self.book.plan.partitions) + self._splitting >= MAX_PARTITIONS:
             return
         least = self._min_split()
         candidates = [
@@ -188,8 +188,8 @@ class PartitionPool:
 
     def run(self, planner: Iterable[Partition]) -> PoolResult:
         """Fetch until every partition ended (or a stop); raises the first worker's error."""
-        splits_before = self.book.splits()
-        for p in self.book.partitions():
+        splits_before = self.book.plan.splits
+        for p in self.book.plan.partitions:
             if not self.points.get(p.index, ResumePoint()).done:
                 self._queue.append(p)
         threads = [
@@ -231,7 +231,7 @@ class PartitionPool:
             files=sum(f.files.files for f in done),
             rows=sum(f.files.landed_rows for f in done),
             bytes=sum(f.files.landed_bytes for f in done),
-            splits=self.book.splits() - splits_before,
+            splits=self.book.plan.splits - splits_before,
         )
 
 
