@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from .datasets import Dataset
 from .errors import NothingLanded
-from .extract import backfill
+from .extract import backfill_one
 from .incremental import Update
 from .job import RunOptions
 from .reconcile import Reconcile
@@ -86,7 +86,7 @@ def _update_each(
                 storage.url,
                 ds.name,
             )
-            result = backfill(client, storage, [ds], opts)[0]
+            result = backfill_one(client, storage, ds, opts, stop)
             record("backfill", result)
         else:
             record("update", result)

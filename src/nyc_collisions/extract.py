@@ -65,20 +65,28 @@ def _backfill_each(
     stop = threading.Event()
     results = []
     for ds in datasets:
-        try:
-            job = Backfill(client, storage, ds, opts)
-            result = job.run(stop)
-        except AlreadyLanded as exc:
-            result = DatasetResult(
-                ds.name, "skipped", message=str(exc), location=f"{storage.url}/{ds.name}/"
-            )
-            result.table_error = job.table_error  # the landed dataset's table, synced anyway
+        result = backfill_one(client, storage, ds, opts, stop)
         results.append(result)
         if on_result:
             on_result(result)
         if result.status == "stopped":
             break
     return results
+
+
+def backfill_one(
+    client: SodaClient, storage: Storage, ds: Dataset, opts: RunOptions, stop: threading.Event
+) -> DatasetResult:
+    """Backfill one dataset into `storage`, known to be writable; "skipped" when landed."""
+    job = Backfill(client, storage, ds, opts)
+    try:
+        return job.run(stop)
+    except AlreadyLanded as exc:
+        result = DatasetResult(
+            ds.name, "skipped", message=str(exc), location=f"{storage.url}/{ds.name}/"
+        )
+        result.table_error = job.table_error  # the landed dataset's table, synced anyway
+        return result
 
 
 __all__ = [
@@ -90,4 +98,5 @@ __all__ = [
     "NycCollisionsError",
     "RunOptions",
     "backfill",
+    "backfill_one",
 ]
