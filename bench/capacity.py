@@ -67,7 +67,7 @@ def capacities(text: str) -> list[int]:
     return _ints(text, "--capacity")
 
 
-SUMMARY = re.compile(r"concurrency: settled at (\d+) requests in flight.*?; (\d+) ranges? split")
+SUMMARY = re.compile(r"concurrency: settled at (\d+) requests? in flight.*?; (\d+) ranges? split")
 
 
 def _settled(stdout: str) -> tuple[str, str]:
