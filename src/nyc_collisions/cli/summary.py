@@ -76,10 +76,11 @@ def _print_concurrency(r: DatasetResult) -> None:
     c = r.concurrency
     if c:
         how = f"found at run time, ceiling {c.ceiling}" if c.adaptive else "--workers"
+        requests = "request" if c.settled == 1 else "requests"
+        ranges = "range" if r.splits == 1 else "ranges"
         click.echo(
-            f"  concurrency: settled at {c.settled} {'request' if c.settled == 1 else 'requests'}"
-            f" in flight, {c.peak} at the "
-            f"peak ({how}); {r.splits} {'range' if r.splits == 1 else 'ranges'} split"
+            f"  concurrency: settled at {c.settled} {requests} in flight, {c.peak} at the "
+            f"peak ({how}); {r.splits} {ranges} split"
         )
 
 
