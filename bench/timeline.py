@@ -82,6 +82,25 @@ def analyse(log: list[dict[str, Any]], began: float, ended: float, model: Latenc
     )
 
 
+def requests_table(log: list[dict[str, Any]]) -> str:
+    """Every request of one run, in the order they began: start and end (seconds from the first
+    request), kind, rows sent, `$offset`, `$limit`, `$order` and `$where`."""
+    reqs = sorted(log, key=lambda e: float(e["time"]) - float(e["seconds"]))
+    if not reqs:
+        return ""
+    first = float(reqs[0]["time"]) - float(reqs[0]["seconds"])
+    lines = []
+    for e in reqs:
+        params = e.get("params") or {}
+        end = float(e["time"]) - first
+        lines.append(
+            f"  {end - float(e['seconds']):6.2f} {end:6.2f} {_kind(e):8} {e.get('rows', 0):7} "
+            f"{params.get('$offset', '-'):>7} {params.get('$limit', '-'):>7} "
+            f"{params.get('$order', '')} {params.get('$where', '')}"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.timeline", description=__doc__)
     p.add_argument("--scale", type=float, default=0.3)
@@ -89,6 +108,7 @@ def main() -> None:
     p.add_argument("--dataset", default="crashes", choices=["crashes", "persons", "vehicles"])
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--server-cache", type=Path)
+    p.add_argument("--requests", action="store_true", help="also print every request")
     args, extra = p.parse_known_args()
     model = LatencyModel(max_concurrent=args.capacity)
     work = Path(tempfile.mkdtemp(prefix="nyc-timeline-"))
@@ -107,6 +127,8 @@ def main() -> None:
                 sys.exit(f"run {run}: exit {done.returncode}: {done.stderr.decode()[-500:]}")
             log = server.admin("GET", "requests")
             print(f"run {run}: {analyse(log, began, ended, model)}", flush=True)
+            if args.requests:
+                print(requests_table(log), flush=True)
             shutil.rmtree(dest, ignore_errors=True)
     finally:
         server.stop()

@@ -76,18 +76,24 @@ class PlanBook:
     def key(self) -> str:
         return f"{self.state.run_prefix(self._plan.batch_id)}/plan.json"
 
-    def extend(self, lower: str | None, upper: str | None, rows: int) -> Partition:
-        """The planner's next partition (the last when `upper` is None), numbered here."""
+    def extend(
+        self, lower: str | None, upper: str | None, rows: int, *, down: bool = False
+    ) -> Partition:
+        """The planner's next partition, numbered here: found going up (its upper bound is the
+        new `chain_after`), going down (`down`: its lower bound is the new `chain_before`), or
+        the last: the rest between the two chains (the plan is then complete)."""
         with self._lock:
             plan = self._plan
             partition = Partition(len(plan.partitions), lower, upper, rows)
+            last = (lower, upper) == (plan.chain_after, plan.chain_before)
             self._write(
                 replace(
                     plan,
                     partitions=(*plan.partitions, partition),
-                    chain_after=upper,
+                    chain_after=upper if not (down or last) else plan.chain_after,
+                    chain_before=lower if down else plan.chain_before,
                     chain_made=plan.chain_made + 1,
-                    complete=upper is None,
+                    complete=last,
                 )
             )
             return partition

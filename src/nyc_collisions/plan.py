@@ -3,10 +3,10 @@
 A partition is the range (lower, upper] of `:id` in the server's own order; the first has no
 lower bound, the last no upper bound, so the partitions cover every row whatever the server's
 id order and whatever changes meanwhile. Boundaries are the `:id`s at evenly spaced positions,
-found with one-row probes, each starting after the previous boundary
-(`$select=:id&$where=:id > 'b'&$order=:id&$limit=1&$offset=step-1`): so the boundaries increase in
-the server's order by construction even while rows are added or deleted, and no probe skips more
-than one partition's worth of rows.
+found with one-row probes, each starting from the previous boundary of its chain
+(`$select=:id&$where=:id > 'b'&$order=:id&$limit=1&$offset=step-1` going up, `$order=:id DESC`
+going down; see `chain.py`): so the boundaries follow the server's order by construction even
+while rows are added or deleted, and no probe skips more than one partition's worth of rows.
 
 A partition can be split while it is fetched: its worker stops where it is (after the last row
 it landed, `after`), probes the `:id` half its remaining rows further (`split_offset`), and the
@@ -85,8 +85,9 @@ def resume_points(records: Iterable[PartRecord]) -> dict[int, ResumePoint]:
 @dataclass(frozen=True)
 class SnapshotPlan:
     """A snapshot run's plan (`runs/<batch>/plan.json`): what the source said when it started,
-    and the partitions, added as the planner finds their boundaries (`chain_after` is the last
-    boundary it found, `chain_made` how many it made) and split as they are fetched."""
+    and the partitions, added as the planner finds their boundaries and split as they are
+    fetched. The planner's chains (see `chain.py`) have made `chain_made` partitions, holding
+    the rows up to `chain_after` and those after `chain_before` (None: none yet that side)."""
 
     batch_id: str
     dataset_id: str
@@ -105,6 +106,7 @@ class SnapshotPlan:
     splits: int = 0
     chain_after: str | None = None
     chain_made: int = 0
+    chain_before: str | None = None
 
     def fits(self, fmt: str, columns: tuple[tuple[str, str], ...], key: str | None) -> bool:
         """Whether a run landing `fmt` with `columns` (and `key`, None: any) can go on with it."""
@@ -128,7 +130,11 @@ class SnapshotPlan:
             "complete": self.complete,
             "splits": self.splits,
             "partitions": [p.to_dict() for p in self.partitions],
-            "chain": {"after": self.chain_after, "made": self.chain_made},
+            "chain": {
+                "after": self.chain_after,
+                "before": self.chain_before,
+                "made": self.chain_made,
+            },
         }
 
     @classmethod
@@ -142,8 +148,10 @@ class SnapshotPlan:
                 rows = int(step)
                 parts = tuple(replace(p, rows=rows) if p.rows is None else p for p in parts)
             chain = doc.get("chain")
+            before = None  # a plan from before the chain down: nothing planned from the top
             if isinstance(chain, dict):
                 after, made = chain.get("after"), int(chain.get("made", 0))
+                before = chain.get("before")
             else:  # a plan from before splits: the list is the chain
                 after, made = (parts[-1].upper if parts else None), len(parts)
             updated = doc.get("rows_updated_at")
@@ -165,6 +173,7 @@ class SnapshotPlan:
                 splits=int(doc.get("splits", 0)),
                 chain_after=after,
                 chain_made=made,
+                chain_before=before,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"{where}: a corrupt backfill plan ({exc})") from exc

@@ -6,9 +6,9 @@ reconcile that land a fresh snapshot instead (a full replace, new columns), unde
 1. an unfinished run that fits (format, columns, key) is resumed from its committed files;
    otherwise the source's count and latest `:updated_at` are asked (the watermark the next
    `update` starts from, so rows changed meanwhile are picked up) and a new plan is recorded;
-2. partition boundaries are probed as the workers fetch the first partitions (`workers.py`),
-   each partition by keyset pages into files, every file recorded under `runs/<batch>/parts/`
-   (the unit a rerun resumes from);
+2. partition boundaries are probed from both ends (`chain.py`) as the workers fetch the first
+   partitions (`workers.py`), each partition by keyset pages into files, every file recorded
+   under `runs/<batch>/parts/` (the unit a rerun resumes from);
 3. when every partition has reached its end (its upper row landed, or an empty page that a count
    confirms, never just a short page), one manifest write commits the snapshot batch and its
    watermark, and the snapshot's columns become the manifest's.
@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
 from dataclasses import replace
 
 from tqdm import tqdm
 
+from .chain import plan_partitions
 from .drift import column_specs
 from .errors import StateError
 from .job import DatasetJob
 from .partition import FetchContext, PlanBook
 from .plan import (
-    Partition,
     ResumePoint,
     SnapshotPlan,
     partition_count,
@@ -39,7 +38,7 @@ from .results import DatasetResult
 from .schema import Schema
 from .sink.files import FileEntry
 from .state import EPOCH, Batch, Manifest, PartRecord, Watermark, new_batch_id, utc_now
-from .workers import BarProgress, fetch_partitions
+from .workers import BarProgress, DaemonCalls, fetch_partitions
 
 logger = logging.getLogger(__name__)
 
@@ -114,23 +113,6 @@ class _Snapshot:
         state.put_json(f"{state.run_prefix(plan.batch_id)}/plan.json", plan.to_dict())
         return plan
 
-    def _planner(self, book: PlanBook, stop: threading.Event) -> Iterator[Partition]:
-        """Partitions as their boundaries are found, each recorded in the plan before it is used.
-
-        Fetching starts with the first boundary instead of after the last: the probes skip
-        rows by `$offset`, slow on the real server, and run beside the partitions' pages.
-        """
-        opts = self.opts
-        while not book.plan.complete and not stop.is_set() and not opts.out_of_time():
-            plan = book.plan
-            step = plan.step or 1
-            after, made = plan.chain_after, plan.chain_made
-            bound = None
-            if made < plan.planned - 1:
-                bound = self.job.source.probe(after, step - 1)
-            left = plan.source_count - step * made
-            yield book.extend(after, bound, step if bound else max(0, left))
-
     def _resume_points(self, plan: SnapshotPlan) -> dict[int, ResumePoint]:
         return resume_points(self.state.part_records(plan.batch_id))
 
@@ -155,11 +137,16 @@ class _Snapshot:
         )
         limit = job.client.limit
         limit.reset_usage()
+
+        def go_on() -> bool:
+            return not stop.is_set() and not self.opts.out_of_time()
+
         ctx = FetchContext(
             job.source, self.state, schema, self.opts, plan.batch_id, stop, BarProgress(bar)
         )
         try:
-            done = fetch_partitions(ctx, book, points, limit, self._planner(book, stop), name)
+            planner = plan_partitions(book, job.source, DaemonCalls(), go_on)
+            done = fetch_partitions(ctx, book, points, limit, planner, name)
         finally:
             bar.close()
         result.files, result.rows, result.bytes = done.files, done.rows, done.bytes

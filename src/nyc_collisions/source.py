@@ -148,7 +148,14 @@ class DatasetSource:
     def probe(self, after: str | None, offset: int, upper: str | None = None) -> str | None:
         """The `:id` `offset` rows past `after` (up to `upper`), or None when there are not
         that many."""
-        params = soql.boundary_params(after, offset, upper=upper)
+        return self._boundary(soql.boundary_params(after, offset, upper=upper))
+
+    def probe_below(self, before: str | None, offset: int, lower: str | None) -> str | None:
+        """The `:id` `offset` rows below `before` (`before` itself is 0; from the top when
+        None), above `lower`; or None when there are not that many."""
+        return self._boundary(soql.boundary_below_params(before, offset, lower))
+
+    def _boundary(self, params: dict[str, str]) -> str | None:
         rows = self.client.fetch(self.path, params, _json_rows)
         if not rows:
             return None

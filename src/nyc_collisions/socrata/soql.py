@@ -98,6 +98,16 @@ def boundary_params(after: str | None, offset: int, upper: str | None = None) ->
     return params
 
 
+def boundary_below_params(before: str | None, offset: int, lower: str | None) -> dict[str, str]:
+    """The `:id` `offset` rows below `before` (`before` itself the first; the top row when None)
+    in the range above `lower`, in descending `:id` order: one column, one row."""
+    params = {"$select": ":id", "$order": ":id DESC", "$limit": "1", "$offset": str(offset)}
+    clause = id_range(lower, before)
+    if clause:
+        params["$where"] = clause
+    return params
+
+
 def keys_params(
     *,
     key: str,
