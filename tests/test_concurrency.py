@@ -166,3 +166,41 @@ def test_what_it_reports_as_settled_was_in_flight() -> None:
     usage = limit.usage()
     assert usage.peak == 2
     assert usage.settled <= usage.peak
+
+
+def test_an_interrupt_releases_requests_waiting_for_a_slot() -> None:
+    """A request the source holds keeps its slot; Ctrl-C must not wait behind it: those waiting
+    for a slot are released at once, and a request after the interrupt waits as usual."""
+    from nyc_collisions.errors import Interrupted
+
+    limit = ConcurrencyLimit(1)
+    held, release = threading.Event(), threading.Event()
+    outcome: list[str] = []
+
+    def holder() -> None:
+        with limit.request():
+            held.set()
+            release.wait(30)
+
+    def waiter() -> None:
+        try:
+            with limit.request():
+                outcome.append("admitted")
+        except Interrupted:
+            outcome.append("interrupted")
+
+    threads = [threading.Thread(target=holder), threading.Thread(target=waiter)]
+    threads[0].start()
+    assert held.wait(10)
+    threads[1].start()
+    while limit.in_flight() < 1:
+        pass
+    limit.interrupt()
+    threads[1].join(10)
+    assert outcome == ["interrupted"]  # released while the slot was still held
+    later = threading.Thread(target=waiter)
+    later.start()
+    release.set()
+    later.join(10)
+    threads[0].join(10)
+    assert outcome == ["interrupted", "admitted"]

@@ -94,13 +94,24 @@ def test_ctrl_c_in_each_phase(soda: FakeSoda, tmp_path: Path, command: str, matc
     exact(soda, dest, "crashes", tmp_path)
 
 
-def test_ctrl_c_while_a_partition_end_count_is_held(soda: FakeSoda, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--page-size", "400"],
+        # one range whose last page is full (2,500 rows): the count comes after the empty page
+        ["--page-size", "500", "--workers", "1"],
+    ],
+    ids=["beside-the-empty-page", "after-the-empty-page"],
+)
+def test_ctrl_c_while_a_partition_end_count_is_held(
+    soda: FakeSoda, tmp_path: Path, flags: list[str]
+) -> None:
     """The count that confirms a partition's end hangs at the source: Ctrl-C does not wait for
     it (nor would it for one that never answers), and a rerun resumes from what was committed."""
     dest = str(tmp_path / "land")
     where = ["--source", soda.url, "--dest", dest]
     held = 60.0  # far longer than the interrupt may take
-    args = ["backfill", "crashes", *where, "--page-size", "400"]
+    args = ["backfill", "crashes", *where, *flags]
     proc = interrupt_while_held(soda, "count(*) AS n&$where=:id", args, seconds=held)
     sent = time.monotonic()
     assert_one_interrupted_line(proc)
@@ -108,7 +119,7 @@ def test_ctrl_c_while_a_partition_end_count_is_held(soda: FakeSoda, tmp_path: Pa
     soda.clear_faults()
     assert not (tmp_path / "land" / "crashes" / "manifest.json").exists()
     assert not (tmp_path / "land" / "crashes" / "lock.json").exists()
-    res = cli("backfill", "crashes", *where, "--page-size", "400")
+    res = cli("backfill", "crashes", *where, *flags)
     assert res.code == 0, res.text
     assert "resumed run" in res.out, res.text
     exact(soda, dest, "crashes", tmp_path)

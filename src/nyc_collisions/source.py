@@ -136,6 +136,8 @@ class DatasetSource:
                 continue
             empty += 1
             counted = None
+            if left is None and counts is not None:
+                left = counts.submit(self.count, where())
             if left is not None:
                 # a count the source holds must not hold up a stop (Ctrl-C): looked at in turns
                 while not wait([left], timeout=STOP_TICK).done:

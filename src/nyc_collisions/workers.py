@@ -218,6 +218,7 @@ class PartitionPool:
                     self.limit.tick()
         except KeyboardInterrupt:
             self.ctx.stop.set()
+            self.limit.interrupt()
             for t in threads:
                 t.join(timeout=30)
             raise Interrupted(

@@ -49,6 +49,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from ..errors import Interrupted
+
 logger = logging.getLogger(__name__)
 
 GROW_AFTER = 4  # after a throttle: good pages per limit before the limit grows by one
@@ -312,6 +314,7 @@ class ConcurrencyLimit:
         self._core = _Core(maximum, initial, adaptive)
         self._clock = clock
         self._cond = threading.Condition()
+        self._interrupts = 0  # `interrupt` calls so far
 
     @property
     def limit(self) -> int:
@@ -346,7 +349,10 @@ class ConcurrencyLimit:
         """Wait for a slot and hold it for one request; `sample`: a page of rows, whose
         latencies the limit learns from."""
         with self._cond:
+            interrupts = self._interrupts
             while True:
+                if self._interrupts != interrupts:
+                    raise Interrupted("stopped while waiting for a request slot")
                 self._core.tick(self._clock())
                 if self._core.admits():
                     break
@@ -366,6 +372,13 @@ class ConcurrencyLimit:
     def _finish(self, rid: int, nbytes: int | None) -> None:
         with self._cond:
             self._core.finished(rid, self._clock(), nbytes)
+            self._cond.notify_all()
+
+    def interrupt(self) -> None:
+        """Release every request waiting for a slot now with `Interrupted`: a stop (Ctrl-C) must
+        not wait for the requests in flight, which a source may hold for minutes."""
+        with self._cond:
+            self._interrupts += 1
             self._cond.notify_all()
 
     def tick(self) -> None:
