@@ -18,14 +18,71 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
+from dataclasses import Field, replace
+from typing import Any, ClassVar, Protocol, TypeVar
 
-from .partition import PlanBook
 from .plan import Partition
 from .source import DatasetSource
 
 
+class ChainPlan(Protocol):
+    """What the chains read of a plan (a snapshot's `SnapshotPlan`, a key scan's `ScanPlan`)."""
+
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
+
+    @property
+    def partitions(self) -> tuple[Partition, ...]: ...
+    @property
+    def complete(self) -> bool: ...
+    @property
+    def planned(self) -> int: ...
+    @property
+    def step(self) -> int | None: ...
+    @property
+    def source_count(self) -> int: ...
+    @property
+    def chain_after(self) -> str | None: ...
+    @property
+    def chain_before(self) -> str | None: ...
+    @property
+    def chain_made(self) -> int: ...
+
+
+PlanT = TypeVar("PlanT", bound=ChainPlan)
+
+
+class ChainBook(Protocol):
+    """Where the chains record each partition before it is used."""
+
+    @property
+    def plan(self) -> ChainPlan: ...
+
+    def extend(
+        self, lower: str | None, upper: str | None, rows: int, *, down: bool = False
+    ) -> Partition: ...
+
+
+def extended(
+    plan: PlanT, lower: str | None, upper: str | None, rows: int, *, down: bool = False
+) -> tuple[PlanT, Partition]:
+    """`plan` with its next partition, numbered here: found going up (its upper bound is the new
+    `chain_after`), going down (`down`: its lower bound is the new `chain_before`), or the last:
+    the rest between the two chains (the plan is then complete)."""
+    partition = Partition(len(plan.partitions), lower, upper, rows)
+    last = (lower, upper) == (plan.chain_after, plan.chain_before)
+    grown = replace(
+        plan,
+        partitions=(*plan.partitions, partition),
+        chain_after=upper if not (down or last) else plan.chain_after,
+        chain_before=lower if down else plan.chain_before,
+        chain_made=plan.chain_made + 1,
+        complete=last,
+    )
+    return grown, partition
+
+
 def plan_partitions(
-    book: PlanBook, source: DatasetSource, calls: Executor, go_on: Callable[[], bool]
+    book: ChainBook, source: DatasetSource, calls: Executor, go_on: Callable[[], bool]
 ) -> Iterator[Partition]:
     """The plan's partitions as their boundaries are found, each recorded in the plan before
     it is yielded; from where the plan's chains ended when it is resumed. `calls` runs the
@@ -57,7 +114,7 @@ def plan_partitions(
         unproven = down.result() if down is not None else None
 
 
-def _rest(book: PlanBook) -> int:
+def _rest(book: ChainBook) -> int:
     """The rows thought left for the last partition."""
     plan = book.plan
     return max(0, plan.source_count - (plan.step or 1) * plan.chain_made)

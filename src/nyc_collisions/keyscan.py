@@ -2,7 +2,7 @@
 
 `verify` and `reconcile` need each row's `(:id, key)` (and `:updated_at`). One stream of keyset
 pages leaves all but one of the server's slots idle; here the `:id` range is split at boundaries
-found by one-row probes (`plan.py`, `DatasetSource.probe`), found while the first partitions are
+found by one-row probes from both ends (`chain.py`), found while the first partitions are
 already being fetched, and `workers` threads page through the partitions (keyset pages ordered
 by `:id`, streamed and parsed a few MiB at a time, so memory holds pieces, never a page). Each
 partition's rows go to a `PartitionSink` the caller opens: a spill to local files (`keyspill`),
@@ -19,18 +19,20 @@ import functools
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import pyarrow as pa
 
 from . import settings
+from .chain import extended, plan_partitions
 from .errors import Interrupted, StateError
 from .plan import Partition, ResumePoint, partition_count, partition_step
 from .schema import Column, Schema
 from .socrata import soql
 from .source import DatasetSource
+from .workers import DaemonCalls
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +81,9 @@ class ScanPlan:
     step: int
     partitions: tuple[Partition, ...] = ()
     complete: bool = False
+    chain_after: str | None = None  # the chains' ends, as in `SnapshotPlan` (see `chain.py`)
+    chain_before: str | None = None
+    chain_made: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -95,6 +100,11 @@ class ScanPlan:
             "step": self.step,
             "partitions": [p.to_dict() for p in self.partitions],
             "complete": self.complete,
+            "chain": {
+                "after": self.chain_after,
+                "before": self.chain_before,
+                "made": self.chain_made,
+            },
         }
 
     @classmethod
@@ -102,6 +112,12 @@ class ScanPlan:
         try:
             if doc.get("kind") != "keyscan":
                 raise ValueError(f"kind is {doc.get('kind')!r}")
+            parts = tuple(Partition.from_dict(p) for p in doc["partitions"])
+            # a record from before the chain down: the partitions are the chain up
+            chain = doc.get("chain") or {
+                "after": parts[-1].upper if parts else None,
+                "made": len(parts),
+            }
             return cls(
                 scan_id=str(doc["scan_id"]),
                 dataset_id=str(doc["dataset_id"]),
@@ -113,8 +129,11 @@ class ScanPlan:
                 page=int(doc["page"]),
                 planned=int(doc["planned"]),
                 step=int(doc["step"]),
-                partitions=tuple(Partition.from_dict(p) for p in doc["partitions"]),
+                partitions=parts,
                 complete=bool(doc["complete"]),
+                chain_after=chain.get("after"),
+                chain_before=chain.get("before"),
+                chain_made=int(chain["made"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"{where}: a corrupt key scan record ({exc})") from exc
@@ -232,7 +251,8 @@ class KeyScan:
             t.start()
         try:
             try:
-                for partition in self._planner():
+                planner = plan_partitions(self, self.source, DaemonCalls(), self._go_on)
+                for partition in planner:
                     work.put((partition, ResumePoint()))
             except KeyboardInterrupt:
                 raise
@@ -248,6 +268,7 @@ class KeyScan:
                     t.join(timeout=0.5)
         except KeyboardInterrupt:
             self.stop.set()
+            self.source.client.limit.interrupt()
             for t in threads:
                 t.join(timeout=30)
             raise Interrupted(
@@ -257,21 +278,18 @@ class KeyScan:
             raise errors[0]
         return self.plan.complete and all(ended.get(p.index) for p in self.plan.partitions)
 
-    def _planner(self) -> Iterator[Partition]:
-        """Partitions as their boundaries are found, each recorded before it is fetched."""
-        while not self.plan.complete and not self.stop.is_set() and not self.out_of_time():
-            plan = self.plan
-            after = plan.partitions[-1].upper if plan.partitions else None
-            bound = None
-            if len(plan.partitions) < plan.planned - 1:
-                bound = self.source.probe(after, plan.step - 1)
-            partition = Partition(len(plan.partitions), after, bound)
-            self.plan = replace(
-                plan, partitions=(*plan.partitions, partition), complete=bound is None
-            )
-            if self.record is not None:
-                self.record(self.plan)
-            yield partition
+    def _go_on(self) -> bool:
+        return not self.stop.is_set() and not self.out_of_time()
+
+    def extend(
+        self, lower: str | None, upper: str | None, rows: int, *, down: bool = False
+    ) -> Partition:
+        """The planner's next partition (see `chain.extended`), recorded before it is used."""
+        plan, partition = extended(self.plan, lower, upper, rows, down=down)
+        if self.record is not None:
+            self.record(plan)
+        self.plan = plan
+        return partition
 
     def _partition(self, partition: Partition, point: ResumePoint) -> bool:
         sink = self.open_sink(partition)

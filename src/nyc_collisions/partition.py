@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import pyarrow as pa
 
+from .chain import extended
 from .plan import Partition, ResumePoint, SnapshotPlan
 from .rows import CsvRows
 from .schema import Schema
@@ -79,23 +80,10 @@ class PlanBook:
     def extend(
         self, lower: str | None, upper: str | None, rows: int, *, down: bool = False
     ) -> Partition:
-        """The planner's next partition, numbered here: found going up (its upper bound is the
-        new `chain_after`), going down (`down`: its lower bound is the new `chain_before`), or
-        the last: the rest between the two chains (the plan is then complete)."""
+        """The planner's next partition (see `chain.extended`), recorded before it is used."""
         with self._lock:
-            plan = self._plan
-            partition = Partition(len(plan.partitions), lower, upper, rows)
-            last = (lower, upper) == (plan.chain_after, plan.chain_before)
-            self._write(
-                replace(
-                    plan,
-                    partitions=(*plan.partitions, partition),
-                    chain_after=upper if not (down or last) else plan.chain_after,
-                    chain_before=lower if down else plan.chain_before,
-                    chain_made=plan.chain_made + 1,
-                    complete=last,
-                )
-            )
+            plan, partition = extended(self._plan, lower, upper, rows, down=down)
+            self._write(plan)
             return partition
 
     def split(

@@ -88,9 +88,10 @@ def verify_cmd(
     setup_logging(verbose)
     storage = open_storage(dest)
     ok = True
+    opened = {}
     with source.client(workers, max_concurrency) as client:
         for ds in resolve_many(list(datasets), key):
-            landed = open_landed(storage, ds)
+            landed = opened[ds.name] = open_landed(storage, ds)
             where = f"{storage.url}/{ds.name}/"
             remote = DatasetSource(client, ds.keyed_as_landed(landed.manifest.key, where))
             changed = columns_changed(remote, landed)
@@ -104,11 +105,9 @@ def verify_cmd(
                 continue
             ok = False
             print_mismatch(ds.name, landed.dataset.key, diff)
-        names = {ds.name for ds in resolve_many(list(datasets))}
-        if "crashes" in names and names & {"persons", "vehicles"}:
-            crashes = open_landed(storage, resolve("crashes"))
-            for child in sorted(names & {"persons", "vehicles"}):
-                o = orphans(crashes, open_landed(storage, resolve(child)))
+        if "crashes" in opened and opened.keys() & {"persons", "vehicles"}:
+            for child in sorted(opened.keys() & {"persons", "vehicles"}):
+                o = orphans(opened["crashes"], opened[child])
                 click.echo(
                     f"{child}: {o.rows:,} rows refer to {o.collision_ids:,} "
                     f"collision_ids that are not in crashes (not an error: the source "
