@@ -1,4 +1,4 @@
-"""A snapshot's partition boundaries, found by two chains of probes at once.
+"""Partition boundaries of a snapshot or a key scan, found by two chains of probes at once.
 
 One chain goes up from the first row (`$order=:id`), the other down from the last
 (`$order=:id DESC`); each probe skips one partition's rows from its chain's last boundary and
