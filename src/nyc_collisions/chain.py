@@ -82,11 +82,17 @@ def extended(
 
 
 def plan_partitions(
-    book: ChainBook, source: DatasetSource, calls: Executor, go_on: Callable[[], bool]
+    book: ChainBook,
+    source: DatasetSource,
+    calls: Executor,
+    go_on: Callable[[], bool],
+    *,
+    down_too: bool = True,
 ) -> Iterator[Partition]:
     """The plan's partitions as their boundaries are found, each recorded in the plan before
     it is yielded; from where the plan's chains ended when it is resumed. `calls` runs the
-    probes down beside those up."""
+    probes down beside those up; without `down_too`, only the chain up runs (key scans: at a
+    capacity of 3 the probes down, beside the first pages, made them slower)."""
     unproven: str | None = None  # the last boundary found going down, not yet shown above
     while not book.plan.complete and go_on():
         plan = book.plan
@@ -99,7 +105,7 @@ def plan_partitions(
         bound = unproven if unproven is not None else before
         down: Future[str | None] | None = None
         # one more partition going down only while this round, that one and the last fit
-        if left >= 3 + (unproven is not None):
+        if down_too and left >= 3 + (unproven is not None):
             down = calls.submit(source.probe_below, bound, step, after)
         found = source.probe(after, step - 1, upper=bound)
         if unproven is not None:

@@ -2,7 +2,7 @@
 
 `verify` and `reconcile` need each row's `(:id, key)` (and `:updated_at`). One stream of keyset
 pages leaves all but one of the server's slots idle; here the `:id` range is split at boundaries
-found by one-row probes from both ends (`chain.py`), found while the first partitions are
+found by one-row probes (`chain.py`, its chain up only), found while the first partitions are
 already being fetched, and `workers` threads page through the partitions (keyset pages ordered
 by `:id`, streamed and parsed a few MiB at a time, so memory holds pieces, never a page). Each
 partition's rows go to a `PartitionSink` the caller opens: a spill to local files (`keyspill`),
@@ -251,7 +251,9 @@ class KeyScan:
             t.start()
         try:
             try:
-                planner = plan_partitions(self, self.source, DaemonCalls(), self._go_on)
+                planner = plan_partitions(
+                    self, self.source, DaemonCalls(), self._go_on, down_too=False
+                )
                 for partition in planner:
                     work.put((partition, ResumePoint()))
             except KeyboardInterrupt:
