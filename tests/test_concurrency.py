@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import Counter
 
 import pytest
@@ -193,8 +194,8 @@ def test_an_interrupt_releases_requests_waiting_for_a_slot() -> None:
     threads[0].start()
     assert held.wait(10)
     threads[1].start()
-    while limit.in_flight() < 1:
-        pass
+    while limit.waiting() < 1:
+        time.sleep(0.001)
     limit.interrupt()
     threads[1].join(10)
     assert outcome == ["interrupted"]  # released while the slot was still held
@@ -204,3 +205,34 @@ def test_an_interrupt_releases_requests_waiting_for_a_slot() -> None:
     later.join(10)
     threads[0].join(10)
     assert outcome == ["interrupted", "admitted"]
+
+
+def test_a_freed_slot_goes_to_the_request_waiting_longest() -> None:
+    """A thread that ends a request and asks for its next at once must not take the slot it
+    freed from a request already waiting: in a backfill, one range's worker then waited for
+    slots while the others paged on, and the run ended on that range alone."""
+    limit = ConcurrencyLimit(1)
+    order: list[str] = []
+    holding = threading.Event()
+
+    def busy() -> None:
+        for i in range(20):
+            with limit.request():
+                order.append("busy")
+                if i == 0:
+                    holding.set()
+                    while limit.waiting() < 1:
+                        time.sleep(0.001)
+
+    def waiter() -> None:
+        with limit.request():
+            order.append("waiter")
+
+    first = threading.Thread(target=busy)
+    first.start()
+    assert holding.wait(10)
+    second = threading.Thread(target=waiter)
+    second.start()
+    first.join(10)
+    second.join(10)
+    assert order.index("waiter") == 1  # the slot freed first went to the one waiting

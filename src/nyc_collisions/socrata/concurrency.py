@@ -38,6 +38,10 @@ looks the same at every limit (every page as slow as the fastest): only a slowdo
 
 `adaptive=False` (`--workers N`) keeps the limit at the ceiling: only a throttle lowers it, and
 it grows back by one after `GROW_AFTER x limit` successes in a row.
+
+Slots go to waiting requests in the order they asked: a thread that ends a page and asks for its
+next one at once would otherwise take the slot it freed before a waiter wakes, again and again,
+and leave one range unfetched until the others end.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -315,6 +320,7 @@ class ConcurrencyLimit:
         self._clock = clock
         self._cond = threading.Condition()
         self._interrupts = 0  # `interrupt` calls so far
+        self._line: deque[object] = deque()  # requests waiting for a slot, first come first
 
     @property
     def limit(self) -> int:
@@ -337,6 +343,11 @@ class ConcurrencyLimit:
         with self._cond:
             return len(self._core.requests)
 
+    def waiting(self) -> int:
+        """Requests waiting for a slot."""
+        with self._cond:
+            return len(self._line)
+
     def _event(self, apply: Callable[[_Core, float], object]) -> None:
         with self._cond:
             before = self._core.limit
@@ -349,14 +360,19 @@ class ConcurrencyLimit:
         """Wait for a slot and hold it for one request; `sample`: a page of rows, whose
         latencies the limit learns from."""
         with self._cond:
-            interrupts = self._interrupts
-            while True:
-                if self._interrupts != interrupts:
-                    raise Interrupted("stopped while waiting for a request slot")
-                self._core.tick(self._clock())
-                if self._core.admits():
-                    break
-                self._cond.wait(timeout=0.05)
+            interrupts, me = self._interrupts, object()
+            self._line.append(me)
+            try:
+                while True:
+                    if self._interrupts != interrupts:
+                        raise Interrupted("stopped while waiting for a request slot")
+                    self._core.tick(self._clock())
+                    if self._line[0] is me and self._core.admits():
+                        break
+                    self._cond.wait(timeout=0.05)
+            finally:
+                self._line.remove(me)
+                self._cond.notify_all()  # the next in line may take a slot still free
             rid = self._core.sent(self._clock(), sample)
             ticket = Ticket(self, rid, self._core.epoch)
         try:
