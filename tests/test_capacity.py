@@ -50,6 +50,27 @@ def test_backfill_is_exact_whatever_the_source_serves(
         exact(srv, dest, "crashes", tmp_path)
 
 
+@pytest.mark.parametrize("cut", [None, 1000], ids=["whole", "page_cut_short"])
+def test_a_run_costs_one_request_before_its_pages_and_one_after_its_rows(
+    dest: str, tmp_path: Path, cut: int | None
+) -> None:
+    """On a source that serves one request at a time every request is a round trip of the run:
+    the count and the latest `:updated_at` come in one request, and the range ends at a count
+    after its short last page, with no empty page asked. A page cut short (well formed) is not
+    taken for the end: the count finds the rows after it."""
+    sizes = {"h9gi-nx95": 3000, "f55k-p6yu": 10, "bm4k-52h4": 10}
+    with FakeSoda(sizes=sizes, seed=5, latency=latency(1)) as srv:
+        if cut is not None:
+            srv.add_fault("truncate_rows", match="$order", after_rows=cut)
+        res = cli("backfill", "crashes", "--source", srv.url, "--dest", dest)
+        assert res.code == 0, res.text
+        data = [r for r in srv.requests() if r["kind"] == "data"]
+        pages = [i for i, r in enumerate(data) if r["params"].get("$select", "").startswith("*")]
+        assert pages[0] == 1  # one request before the first page
+        assert all(data[i]["rows"] > 0 for i in pages)  # no page asked only to find nothing
+        exact(srv, dest, "crashes", tmp_path)
+
+
 def test_idle_workers_split_the_largest_range(dest: str, tmp_path: Path) -> None:
     """Four partitions of 5,000 rows for eight workers: the idle ones split ranges (recorded in
     the plan, so the manifest says how many), and the landing is exact. Rows stream slowly

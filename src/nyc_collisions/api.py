@@ -1,5 +1,5 @@
-"""The Python API: `fetch` straight from the source (keyset pages until an empty page a count
-confirms, as the commands page), `read` and `export` what landed."""
+"""The Python API: `fetch` straight from the source (keyset pages until a count finds no rows
+left, as the commands page), `read` and `export` what landed."""
 
 from __future__ import annotations
 
@@ -75,23 +75,25 @@ def fetch(
         schema = src.schema()
         tables: list[pa.Table] = []
         after: str | None = None
-        got = 0
+        got = asked = returned = 0
 
-        def page(_counted: bool) -> int:
-            nonlocal after, got
-            n = page_size if limit is None else min(page_size, limit - got)
+        def page() -> int:
+            nonlocal after, got, asked, returned
+            n = asked = page_size if limit is None else min(page_size, limit - got)
             params = soql.page_params(after=after, upper=None, limit=n, where=where)
             table = client.fetch(src.path, params, lambda b: parse_page(b, schema))
             if table.num_rows:
                 tables.append(table)
                 got += table.num_rows
                 after = table.column("socrata_id")[-1].as_py()
-            return int(table.num_rows)
+            returned = int(table.num_rows)
+            return returned
 
         src.page_until_empty(
             page,
             lambda: soql.rows_in(where, after),
             stopped=lambda: limit is not None and got >= limit,
+            short=lambda: 0 < returned < asked,
         )
         text = pa.concat_tables(tables) if tables else schema.text_schema().empty_table()
         frame: pd.DataFrame = schema.to_typed(text).to_pandas()

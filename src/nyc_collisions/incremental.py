@@ -194,12 +194,20 @@ class Update(DatasetJob):
                 table.column("socrata_id")[-1].as_py(),
             )
 
+        got = self.opts.page_size
+
+        def next_page() -> int:
+            nonlocal got
+            got = self.source.stream_rows(landed.schema, params, emit)
+            return got
+
         try:
             if until is not None:
                 done = self.source.page_until_empty(
-                    lambda _counted: self.source.stream_rows(landed.schema, params, emit),
+                    next_page,
                     lambda: _changed_after(cursor, until),
                     stopped=lambda: stop.is_set() or self.opts.out_of_time(),
+                    short=lambda: 0 < got < self.opts.page_size,
                 )
                 files.commit(done=done)
                 if not done:

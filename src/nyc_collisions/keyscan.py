@@ -8,7 +8,7 @@ by `:id`, streamed and parsed a few MiB at a time, so memory holds pieces, never
 partition's rows go to a `PartitionSink` the caller opens: a spill to local files (`keyspill`),
 and for a reconcile also chunk files under `runs/` that a later run resumes from.
 
-A partition ends only where a count confirms an empty page (`DatasetSource.page_until_empty`), as a
+A partition ends only where a count finds no rows left (`DatasetSource.page_until_empty`), as a
 backfill's do. A stop (Ctrl-C, `--max-seconds`, the Lambda deadline, a lost lease) ends each
 partition at a page boundary with `end(done=False)`: the sink records where to go on.
 """
@@ -312,11 +312,19 @@ class KeyScan:
             with self._lock:
                 self.rows += table.num_rows
 
+        got = page
+
+        def next_page() -> int:
+            nonlocal got
+            got = self.source.stream_rows(self.schema, params, emit)
+            return got
+
         try:
             done = self.source.page_until_empty(
-                lambda _counted: self.source.stream_rows(self.schema, params, emit),
+                next_page,
                 lambda: soql.id_range(after, partition.upper),
                 stopped=lambda: self.stop.is_set() or self.out_of_time(),
+                short=lambda: 0 < got < page,
             )
             sink.end(done, after)
             return done

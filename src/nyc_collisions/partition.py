@@ -2,8 +2,9 @@
 
 A partition ends when the row at its upper bound is landed: nothing can follow it in the range,
 and a body cut short would not have held it. A partition without an upper bound (or whose upper
-row was deleted meanwhile) ends only when an empty page and a count agree, never on a short
-page alone (a body cut short can look like one); the page and the count are asked at once.
+row was deleted meanwhile) ends only where a count finds no rows after its last landed row,
+never on a short page alone (a body cut short can look like one): after a short page the count
+is asked first, so the end costs one round trip.
 
 A partition is split when the pool asks (`split_wanted`): its page is dropped where it is, the
 `:id` half its remaining rows further is probed from the last row it landed, and the plan
@@ -123,7 +124,7 @@ class PartitionFetch:
         self.split_wanted = threading.Event()
         self.split_keep = 0
         self._asked = ctx.opts.page_size  # rows the current page asks for
-        self._short = False  # the last page held fewer rows than it asked for
+        self._short = False  # the last page held some rows, fewer than it asked for
         self.seconds = 0.0  # spent in pages: with `page_rows`, how long a row takes
         self.page_rows = 0
         opts = ctx.opts
@@ -149,8 +150,8 @@ class PartitionFetch:
                 lambda: soql.id_range(self.after, self.partition.upper),
                 stopped=lambda: self.ctx.stop.is_set() or self.ctx.opts.out_of_time(),
                 ended=self._upper_landed,
-                counts=self.ctx.counts,
                 short=lambda: self._short,
+                counts=self.ctx.counts,
             )
             self.files.commit(done=done)
         except BaseException:
@@ -189,15 +190,14 @@ class PartitionFetch:
         self.landed += rows.num_rows
         self.ctx.progress.add(rows.num_rows)
 
-    def _next(self, counted: bool) -> int | None:
-        """The next page, or a split when one is wanted (None). A page with a count beside it
-        is the one expected empty at the end: it is not split."""
-        if not counted and self.split_wanted.is_set():
+    def _next(self) -> int | None:
+        """The next page, or a split when one is wanted (None)."""
+        if self.split_wanted.is_set():
             self._split()
             return None
-        return self._page(splittable=not counted)
+        return self._page()
 
-    def _page(self, splittable: bool) -> int | None:
+    def _page(self) -> int | None:
         """One page; None when it was dropped for a split."""
         # CSV pages go to CSV files unparsed where they can (see `CsvPageStream`)
         pass_through = self._emit_rows if self.ctx.opts.fmt == "csv" else None
@@ -209,11 +209,12 @@ class PartitionFetch:
                 self._params,
                 self._emit,
                 pass_through,
-                cancelled=self.split_wanted.is_set if splittable else None,
+                cancelled=self.split_wanted.is_set,
             )
-            self._short = got < self._asked
+            self._short = 0 < got < self._asked
             return got
         except PageCancelled:
+            self._short = False  # the rows after the last landed are not known to be few
             return None
         finally:
             self.seconds += time.monotonic() - started
@@ -249,6 +250,7 @@ class PartitionFetch:
             return
         mine, new = self.book.split(self.partition, bound, self.landed + keep, remaining - keep)
         self.partition = mine
+        self._short = False  # `keep` rows are known to be left: no count before the next page
         self.pool.add(new)
 
     # -- part records ------------------------------------------------------------------------

@@ -9,9 +9,9 @@ reconcile that land a fresh snapshot instead (a full replace, new columns), unde
 2. partition boundaries are probed from both ends (`chain.py`) as the workers fetch the first
    partitions (`workers.py`), each partition by keyset pages into files, every file recorded
    under `runs/<batch>/parts/` (the unit a rerun resumes from);
-3. when every partition has reached its end (its upper row landed, or an empty page that a count
-   confirms, never just a short page), one manifest write commits the snapshot batch and its
-   watermark, and the snapshot's columns become the manifest's.
+3. when every partition has reached its end (its upper row landed, or a count that finds no
+   rows after its last, never just a short page), one manifest write commits the snapshot
+   batch and its watermark, and the snapshot's columns become the manifest's.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor, wait
+from concurrent.futures import Executor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +51,11 @@ class DatasetSource:
         return schema
 
     def count(self, where: str | None = None) -> int:
-        value = self.client.scalar(self.dataset.dataset_id, soql.count_params(where), "n")
+        return self._as_count(
+            self.client.scalar(self.dataset.dataset_id, soql.count_params(where), "n")
+        )
+
+    def _as_count(self, value: str | None) -> int:
         try:
             return int(value or 0)
         except ValueError:
@@ -63,32 +67,27 @@ class DatasetSource:
         return self.client.scalar(self.dataset.dataset_id, soql.max_updated_params(), "m")
 
     def info(self) -> SourceInfo:
-        """The count and the latest `:updated_at`, asked at once (both before any page)."""
+        """The count and the latest `:updated_at`, in one request (before any page)."""
         meta = self.metadata()
         rows_updated = meta.get("rowsUpdatedAt")
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="info") as pool:
-            latest = pool.submit(self.max_updated_at)
-            count = self.count()
-            max_updated_at = latest.result()
+        both = self.client.aggregates(
+            self.dataset.dataset_id, soql.count_and_max_params(), ("n", "m")
+        )
         return SourceInfo(
-            count=count,
-            max_updated_at=max_updated_at,
+            count=self._as_count(both["n"]),
+            max_updated_at=both["m"],
             rows_updated_at=int(rows_updated) if isinstance(rows_updated, int | float) else None,
             name=str(meta.get("name", self.dataset.dataset_id)),
         )
 
-    def confirm_empty(
-        self, where: str | None, pages_seen_empty: int, left: int | None = None
-    ) -> bool:
+    def confirm_empty(self, where: str | None, pages_seen_empty: int, left: int) -> bool:
         """Whether the source has no rows left where an empty page said so (`left`: the count
-        of `where`, when the caller asked for it already).
+        of `where`).
 
         A body cut short can still be a well-formed page, even an empty one: the end of a range
         is taken only when a count agrees. If the count keeps disagreeing with empty pages, the
         source is inconsistent and the run fails rather than guess.
         """
-        if left is None:
-            left = self.count(where)
         if left == 0:
             return True
         retry = self.client.retry
@@ -103,22 +102,23 @@ class DatasetSource:
 
     def page_until_empty(
         self,
-        page: Callable[[bool], int | None],
+        page: Callable[[], int | None],
         where: Callable[[], str | None],
         *,
         stopped: Callable[[], bool],
         ended: Callable[[], bool] | None = None,
-        counts: Executor | None = None,
         short: Callable[[], bool] | None = None,
+        counts: Executor | None = None,
     ) -> bool:
         """Ask `page()` until the range is exhausted: True at its end, False when `stopped()`.
 
-        The end is an empty page confirmed by a count of `where()` (the rows left after the
-        last one landed; see `confirm_empty`), never a short page alone. `page` returns the rows
-        it landed, or None when it was dropped (for a split, say); it is told whether a count
-        goes beside it. `ended()` may say the range is done without an empty page (its upper
-        row is landed). With `counts`, after a page `short()` says was short the count is asked
-        there, beside the next page (expected empty), so the end costs no extra round trip.
+        The end is taken only where a count of `where()` (the rows left after the last one
+        landed) finds none, never on a short page alone: a body cut short can be well formed.
+        After a page `short()` says was short, that count is asked before any other page, so a
+        range ends one round trip after its last rows; after an empty page, `confirm_empty`
+        decides. `page` returns the rows it landed, or None when it was dropped (for a split,
+        say). `ended()` may say the range is done without a count (its upper row is landed).
+        With `counts`, counts run there and are waited on in turns with `stopped()`.
         """
         empty = 0
         while True:
@@ -126,26 +126,37 @@ class DatasetSource:
                 return False
             if ended is not None and ended():
                 return True
-            beside = counts is not None and short is not None and short()
-            left = counts.submit(self.count, where()) if counts is not None and beside else None
-            got = page(beside)
+            if short is not None and short():
+                left = self._count_until_stopped(where(), counts, stopped)
+                if left is None:
+                    return False
+                if left == 0:
+                    return True
+            got = page()
             if got is None:
                 continue
             if got > 0:
                 empty = 0
                 continue
             empty += 1
-            counted = None
-            if left is None and counts is not None:
-                left = counts.submit(self.count, where())
-            if left is not None:
-                # a count the source holds must not hold up a stop (Ctrl-C): looked at in turns
-                while not wait([left], timeout=STOP_TICK).done:
-                    if stopped():
-                        return False
-                counted = left.result()
-            if self.confirm_empty(where(), empty, counted):
+            left = self._count_until_stopped(where(), counts, stopped)
+            if left is None:
+                return False
+            if self.confirm_empty(where(), empty, left):
                 return True
+
+    def _count_until_stopped(
+        self, where: str | None, counts: Executor | None, stopped: Callable[[], bool]
+    ) -> int | None:
+        """The count of `where`; None when `stopped()` turned true while it was awaited."""
+        if counts is None:
+            return self.count(where)
+        left = counts.submit(self.count, where)
+        # a count the source holds must not hold up a stop (Ctrl-C): looked at in turns
+        while not wait([left], timeout=STOP_TICK).done:
+            if stopped():
+                return None
+        return left.result()
 
     def probe(self, after: str | None, offset: int, upper: str | None = None) -> str | None:
         """The `:id` `offset` rows past `after` (up to `upper`), or None when there are not

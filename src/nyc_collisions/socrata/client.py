@@ -308,7 +308,13 @@ class SodaClient:
         return f"/resource/{dataset_id}.{fmt}"
 
     def scalar(self, dataset_id: str, params: dict[str, str], alias: str) -> str | None:
-        """One aggregate value (`count(*) AS n`, `max(...) AS m`); None when the source has none.
+        """One aggregate value (`count(*) AS n`, `max(...) AS m`); None when the source has none."""
+        return self.aggregates(dataset_id, params, (alias,))[alias]
+
+    def aggregates(
+        self, dataset_id: str, params: dict[str, str], aliases: tuple[str, ...]
+    ) -> dict[str, str | None]:
+        """The aggregates of one request, by alias (None where the source has no value).
 
         An aggregate always answers one row: anything else (`[]` from a body cut short) is a
         `BadResponse`, so it is fetched again rather than read as zero.
@@ -320,8 +326,8 @@ class SodaClient:
                 raise BadResponse(f"{dataset_id}: unexpected aggregate answer {clip(str(rows))}")
             return rows[0]
 
-        value = self.fetch(self.resource_path(dataset_id), params, one_row).get(alias)
-        return None if value is None else str(value)
+        row = self.fetch(self.resource_path(dataset_id), params, one_row)
+        return {a: None if row.get(a) is None else str(row[a]) for a in aliases}
 
 
 _body = inflated  # the name tests know

@@ -88,6 +88,11 @@ def max_updated_params() -> dict[str, str]:
     return {"$select": "max(:updated_at) AS m"}
 
 
+def count_and_max_params() -> dict[str, str]:
+    """The number of rows and the latest `:updated_at`, in one request."""
+    return {"$select": "count(*) AS n, max(:updated_at) AS m"}
+
+
 def boundary_params(after: str | None, offset: int, upper: str | None = None) -> dict[str, str]:
     """The `:id` `offset` rows past `after` (in the range up to `upper`) in `:id` order: one
     column, one row."""
