@@ -95,33 +95,41 @@ def test_ctrl_c_in_each_phase(soda: FakeSoda, tmp_path: Path, command: str, matc
 
 
 @pytest.mark.parametrize(
-    "flags",
+    ("command", "flags"),
     [
-        ["--page-size", "400"],
+        ("backfill", ["--page-size", "400"]),
         # one range whose last page is full (2,500 rows): the count comes after the empty page
-        ["--page-size", "500", "--workers", "1"],
+        ("backfill", ["--page-size", "500", "--workers", "1"]),
+        # a key scan's partition ends at a count too
+        ("verify", []),
+        ("reconcile", []),
     ],
-    ids=["beside-the-empty-page", "after-the-empty-page"],
+    ids=["after-a-short-page", "after-the-empty-page", "verify", "reconcile"],
 )
 def test_ctrl_c_while_a_partition_end_count_is_held(
-    soda: FakeSoda, tmp_path: Path, flags: list[str]
+    soda: FakeSoda, tmp_path: Path, command: str, flags: list[str]
 ) -> None:
     """The count that confirms a partition's end hangs at the source: Ctrl-C does not wait for
     it (nor would it for one that never answers), and a rerun resumes from what was committed."""
     dest = str(tmp_path / "land")
     where = ["--source", soda.url, "--dest", dest]
+    manifest = tmp_path / "land" / "crashes" / "manifest.json"
+    if command != "backfill":
+        assert cli("backfill", "crashes", *where).code == 0
+    before = manifest.read_bytes() if manifest.exists() else None
     held = 60.0  # far longer than the interrupt may take
-    args = ["backfill", "crashes", *where, *flags]
+    args = [command, "crashes", *where, *flags]
     proc = interrupt_while_held(soda, "count(*) AS n&$where=:id", args, seconds=held)
     sent = time.monotonic()
     assert_one_interrupted_line(proc)
     assert time.monotonic() - sent < held / 4, "Ctrl-C waited for the held count"
     soda.clear_faults()
-    assert not (tmp_path / "land" / "crashes" / "manifest.json").exists()
+    assert (manifest.read_bytes() if manifest.exists() else None) == before
     assert not (tmp_path / "land" / "crashes" / "lock.json").exists()
-    res = cli("backfill", "crashes", *where, *flags)
+    res = cli(command, "crashes", *where, *flags)
     assert res.code == 0, res.text
-    assert "resumed run" in res.out, res.text
+    if command == "backfill":
+        assert "resumed run" in res.out, res.text
     exact(soda, dest, "crashes", tmp_path)
 
 
