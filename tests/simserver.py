@@ -3,7 +3,7 @@
 `SimSource` serves `capacity` requests at once. Queueing (`shared=False`): the others wait in
 line; a served request's first byte comes `base` seconds after it got a slot, then its body
 streams at `rate` bytes a second. Sharing (`shared=True`): every request is served at once, but
-the streams share `capacity x rate` between them. `run` drives a `_Core` with `streams` clients
+the streams share `capacity x rate` between them. `run` drives a `Controller` with `streams` clients
 that always want to send another page, stepping time by `dt`.
 """
 
@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from nyc_collisions.socrata.concurrency import _Core
+from nyc_collisions.socrata.vegas import Controller
 
 
 @dataclass
@@ -38,7 +38,7 @@ class SimSource:
     peak: int = 0
     sent: int = 0
 
-    def step(self, core: _Core, now: float, dt: float) -> None:
+    def step(self, core: Controller, now: float, dt: float) -> None:
         """Move time to `now`: first bytes, progress and ends, reported to `core`."""
         if self.shared:
             while self.queue:
@@ -65,7 +65,7 @@ class SimSource:
                     self.serving.remove(r)
                     core.finished(r.rid, now, r.nbytes)
 
-    def send(self, core: _Core, now: float) -> None:
+    def send(self, core: Controller, now: float) -> None:
         self.sent += 1
         rid = core.sent(now, sample=True)
         if self.sent in self.throttle_at:
@@ -77,7 +77,7 @@ class SimSource:
 
 
 def run(
-    core: _Core,
+    core: Controller,
     source: SimSource,
     seconds: float,
     streams: int | None = None,

@@ -10,7 +10,8 @@ from collections import Counter
 
 import pytest
 
-from nyc_collisions.socrata.concurrency import ConcurrencyLimit, _Core
+from nyc_collisions.socrata.concurrency import ConcurrencyLimit
+from nyc_collisions.socrata.vegas import Controller
 from tests.simserver import SimSource, run
 
 CEILING = 8
@@ -24,7 +25,7 @@ def settled(limits: list[int]) -> int:
 @pytest.mark.parametrize("capacity", [1, 2, 3, 4, 5, 6, 7])
 def test_settles_one_above_what_a_queueing_source_serves(capacity: int) -> None:
     """One request waits at the source, so that no slot idles between two pages."""
-    core = _Core(CEILING, 4, adaptive=True)
+    core = Controller(CEILING, 4, adaptive=True)
     source = SimSource(capacity)
     limits = run(core, source, 60)
     assert settled(limits) == capacity + 1
@@ -34,7 +35,7 @@ def test_settles_one_above_what_a_queueing_source_serves(capacity: int) -> None:
 
 @pytest.mark.parametrize("capacity", [8, 12, 30])
 def test_a_source_that_serves_more_gets_the_ceiling_and_never_more(capacity: int) -> None:
-    core = _Core(CEILING, 4, adaptive=True)
+    core = Controller(CEILING, 4, adaptive=True)
     source = SimSource(capacity)
     limits = run(core, source, 30)
     assert max(limits) == CEILING
@@ -44,14 +45,14 @@ def test_a_source_that_serves_more_gets_the_ceiling_and_never_more(capacity: int
 
 def test_it_grows_within_a_second_on_a_source_with_room() -> None:
     """Slow start: growth is earned by first bytes (0.15 s here), not by whole pages (5 s)."""
-    core = _Core(CEILING, 4, adaptive=True)
+    core = Controller(CEILING, 4, adaptive=True)
     limits = run(core, SimSource(12), 1.0)
     assert limits[-1] == CEILING
 
 
 @pytest.mark.parametrize(("before", "after"), [(6, 2), (2, 6), (8, 3)])
 def test_it_follows_the_source_when_its_capacity_changes(before: int, after: int) -> None:
-    core = _Core(CEILING, 4, adaptive=True)
+    core = Controller(CEILING, 4, adaptive=True)
     source = SimSource(before)
 
     def change(now: float) -> None:
@@ -66,7 +67,7 @@ def test_it_follows_the_source_when_its_capacity_changes(before: int, after: int
 def test_a_source_that_shares_and_slows_down_is_seen() -> None:
     """A source that serves every request at once but streams each more slowly when it has
     more: pages slower than the fastest seen lower the limit."""
-    core = _Core(CEILING, 4, adaptive=True)
+    core = Controller(CEILING, 4, adaptive=True)
     source = SimSource(8, shared=True)
 
     def change(now: float) -> None:
@@ -80,7 +81,7 @@ def test_a_source_that_shares_and_slows_down_is_seen() -> None:
 
 def test_probes_and_counts_teach_it_nothing() -> None:
     """Only pages of rows are latency samples: a slow probe (a deep $offset) is no queue."""
-    core = _Core(CEILING, 4, adaptive=True)
+    core = Controller(CEILING, 4, adaptive=True)
     page = core.sent(0.0, sample=True)
     core.first_byte(page, 0.15)
     probe = core.sent(0.0, sample=False)
@@ -93,7 +94,7 @@ def test_probes_and_counts_teach_it_nothing() -> None:
 
 def test_a_fixed_limit_does_not_adapt() -> None:
     """`--workers 3` on a source that serves one request at a time: 3 in flight, always."""
-    core = _Core(3, 4, adaptive=False)
+    core = Controller(3, 4, adaptive=False)
     source = SimSource(1)
     limits = run(core, source, 60)
     assert set(limits) == {3}
@@ -101,7 +102,7 @@ def test_a_fixed_limit_does_not_adapt() -> None:
 
 
 def test_a_throttle_halves_once_and_growth_is_slow_after() -> None:
-    core = _Core(CEILING, 4, adaptive=True)
+    core = Controller(CEILING, 4, adaptive=True)
     source = SimSource(12, throttle_at={40})
     limits = run(core, source, 60)
     assert core.throttles == 1
