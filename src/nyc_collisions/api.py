@@ -75,10 +75,10 @@ def fetch(
         schema = src.schema()
         tables: list[pa.Table] = []
         after: str | None = None
-        got = asked = returned = 0
+        got = asked = 0
 
         def page() -> int:
-            nonlocal after, got, asked, returned
+            nonlocal after, got, asked
             n = asked = page_size if limit is None else min(page_size, limit - got)
             params = soql.page_params(after=after, upper=None, limit=n, where=where)
             table = client.fetch(src.path, params, lambda b: parse_page(b, schema))
@@ -86,14 +86,13 @@ def fetch(
                 tables.append(table)
                 got += table.num_rows
                 after = table.column("socrata_id")[-1].as_py()
-            returned = int(table.num_rows)
-            return returned
+            return int(table.num_rows)
 
         src.page_until_empty(
             page,
             lambda: soql.rows_in(where, after),
+            asked=lambda: asked,
             stopped=lambda: limit is not None and got >= limit,
-            short=lambda: 0 < returned < asked,
         )
         text = pa.concat_tables(tables) if tables else schema.text_schema().empty_table()
         frame: pd.DataFrame = schema.to_typed(text).to_pandas()

@@ -194,20 +194,13 @@ class Update(DatasetJob):
                 table.column("socrata_id")[-1].as_py(),
             )
 
-        got = self.opts.page_size
-
-        def next_page() -> int:
-            nonlocal got
-            got = self.source.stream_rows(landed.schema, params, emit)
-            return got
-
         try:
             if until is not None:
                 done = self.source.page_until_empty(
-                    next_page,
+                    lambda: self.source.stream_rows(landed.schema, params, emit),
                     lambda: _changed_after(cursor, until),
+                    asked=lambda: self.opts.page_size,
                     stopped=lambda: stop.is_set() or self.opts.out_of_time(),
-                    short=lambda: 0 < got < self.opts.page_size,
                 )
                 files.commit(done=done)
                 if not done:

@@ -312,19 +312,12 @@ class KeyScan:
             with self._lock:
                 self.rows += table.num_rows
 
-        got = page
-
-        def next_page() -> int:
-            nonlocal got
-            got = self.source.stream_rows(self.schema, params, emit)
-            return got
-
         try:
             done = self.source.page_until_empty(
-                next_page,
+                lambda: self.source.stream_rows(self.schema, params, emit),
                 lambda: soql.id_range(after, partition.upper),
+                asked=lambda: page,
                 stopped=lambda: self.stop.is_set() or self.out_of_time(),
-                short=lambda: 0 < got < page,
             )
             sink.end(done, after)
             return done

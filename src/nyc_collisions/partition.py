@@ -124,7 +124,6 @@ class PartitionFetch:
         self.split_wanted = threading.Event()
         self.split_keep = 0
         self._asked = ctx.opts.page_size  # rows the current page asks for
-        self._short = False  # the last page held some rows, fewer than it asked for
         self.seconds = 0.0  # spent in pages: with `page_rows`, how long a row takes
         self.page_rows = 0
         opts = ctx.opts
@@ -149,8 +148,8 @@ class PartitionFetch:
                 self._next,
                 lambda: soql.id_range(self.after, self.partition.upper),
                 stopped=lambda: self.ctx.stop.is_set() or self.ctx.opts.out_of_time(),
+                asked=lambda: self._asked,
                 ended=self._upper_landed,
-                short=lambda: self._short,
                 counts=self.ctx.counts,
             )
             self.files.commit(done=done)
@@ -211,10 +210,8 @@ class PartitionFetch:
                 pass_through,
                 cancelled=self.split_wanted.is_set,
             )
-            self._short = 0 < got < self._asked
             return got
         except PageCancelled:
-            self._short = False  # the rows after the last landed are not known to be few
             return None
         finally:
             self.seconds += time.monotonic() - started
@@ -250,7 +247,6 @@ class PartitionFetch:
             return
         mine, new = self.book.split(self.partition, bound, self.landed + keep, remaining - keep)
         self.partition = mine
-        self._short = False  # `keep` rows are known to be left: no count before the next page
         self.pool.add(new)
 
     # -- part records ------------------------------------------------------------------------

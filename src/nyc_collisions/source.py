@@ -105,34 +105,37 @@ class DatasetSource:
         page: Callable[[], int | None],
         where: Callable[[], str | None],
         *,
+        asked: Callable[[], int],
         stopped: Callable[[], bool],
         ended: Callable[[], bool] | None = None,
-        short: Callable[[], bool] | None = None,
         counts: Executor | None = None,
     ) -> bool:
         """Ask `page()` until the range is exhausted: True at its end, False when `stopped()`.
 
         The end is taken only where a count of `where()` (the rows left after the last one
         landed) finds none, never on a short page alone: a body cut short can be well formed.
-        After a page `short()` says was short, that count is asked before any other page, so a
-        range ends one round trip after its last rows; after an empty page, `confirm_empty`
-        decides. `page` returns the rows it landed, or None when it was dropped (for a split,
-        say). `ended()` may say the range is done without a count (its upper row is landed).
-        With `counts`, counts run there and are waited on in turns with `stopped()`.
+        After a short page (some rows, fewer than `asked()`, the rows it asked for) that count
+        is asked before any other page, so a range ends one round trip after its last rows;
+        after an empty page, `confirm_empty` decides. `page` returns the rows it landed, or None
+        when it was dropped (for a split, say). `ended()` may say the range is done without a
+        count (its upper row is landed). With `counts`, counts run there and are waited on in
+        turns with `stopped()`.
         """
         empty = 0
+        short = False
         while True:
             if stopped():
                 return False
             if ended is not None and ended():
                 return True
-            if short is not None and short():
+            if short:
                 left = self._count_until_stopped(where(), counts, stopped)
                 if left is None:
                     return False
                 if left == 0:
                     return True
             got = page()
+            short = got is not None and 0 < got < asked()
             if got is None:
                 continue
             if got > 0:
