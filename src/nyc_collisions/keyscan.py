@@ -28,7 +28,14 @@ import pyarrow as pa
 from . import settings
 from .chain import extended, plan_partitions
 from .errors import Interrupted, StateError
-from .plan import Partition, ResumePoint, partition_count, partition_step
+from .plan import (
+    Partition,
+    ResumePoint,
+    chain_doc,
+    chain_ends,
+    partition_count,
+    partition_step,
+)
 from .schema import Column, Schema
 from .socrata import soql
 from .source import DatasetSource
@@ -100,11 +107,7 @@ class ScanPlan:
             "step": self.step,
             "partitions": [p.to_dict() for p in self.partitions],
             "complete": self.complete,
-            "chain": {
-                "after": self.chain_after,
-                "before": self.chain_before,
-                "made": self.chain_made,
-            },
+            "chain": chain_doc(self.chain_after, self.chain_before, self.chain_made),
         }
 
     @classmethod
@@ -113,11 +116,7 @@ class ScanPlan:
             if doc.get("kind") != "keyscan":
                 raise ValueError(f"kind is {doc.get('kind')!r}")
             parts = tuple(Partition.from_dict(p) for p in doc["partitions"])
-            # a record from before the chain down: the partitions are the chain up
-            chain = doc.get("chain") or {
-                "after": parts[-1].upper if parts else None,
-                "made": len(parts),
-            }
+            after, before, made = chain_ends(doc.get("chain"), parts)
             return cls(
                 scan_id=str(doc["scan_id"]),
                 dataset_id=str(doc["dataset_id"]),
@@ -131,9 +130,9 @@ class ScanPlan:
                 step=int(doc["step"]),
                 partitions=parts,
                 complete=bool(doc["complete"]),
-                chain_after=chain.get("after"),
-                chain_before=chain.get("before"),
-                chain_made=int(chain["made"]),
+                chain_after=after,
+                chain_before=before,
+                chain_made=made,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"{where}: a corrupt key scan record ({exc})") from exc

@@ -130,11 +130,7 @@ class SnapshotPlan:
             "complete": self.complete,
             "splits": self.splits,
             "partitions": [p.to_dict() for p in self.partitions],
-            "chain": {
-                "after": self.chain_after,
-                "before": self.chain_before,
-                "made": self.chain_made,
-            },
+            "chain": chain_doc(self.chain_after, self.chain_before, self.chain_made),
         }
 
     @classmethod
@@ -147,13 +143,7 @@ class SnapshotPlan:
             if step is not None:  # planned before rows were kept: each held a step
                 rows = int(step)
                 parts = tuple(replace(p, rows=rows) if p.rows is None else p for p in parts)
-            chain = doc.get("chain")
-            before = None  # a plan from before the chain down: nothing planned from the top
-            if isinstance(chain, dict):
-                after, made = chain.get("after"), int(chain.get("made", 0))
-                before = chain.get("before")
-            else:  # a plan from before splits: the list is the chain
-                after, made = (parts[-1].upper if parts else None), len(parts)
+            after, before, made = chain_ends(doc.get("chain"), parts)
             updated = doc.get("rows_updated_at")
             return cls(
                 batch_id=str(doc["batch_id"]),
@@ -177,6 +167,19 @@ class SnapshotPlan:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"{where}: a corrupt backfill plan ({exc})") from exc
+
+
+def chain_doc(after: str | None, before: str | None, made: int) -> dict[str, Any]:
+    """The planner's chains' ends as a plan or a scan record stores them (see `chain.py`)."""
+    return {"after": after, "before": before, "made": made}
+
+
+def chain_ends(doc: Any, parts: tuple[Partition, ...]) -> tuple[str | None, str | None, int]:
+    """(after, before, made) from `chain_doc`; from a record without one (before the chains),
+    the partitions are the chain up and nothing was planned from the top."""
+    if isinstance(doc, dict):
+        return doc.get("after"), doc.get("before"), int(doc.get("made", 0))
+    return (parts[-1].upper if parts else None), None, len(parts)
 
 
 def partition_count(rows: int, workers: int, page_size: int) -> int:

@@ -105,7 +105,7 @@ def verify_cmd(
                 continue
             ok = False
             print_mismatch(ds.name, landed.dataset.key, diff)
-        if "crashes" in opened and opened.keys() & {"persons", "vehicles"}:
+        if "crashes" in opened:
             for child in sorted(opened.keys() & {"persons", "vehicles"}):
                 o = orphans(opened["crashes"], opened[child])
                 click.echo(
