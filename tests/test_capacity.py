@@ -71,6 +71,22 @@ def test_a_run_costs_one_request_before_its_pages_and_one_after_its_rows(
         exact(srv, dest, "crashes", tmp_path)
 
 
+def test_a_range_asks_for_its_last_rows_in_one_page_the_top_one_too(
+    dest: str, tmp_path: Path
+) -> None:
+    """Two ranges of 3,000 rows, pages of 2,500: each asks for all its rows at once (one first
+    byte less), the top one (no upper bound) as the other; the top one then ends at a count."""
+    sizes = {"h9gi-nx95": 6000, "f55k-p6yu": 10, "bm4k-52h4": 10}
+    with FakeSoda(sizes=sizes, seed=5, latency=latency(2)) as srv:
+        args = ["--source", srv.url, "--dest", dest, "--page-size", "2500", "--workers", "2"]
+        res = cli("backfill", "crashes", *args)  # two workers: no split
+        assert res.code == 0, res.text
+        assert manifest(dest)["batches"][0]["info"]["partitions"] == 2
+        pages = [r for r in srv.requests() if r["params"].get("$select", "").startswith("*")]
+        assert [r["rows"] for r in pages] == [3000, 3000]
+        exact(srv, dest, "crashes", tmp_path)
+
+
 def test_idle_workers_split_the_largest_range(dest: str, tmp_path: Path) -> None:
     """Four partitions of 5,000 rows for eight workers: the idle ones split ranges (recorded in
     the plan, so the manifest says how many), and the landing is exact. Rows stream slowly

@@ -165,10 +165,11 @@ class PartitionFetch:
     # -- pages -------------------------------------------------------------------------------
     def _limit(self) -> int:
         """Rows to ask for: a page, or all that is left when that is at most half a page more
-        (one request less: each costs the source a first byte)."""
+        (one request less: each costs the source a first byte), in the top range too (more
+        rows than asked come back as a full page, and paging goes on)."""
         page = self.ctx.opts.page_size
         left = self.remaining()
-        if self.partition.upper is not None and 0 < left <= page + page // 2:
+        if 0 < left <= page + page // 2:
             return left + max(1, left // 20)  # a little more, in case rows were added
         return page
 
