@@ -1,4 +1,5 @@
-"""Ctrl-C in each phase of each command: one line, exit 130, nothing partial, and a rerun works."""
+"""Ctrl-C in each phase of each command: one line, exit 130, nothing partial, and a rerun works;
+SIGTERM likewise, with exit 143."""
 
 from __future__ import annotations
 
@@ -24,10 +25,14 @@ INTERACTIVE = (
 
 
 def interrupt_while_held(
-    soda: FakeSoda, match: str, args: list[str], seconds: float = 30
+    soda: FakeSoda,
+    match: str,
+    args: list[str],
+    seconds: float = 30,
+    sig: signal.Signals = signal.SIGINT,
 ) -> subprocess.Popen[str]:
     """Start the CLI, hold the first request that matches `match` `seconds` long, and Ctrl-C it
-    there."""
+    there (or send it `sig`)."""
     soda.add_fault("slow", times=None, match=match, seconds=seconds)
     proc = subprocess.Popen(
         [sys.executable, "-c", INTERACTIVE, *args],
@@ -40,13 +45,13 @@ def interrupt_while_held(
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the phase was never reached"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     return proc
 
 
-def assert_one_interrupted_line(proc: subprocess.Popen[str]) -> None:
+def assert_one_interrupted_line(proc: subprocess.Popen[str], status: int = 130) -> None:
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, out + err
+    assert proc.returncode == status, out + err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err
     assert lines[0].startswith("nyc-collisions: "), err
@@ -91,6 +96,35 @@ def test_ctrl_c_in_each_phase(soda: FakeSoda, tmp_path: Path, command: str, matc
     for catch_up in ("update", "reconcile"):
         res = cli(catch_up, "crashes", *where)
         assert res.code == 0, res.text
+    exact(soda, dest, "crashes", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("command", "match"),
+    [("backfill", "$select=*"), ("reconcile", ":id,collision_id,:updated_at")],
+    ids=["backfill", "reconcile"],
+)
+def test_sigterm_stops_a_run_as_ctrl_c_does(
+    soda: FakeSoda, tmp_path: Path, command: str, match: str
+) -> None:
+    """`docker stop`, an ECS task stopping, `kill`: SIGTERM while a page or a key scan is in
+    flight gives one line and exit 143, nothing partial committed and the lease given back (a
+    rerun elsewhere need not wait for it to expire); the same command again finishes the work."""
+    dest = str(tmp_path / "land")
+    where = ["--source", soda.url, "--dest", dest]
+    manifest = tmp_path / "land" / "crashes" / "manifest.json"
+    if command == "reconcile":
+        assert cli("backfill", "crashes", *where).code == 0
+        soda.delete("h9gi-nx95", 10)
+    before = manifest.read_bytes() if manifest.exists() else None
+    args = [command, "crashes", *where]
+    proc = interrupt_while_held(soda, match, args, sig=signal.SIGTERM)
+    assert_one_interrupted_line(proc, status=128 + signal.SIGTERM)
+    soda.clear_faults()
+    assert (manifest.read_bytes() if manifest.exists() else None) == before
+    assert not (tmp_path / "land" / "crashes" / "lock.json").exists()
+    res = cli(command, "crashes", *where)
+    assert res.code == 0, res.text
     exact(soda, dest, "crashes", tmp_path)
 
 

@@ -1,9 +1,9 @@
 """The `nyc-collisions` command (also `python -m nyc_collisions`).
 
-Loading the CLI takes a fraction of a second (pyarrow, httpx); a Ctrl-C in that time gets the
-same one line and exit status 130 as one during a run, not a traceback. Python's cycle collector
-is off while the modules load, and what loaded is then frozen out of its later passes, as a
-long-running process would do (measured in bench/README.md).
+Loading the CLI takes a fraction of a second (pyarrow, httpx); a Ctrl-C (or SIGTERM) in that
+time gets the same one line and exit status as one during a run, not a traceback. Python's
+cycle collector is off while the modules load, and what loaded is then frozen out of its later
+passes, as a long-running process would do (measured in bench/README.md).
 """
 
 from __future__ import annotations
@@ -12,17 +12,18 @@ import gc
 import sys
 
 from .errors import CTRL_C_LINE
-from .runtime import tune_threads
+from .runtime import interrupted_status, stop_on_sigterm, tune_threads
 
 
 def main() -> None:
     tune_threads()
+    stop_on_sigterm()
     gc.disable()
     try:
         from .cli import main as cli
     except KeyboardInterrupt:
         sys.stderr.write(CTRL_C_LINE + "\n")
-        sys.exit(130)
+        sys.exit(interrupted_status())
     gc.freeze()
     gc.enable()
     cli()

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
+import threading
+from types import FrameType
 
 
 def tune_threads() -> None:
@@ -16,6 +19,29 @@ def tune_threads() -> None:
     would start one per core that spins beside the workers, and nothing here uses BLAS. It must
     run before numpy is first imported."""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+_TERMINATED = threading.Event()
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (`docker stop`, an ECS task stopping, `kill`, `timeout`) stops a run as Ctrl-C
+    does: the requests in flight are dropped, nothing partial is committed, the lease is given
+    back, and the command exits 143 (`interrupted_status`). A second SIGTERM ends the process
+    at once. Without this, Python ends on the spot and leaves the lease for a later run to take
+    over, and as a container's first process it ignores SIGTERM until it is killed."""
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        _TERMINATED.set()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def interrupted_status() -> int:
+    """The exit status of a command stopped by a signal: 143 after SIGTERM, 130 after Ctrl-C."""
+    return 128 + signal.SIGTERM if _TERMINATED.is_set() else 128 + signal.SIGINT
 
 
 def tune_allocators() -> None:

@@ -14,7 +14,7 @@ import click
 
 from .. import __version__
 from ..errors import CTRL_C_LINE, Interrupted, NycCollisionsError, UsageError
-from ..runtime import tune_allocators
+from ..runtime import interrupted_status, tune_allocators
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,10 +44,10 @@ def handle_errors(f: F) -> F:
             return f(*args, **kwargs)
         except Interrupted as exc:
             say(f"nyc-collisions: {exc}")
-            sys.exit(130)
+            sys.exit(interrupted_status())
         except KeyboardInterrupt:
             say(CTRL_C_LINE)
-            sys.exit(130)
+            sys.exit(interrupted_status())
         except UsageError as exc:
             say(f"nyc-collisions: error: {exc}")
             sys.exit(2)
@@ -109,7 +109,7 @@ class _Commands(click.Group):
             sys.exit(exc.exit_code)
         except click.Abort:
             say(CTRL_C_LINE)
-            sys.exit(130)
+            sys.exit(interrupted_status())
         sys.exit(code if isinstance(code, int) else 0)
 
 
