@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,7 +134,10 @@ def test_token_is_sent_and_never_written(soda: FakeSoda, tmp_path: Path) -> None
             assert GOOD_TOKEN.encode() not in path.read_bytes(), path
 
 
-def test_time_budget_stops_cleanly_and_rerun_resumes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("debris", [False, True], ids=["clean", "a_record_half_written"])
+def test_time_budget_stops_cleanly_and_rerun_resumes(tmp_path: Path, debris: bool) -> None:
+    """With `debris`, a process killed while it wrote a part record has left that record's
+    temporary file, empty: the rerun resumes from the records, not reading it, and removes it."""
     from tests.fake_soda import Latency
 
     sizes = {"h9gi-nx95": 3000, "f55k-p6yu": 10, "bm4k-52h4": 10}
@@ -154,6 +159,9 @@ def test_time_budget_stops_cleanly_and_rerun_resumes(tmp_path: Path) -> None:
         assert committed, "no budget let a file be committed"
         assert "resumes" in first.out
         assert not (dest / "crashes/manifest.json").exists()
+        if debris:
+            record = parts[0].parent.relative_to(dest) / "0099-000000.json"
+            killed_while_writing(dest, str(record))
         srv.reset_stats()
         second = cli("backfill", *args, "--dest", str(dest))
         assert second.code == 0, second.text
@@ -163,6 +171,20 @@ def test_time_budget_stops_cleanly_and_rerun_resumes(tmp_path: Path) -> None:
         pages = [r for r in srv.requests() if r["params"].get("$select", "").startswith("*")]
         assert sum(r["rows"] for r in pages) <= 3000 - committed + 2 * 100
         exact(srv, str(dest), "crashes", tmp_path)
+        assert not list(dest.rglob("*.tmp"))
+
+
+def killed_while_writing(dest: Path, key: str) -> None:
+    """What a process killed while it wrote `key` into the folder `dest` leaves: its temporary
+    file beside the key, empty, named for a writer that has ended."""
+    code = (
+        "import os, sys; from pathlib import Path; "
+        "from nyc_collisions.sink.local import LocalStorage; "
+        "LocalStorage(Path(sys.argv[1])).open_writer(sys.argv[2]); os.kill(os.getpid(), 9)"
+    )
+    subprocess.run([sys.executable, "-c", code, str(dest), key], check=False)
+    folder = (dest / key).parent
+    assert [p.name for p in folder.glob(".*.tmp")], "no temporary file was left"
 
 
 def test_aggregates_cut_to_nothing_are_fetched_again(soda: FakeSoda, tmp_path: Path) -> None:

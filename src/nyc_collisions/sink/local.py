@@ -42,6 +42,12 @@ def _tmp_for(path: Path) -> Path:
     return path.with_name(f".{path.name}.{owner}.tmp")
 
 
+def _own_file(key: str) -> bool:
+    """Whether `key` names a temporary or guard file of this store (`_tmp_for`, `_guarded`)."""
+    name = key.rsplit("/", 1)[-1]
+    return name.startswith(".") and name.endswith((".tmp", ".guard"))
+
+
 def _disk_error(path: Path | str, exc: OSError) -> DestinationError:
     if exc.errno == errno.ENOSPC:
         return DestinationError(f"{path}: no space left on device")
@@ -154,6 +160,12 @@ class LocalStorage:
             raise _disk_error(self._path(key), exc) from exc
 
     def list_keys(self, prefix: str) -> list[str]:
+        """The keys below `prefix`, in order; never this store's own temporary and guard files
+        (a write in progress, or one a killed process left half done), which are no keys: an S3
+        listing does not show a write before it completes either."""
+        return [k for k in self._files(prefix) if not _own_file(k)]
+
+    def _files(self, prefix: str) -> list[str]:
         base = self._path(prefix)
         if not base.is_dir():
             return []
@@ -214,7 +226,7 @@ class LocalStorage:
         a temporary file once its writer (named in it) has ended, or is of another host and
         older than `STALE_TMP`; a guard file only while holding its lock (see the docstring)."""
         stale, n = [], 0
-        for key in self.list_keys(prefix):
+        for key in self._files(prefix):
             path = self._path(key)
             if path.name.startswith(".") and path.name.endswith(".guard"):
                 n += self._drop_guard(path)
