@@ -100,15 +100,19 @@ def test_ctrl_c_in_each_phase(soda: FakeSoda, tmp_path: Path, command: str, matc
 
 
 @pytest.mark.parametrize(
-    ("command", "match"),
-    [("backfill", "$select=*"), ("reconcile", ":id,collision_id,:updated_at")],
+    ("command", "match", "flags"),
+    [
+        ("backfill", "$select=*", ["--page-size", "400", "--workers", "4"]),
+        ("reconcile", ":id,collision_id,:updated_at", []),
+    ],
     ids=["backfill", "reconcile"],
 )
 def test_sigterm_stops_a_run_as_ctrl_c_does(
-    soda: FakeSoda, tmp_path: Path, command: str, match: str
+    soda: FakeSoda, tmp_path: Path, command: str, match: str, flags: list[str]
 ) -> None:
-    """`docker stop`, an ECS task stopping, `kill`: SIGTERM while a page or a key scan is in
-    flight gives one line and exit 143, nothing partial committed and the lease given back (a
+    """`docker stop`, an ECS task stopping, `kill`: SIGTERM while pages or key pages are held at
+    the source by several workers gives one line and exit 143 without waiting for them (a
+    container is killed seconds later), nothing partial committed and the lease given back (a
     rerun elsewhere need not wait for it to expire); the same command again finishes the work."""
     dest = str(tmp_path / "land")
     where = ["--source", soda.url, "--dest", dest]
@@ -117,13 +121,16 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(
         assert cli("backfill", "crashes", *where).code == 0
         soda.delete("h9gi-nx95", 10)
     before = manifest.read_bytes() if manifest.exists() else None
-    args = [command, "crashes", *where]
-    proc = interrupt_while_held(soda, match, args, sig=signal.SIGTERM)
+    held = 60.0  # far longer than the stop may take
+    args = [command, "crashes", *where, *flags]
+    proc = interrupt_while_held(soda, match, args, seconds=held, sig=signal.SIGTERM)
+    sent = time.monotonic()
     assert_one_interrupted_line(proc, status=128 + signal.SIGTERM)
+    assert time.monotonic() - sent < held / 4, "the stop waited for the held pages"
     soda.clear_faults()
     assert (manifest.read_bytes() if manifest.exists() else None) == before
     assert not (tmp_path / "land" / "crashes" / "lock.json").exists()
-    res = cli(command, "crashes", *where)
+    res = cli(command, "crashes", *where, *flags)
     assert res.code == 0, res.text
     exact(soda, dest, "crashes", tmp_path)
 

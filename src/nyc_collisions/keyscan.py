@@ -39,7 +39,7 @@ from .plan import (
 from .schema import Column, Schema
 from .socrata import soql
 from .source import DatasetSource
-from .workers import DaemonCalls
+from .workers import STOP_WAIT, DaemonCalls, join_for
 
 logger = logging.getLogger(__name__)
 
@@ -270,8 +270,7 @@ class KeyScan:
         except KeyboardInterrupt:
             self.stop.set()
             self.source.client.limit.interrupt()
-            for t in threads:
-                t.join(timeout=30)
+            join_for(threads, STOP_WAIT)
             raise Interrupted(
                 f"{self.source.dataset.name}: interrupted; nothing partial was committed"
             ) from None

@@ -198,7 +198,7 @@ class PartitionFetch:
         return self._page()
 
     def _page(self) -> int | None:
-        """One page; None when it was dropped for a split."""
+        """One page; None when it was dropped (for a split, or on a stop)."""
         # CSV pages go to CSV files unparsed where they can (see `CsvPageStream`)
         pass_through = self._emit_rows if self.ctx.opts.fmt == "csv" else None
         started, landed = time.monotonic(), self.landed
@@ -209,7 +209,8 @@ class PartitionFetch:
                 self._params,
                 self._emit,
                 pass_through,
-                cancelled=self.split_wanted.is_set,
+                # dropped where it is for a split, or on a stop (Ctrl-C, SIGTERM, a lost lease)
+                cancelled=lambda: self.split_wanted.is_set() or self.ctx.stop.is_set(),
             )
             return got
         except PageCancelled:

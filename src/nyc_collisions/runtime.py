@@ -26,14 +26,18 @@ _TERMINATED = threading.Event()
 
 def stop_on_sigterm() -> None:
     """SIGTERM (`docker stop`, an ECS task stopping, `kill`, `timeout`) stops a run as Ctrl-C
-    does: the requests in flight are dropped, nothing partial is committed, the lease is given
-    back, and the command exits 143 (`interrupted_status`). A second SIGTERM ends the process
+    does: the pages in flight are dropped, nothing partial is committed, the lease is given
+    back, and the command exits 143 (`interrupted_status`); a second SIGTERM ends the process
     at once. Without this, Python ends on the spot and leaves the lease for a later run to take
-    over, and as a container's first process it ignores SIGTERM until it is killed."""
+    over, and as a container's first process it ignores SIGTERM until it is killed. A SIGTERM
+    ignored by whoever started the command stays ignored, as Python leaves an ignored SIGINT."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        return
 
     def stop(signum: int, frame: FrameType | None) -> None:
+        if _TERMINATED.is_set():
+            os._exit(128 + signal.SIGTERM)  # the second: no cleanup waited for
         _TERMINATED.set()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future
@@ -219,8 +220,7 @@ class PartitionPool:
         except KeyboardInterrupt:
             self.ctx.stop.set()
             self.limit.interrupt()
-            for t in threads:
-                t.join(timeout=30)
+            join_for(threads, STOP_WAIT)
             raise Interrupted(
                 f"{self.name}: interrupted; committed files are kept and a rerun of "
                 "the same command resumes from them"
@@ -247,6 +247,18 @@ def fetch_partitions(
     """Run a `PartitionPool`, with the executor its partitions' end counts run on."""
     ctx = replace(ctx, counts=DaemonCalls())
     return PartitionPool(ctx, book, points, limit, name).run(planner)
+
+
+STOP_WAIT = 5.0  # seconds in all that an interrupted run waits for its workers to end
+
+
+def join_for(threads: Iterable[threading.Thread], seconds: float) -> None:
+    """Wait for `threads` to end, `seconds` in all. After a stop a worker ends within a chunk
+    of its page; one held in a request the source does not answer is left behind (a daemon
+    thread: it ends with the process, and records nothing once the lease is given back)."""
+    deadline = time.monotonic() + seconds
+    for t in threads:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 class DaemonCalls(Executor):

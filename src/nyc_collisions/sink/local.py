@@ -228,9 +228,11 @@ class LocalStorage:
         stale, n = [], 0
         for key in self._files(prefix):
             path = self._path(key)
-            if path.name.startswith(".") and path.name.endswith(".guard"):
+            if not _own_file(key):
+                continue
+            if path.name.endswith(".guard"):
                 n += self._drop_guard(path)
-            elif path.name.startswith(".") and path.name.endswith(".tmp") and self._gone(path):
+            elif self._gone(path):
                 stale.append(key)
         self.delete(stale)
         return n + len(stale)
