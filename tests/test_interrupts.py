@@ -58,6 +58,25 @@ def assert_one_interrupted_line(proc: subprocess.Popen[str], status: int = 130) 
     assert "interrupted" in lines[0], err
 
 
+def assert_stopped_cleanly(
+    proc: subprocess.Popen[str],
+    soda: FakeSoda,
+    tmp_path: Path,
+    before: bytes | None,
+    held: float,
+    status: int = 130,
+) -> None:
+    """The run just signalled ends with one line and `status` well before the request the
+    source holds `held` seconds, its manifest as it was (`before`) and its lease given back."""
+    sent = time.monotonic()
+    assert_one_interrupted_line(proc, status)
+    assert time.monotonic() - sent < held / 4, "the stop waited for the held request"
+    soda.clear_faults()
+    manifest = tmp_path / "land" / "crashes" / "manifest.json"
+    assert (manifest.read_bytes() if manifest.exists() else None) == before
+    assert not (tmp_path / "land" / "crashes" / "lock.json").exists()
+
+
 @pytest.mark.parametrize(
     ("command", "match"),
     [
@@ -124,12 +143,7 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(
     held = 60.0  # far longer than the stop may take
     args = [command, "crashes", *where, *flags]
     proc = interrupt_while_held(soda, match, args, seconds=held, sig=signal.SIGTERM)
-    sent = time.monotonic()
-    assert_one_interrupted_line(proc, status=128 + signal.SIGTERM)
-    assert time.monotonic() - sent < held / 4, "the stop waited for the held pages"
-    soda.clear_faults()
-    assert (manifest.read_bytes() if manifest.exists() else None) == before
-    assert not (tmp_path / "land" / "crashes" / "lock.json").exists()
+    assert_stopped_cleanly(proc, soda, tmp_path, before, held, status=128 + signal.SIGTERM)
     res = cli(command, "crashes", *where, *flags)
     assert res.code == 0, res.text
     exact(soda, dest, "crashes", tmp_path)
@@ -161,12 +175,7 @@ def test_ctrl_c_while_a_partition_end_count_is_held(
     held = 60.0  # far longer than the interrupt may take
     args = [command, "crashes", *where, *flags]
     proc = interrupt_while_held(soda, "count(*) AS n&$where=:id", args, seconds=held)
-    sent = time.monotonic()
-    assert_one_interrupted_line(proc)
-    assert time.monotonic() - sent < held / 4, "Ctrl-C waited for the held count"
-    soda.clear_faults()
-    assert (manifest.read_bytes() if manifest.exists() else None) == before
-    assert not (tmp_path / "land" / "crashes" / "lock.json").exists()
+    assert_stopped_cleanly(proc, soda, tmp_path, before, held)
     res = cli(command, "crashes", *where, *flags)
     assert res.code == 0, res.text
     if command == "backfill":
