@@ -226,10 +226,8 @@ class LocalStorage:
         a temporary file once its writer (named in it) has ended, or is of another host and
         older than `STALE_TMP`; a guard file only while holding its lock (see the docstring)."""
         stale, n = [], 0
-        for key in self._files(prefix):
+        for key in filter(_own_file, self._files(prefix)):
             path = self._path(key)
-            if not _own_file(key):
-                continue
             if path.name.endswith(".guard"):
                 n += self._drop_guard(path)
             elif self._gone(path):
