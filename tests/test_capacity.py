@@ -71,6 +71,32 @@ def test_a_run_costs_one_request_before_its_pages_and_one_after_its_rows(
         exact(srv, dest, "crashes", tmp_path)
 
 
+@pytest.mark.parametrize("command", ["backfill", "update"])
+def test_the_first_aggregate_goes_beside_the_metadata(
+    dest: str, tmp_path: Path, command: str
+) -> None:
+    """A run needs the metadata (its columns) and an aggregate (a backfill's count, an update's
+    latest `:updated_at`) before its first page; neither needs the other, so they are asked at
+    once and the metadata's round trip (held 2 s here) is not one of the run's."""
+    sizes = {"h9gi-nx95": 3000, "f55k-p6yu": 10, "bm4k-52h4": 10}
+    with FakeSoda(sizes=sizes, seed=5) as srv:
+        args = ["crashes", "--source", srv.url, "--dest", dest]
+        if command == "update":
+            assert cli("backfill", *args).code == 0
+            srv.insert("h9gi-nx95", 5)
+            srv.reset_stats()
+        srv.add_fault("slow", match="/api/views/", seconds=2.0)
+        res = cli(command, *args)
+        assert res.code == 0, res.text
+        log = srv.requests()
+        meta = next(r for r in log if r["kind"] == "metadata")
+        first = next(r for r in log if r["kind"] == "data")
+        assert first["fault"] is None and meta["fault"] == "slow"
+        # the aggregate was asked before the metadata was answered
+        assert first["time"] - first["seconds"] < meta["time"]
+        exact(srv, dest, "crashes", tmp_path)
+
+
 def test_a_range_asks_for_its_last_rows_in_one_page_the_top_one_too(
     dest: str, tmp_path: Path
 ) -> None:

@@ -39,6 +39,7 @@ from .socrata import soql
 from .socrata.client import SodaClient
 from .state import EPOCH, Batch, DatasetState, Retired, Watermark, new_batch_id, utc_now
 from .tidy import retire_after, tidy
+from .workers import DaemonCalls
 
 logger = logging.getLogger(__name__)
 
@@ -139,11 +140,13 @@ class Update(DatasetJob):
         landed = open_for_job(self.state, self.dataset)
         watermark = landed.manifest.watermark or Watermark(EPOCH)
         fmt = self.fmt or landed.manifest.current_batches()[-1].format
+        # the changes end at the latest `:updated_at`: asked beside the metadata
+        latest = DaemonCalls().submit(self.source.max_updated_at)
         change = drift(landed, self.source)
         if change is not None:
             land_new_columns(self, change, stop, result, fmt)
             return
-        until = self.source.max_updated_at()
+        until = latest.result()
         if until is not None and self._refresh_instead(landed, watermark, until, result):
             land_fresh(self, stop, result, fmt)
             return

@@ -66,16 +66,22 @@ class DatasetSource:
     def max_updated_at(self) -> str | None:
         return self.client.scalar(self.dataset.dataset_id, soql.max_updated_params(), "m")
 
-    def info(self) -> SourceInfo:
-        """The count and the latest `:updated_at`, in one request (before any page)."""
-        meta = self.metadata()
-        rows_updated = meta.get("rowsUpdatedAt")
+    def count_and_latest(self) -> tuple[int, str | None]:
+        """The count and the latest `:updated_at`, in one request."""
         both = self.client.aggregates(
             self.dataset.dataset_id, soql.count_and_max_params(), ("n", "m")
         )
+        return self._as_count(both["n"]), both["m"]
+
+    def info(self, counted: tuple[int, str | None] | None = None) -> SourceInfo:
+        """The count and the latest `:updated_at` (`counted`, or asked now) with the metadata's
+        facts: what a new plan starts from."""
+        count, latest = counted if counted is not None else self.count_and_latest()
+        meta = self.metadata()
+        rows_updated = meta.get("rowsUpdatedAt")
         return SourceInfo(
-            count=self._as_count(both["n"]),
-            max_updated_at=both["m"],
+            count=count,
+            max_updated_at=latest,
             rows_updated_at=int(rows_updated) if isinstance(rows_updated, int | float) else None,
             name=str(meta.get("name", self.dataset.dataset_id)),
         )
