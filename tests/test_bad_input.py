@@ -353,7 +353,8 @@ def test_a_source_that_keeps_failing_says_so_while_it_retries(tmp_path: Path) ->
     retries: dict[str, list[str]] = {}
     for line in lines[:-1]:
         retries.setdefault(line.split("(GET ")[1], []).append(line.split("retry ")[1][:3])
-    assert retries and all(seen == ["3/4", "4/4"] for seen in retries.values()), done.stderr
+    assert retries, done.stderr
+    assert all(seen == ["3/4", "4/4"] for seen in retries.values()), done.stderr
     assert all("ConnectError" in line for line in lines[:-1])
     assert "gave up after 5 attempts" in lines[-1]
 

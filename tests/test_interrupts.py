@@ -149,6 +149,28 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(
     exact(soda, dest, "crashes", tmp_path)
 
 
+def test_a_second_sigterm_ends_the_stop_at_once(soda: FakeSoda, tmp_path: Path) -> None:
+    """A first SIGTERM waits a few seconds for the workers the source holds; a second one (an
+    impatient operator, an orchestrator that sends it again) ends the process there: exit 143,
+    no line written, nothing committed, and the same command again (on this host: the lease
+    of a process that is gone is taken over at once) lands the source exactly."""
+    dest = str(tmp_path / "land")
+    where = ["--source", soda.url, "--dest", dest]
+    args = ["backfill", "crashes", *where, "--page-size", "400", "--workers", "4"]
+    proc = interrupt_while_held(soda, "$select=*", args, seconds=60.0, sig=signal.SIGTERM)
+    time.sleep(1.0)  # the first stop is waiting for the held workers (up to 5 s)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, out + err
+    assert "interrupted" not in err, err  # ended before the stop's own line
+    soda.clear_faults()
+    assert not (tmp_path / "land" / "crashes" / "manifest.json").exists()
+    res = cli(*args)
+    assert res.code == 0, res.text
+    exact(soda, dest, "crashes", tmp_path)
+
+
 @pytest.mark.parametrize(
     ("command", "flags"),
     [
