@@ -4,8 +4,9 @@ The one way a snapshot is landed: a backfill calls `land_snapshot`, and so do an
 reconcile that land a fresh snapshot instead (a full replace, new columns), under their lease.
 
 1. an unfinished run that fits (format, columns, key) is resumed from its committed files;
-   otherwise the source's count and latest `:updated_at` are asked (the watermark the next
-   `update` starts from, so rows changed meanwhile are picked up) and a new plan is recorded;
+   otherwise the source's count and latest `:updated_at` (the watermark the next `update`
+   starts from, so rows changed meanwhile are picked up), asked beside the metadata when no
+   run is unfinished, give a new plan, recorded before any page;
 2. partition boundaries are probed from both ends (`chain.py`) as the workers fetch the first
    partitions (`workers.py`), each partition by keyset pages into files, every file recorded
    under `runs/<batch>/parts/` (the unit a rerun resumes from);
@@ -60,12 +61,12 @@ class _Snapshot:
         self.state = job.state
 
     def land(self, stop: threading.Event, result: DatasetResult) -> Manifest | None:
-        # a new plan needs the count: asked beside the metadata (one round trip less), unused
-        # when an unfinished run is resumed
-        counted = DaemonCalls().submit(self.job.source.count_and_latest)
         manifest = self.state.load()
+        runs = self.state.unfinished_runs()
+        # a new plan needs the count: asked beside the metadata (one round trip less)
+        counted = None if runs else DaemonCalls().submit(self.job.source.count_and_latest)
         schema = self.job.source.schema()
-        plan = self._plan(schema, result, counted)
+        plan = self._plan(schema, result, runs, counted)
         plan, parts = self._fetch(schema, plan, result, stop)
         if result.status == "stopped":
             result.batch_id = plan.batch_id
@@ -73,12 +74,17 @@ class _Snapshot:
         return self._commit(manifest, schema, plan, parts, result)
 
     def _plan(
-        self, schema: Schema, result: DatasetResult, counted: Future[tuple[int, str | None]]
+        self,
+        schema: Schema,
+        result: DatasetResult,
+        runs: list[str],
+        counted: Future[tuple[int, str | None]] | None,
     ) -> SnapshotPlan:
-        """Resume the unfinished run if there is one that fits, or probe and record a new plan."""
+        """Resume the last of the unfinished `runs` if it fits, or record a new plan from the
+        count (`counted`, or asked now)."""
         job, state = self.job, self.state
         columns = tuple((c.field_name, c.data_type) for c in schema.columns)
-        for batch_id in reversed(state.unfinished_runs()):
+        for batch_id in reversed(runs):
             key = f"{state.run_prefix(batch_id)}/plan.json"
             doc = state.get_json(key)
             plan = None
@@ -99,7 +105,9 @@ class _Snapshot:
                 batch_id,
             )
             state.drop_run(batch_id)
-        info = job.source.info(counted.result())
+        info = job.source.info(
+            counted.result() if counted is not None else job.source.count_and_latest()
+        )
         n = partition_count(info.count, job.client.limit.ceiling, self.opts.page_size)
         plan = SnapshotPlan(
             batch_id=new_batch_id("backfill"),

@@ -73,10 +73,10 @@ class DatasetSource:
         )
         return self._as_count(both["n"]), both["m"]
 
-    def info(self, counted: tuple[int, str | None] | None = None) -> SourceInfo:
-        """The count and the latest `:updated_at` (`counted`, or asked now) with the metadata's
+    def info(self, counted: tuple[int, str | None]) -> SourceInfo:
+        """The count and the latest `:updated_at` (`count_and_latest`) with the metadata's
         facts: what a new plan starts from."""
-        count, latest = counted if counted is not None else self.count_and_latest()
+        count, latest = counted
         meta = self.metadata()
         rows_updated = meta.get("rowsUpdatedAt")
         return SourceInfo(

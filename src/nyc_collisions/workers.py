@@ -262,9 +262,10 @@ def join_for(threads: Iterable[threading.Thread], seconds: float) -> None:
 
 
 class DaemonCalls(Executor):
-    """Each call on a daemon thread of its own. A count the source holds (or never answers)
-    is left behind on a stop: nothing waits for it, not even the interpreter's exit, as it
-    would for a `ThreadPoolExecutor`'s threads. A worker awaits at most one count at a time."""
+    """Each call on a daemon thread of its own: the counts that end ranges, the probes of the
+    chain down, a run's first aggregate. A request the source holds (or never answers) is left
+    behind on a stop: nothing waits for it, not even the interpreter's exit, as it would for a
+    `ThreadPoolExecutor`'s threads."""
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         future: Future[T] = Future()
@@ -277,5 +278,5 @@ class DaemonCalls(Executor):
             except BaseException as exc:
                 future.set_exception(exc)
 
-        threading.Thread(target=call, daemon=True, name="count").start()
+        threading.Thread(target=call, daemon=True, name="source-call").start()
         return future
