@@ -57,7 +57,7 @@ def open_for_job(state: DatasetState, dataset: Dataset) -> Landed:
     try:
         return open_landed(storage, dataset, state)
     except NothingLanded:
-        if state.unfinished_runs():
+        if state.unfinished_runs(state.load()):
             raise NothingLanded(
                 f"{dataset.name}: the backfill at {storage.url}/{dataset.name}/ has not finished; "
                 f"run `nyc-collisions backfill {dataset.name}` again to complete it"

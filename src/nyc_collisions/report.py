@@ -35,7 +35,8 @@ def dataset_status(storage: Storage, client: SodaClient | None, ds: Dataset) -> 
     try:
         landed = open_landed(storage, ds)
     except NothingLanded:
-        unfinished = DatasetState(storage, ds.name).unfinished_runs()
+        state = DatasetState(storage, ds.name)
+        unfinished = state.unfinished_runs(state.load())
         entry.update(landed=False, rows=0, files=0, unfinished_backfill=unfinished[-1:] or None)
     else:
         manifest = landed.manifest

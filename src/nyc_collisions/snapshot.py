@@ -62,7 +62,7 @@ class _Snapshot:
 
     def land(self, stop: threading.Event, result: DatasetResult) -> Manifest | None:
         manifest = self.state.load()
-        runs = self.state.unfinished_runs()
+        runs = self.state.unfinished_runs(manifest)
         # a new plan needs the count: asked beside the metadata (one round trip less)
         counted = None if runs else DaemonCalls().submit(self.job.source.count_and_latest)
         schema = self.job.source.schema()

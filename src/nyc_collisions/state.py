@@ -265,11 +265,11 @@ class DatasetState:
         manifest.base = version
 
     # -- runs in progress ------------------------------------------------------------------
-    def unfinished_runs(self) -> list[str]:
-        """Batch ids of runs with a plan that no manifest names (killed or interrupted runs)."""
+    def unfinished_runs(self, manifest: Manifest | None) -> list[str]:
+        """Batch ids of runs with a plan that `manifest` (the dataset's, as the caller read it)
+        does not name: killed or interrupted runs."""
         keys = self.storage.list_keys(f"{self.folder}/runs/")
         ids = sorted({k.split("/")[-2] for k in keys if k.endswith("/plan.json")})
-        manifest = self.load()
         committed = {b.batch_id for b in manifest.batches} if manifest else set()
         return [i for i in ids if i not in committed]
 
