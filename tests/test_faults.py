@@ -317,3 +317,40 @@ def test_leftovers_of_a_killed_run_are_never_read_and_are_cleaned_up(
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
     assert not [k for k in keys if "dead00" in k]
     exact(soda_ro, dest, "crashes", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("command", "match"),
+    [
+        ("backfill", "$select=*"),  # its pages
+        ("update", ":updated_at,:id"),  # its pages of changes
+        ("reconcile", ":id,collision_id,:updated_at"),  # its key pages
+    ],
+)
+def test_the_time_budget_holds_while_the_source_throttles(
+    soda: FakeSoda, tmp_path: Path, command: str, match: str
+) -> None:
+    """`--max-seconds` (and the Lambda's deadline) while every page is throttled with a long
+    Retry-After: the run stops at its budget, not after the retries' waits, and a rerun ends
+    exact."""
+    dest = str(tmp_path / "land")
+    where = ["--source", soda.url, "--dest", dest]
+    if command != "backfill":
+        assert cli("backfill", "crashes", *where).code == 0
+        soda.insert("h9gi-nx95", 30)
+        soda.delete("h9gi-nx95", 10)
+    wait = 20.0  # each retry's; the run would wait it out at least twice
+    soda.add_fault("429", times=2, match=match, retry_after=wait)
+    budget = 3.0
+    started = time.monotonic()
+    res = cli(command, "crashes", *where, "--workers", "1", "--max-seconds", str(budget))
+    took = time.monotonic() - started
+    assert res.code == 3, res.text  # stopped by its budget: resumable
+    assert "stopped" in res.out, res.text
+    assert soda.stats()["faults"].get("429"), "the throttled request was never reached"
+    assert took < budget + wait / 2, f"a {budget:.0f} s budget took {took:.1f} s"
+    soda.clear_faults()
+    assert cli(command, "crashes", *where).code == 0
+    for catch_up in ("update", "reconcile"):  # what the source holds now
+        assert cli(catch_up, "crashes", *where).code == 0
+    exact(soda, dest, "crashes", tmp_path)

@@ -95,5 +95,10 @@ class Interrupted(NycCollisionsError):
     """The run stopped before its end (Ctrl-C or a time budget); committed work is kept."""
 
 
+class RetriesStopped(NycCollisionsError):
+    """A request was not tried again because the run had to stop (its time budget, a stop, a
+    lost lease) while the source was failing; the run stops there, as at a page's end."""
+
+
 # What the command prints for a Ctrl-C that reached it before or outside a run's own handling.
 CTRL_C_LINE = "nyc-collisions: interrupted; nothing partial was committed"

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from .datasets import Dataset
-from .errors import UsageError
+from .errors import RetriesStopped, UsageError
 from .lease import Lease
 from .results import DatasetResult
 from .sink.formats import check_format
@@ -86,7 +86,7 @@ class DatasetJob:
                     self.manifest = manifest = self.state.load()
                     if manifest is not None:
                         self.keyed_as_landed(manifest.key)
-                    self._run(stop, result)
+                    self._run_until_stopped(stop, result)
                     lease.check()  # a lease lost during the run fails it; during cleanup, not
                     self.sync_table()
                     result.table_error = self.table_error
@@ -100,6 +100,21 @@ class DatasetJob:
             result.wire_bytes = self.client.stats.bytes - bytes0
             result.seconds = time.monotonic() - started
         return result
+
+    def _run_until_stopped(self, stop: threading.Event, result: DatasetResult) -> None:
+        """`_run`, with the source's retries given up once the run has to stop: a stop or its
+        time budget then ends it within a moment even while the source keeps failing."""
+        with self.client.stopping_when(lambda: stop.is_set() or self.opts.out_of_time()):
+            try:
+                self._run(stop, result)
+            except RetriesStopped as exc:
+                logger.info("%s: %s", self.dataset.name, exc)
+                result.status = "stopped"
+                why = "stop" if stop.is_set() else "time budget"
+                result.message = (
+                    f"stopped before the end ({why}) while the source was failing; "
+                    "a rerun goes on from what is committed"
+                )
 
     def sync_table(self) -> None:
         """With a table format: bring the dataset's table up to its manifest (table.py), under

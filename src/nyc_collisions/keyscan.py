@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from . import settings
 from .chain import extended, plan_partitions
-from .errors import Interrupted, StateError
+from .errors import Interrupted, RetriesStopped, StateError
 from .plan import (
     Partition,
     ResumePoint,
@@ -38,6 +38,7 @@ from .plan import (
 )
 from .schema import Column, Schema
 from .socrata import soql
+from .socrata.client import PageCancelled
 from .source import DatasetSource
 from .workers import STOP_WAIT, DaemonCalls, join_for
 
@@ -222,6 +223,8 @@ class KeyScan:
             def run_task() -> None:
                 try:
                     task()
+                except RetriesStopped:
+                    pass  # the run is stopping, its other threads with it (`stopping_when`)
                 except BaseException as exc:
                     with self._lock:
                         errors.append(exc)
@@ -257,6 +260,8 @@ class KeyScan:
                     work.put((partition, ResumePoint()))
             except KeyboardInterrupt:
                 raise
+            except RetriesStopped:
+                pass  # the run is stopping: no more partitions
             except BaseException as exc:  # a failed probe: stop the workers, then raise it
                 with self._lock:
                     errors.append(exc)
@@ -310,12 +315,21 @@ class KeyScan:
             with self._lock:
                 self.rows += table.num_rows
 
+        def stopped() -> bool:
+            return self.stop.is_set() or self.out_of_time()
+
+        def next_page() -> int | None:
+            try:  # dropped where it is on a stop: the keys emitted so far are whole
+                return self.source.stream_rows(self.schema, params, emit, cancelled=stopped)
+            except (PageCancelled, RetriesStopped):
+                return None
+
         try:
             done = self.source.page_until_empty(
-                lambda: self.source.stream_rows(self.schema, params, emit),
+                next_page,
                 lambda: soql.id_range(after, partition.upper),
                 asked=lambda: page,
-                stopped=lambda: self.stop.is_set() or self.out_of_time(),
+                stopped=stopped,
             )
             sink.end(done, after)
             return done

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 import pyarrow as pa
 
 from .chain import extended
+from .errors import RetriesStopped
 from .plan import Partition, ResumePoint, SnapshotPlan
 from .rows import CsvRows
 from .schema import Schema
@@ -209,12 +210,17 @@ class PartitionFetch:
                 self._params,
                 self._emit,
                 pass_through,
-                # dropped where it is for a split, or on a stop (Ctrl-C, SIGTERM, a lost lease)
-                cancelled=lambda: self.split_wanted.is_set() or self.ctx.stop.is_set(),
+                # dropped where it is for a split, or on a stop (Ctrl-C, SIGTERM, a lost lease,
+                # the time budget)
+                cancelled=lambda: (
+                    self.split_wanted.is_set()
+                    or self.ctx.stop.is_set()
+                    or self.ctx.opts.out_of_time()
+                ),
             )
             return got
-        except PageCancelled:
-            return None
+        except (PageCancelled, RetriesStopped):
+            return None  # (a stop: the run ends after the rows landed so far)
         finally:
             self.seconds += time.monotonic() - started
             self.page_rows += self.landed - landed

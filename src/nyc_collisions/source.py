@@ -13,7 +13,7 @@ import orjson
 import pyarrow as pa
 
 from .datasets import Dataset
-from .errors import BadResponse, SourceUnavailable, UsageError
+from .errors import BadResponse, RetriesStopped, SourceUnavailable, UsageError
 from .pages import CsvPageStream, CsvRows, PageStream, parse_page
 from .schema import CSV_EXACT_TYPES, Schema
 from .socrata import soql
@@ -157,15 +157,19 @@ class DatasetSource:
     def _count_until_stopped(
         self, where: str | None, counts: Executor | None, stopped: Callable[[], bool]
     ) -> int | None:
-        """The count of `where`; None when `stopped()` turned true while it was awaited."""
-        if counts is None:
-            return self.count(where)
-        left = counts.submit(self.count, where)
-        # a count the source holds must not hold up a stop (Ctrl-C): looked at in turns
-        while not wait([left], timeout=STOP_TICK).done:
-            if stopped():
-                return None
-        return left.result()
+        """The count of `where`; None when `stopped()` turned true while it was awaited (or
+        its retries were given up for it)."""
+        try:
+            if counts is None:
+                return self.count(where)
+            left = counts.submit(self.count, where)
+            # a count the source holds must not hold up a stop (Ctrl-C): looked at in turns
+            while not wait([left], timeout=STOP_TICK).done:
+                if stopped():
+                    return None
+            return left.result()
+        except RetriesStopped:
+            return None
 
     def probe(self, after: str | None, offset: int, upper: str | None = None) -> str | None:
         """The `:id` `offset` rows past `after` (up to `upper`), or None when there are not

@@ -19,7 +19,7 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field, replace
 from typing import Any, ParamSpec, TypeVar
 
-from .errors import Interrupted
+from .errors import Interrupted, RetriesStopped
 from .partition import FetchContext, PartitionFetch, PlanBook
 from .plan import MAX_PARTITIONS, Partition, ResumePoint, min_split_rows
 from .socrata.concurrency import ConcurrencyLimit
@@ -180,6 +180,8 @@ class PartitionPool:
                         if fetch.split_wanted.is_set():  # it ended before it could split
                             self._splitting -= 1
                         self._cond.notify_all()
+            except RetriesStopped:
+                return  # the run is stopping, its other workers with it (`stopping_when`)
             except BaseException as exc:
                 with self._cond:
                     self._errors.append(exc)
@@ -205,6 +207,8 @@ class PartitionPool:
                     self.add(p)
             except KeyboardInterrupt:
                 raise
+            except RetriesStopped:
+                pass  # the run is stopping: no more partitions
             except BaseException as exc:  # a failed probe: stop the workers, then raise it
                 with self._cond:
                     self._errors.append(exc)

@@ -19,6 +19,7 @@ http is refused for any host but this machine unless allowed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -35,6 +36,7 @@ from ..errors import (
     BadResponse,
     DatasetNotFound,
     InvalidAppToken,
+    RetriesStopped,
     SourceRejected,
     SourceUnavailable,
     UsageError,
@@ -62,6 +64,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CANCEL_LINGER = 0.5  # seconds a dropped page still counts as in flight, at least
+RETRY_TICK = 0.1  # seconds between looks at `stopping` while a retry waits
 
 
 @dataclass
@@ -127,6 +130,7 @@ class SodaClient:
             raise UsageError(f"concurrency must be at least 1, not {concurrency}")
         self.limit = ConcurrencyLimit(concurrency, adaptive=adaptive)
         self.stats = ClientStats()
+        self._stopping: Callable[[], bool] = _never  # see `stopping_when`
         headers = {
             "User-Agent": f"nyc-collisions/{__version__}",
             "Accept-Encoding": "gzip",
@@ -155,6 +159,26 @@ class SodaClient:
 
     def close(self) -> None:
         self._http.close()
+
+    @contextlib.contextmanager
+    def stopping_when(self, stopping: Callable[[], bool]) -> Iterator[None]:
+        """While in it, a failed request is not tried again once `stopping()` is true (a run's
+        stop or time budget): it raises `RetriesStopped` instead of waiting out the retries."""
+        before, self._stopping = self._stopping, stopping
+        try:
+            yield
+        finally:
+            self._stopping = before
+
+    def _wait_to_retry(self, seconds: float) -> bool:
+        """Sleep `seconds` before a retry; False (at once) when the run has to stop."""
+        end = time.monotonic() + seconds
+        while not self._stopping():
+            left = end - time.monotonic()
+            if left <= 0:
+                return True
+            time.sleep(min(RETRY_TICK, left))
+        return False
 
     def __enter__(self) -> SodaClient:
         return self
@@ -223,7 +247,10 @@ class SodaClient:
                     last,
                     shown,
                 )
-                time.sleep(pause)
+                if not self._wait_to_retry(pause):
+                    raise RetriesStopped(
+                        f"{self.base_url}{path}: not tried again, the run is stopping; last: {last}"
+                    )
             try:
                 result = self._stream_attempt(path, query, consume, shown, sample)
             except _Retryable as exc:
@@ -342,3 +369,7 @@ __all__ = [
     "parse_json_document",
     "validate_base_url",
 ]
+
+
+def _never() -> bool:
+    return False
