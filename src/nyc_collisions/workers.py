@@ -111,9 +111,10 @@ class PartitionPool:
         return max(self._min_split(), -(-left // self._served()))
 
     # -- the workers -------------------------------------------------------------------------
-    def _take(self) -> tuple[Partition, int] | None:
+    def _take(self) -> tuple[PartitionFetch, int] | None:
         """The next partition to fetch, once the limit has room for it, and how many of its
-        rows to keep (0: all); None when all is done."""
+        rows to keep (0: all); None when all is done. It is active from here on: a worker that
+        looked between its take and its start would see nothing left and end for good."""
         with self._cond:
             while True:
                 if self.ctx.stop.is_set() or self._errors or self.ctx.opts.out_of_time():
@@ -125,7 +126,16 @@ class PartitionPool:
                         share = self._share()
                         if self._remaining(self._queue[0]) > share + share // 2:
                             keep = share
-                    return self._queue.popleft(), keep
+                    partition = self._queue.popleft()
+                    fetch = PartitionFetch(
+                        self.ctx,
+                        self.book,
+                        self,
+                        partition,
+                        self.points.get(partition.index, ResumePoint()),
+                    )
+                    self._active[partition.index] = fetch
+                    return fetch, keep
                 if not (self._queue or self._planning or self._active or self._splitting):
                     return None
                 # a split makes one more stream: at the tail, only for a slot of the source that
@@ -155,27 +165,19 @@ class PartitionPool:
 
     def _worker(self) -> None:
         while True:
-            taken = self._take()
-            if taken is None:
-                return
-            partition, keep = taken
             try:
-                fetch = PartitionFetch(
-                    self.ctx,
-                    self.book,
-                    self,
-                    partition,
-                    self.points.get(partition.index, ResumePoint()),
-                )
-                with self._cond:
-                    self._active[partition.index] = fetch
+                taken = self._take()
+                if taken is None:
+                    return
+                fetch, keep = taken
+                index = fetch.partition.index  # a cut or a split keeps it
                 try:
                     if keep:
                         fetch.cut(keep)
                     fetch.run()
                 finally:
                     with self._cond:
-                        self._active.pop(partition.index, None)
+                        self._active.pop(index, None)
                         self._finished.append(fetch)
                         if fetch.split_wanted.is_set():  # it ended before it could split
                             self._splitting -= 1
