@@ -66,6 +66,16 @@ def _version(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+def sync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename, a new file or folder) to disk."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 class _LocalWriter:
     def __init__(self, final: Path, make_folder: Callable[[Path], None]) -> None:
         self._final = final
@@ -101,6 +111,8 @@ class _LocalWriter:
             os.fsync(self._file.fileno())
             self._file.close()
             os.replace(self._tmp, self._final)
+            # its entry too: a manifest naming it must never outlive it after a power loss
+            sync_folder(self._final.parent)
         except OSError as exc:
             self.abort()
             raise _disk_error(self._final, exc) from exc
@@ -134,6 +146,8 @@ class LocalStorage:
             missing.append(parent)
             parent = parent.parent
         folder.mkdir(parents=True, exist_ok=True)
+        for made in missing:  # each new folder's entry in its parent, on disk
+            sync_folder(made.parent)
         with self._made_lock:
             self._made.update(missing)
 
@@ -316,15 +330,6 @@ class LocalStorage:
             raise
         return tmp
 
-    def _synced(self, folder: Path) -> None:
-        """Flush a folder's entries (a rename) to disk."""
-        with contextlib.suppress(OSError):
-            fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
     def _current(self, path: Path) -> bytes | None:
         try:
             return path.read_bytes()
@@ -368,7 +373,7 @@ class LocalStorage:
                 if (None if current is None else _version(current)) != expect:
                     return None
                 os.replace(tmp, path)
-            self._synced(path.parent)
+            sync_folder(path.parent)
         except OSError as exc:
             raise _disk_error(path, exc) from exc
         finally:
