@@ -62,7 +62,10 @@ class Chunks:
         table = table.select(self.schema.names)
         self.spill.add("source", table)
         if self._writer is None:
-            self._path = f"{self.prefix}/keys/{self.partition.index:04d}-{self.seq:06d}.arrow"
+            # the run's attempt in the name, as data files have: a run that lost its lease (paused
+            # past its TTL) closing its chunk late never replaces the one the new holder recorded
+            name = f"{self.partition.index:04d}-{self.seq:06d}-{self.state.attempt}"
+            self._path = f"{self.prefix}/keys/{name}.arrow"
             self._writer = self.state.storage.open_writer(self._path)
             self._ipc = ipc.new_stream(self._writer, self.schema, options=_IPC)
         assert self._ipc is not None

@@ -317,6 +317,10 @@ class DatasetState:
         return doc
 
     def drop_run(self, batch_id: str) -> None:
+        """Delete a run's records: only while the lease is surely ours (a run that lost it must
+        not drop the records the new holder resumes from)."""
+        if self.lease is not None:
+            self.lease.check()
         self.storage.delete(self.storage.list_keys(self.run_prefix(batch_id) + "/"))
 
     def part_records(self, batch_id: str) -> list[PartRecord]:
