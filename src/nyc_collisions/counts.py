@@ -12,8 +12,10 @@ started from (`mark`):
   rows past the watermark to updates); only a snapshot can hold a row past its own watermark (a
   row inserted while the backfill ran), and it records the source's latest `:updated_at` at its
   commit (`ahead_until`): rows created after that are new for sure;
-- created at the mark's very time (after a run that stopped within one `:updated_at`), or between
-  the mark and `ahead_until`, or without `:created_at`: uncertain. Those few are looked up in the
+- created at the mark's very time (after a run that stopped within one `:updated_at`): new when
+  never changed since, unless the snapshot's `ahead_until` reaches the mark (it may hold them);
+- created at the mark and changed since, or between the mark and `ahead_until`, or without
+  `:created_at`, or at the mark the snapshot reached: uncertain. Those few are looked up in the
   current state itself when the file that holds them is committed (a read of the landed keys,
   which only these rare cases pay).
 
@@ -42,7 +44,11 @@ class NewRows:
         self.base = landed.manifest.current_rows()
         snapshot = landed.manifest.current_batches()[0]
         ahead = snapshot.info.get("ahead_until")
-        self.ahead = ahead if isinstance(ahead, str) and ahead > mark.updated_at else None
+        ahead = ahead if isinstance(ahead, str) else None
+        self.ahead = ahead if ahead is not None and ahead > mark.updated_at else None
+        # the snapshot may hold rows created at the mark itself (inserted while it ran, with the
+        # latest :updated_at it recorded): those are not new for sure
+        self.ahead_at_mark = ahead is not None and ahead >= mark.updated_at
         self.new = 0
         self._uncertain: list[pa.Array] = []
 
@@ -60,8 +66,11 @@ class NewRows:
             unknown = pc.or_(unknown, within)
             after = pc.and_(after, pc.invert(within))
         if self.mark.row_id is not None:
-            # created at the mark: new when never changed since (its only version is past it)
+            # created at the mark: new when never changed since (its only version is past it),
+            # unless the snapshot got that far
             unchanged = pc.equal(created, table.column("socrata_updated_at"))
+            if self.ahead_at_mark:
+                unchanged = pa.array([False] * table.num_rows)
             after = pc.or_(after, pc.and_(at, unchanged))
             unknown = pc.or_(unknown, pc.and_(at, pc.invert(unchanged)))
         self.new += int(pc.sum(after).as_py() or 0)
