@@ -148,7 +148,25 @@ class Reconcile(DatasetJob):
         if not self._refetch(landed, fmt, repairs, count, result, stop):
             self._stopped(result, stop, "while fetching rows again")
             return
+        if not (repairs.vanished or repairs.missing_rows or repairs.stale_rows):
+            self._recount(landed, landed_rows)
         self.state.drop_run(plan.scan_id)
+
+    def _recount(self, landed: Landed, rows: int) -> None:
+        """With nothing to repair, the rows it counted are the current state's: recorded where
+        the last commit's count differs (an update counts a key deleted and inserted again at
+        the source as new), so that `status` agrees again."""
+        last = landed.manifest.current_batches()[-1]
+        if last.kind == "snapshot" or last.current_rows == rows:
+            return
+        logger.info(
+            "%s: the current state holds %d rows; the manifest said %s: recorded",
+            self.dataset.name,
+            rows,
+            last.current_rows,
+        )
+        last.current_rows = rows
+        self.state.commit(landed.manifest)
 
     def _stopped(self, result: DatasetResult, stop: threading.Event, when: str) -> None:
         result.status = "stopped"
