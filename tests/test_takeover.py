@@ -1,10 +1,13 @@
 """A run whose lease was taken over (paused past its TTL: SIGSTOP, a stalled VM or network) writes
-nothing over what the new holder recorded, nor drops it, when it wakes."""
+nothing over what the new holder recorded, nor drops it, when it wakes; and a live holder is
+not taken over early."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -14,8 +17,10 @@ from nyc_collisions.keyscan import ScanPlan
 from nyc_collisions.lease import Lease
 from nyc_collisions.plan import Partition, ResumePoint, resume_points
 from nyc_collisions.scanrecord import Chunks, ScanRecords
+from nyc_collisions.sink.files import FileEntry
 from nyc_collisions.sink.storage import open_storage
-from nyc_collisions.state import DatasetState
+from nyc_collisions.state import Batch, DatasetState, Manifest
+from nyc_collisions.tidy import tidy
 
 SCHEMA = pa.schema([("key", pa.string()), ("socrata_id", pa.string())])
 
@@ -105,3 +110,68 @@ def test_a_late_key_chunk_never_replaces_the_new_holders(
         ScanRecords(state_b, None).reload(plan, records, spill)  # type: ignore[arg-type]
         assert spill.ids() == ["a1", "a2", "a3", "a4", "a5"]
         state_b.end_run()
+
+
+def test_a_commit_stalled_past_a_take_over_is_not_sent_again(
+    bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Update A has uploaded its file and sends its commit; its network stalls (every request
+    hangs, its lease's renewals too) for over a TTL. B takes the lease over, has nothing to
+    commit, and its cleanup deletes A's file (no manifest names it). A's network comes back: its
+    commit is not sent again (boto3 would have, its If-Match still holding), so the manifest
+    never names the deleted file; A fails with the lease lost."""
+    from botocore.exceptions import ReadTimeoutError
+
+    monkeypatch.setenv("NYC_COLLISIONS_LEASE_TTL", "0.5")
+    where = f"s3://{bucket}/landing"
+    storage_a = open_storage(where)
+    state_a = DatasetState(storage_a, "crashes")
+    stalled = threading.Event()
+    b_done = threading.Event()
+
+    def stall(request: Any, **_: Any) -> None:
+        if request.method == "PUT" and "manifest.json" in request.url:
+            stalled.set()
+        if stalled.is_set() and not b_done.is_set():
+            b_done.wait(30)
+            raise ReadTimeoutError(endpoint_url=request.url)
+
+    with Lease(storage_a, "crashes", "update") as lease_a:
+        state_a.lease = lease_a
+        state_a.commit(Manifest("crashes", "h9gi-nx95", "collision_id", []))
+        manifest = state_a.load()
+        assert manifest is not None
+        path = state_a.data_key("B-update", 0, 0, "csv")
+        storage_a.put_bytes(path, b"collision_id\n1\n")
+        files = [FileEntry(path, 1, 15)]
+        batch = Batch("B-update", "update", "csv", "2024-01-01T00:00:00Z", files, 1)
+        manifest.batches.append(batch)
+        for client in [v for v in vars(storage_a).values() if hasattr(v, "meta")]:
+            client.meta.events.register("before-send.s3.*", stall)  # every S3 client it holds
+        failure: list[BaseException] = []
+
+        def commit() -> None:
+            try:
+                state_a.commit(manifest)
+            except BaseException as exc:
+                failure.append(exc)
+
+        committing = threading.Thread(target=commit)
+        committing.start()
+        assert stalled.wait(10)
+        time.sleep(4 * lease_a.ttl)  # A's lease is unrenewed by S3's clock
+        storage_b = open_storage(where)
+        state_b = DatasetState(storage_b, "crashes")
+        with Lease(storage_b, "crashes", "update") as lease_b:  # takes over after a TTL
+            state_b.lease = lease_b
+            lease_b.finished()
+            tidy(state_b, lease_b)
+            assert storage_b.get_bytes(path) is None  # A's file, deleted
+            state_b.end_run()
+        b_done.set()
+        committing.join(60)
+        lease_a.finished()
+    assert [type(e) for e in failure] == [LeaseLost]
+    final = state_b.load()
+    assert final is not None
+    assert [f.path for b in final.batches for f in b.files] == []

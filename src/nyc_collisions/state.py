@@ -251,10 +251,11 @@ class DatasetState:
         only if there is none when it is new) and only while this run holds the lease."""
         if self.lease is None:
             raise RuntimeError(f"{self.folder}: a commit without the dataset's lease")
-        self.lease.check()
         manifest.revision += 1
         manifest.updated = utc_now()
-        version = self.storage.put_if(self.manifest_key, manifest.to_bytes(), expect=manifest.base)
+        version = self.storage.put_if(
+            self.manifest_key, manifest.to_bytes(), expect=manifest.base, check=self.lease.check
+        )
         if version is None:
             manifest.revision -= 1
             raise ManifestChanged(

@@ -361,13 +361,22 @@ class LocalStorage:
                 probe.unlink()
         return max(0.0, (now - written) / 1e9)
 
-    def put_if(self, key: str, data: bytes, *, expect: str | None) -> str | None:
+    def put_if(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        expect: str | None,
+        check: Callable[[], None] | None = None,
+    ) -> str | None:
         """Compare and rename under the guard's lock, a few microseconds: the new content is
         written and flushed before (a process stopped there holds nobody up)."""
         path = self._path(key)
         tmp: Path | None = None
         try:
             tmp = self._staged(path, data)
+            if check is not None:
+                check()
             with self._guarded(path):
                 current = self._current(path)
                 if (None if current is None else _version(current)) != expect:

@@ -11,8 +11,11 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import random
 import threading
+import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from email.utils import parsedate_to_datetime
 from typing import IO
@@ -26,6 +29,7 @@ from .s3_transfer import (
     code_of,
     s3_client,
     s3_error,
+    transient,
 )
 from .storage import Versioned, Writer
 
@@ -37,6 +41,7 @@ _CONDITION_FAILED = ("PreconditionFailed", "412", "ConditionalRequestConflict", 
 _GONE = ("NoSuchKey", "404")
 # What a store that does not implement conditional writes answers to them
 _NOT_IMPLEMENTED = ("NotImplemented", "501")
+PUT_IF_ATTEMPTS = 8  # as boto3's own retries would, but each after a look at the lease
 
 
 class S3Storage:
@@ -45,6 +50,7 @@ class S3Storage:
         self.prefix = prefix
         self.url = f"s3://{bucket}/{prefix}".rstrip("/")
         self.client = s3_client()
+        self.guarded = s3_client(4, guarded=True)  # the lease's and the manifest's writes
         self.upload_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="s3-upload")
         # Parts in flight, all writers together: bounds the memory of parts not yet sent
         self.part_slots = threading.BoundedSemaphore(PARTS_IN_FLIGHT)
@@ -168,13 +174,25 @@ class S3Storage:
                 age = max(0.0, (parsedate_to_datetime(date) - obj["LastModified"]).total_seconds())
         return Versioned(data, str(obj["ETag"]), age)
 
-    def put_if(self, key: str, data: bytes, *, expect: str | None) -> str | None:
+    def put_if(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        expect: str | None,
+        check: Callable[[], None] | None = None,
+    ) -> str | None:
         from botocore.exceptions import ClientError
 
         condition = {"IfNoneMatch": "*"} if expect is None else {"IfMatch": expect}
-        for _attempt in range(3):
-            try:
-                put = self.client.put_object(
+        failed: Exception | None = None
+        for attempt in range(PUT_IF_ATTEMPTS):
+            if attempt:
+                time.sleep(random.uniform(0.5, 1.0) * min(8.0, 0.25 * 2**attempt))
+            if check is not None:
+                check()
+            try:  # one attempt, sent now (`s3_client(guarded=True)`)
+                put = self.guarded.put_object(
                     Bucket=self.bucket,
                     Key=self.full_key(key),
                     Body=data,
@@ -185,16 +203,25 @@ class S3Storage:
                 code = code_of(exc)
                 if code in _NOT_IMPLEMENTED:
                     raise self._unconditional() from exc
+                if transient(exc):
+                    failed = exc
+                    continue
                 if code not in _CONDITION_FAILED and not (expect is not None and code in _GONE):
                     raise s3_error(self.where(key), exc) from exc
             except Exception as exc:
-                raise s3_error(self.where(key), exc) from exc
+                if not transient(exc):
+                    raise s3_error(self.where(key), exc) from exc
+                failed = exc  # (it may have landed: the next attempt's condition then fails)
+                continue
             now = self.get_versioned(key)
             if now is not None and now.data == data:
                 return now.version  # a retried request whose first attempt had landed
             if (None if now is None else now.version) != expect:
                 return None
             # 409: another conditional write to the key was in flight, and it did not land
+            failed = None
+        if failed is not None:
+            raise s3_error(self.where(key), failed) from failed
         return None
 
     def delete_if(self, key: str, *, expect: str) -> bool:

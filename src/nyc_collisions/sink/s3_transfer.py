@@ -22,18 +22,52 @@ PARTS_IN_FLIGHT = 4
 READ_AHEAD = 8 * 1024 * 1024
 
 
-def s3_client(max_pool: int = 32) -> S3Client:
-    """A boto3 S3 client from the standard credential chain; honours AWS_ENDPOINT_URL(_S3)."""
+def s3_client(max_pool: int = 32, *, guarded: bool = False) -> S3Client:
+    """A boto3 S3 client from the standard credential chain; honours AWS_ENDPOINT_URL(_S3).
+
+    `guarded`: for the conditional writes of the lease and the manifest, one attempt per call
+    and short timeouts, so that no request of a run goes out after it last made sure of its
+    lease (boto3's own retries would send it again minutes later); `S3Storage.put_if` retries.
+    """
     import boto3
     from botocore.config import Config
 
     config = Config(
-        retries={"mode": "adaptive", "max_attempts": 10},
+        retries={"mode": "standard", "total_max_attempts": 1}
+        if guarded
+        else {"mode": "adaptive", "max_attempts": 10},
         max_pool_connections=max_pool,
-        connect_timeout=10,
-        read_timeout=120,
+        connect_timeout=5 if guarded else 10,
+        read_timeout=GUARDED_READ_TIMEOUT if guarded else 120,
     )
     return boto3.session.Session().client("s3", config=config)
+
+
+GUARDED_READ_TIMEOUT = 20  # seconds: well under a quarter of the lease's TTL (see lease.py)
+# S3's answers worth another attempt (as boto3 retries them), besides timeouts and resets
+_TRANSIENT = (
+    "500",
+    "502",
+    "503",
+    "504",
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "RequestTimeout",
+    "Throttling",
+    "ThrottlingException",
+    "RequestThrottled",
+)
+
+
+def transient(exc: Exception) -> bool:
+    """Whether a failed S3 call is worth another attempt."""
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as S3ConnectionError
+
+    if isinstance(exc, ClientError):
+        return code_of(exc) in _TRANSIENT
+    return isinstance(exc, S3ConnectionError | HTTPClientError)
 
 
 def s3_error(where: str, exc: Exception) -> DestinationError:

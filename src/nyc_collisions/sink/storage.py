@@ -13,6 +13,7 @@ under a file lock (see `local.py`). `check_conditional` probes once that the sto
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
@@ -63,10 +64,19 @@ class Storage(Protocol):
 
     # -- conditional writes (the lease and the manifest) --------------------------------------
     def get_versioned(self, key: str, *, with_age: bool = False) -> Versioned | None: ...
-    def put_if(self, key: str, data: bytes, *, expect: str | None) -> str | None:
+    def put_if(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        expect: str | None,
+        check: Callable[[], None] | None = None,
+    ) -> str | None:
         """Write `data` only if the key is at version `expect` (absent when None); the new
         version, or None when the condition failed. `data` must differ from every earlier
-        content of the key (a retried request that had landed is recognised by its content)."""
+        content of the key (a retried request that had landed is recognised by its content).
+        `check()` runs before every attempt (a lease's: it raises once the lease is lost), and
+        no attempt is sent again later by a library's own retries."""
         ...
 
     def delete_if(self, key: str, *, expect: str) -> bool:
