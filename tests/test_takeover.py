@@ -4,6 +4,10 @@ not taken over early."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -12,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from nyc_collisions.errors import LeaseLost
+from nyc_collisions.errors import DestinationBusy, LeaseLost
 from nyc_collisions.keyscan import ScanPlan
 from nyc_collisions.lease import Lease
 from nyc_collisions.plan import Partition, ResumePoint, resume_points
@@ -175,3 +179,37 @@ def test_a_commit_stalled_past_a_take_over_is_not_sent_again(
     final = state_b.load()
     assert final is not None
     assert [f.path for b in final.batches for f in b.files] == []
+
+
+HOLD = """
+import sys, time
+from nyc_collisions.lease import Lease
+from nyc_collisions.sink.storage import open_storage
+with Lease(open_storage(sys.argv[1]), "crashes", "update"):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs unshare -p (root)"
+)
+def test_a_live_holder_in_another_pid_namespace_is_not_taken_over(tmp_path: Path) -> None:
+    """Two containers of one host that share its name (`--network host`, Kubernetes'
+    hostNetwork, ECS host mode) and a destination: the same host name and boot, their own pids.
+    The holder's pid (1 in its namespace) names another process here: the live holder must not
+    be judged gone, nor its lease taken before a whole TTL unrenewed."""
+    where = str(tmp_path / "landing")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent / "src"))
+    unshare = ["unshare", "-p", "-f", "--kill-child", "--mount-proc"]
+    holder = subprocess.Popen(
+        [*unshare, sys.executable, "-c", HOLD, where], stdout=subprocess.PIPE, env=env
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == b"held"
+        with pytest.raises(DestinationBusy):
+            Lease(open_storage(where), "crashes", "update").acquire()
+    finally:
+        holder.kill()
+        holder.wait()
