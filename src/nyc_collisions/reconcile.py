@@ -16,7 +16,8 @@ Socrata reports no deletions, so the source's keys are compared with the landed 
    row past the watermark (the next update brings it, and counts it).
 3. **Commit** the tombstones, then the rows fetched again (file by file, stopping cleanly at the
    deadline; the next run compares again and goes on), each commit with the current state's
-   row count, known exactly here since every landed key was read. The scan's records go last.
+   row count, known exactly here since every landed key was read; with nothing to repair, that
+   count alone where the manifest's differs (see `counts.py`). The scan's records go last.
 """
 
 from __future__ import annotations
