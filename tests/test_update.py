@@ -78,6 +78,29 @@ def test_full_replace_is_a_large_update(soda: FakeSoda, tmp_path: Path, workers:
     assert "total: 0 rows" in update(soda, dest, "persons", "--workers", workers)
 
 
+def test_the_rows_landed_since_the_snapshot_never_pass_half_of_it(
+    soda: FakeSoda, tmp_path: Path
+) -> None:
+    """Updates that each change under half the rows (a publisher's partial replaces) pile up
+    after the snapshot; readers of the current state (export, verify, reconcile) hold the later
+    batches' keys at once, so an update that would take them past half the snapshot lands a
+    fresh snapshot instead, and the current state stays exact."""
+    dest = str(tmp_path / "land")
+    land(soda, dest, "crashes")
+    rows = len(soda.rows("h9gi-nx95"))
+    fresh = 0
+    for _ in range(4):
+        soda.edit("h9gi-nx95", rows * 3 // 10)
+        fresh += "landed a fresh snapshot" in update(soda, dest, "crashes")
+        manifest = json.loads((Path(dest) / "crashes/manifest.json").read_text())
+        batches = manifest["batches"]
+        last = max(i for i, b in enumerate(batches) if b["kind"] == "snapshot")
+        since = sum(b["rows"] for b in batches[last + 1 :])
+        assert since <= batches[last]["rows"] // 2, (since, batches[last]["rows"])
+    assert fresh  # (three tenths a time: the second, at the latest, passes half)
+    exact(soda, dest, "crashes", tmp_path)
+
+
 def test_update_without_backfill_says_so(soda_ro: FakeSoda, tmp_path: Path) -> None:
     res = cli("update", "crashes", "--source", soda_ro.url, "--dest", str(tmp_path))
     assert res.code == 1

@@ -43,9 +43,10 @@ from .workers import DaemonCalls
 
 logger = logging.getLogger(__name__)
 
-# An update lands a fresh snapshot instead when more rows changed than this share of the last
-# snapshot (more than half: a publisher's full replace, not a day's edits); every row fetched
-# over partitions at once then takes less time than the changes in one ordered stream.
+# An update lands a fresh snapshot instead when the rows changed, with those landed since the
+# last snapshot, pass this share of it (a publisher's full replace, or many updates' worth):
+# every row fetched over partitions at once then takes less time than the changes in one
+# ordered stream, and the current state's readers hold the later batches' keys in memory.
 REFRESH_SHARE = 0.5
 # `compact --prune` keeps the files it supersedes this long for readers of the previous manifest
 DEFAULT_GRACE_HOURS = 24.0
@@ -223,16 +224,21 @@ class Update(DatasetJob):
     def _refresh_instead(
         self, landed: Landed, watermark: Watermark, until: str, result: DatasetResult
     ) -> bool:
-        """Whether most rows changed since the watermark (one count request to know)."""
+        """Whether the rows changed since the watermark, with those landed since the snapshot,
+        pass `REFRESH_SHARE` of it (one count request to know): a fresh snapshot then replaces
+        them, so that reading the current state (export, verify, reconcile) never holds more
+        keys of later batches than that share of the snapshot's (see `current._winners`)."""
         if self.opts.workers is not None and self.opts.workers < 2:
             return False
-        snapshot_rows = landed.manifest.current_batches()[0].rows
+        snapshot, *later = landed.manifest.current_batches()
+        since = sum(b.rows for b in later)
         changed = self.source.count(_changed_after(watermark, until))
-        if not snapshot_rows or changed <= REFRESH_SHARE * snapshot_rows:
+        if not snapshot.rows or changed + since <= REFRESH_SHARE * snapshot.rows:
             return False
         result.message = (
-            f"{changed:,} rows changed since the watermark, against {snapshot_rows:,} in the "
-            f"last snapshot: landed a fresh snapshot over partitions, as a backfill does"
+            f"{changed:,} rows changed since the watermark and {since:,} landed since the last "
+            f"snapshot, against its {snapshot.rows:,}: landed a fresh snapshot over partitions, "
+            "as a backfill does"
         )
         result.refreshed = True
         logger.info("%s: %s", self.dataset.name, result.message)
