@@ -3,6 +3,7 @@ full disks, a second run at once and a source that changes meanwhile."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -354,3 +355,39 @@ def test_the_time_budget_holds_while_the_source_throttles(
     for catch_up in ("update", "reconcile"):  # what the source holds now
         assert cli(catch_up, "crashes", *where).code == 0
     exact(soda, dest, "crashes", tmp_path)
+
+
+def test_an_update_stopped_while_it_waits_to_retry_commits_the_rows_it_landed(
+    tmp_path: Path,
+) -> None:
+    """An update whose budget ends while it waits to retry a throttled page commits the rows of
+    the pages before it, as a stop between pages does (they are whole), and goes on from them."""
+    latency = Latency(base=0.05, per_row=0.0, per_skipped=0.0, max_concurrent=3, metadata=0.0)
+    sizes = {"h9gi-nx95": 3000, "f55k-p6yu": 10, "bm4k-52h4": 10}
+    with FakeSoda(sizes=sizes, seed=3, latency=latency) as srv:
+        dest = str(tmp_path / "land")
+        where = ("--source", srv.url, "--dest", dest)
+        assert cli("backfill", "crashes", *where).code == 0
+        srv.edit("h9gi-nx95", 1200)
+        throttle = threading.Timer(
+            1.0,
+            lambda: srv.add_fault("429", times=5, match=":updated_at,:id", retry_after=20.0),
+        )
+        throttle.start()
+        try:
+            res = cli(
+                "update", "crashes", *where, "--workers", "1", "--page-size", "20",
+                "--file-rows", "100000", "--max-seconds", "2",
+            )  # fmt: skip
+        finally:
+            throttle.cancel()
+        assert res.code == 3, res.text
+        assert srv.stats()["faults"].get("429"), "the throttle was never reached"
+        manifest = json.loads((Path(dest) / "crashes/manifest.json").read_text())
+        batches = manifest["batches"]
+        assert batches[-1]["kind"] == "update", (
+            "the pages landed before the throttle were dropped: " + res.text[-600:]
+        )
+        srv.clear_faults()
+        assert cli("update", "crashes", *where).code == 0
+        exact(srv, dest, "crashes", tmp_path)

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from .counts import NewRows
 from .current import Landed, iter_current, open_landed
 from .datasets import Dataset
-from .errors import NothingLanded, SchemaError
+from .errors import NothingLanded, RetriesStopped, SchemaError
 from .job import DatasetJob, RunOptions
 from .lease import Lease
 from .refresh import drift, drifted_meanwhile, land_fresh, land_new_columns
@@ -36,7 +36,7 @@ from .schema import Schema
 from .sink.files import FileEntry, FileRotation, OnFile
 from .sink.storage import Storage
 from .socrata import soql
-from .socrata.client import SodaClient
+from .socrata.client import PageCancelled, SodaClient
 from .state import EPOCH, Batch, DatasetState, Retired, Watermark, new_batch_id, utc_now
 from .tidy import retire_after, tidy
 from .workers import DaemonCalls
@@ -198,13 +198,22 @@ class Update(DatasetJob):
                 table.column("socrata_id")[-1].as_py(),
             )
 
+        def stopped() -> bool:
+            return stop.is_set() or self.opts.out_of_time()
+
+        def page() -> int | None:
+            try:  # dropped where it is on a stop: the rows emitted so far are whole, committed
+                return self.source.stream_rows(landed.schema, params, emit, cancelled=stopped)
+            except (PageCancelled, RetriesStopped):
+                return None
+
         try:
             if until is not None:
                 done = self.source.page_until_empty(
-                    lambda: self.source.stream_rows(landed.schema, params, emit),
+                    page,
                     lambda: _changed_after(cursor, until),
                     asked=lambda: self.opts.page_size,
-                    stopped=lambda: stop.is_set() or self.opts.out_of_time(),
+                    stopped=stopped,
                 )
                 files.commit(done=done)
                 if not done:

@@ -13,6 +13,7 @@ records the split before either half goes on.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from concurrent.futures import Executor
@@ -194,7 +195,8 @@ class PartitionFetch:
     def _next(self) -> int | None:
         """The next page, or a split when one is wanted (None)."""
         if self.split_wanted.is_set():
-            self._split()
+            with contextlib.suppress(RetriesStopped):  # (a stop: its rows so far are committed)
+                self._split()
             return None
         return self._page()
 

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 
 from .current import Landed, current_keys
 from .datasets import landed_name
+from .errors import RetriesStopped
 from .incremental import BatchCommitter, batch_files, open_for_job
 from .job import DatasetJob
 from .keyscan import KeyScan, ScanPlan, key_schema, scan_threads
@@ -259,7 +260,13 @@ class Reconcile(DatasetJob):
                         finished = False
                         break
                     group = chunks[start : start + workers]
-                    tables = pool.map(lambda c: self.source.rows_by_id(landed.schema, c[0]), group)
+                    try:
+                        tables = list(
+                            pool.map(lambda c: self.source.rows_by_id(landed.schema, c[0]), group)
+                        )
+                    except RetriesStopped:  # a stop: the rows fetched so far are committed
+                        finished = False
+                        break
                     for (_, new), table in zip(group, tables, strict=True):
                         if new:
                             added += pc.count_distinct(table.column(landed.key_column)).as_py()
