@@ -23,7 +23,7 @@ from nyc_collisions.plan import Partition, ResumePoint, resume_points
 from nyc_collisions.scanrecord import Chunks, ScanRecords
 from nyc_collisions.sink.files import FileEntry
 from nyc_collisions.sink.storage import open_storage
-from nyc_collisions.state import Batch, DatasetState, Manifest
+from nyc_collisions.state import Batch, DatasetState, Manifest, PartRecord
 from nyc_collisions.tidy import tidy
 
 SCHEMA = pa.schema([("key", pa.string()), ("socrata_id", pa.string())])
@@ -213,3 +213,58 @@ def test_a_live_holder_in_another_pid_namespace_is_not_taken_over(tmp_path: Path
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_run_record_stalled_past_a_take_over_is_not_sent_again(
+    bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Backfill A sends a part record; its network stalls past a TTL. B takes the lease over,
+    resumes at the same file number and records its own. A's network comes back: its record is
+    not sent again over B's (boto3 would have: the commit would then name A's file with B's
+    boundaries), and A fails with the lease lost."""
+    from botocore.exceptions import ReadTimeoutError
+
+    monkeypatch.setenv("NYC_COLLISIONS_LEASE_TTL", "0.5")
+    where = f"s3://{bucket}/landing"
+    storage_a = open_storage(where)
+    state_a = DatasetState(storage_a, "crashes")
+    stalled = threading.Event()
+    b_done = threading.Event()
+
+    def stall(request: Any, **_: Any) -> None:
+        if request.method == "PUT" and "/parts/" in request.url:
+            stalled.set()
+        if stalled.is_set() and not b_done.is_set():
+            b_done.wait(30)
+            raise ReadTimeoutError(endpoint_url=request.url)
+
+    def record(state: DatasetState, last_id: str) -> PartRecord:
+        return PartRecord(0, 5, False, f"crashes/data/b/part-{last_id}.csv", 10, 100, last_id)
+
+    with Lease(storage_a, "crashes", "backfill") as lease_a:
+        state_a.lease = lease_a
+        for client in [v for v in vars(storage_a).values() if hasattr(v, "meta")]:
+            client.meta.events.register("before-send.s3.*", stall)
+        failure: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                state_a.put_part_record("b", record(state_a, "from-a"))
+            except BaseException as exc:
+                failure.append(exc)
+
+        writing = threading.Thread(target=write)
+        writing.start()
+        assert stalled.wait(10)
+        time.sleep(4 * lease_a.ttl)
+        storage_b = open_storage(where)
+        state_b = DatasetState(storage_b, "crashes")
+        with Lease(storage_b, "crashes", "backfill") as lease_b:
+            state_b.lease = lease_b
+            state_b.put_part_record("b", record(state_b, "from-b"))
+            b_done.set()
+            writing.join(60)
+            assert [r.last_id for r in state_b.part_records("b")] == ["from-b"]
+            state_b.end_run()
+        lease_a.finished()
+    assert [type(e) for e in failure] == [LeaseLost]

@@ -283,8 +283,10 @@ class DatasetState:
                 raise LeaseLost(f"{self.storage.url}/{key}: not written, the run has ended")
             self._writing += 1  # `end_run` waits for it from here on
         try:
-            lease.check()  # (outside the lock: a renewal must not hold up the other writers)
-            self.put_json(key, doc)
+            # the lease checked before every attempt (outside the lock: a renewal must not hold
+            # up the other writers), and no attempt sent again after it (see `put_if`)
+            data = orjson.dumps(doc, option=orjson.OPT_INDENT_2)
+            self.storage.put_bytes(key, data, check=lease.check)
         finally:
             with self._run_writes:
                 self._writing -= 1

@@ -12,11 +12,9 @@ On NFS this needs a mount with locking (NFSv4, or v3 with lockd; not `nolock`/`l
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import os
-import re
 import shutil
 import threading
 import time
@@ -27,103 +25,22 @@ from typing import IO
 
 from ..errors import DestinationBusy, DestinationError
 from ..host import boot_id, process_gone
+from .local_files import TMP_NAME, LocalWriter, disk_error, sync_folder, tmp_for
 from .storage import Versioned, Writer
 
 MIN_FREE_BYTES = 64 * 1024 * 1024
 GUARD_WAIT = 30.0  # seconds to wait for another process's compare-and-write (it takes ms)
-_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 STALE_TMP = 600.0  # a temporary file of another host's process: left by a killed one after this
-_TMP = re.compile(r"\.([0-9a-f]{8})-(\d+)-[0-9a-f]{8}\.tmp$")
-
-
-def _tmp_for(path: Path) -> Path:
-    """A temporary name beside `path` that says which process of which boot writes it."""
-    owner = f"{(boot_id() or '0' * 8)[:8]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    return path.with_name(f".{path.name}.{owner}.tmp")
 
 
 def _own_file(key: str) -> bool:
-    """Whether `key` names a temporary or guard file of this store (`_tmp_for`, `_guarded`)."""
+    """Whether `key` names a temporary or guard file of this store (`tmp_for`, `_guarded`)."""
     name = key.rsplit("/", 1)[-1]
     return name.startswith(".") and name.endswith((".tmp", ".guard"))
 
 
-def _disk_error(path: Path | str, exc: OSError) -> DestinationError:
-    if exc.errno == errno.ENOSPC:
-        return DestinationError(f"{path}: no space left on device")
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return DestinationError(f"{path}: not writable ({exc.strerror})")
-    if exc.errno in _NO_LOCKS:
-        return DestinationError(
-            f"{path}: file locks are not available here ({exc.strerror}); nyc-collisions needs "
-            "them to keep a second run from writing at once: use a local disk or an NFS mount "
-            "with locking"
-        )
-    return DestinationError(f"{path}: {exc.strerror or exc}")
-
-
 def _version(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def sync_folder(folder: Path) -> None:
-    """Flush a folder's entries (a rename, a new file or folder) to disk."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-class _LocalWriter:
-    def __init__(self, final: Path, make_folder: Callable[[Path], None]) -> None:
-        self._final = final
-        self._tmp = _tmp_for(final)
-        try:
-            make_folder(final.parent)
-            self._file: IO[bytes] = open(self._tmp, "wb", buffering=1 << 20)  # noqa: SIM115
-        except OSError as exc:
-            raise _disk_error(final, exc) from exc
-        self.bytes_written = 0
-        self.closed = False
-        self._aborted = False
-
-    def write(self, data: bytes | memoryview) -> int:
-        if self._aborted:  # an encoder closing after an abort (e.g. at garbage collection)
-            return len(data)
-        try:
-            n = self._file.write(data)
-        except OSError as exc:
-            self.abort()
-            raise _disk_error(self._final, exc) from exc
-        self.bytes_written += n
-        return n
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            os.replace(self._tmp, self._final)
-            # its entry too: a manifest naming it must never outlive it after a power loss
-            sync_folder(self._final.parent)
-        except OSError as exc:
-            self.abort()
-            raise _disk_error(self._final, exc) from exc
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = self._aborted = True
-        with contextlib.suppress(OSError):
-            self._file.close()
-        with contextlib.suppress(OSError):
-            self._tmp.unlink()
 
 
 class LocalStorage:
@@ -152,11 +69,17 @@ class LocalStorage:
             self._made.update(missing)
 
     def open_writer(self, key: str) -> Writer:
-        return _LocalWriter(self._path(key), self._make_folder)
+        return LocalWriter(self._path(key), self._make_folder)
 
-    def put_bytes(self, key: str, data: bytes) -> None:
-        writer = _LocalWriter(self._path(key), self._make_folder)
+    def put_bytes(self, key: str, data: bytes, *, check: Callable[[], None] | None = None) -> None:
+        writer = LocalWriter(self._path(key), self._make_folder)
         writer.write(data)
+        if check is not None:
+            try:
+                check()
+            except BaseException:
+                writer.abort()
+                raise
         writer.close()
 
     def get_bytes(self, key: str) -> bytes | None:
@@ -165,13 +88,13 @@ class LocalStorage:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise _disk_error(self._path(key), exc) from exc
+            raise disk_error(self._path(key), exc) from exc
 
     def open_reader(self, key: str) -> IO[bytes]:
         try:
             return open(self._path(key), "rb")
         except OSError as exc:
-            raise _disk_error(self._path(key), exc) from exc
+            raise disk_error(self._path(key), exc) from exc
 
     def list_keys(self, prefix: str) -> list[str]:
         """The keys below `prefix`, in order; never this store's own temporary and guard files
@@ -200,7 +123,7 @@ class LocalStorage:
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                raise _disk_error(path, exc) from exc
+                raise disk_error(path, exc) from exc
             emptied.add(path.parent)
         for folder in sorted(emptied, key=lambda f: len(f.parts), reverse=True):
             # data/<batch>/, runs/<batch>/parts/...; never the root or a dataset's own folder
@@ -220,7 +143,7 @@ class LocalStorage:
             probe.write_bytes(b"ok")
             probe.unlink()
         except OSError as exc:
-            raise _disk_error(self.root, exc) from exc
+            raise disk_error(self.root, exc) from exc
         free = shutil.disk_usage(self.root).free
         if free < MIN_FREE_BYTES:
             raise DestinationError(f"{self.root}: only {free // 1024} KiB free on the disk")
@@ -250,7 +173,7 @@ class LocalStorage:
         return n + len(stale)
 
     def _gone(self, tmp: Path) -> bool:
-        owner = _TMP.search(tmp.name)
+        owner = TMP_NAME.search(tmp.name)
         if owner and owner.group(1) == (boot_id() or "0" * 8)[:8]:
             return process_gone(int(owner.group(2)))
         age = self._age(tmp)
@@ -318,7 +241,7 @@ class LocalStorage:
     def _staged(self, path: Path, data: bytes) -> Path:
         """`data` in a temporary file beside `path`, flushed to disk: ready to rename."""
         self._make_folder(path.parent)
-        tmp = _tmp_for(path)
+        tmp = tmp_for(path)
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -341,7 +264,7 @@ class LocalStorage:
         try:
             data = self._current(path)
         except OSError as exc:
-            raise _disk_error(path, exc) from exc
+            raise disk_error(path, exc) from exc
         if data is None:
             return None
         return Versioned(data, _version(data), self._age(path) if with_age else None)
@@ -349,7 +272,7 @@ class LocalStorage:
     def _age(self, path: Path) -> float | None:
         """Seconds since `path` was written, both times by the file system's clock: the mtime of
         a file written now (on NFS, the server's clock; never this host's)."""
-        probe = _tmp_for(path.with_name("clock"))
+        probe = tmp_for(path.with_name("clock"))
         try:
             written = path.stat().st_mtime_ns
             probe.touch()
@@ -384,7 +307,7 @@ class LocalStorage:
                 os.replace(tmp, path)
             sync_folder(path.parent)
         except OSError as exc:
-            raise _disk_error(path, exc) from exc
+            raise disk_error(path, exc) from exc
         finally:
             if tmp is not None:
                 with contextlib.suppress(OSError):
@@ -400,7 +323,7 @@ class LocalStorage:
                     return False
                 path.unlink()
         except OSError as exc:
-            raise _disk_error(path, exc) from exc
+            raise disk_error(path, exc) from exc
         return True
 
     def check_conditional(self) -> None:

@@ -66,11 +66,26 @@ class S3Storage:
     def where(self, key: str) -> str:
         return f"s3://{self.bucket}/{self.full_key(key)}"
 
-    def put_bytes(self, key: str, data: bytes) -> None:
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=self.full_key(key), Body=data)
-        except Exception as exc:
-            raise s3_error(self.where(key), exc) from exc
+    def put_bytes(self, key: str, data: bytes, *, check: Callable[[], None] | None = None) -> None:
+        if check is None:
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self.full_key(key), Body=data)
+            except Exception as exc:
+                raise s3_error(self.where(key), exc) from exc
+            return
+        failed: Exception | None = None
+        for attempt in range(PUT_IF_ATTEMPTS):
+            _back_off(attempt)
+            check()
+            try:  # one attempt, sent now (`s3_client(guarded=True)`)
+                self.guarded.put_object(Bucket=self.bucket, Key=self.full_key(key), Body=data)
+                return
+            except Exception as exc:
+                if not transient(exc):
+                    raise s3_error(self.where(key), exc) from exc
+                failed = exc
+        assert failed is not None
+        raise s3_error(self.where(key), failed) from failed
 
     def get_bytes(self, key: str) -> bytes | None:
         got = self.get_versioned(key)
@@ -187,8 +202,7 @@ class S3Storage:
         condition = {"IfNoneMatch": "*"} if expect is None else {"IfMatch": expect}
         failed: Exception | None = None
         for attempt in range(PUT_IF_ATTEMPTS):
-            if attempt:
-                time.sleep(random.uniform(0.5, 1.0) * min(8.0, 0.25 * 2**attempt))
+            _back_off(attempt)
             if check is not None:
                 check()
             try:  # one attempt, sent now (`s3_client(guarded=True)`)
@@ -269,3 +283,9 @@ class S3Storage:
 
 
 __all__ = ["S3Storage", "UploadStats", "s3_client"]
+
+
+def _back_off(attempt: int) -> None:
+    """Before a guarded write's attempt: none before the first, then exponential with jitter."""
+    if attempt:
+        time.sleep(random.uniform(0.5, 1.0) * min(8.0, 0.25 * 2**attempt))
