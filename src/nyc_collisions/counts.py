@@ -65,12 +65,11 @@ class NewRows:
             within = pc.and_(after, pc.less_equal(created, pa.scalar(self.ahead, pa.string())))
             unknown = pc.or_(unknown, within)
             after = pc.and_(after, pc.invert(within))
-        if self.mark.row_id is not None:
-            # created at the mark: new when never changed since (its only version is past it),
-            # unless the snapshot got that far
+        if self.mark.row_id is not None and self.ahead_at_mark:
+            unknown = pc.or_(unknown, at)  # created at the mark: the snapshot may hold them
+        elif self.mark.row_id is not None:
+            # created at the mark: new when never changed since (its only version is past it)
             unchanged = pc.equal(created, table.column("socrata_updated_at"))
-            if self.ahead_at_mark:
-                unchanged = pa.array([False] * table.num_rows)
             after = pc.or_(after, pc.and_(at, unchanged))
             unknown = pc.or_(unknown, pc.and_(at, pc.invert(unchanged)))
         self.new += int(pc.sum(after).as_py() or 0)

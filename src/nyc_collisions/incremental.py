@@ -235,8 +235,9 @@ class Update(DatasetJob):
     ) -> bool:
         """Whether the rows changed since the watermark, with those landed since the snapshot,
         pass `REFRESH_SHARE` of it (one count request to know): a fresh snapshot then replaces
-        them, so that reading the current state (export, verify, reconcile) never holds more
-        keys of later batches than that share of the snapshot's (see `current._winners`)."""
+        them, so that updates never make readers of the current state (export, verify,
+        reconcile) hold more keys of later batches than that share of the snapshot's (see
+        `current._winners`)."""
         if self.opts.workers is not None and self.opts.workers < 2:
             return False
         snapshot, *later = landed.manifest.current_batches()

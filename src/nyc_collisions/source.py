@@ -3,7 +3,6 @@ pages parsed into rows, and the one loop that pages a range until a count confir
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, wait
 from dataclasses import dataclass
@@ -103,7 +102,7 @@ class DatasetSource:
                 f"{'where ' + where if where else 'in the dataset'} but keeps returning "
                 "empty pages"
             )
-        time.sleep(retry.delay(pages_seen_empty - 1, None))
+        self.client.wait_to_retry(retry.delay(pages_seen_empty - 1, None))  # (cut short by a stop)
         return False
 
     def page_until_empty(

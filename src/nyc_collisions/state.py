@@ -253,9 +253,13 @@ class DatasetState:
             raise RuntimeError(f"{self.folder}: a commit without the dataset's lease")
         manifest.revision += 1
         manifest.updated = utc_now()
-        version = self.storage.put_if(
-            self.manifest_key, manifest.to_bytes(), expect=manifest.base, check=self.lease.check
-        )
+        try:
+            version = self.storage.put_if(
+                self.manifest_key, manifest.to_bytes(), expect=manifest.base, check=self.lease.check
+            )
+        except BaseException:
+            manifest.revision -= 1  # (not written: the lease lost, the store failing)
+            raise
         if version is None:
             manifest.revision -= 1
             raise ManifestChanged(

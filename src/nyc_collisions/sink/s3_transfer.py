@@ -43,7 +43,7 @@ def s3_client(max_pool: int = 32, *, guarded: bool = False) -> S3Client:
     return boto3.session.Session().client("s3", config=config)
 
 
-GUARDED_READ_TIMEOUT = 20  # seconds: well under a quarter of the lease's TTL (see lease.py)
+GUARDED_READ_TIMEOUT = 20  # seconds: well under a quarter of the lease's default TTL (lease.py)
 # S3's answers worth another attempt (as boto3 retries them), besides timeouts and resets
 _TRANSIENT = (
     "500",

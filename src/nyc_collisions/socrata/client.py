@@ -170,7 +170,7 @@ class SodaClient:
         finally:
             self._stopping = before
 
-    def _wait_to_retry(self, seconds: float) -> bool:
+    def wait_to_retry(self, seconds: float) -> bool:
         """Sleep `seconds` before a retry; False (at once) when the run has to stop."""
         end = time.monotonic() + seconds
         while not self._stopping():
@@ -247,7 +247,7 @@ class SodaClient:
                     last,
                     shown,
                 )
-                if not self._wait_to_retry(pause):
+                if not self.wait_to_retry(pause):
                     raise RetriesStopped(
                         f"{self.base_url}{path}: not tried again, the run is stopping; last: {last}"
                     )
