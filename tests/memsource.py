@@ -54,7 +54,9 @@ class MemSource(DatasetSource):
         self, rows: int, change: int, seed: int, *, cut: float = 0.0, pause: float = 0.001
     ) -> None:
         self.pause = pause
-        self.client = SimpleNamespace(retry=RetryPolicy(attempts=6, base=0.0))
+        self.client = SimpleNamespace(
+            retry=RetryPolicy(attempts=6, base=0.0), wait_to_retry=lambda seconds: True
+        )
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.ids = [rid(10 * i) for i in range(rows)]
@@ -208,20 +210,24 @@ class MemRotation:
 
 def new_plan(source: MemSource, workers: int, page: int) -> SnapshotPlan:
     count = len(source.ids)
-    n = partition_count(count, workers, page)
+    return snapshot_plan(count, partition_count(count, workers, page), page)
+
+
+def snapshot_plan(count: int, planned: int, page: int, fmt: str = "parquet") -> SnapshotPlan:
+    """A new backfill plan of `count` rows in `planned` partitions, none found yet."""
     return SnapshotPlan(
         batch_id="b",
         dataset_id="test-0001",
         key="id",
-        format="parquet",
+        format=fmt,
         columns=(),
         started="2026-01-01T00:00:00Z",
         source_count=count,
         max_updated_at=None,
         rows_updated_at=None,
         page_size=page,
-        planned=n,
-        step=partition_step(count, n),
+        planned=planned,
+        step=partition_step(count, planned),
     )
 
 

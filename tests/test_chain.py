@@ -21,6 +21,7 @@ from nyc_collisions.chain import plan_partitions
 from nyc_collisions.keyscan import KeyScan, ScanPlan
 from nyc_collisions.partition import PlanBook
 from nyc_collisions.plan import Partition, SnapshotPlan, partition_step
+from tests.memsource import snapshot_plan
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -149,20 +150,7 @@ BOOKS = {
 
 
 def _plan(count: int, planned: int) -> SnapshotPlan:
-    return SnapshotPlan(
-        batch_id="b",
-        dataset_id="test-0001",
-        key="id",
-        format="csv",
-        columns=(),
-        started="2026-01-01T00:00:00Z",
-        source_count=count,
-        max_updated_at=None,
-        rows_updated_at=None,
-        page_size=100,
-        planned=planned,
-        step=partition_step(count, planned),
-    )
+    return snapshot_plan(count, planned, 100, "csv")
 
 
 def _holding(parts: list[Partition], n: int) -> int:

@@ -70,6 +70,31 @@ def paused(lease: Lease) -> None:
     time.sleep(4 * lease.ttl)  # unrenewed by the store's clock too (S3: to the second)
 
 
+class Stall:
+    """A storage's network from its first PUT to a key holding `part` on: every request of each
+    S3 client it holds hangs until `release()`, then times out (a stalled network that comes
+    back), so its lease's renewals stop too."""
+
+    def __init__(self, storage: object, part: str) -> None:
+        self.part = part
+        self.stalled = threading.Event()
+        self.released = threading.Event()
+        for client in [v for v in vars(storage).values() if hasattr(v, "meta")]:
+            client.meta.events.register("before-send.s3.*", self._send)
+
+    def _send(self, request: Any, **_: Any) -> None:
+        from botocore.exceptions import ReadTimeoutError
+
+        if request.method == "PUT" and self.part in request.url:
+            self.stalled.set()
+        if self.stalled.is_set() and not self.released.is_set():
+            self.released.wait(30)
+            raise ReadTimeoutError(endpoint_url=request.url)
+
+    def release(self) -> None:
+        self.released.set()
+
+
 @pytest.fixture(params=["local", "s3"])
 def where(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "local":
@@ -124,21 +149,10 @@ def test_a_commit_stalled_past_a_take_over_is_not_sent_again(
     commit, and its cleanup deletes A's file (no manifest names it). A's network comes back: its
     commit is not sent again (boto3 would have, its If-Match still holding), so the manifest
     never names the deleted file; A fails with the lease lost."""
-    from botocore.exceptions import ReadTimeoutError
-
     monkeypatch.setenv("NYC_COLLISIONS_LEASE_TTL", "0.5")
     where = f"s3://{bucket}/landing"
     storage_a = open_storage(where)
     state_a = DatasetState(storage_a, "crashes")
-    stalled = threading.Event()
-    b_done = threading.Event()
-
-    def stall(request: Any, **_: Any) -> None:
-        if request.method == "PUT" and "manifest.json" in request.url:
-            stalled.set()
-        if stalled.is_set() and not b_done.is_set():
-            b_done.wait(30)
-            raise ReadTimeoutError(endpoint_url=request.url)
 
     with Lease(storage_a, "crashes", "update") as lease_a:
         state_a.lease = lease_a
@@ -150,8 +164,7 @@ def test_a_commit_stalled_past_a_take_over_is_not_sent_again(
         files = [FileEntry(path, 1, 15)]
         batch = Batch("B-update", "update", "csv", "2024-01-01T00:00:00Z", files, 1)
         manifest.batches.append(batch)
-        for client in [v for v in vars(storage_a).values() if hasattr(v, "meta")]:
-            client.meta.events.register("before-send.s3.*", stall)  # every S3 client it holds
+        network = Stall(storage_a, "manifest.json")
         failure: list[BaseException] = []
 
         def commit() -> None:
@@ -162,7 +175,7 @@ def test_a_commit_stalled_past_a_take_over_is_not_sent_again(
 
         committing = threading.Thread(target=commit)
         committing.start()
-        assert stalled.wait(10)
+        assert network.stalled.wait(10)
         time.sleep(4 * lease_a.ttl)  # A's lease is unrenewed by S3's clock
         storage_b = open_storage(where)
         state_b = DatasetState(storage_b, "crashes")
@@ -172,7 +185,7 @@ def test_a_commit_stalled_past_a_take_over_is_not_sent_again(
             tidy(state_b, lease_b)
             assert storage_b.get_bytes(path) is None  # A's file, deleted
             state_b.end_run()
-        b_done.set()
+        network.release()
         committing.join(60)
         lease_a.finished()
     assert [type(e) for e in failure] == [LeaseLost]
@@ -222,29 +235,17 @@ def test_a_run_record_stalled_past_a_take_over_is_not_sent_again(
     resumes at the same file number and records its own. A's network comes back: its record is
     not sent again over B's (boto3 would have: the commit would then name A's file with B's
     boundaries), and A fails with the lease lost."""
-    from botocore.exceptions import ReadTimeoutError
-
     monkeypatch.setenv("NYC_COLLISIONS_LEASE_TTL", "0.5")
     where = f"s3://{bucket}/landing"
     storage_a = open_storage(where)
     state_a = DatasetState(storage_a, "crashes")
-    stalled = threading.Event()
-    b_done = threading.Event()
-
-    def stall(request: Any, **_: Any) -> None:
-        if request.method == "PUT" and "/parts/" in request.url:
-            stalled.set()
-        if stalled.is_set() and not b_done.is_set():
-            b_done.wait(30)
-            raise ReadTimeoutError(endpoint_url=request.url)
 
     def record(state: DatasetState, last_id: str) -> PartRecord:
         return PartRecord(0, 5, False, f"crashes/data/b/part-{last_id}.csv", 10, 100, last_id)
 
     with Lease(storage_a, "crashes", "backfill") as lease_a:
         state_a.lease = lease_a
-        for client in [v for v in vars(storage_a).values() if hasattr(v, "meta")]:
-            client.meta.events.register("before-send.s3.*", stall)
+        network = Stall(storage_a, "/parts/")
         failure: list[BaseException] = []
 
         def write() -> None:
@@ -255,14 +256,14 @@ def test_a_run_record_stalled_past_a_take_over_is_not_sent_again(
 
         writing = threading.Thread(target=write)
         writing.start()
-        assert stalled.wait(10)
+        assert network.stalled.wait(10)
         time.sleep(4 * lease_a.ttl)
         storage_b = open_storage(where)
         state_b = DatasetState(storage_b, "crashes")
         with Lease(storage_b, "crashes", "backfill") as lease_b:
             state_b.lease = lease_b
             state_b.put_part_record("b", record(state_b, "from-b"))
-            b_done.set()
+            network.release()
             writing.join(60)
             assert [r.last_id for r in state_b.part_records("b")] == ["from-b"]
             state_b.end_run()
