@@ -50,7 +50,7 @@ class S3Storage:
         self.prefix = prefix
         self.url = f"s3://{bucket}/{prefix}".rstrip("/")
         self.client = s3_client()
-        self.guarded = s3_client(4, guarded=True)  # the lease's and the manifest's writes
+        self.guarded = s3_client(4, guarded=True)  # the lease's, the manifest's, a run's records
         self.upload_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="s3-upload")
         # Parts in flight, all writers together: bounds the memory of parts not yet sent
         self.part_slots = threading.BoundedSemaphore(PARTS_IN_FLIGHT)
@@ -282,10 +282,10 @@ class S3Storage:
         self._conditional_ok = True
 
 
-__all__ = ["S3Storage", "UploadStats", "s3_client"]
-
-
 def _back_off(attempt: int) -> None:
     """Before a guarded write's attempt: none before the first, then exponential with jitter."""
     if attempt:
         time.sleep(random.uniform(0.5, 1.0) * min(8.0, 0.25 * 2**attempt))
+
+
+__all__ = ["S3Storage", "UploadStats", "s3_client"]
