@@ -49,8 +49,12 @@ class S3Storage:
         self.bucket = bucket
         self.prefix = prefix
         self.url = f"s3://{bucket}/{prefix}".rstrip("/")
-        self.client = s3_client()
-        self.guarded = s3_client(4, guarded=True)  # the lease's, the manifest's, a run's records
+        import boto3
+
+        session = boto3.session.Session()
+        self.client = s3_client(session=session)
+        # the lease's, the manifest's and a run's records' writes
+        self.guarded = s3_client(4, guarded=True, session=session)
         self.upload_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="s3-upload")
         # Parts in flight, all writers together: bounds the memory of parts not yet sent
         self.part_slots = threading.BoundedSemaphore(PARTS_IN_FLIGHT)
