@@ -328,27 +328,31 @@ def test_leftovers_of_a_killed_run_are_never_read_and_are_cleaned_up(
         ("reconcile", ":id,collision_id,:updated_at"),  # its key pages
     ],
 )
-def test_the_time_budget_holds_while_the_source_throttles(
-    soda: FakeSoda, tmp_path: Path, command: str, match: str
+@pytest.mark.parametrize("fault", ["429", "slow"], ids=["throttled", "held_silent"])
+def test_the_time_budget_holds_while_the_source_fails(
+    soda: FakeSoda, tmp_path: Path, command: str, match: str, fault: str
 ) -> None:
     """`--max-seconds` (and the Lambda's deadline) while every page is throttled with a long
-    Retry-After: the run stops at its budget, not after the retries' waits, and a rerun ends
-    exact."""
+    Retry-After, or held by the source without a byte: the run stops at its budget, not after
+    the retries' waits nor the read timeout (120 s), and a rerun ends exact."""
     dest = str(tmp_path / "land")
     where = ["--source", soda.url, "--dest", dest]
     if command != "backfill":
         assert cli("backfill", "crashes", *where).code == 0
         soda.insert("h9gi-nx95", 30)
         soda.delete("h9gi-nx95", 10)
-    wait = 20.0  # each retry's; the run would wait it out at least twice
-    soda.add_fault("429", times=2, match=match, retry_after=wait)
+    wait = 20.0  # each retry's, or each hold; the run would wait it out at least twice
+    if fault == "429":
+        soda.add_fault("429", times=2, match=match, retry_after=wait)
+    else:
+        soda.add_fault("slow", times=2, match=match, seconds=wait)
     budget = 3.0
     started = time.monotonic()
     res = cli(command, "crashes", *where, "--workers", "1", "--max-seconds", str(budget))
     took = time.monotonic() - started
     assert res.code == 3, res.text  # stopped by its budget: resumable
     assert "stopped" in res.out, res.text
-    assert soda.stats()["faults"].get("429"), "the throttled request was never reached"
+    assert soda.stats()["faults"].get(fault), "the failing request was never reached"
     assert took < budget + wait / 2, f"a {budget:.0f} s budget took {took:.1f} s"
     soda.clear_faults()
     assert cli(command, "crashes", *where).code == 0

@@ -104,7 +104,11 @@ class DatasetJob:
     def _run_until_stopped(self, stop: threading.Event, result: DatasetResult) -> None:
         """`_run`, with the source's retries given up once the run has to stop: a stop or its
         time budget then ends it within a moment even while the source keeps failing."""
-        with self.client.stopping_when(lambda: stop.is_set() or self.opts.out_of_time()):
+
+        def stopping() -> bool:
+            return stop.is_set() or self.opts.out_of_time()
+
+        with self.client.stopping_when(stopping, self.opts.deadline):
             try:
                 self._run(stop, result)
             except RetriesStopped as exc:

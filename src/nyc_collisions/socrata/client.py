@@ -65,6 +65,7 @@ T = TypeVar("T")
 
 CANCEL_LINGER = 0.5  # seconds a dropped page still counts as in flight, at least
 RETRY_TICK = 0.1  # seconds between looks at `stopping` while a retry waits
+DEADLINE_GRACE = 1.0  # seconds of silence a request is allowed past the run's deadline
 
 
 @dataclass
@@ -131,6 +132,8 @@ class SodaClient:
         self.limit = ConcurrencyLimit(concurrency, adaptive=adaptive)
         self.stats = ClientStats()
         self._stopping: Callable[[], bool] = _never  # see `stopping_when`
+        self._deadline: float | None = None
+        self._timeouts = (timeout, connect_timeout)
         headers = {
             "User-Agent": f"nyc-collisions/{__version__}",
             "Accept-Encoding": "gzip",
@@ -161,14 +164,27 @@ class SodaClient:
         self._http.close()
 
     @contextlib.contextmanager
-    def stopping_when(self, stopping: Callable[[], bool]) -> Iterator[None]:
+    def stopping_when(
+        self, stopping: Callable[[], bool], deadline: float | None = None
+    ) -> Iterator[None]:
         """While in it, a failed request is not tried again once `stopping()` is true (a run's
-        stop or time budget): it raises `RetriesStopped` instead of waiting out the retries."""
-        before, self._stopping = self._stopping, stopping
+        stop or time budget): it raises `RetriesStopped` instead of waiting out the retries.
+        With a `deadline` (`time.monotonic()`), a request the source holds silent times out
+        soon after it rather than after the whole read timeout."""
+        before = self._stopping, self._deadline
+        self._stopping, self._deadline = stopping, deadline
         try:
             yield
         finally:
-            self._stopping = before
+            self._stopping, self._deadline = before
+
+    def _timeout_now(self) -> httpx.Timeout:
+        """The client's timeouts, the silence allowed cut to the run's deadline and a grace."""
+        read, connect = self._timeouts
+        if self._deadline is not None:
+            left = self._deadline - time.monotonic()
+            read = min(read, max(DEADLINE_GRACE, left + DEADLINE_GRACE))
+        return httpx.Timeout(read, connect=connect)
 
     def wait_to_retry(self, seconds: float) -> bool:
         """Sleep `seconds` before a retry; False (at once) when the run has to stop."""
@@ -283,7 +299,8 @@ class SodaClient:
 
         with self.limit.request(sample) as ticket:
             try:
-                with self._http.stream("GET", path, params=query) as response:
+                timeout = self._timeout_now()
+                with self._http.stream("GET", path, params=query, timeout=timeout) as response:
                     if response.status_code != 200 or looks_like_html(response, b""):
                         body = response.read()
                         self.stats.add(len(body))
