@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +17,10 @@ import boto3
 import httpx
 import pytest
 
-from nyc_collisions import aws
+from nyc_collisions import aws, daily
 from nyc_collisions.drift import SchemaChange
 from nyc_collisions.errors import UsageError
+from nyc_collisions.reconcile import Reconcile
 from nyc_collisions.report import _epoch
 from nyc_collisions.schema import Column
 from tests.cfn import load_template
@@ -469,3 +472,62 @@ def test_the_handler_reads_every_variable_the_template_sets(
     monkeypatch.setattr(os, "environ", recording)
     assert aws.handler({"command": "update"}, Context(60))["done"] is True
     assert wanted - read == set()
+
+
+def _deadline_past_for(names: set[str]) -> type[Reconcile]:
+    """A Reconcile already past its deadline for the datasets in `names` (what the Lambda's
+    deadline does to a reconcile that does not fit in the invocation)."""
+
+    class Late(Reconcile):
+        def __init__(self, client: Any, storage: Any, ds: Any, opts: Any) -> None:
+            if ds.name in names:
+                opts = dataclasses.replace(opts, deadline=time.monotonic())
+            super().__init__(client, storage, ds, opts)
+
+    return Late
+
+
+def test_a_reconcile_the_deadline_stops_still_counts_the_update_completed(
+    soda: FakeSoda,
+    lambda_env: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Sunday: every dataset is updated and the reconcile, not fitting, goes on tomorrow (its
+    scan is recorded). The data is fresh: UpdateCompleted is 1, or the freshness alarm (26
+    hourly periods under 1) would fire every week the reconcile does not fit."""
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "vehicles")
+    assert cli("backfill", "vehicles", "--source", soda.url, "--dest", lambda_env).code == 0
+    soda.insert("bm4k-52h4", 4)
+    monkeypatch.setattr(daily, "Reconcile", _deadline_past_for({"vehicles"}))
+    capsys.readouterr()
+    summary = aws.handler({"command": "update", "reconcile": True}, Context(60))
+    kinds = [(r["command"], r["status"]) for r in summary["results"]]
+    assert kinds == [("update", "updated"), ("reconcile", "stopped")]
+    assert "carried_on_by" not in summary  # the next daily run goes on with it
+    (run,) = [d for d in _emf(capsys.readouterr().out) if "UpdateCompleted" in d]
+    assert run["UpdateCompleted"] == 1
+
+
+def test_the_lag_step_after_the_runs_keeps_to_the_invocations_time(
+    soda: FakeSoda, lambda_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After its runs the handler asks each dataset's metadata for the lag metric; a source that
+    holds that request (the very case in which runs stop while the source is failing) must not
+    keep the handler past its invocation's time, or Lambda kills it before its metrics and its
+    carry-on."""
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
+    assert cli("backfill", "crashes", "--source", soda.url, "--dest", lambda_env).code == 0
+    lags = aws._lags
+
+    def source_holds_now(client: Any, storage: Any, names: set[str]) -> dict[str, float]:
+        soda.add_fault("stall", times=1, match="h9gi-nx95", seconds=20)
+        return lags(client, storage, names)
+
+    monkeypatch.setattr(aws, "_lags", source_holds_now)
+    budget = 8.0  # the runs stop a quarter of it before its end (SAFETY_SECONDS, short budgets)
+    started = time.monotonic()
+    aws.handler({"command": "update"}, Context(budget))
+    assert time.monotonic() - started < budget

@@ -231,11 +231,12 @@ def _carry_on(datasets: list[Dataset], reconcile: bool, loop: bool, machine: str
     return arn
 
 
-def _emit(function: str, command: str, done: bool, lines: list[DatasetMetrics]) -> None:
-    """The metrics, one EMF line each, on stdout (the function's log: CloudWatch reads them)."""
+def _emit(function: str, command: str, updated: bool, lines: list[DatasetMetrics]) -> None:
+    """The metrics, one EMF line each, on stdout (the function's log: CloudWatch reads them);
+    `updated`: every dataset brought up to date (`UpdateCompleted`)."""
     out = [dataset_line(function, m) for m in lines]
     if command == "update":
-        out.append(update_line(function, done))
+        out.append(update_line(function, updated))
     sys.stdout.write("".join(line + "\n" for line in out))
     sys.stdout.flush()
 
@@ -304,7 +305,10 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
                 r.status != "stopped" for kind, r in results if kind != "reconcile"
             )
             done = updated and all(r.status != "stopped" for _, r in results)
-            measured[:] = with_lags(measured, _lags(client, storage, landed))
+            # within the invocation's time (the source may be what stopped the runs): past the
+            # deadline each request is tried once, and a silent one gives up within a second
+            with client.stopping_when(opts.out_of_time, opts.deadline):
+                measured[:] = with_lags(measured, _lags(client, storage, landed))
         # a reconcile stopped by the deadline goes on with the next daily run (its scan is
         # recorded): only an unfinished update or backfill is carried on now
         if command == "update" and not updated:
@@ -315,7 +319,9 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
         logger.exception("%s failed", command)
         raise
     finally:
-        _emit(function, command, done, measured)
+        # completed: every dataset brought up to date (a reconcile the deadline stopped goes on
+        # with the next run, and the data is fresh meanwhile)
+        _emit(function, command, updated, measured)
     failed = [r.dataset for _, r in results if r.table_error]
     if failed:  # the landed data is committed; the next run with the table on heals the table
         logger.error("the table of %s could not be brought up to the manifest", ", ".join(failed))
