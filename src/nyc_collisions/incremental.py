@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from .counts import NewRows
 from .current import Landed, iter_current, open_landed
 from .datasets import Dataset
-from .errors import NothingLanded, RetriesStopped, SchemaError
+from .errors import NothingLanded, SchemaError
 from .job import DatasetJob, RunOptions
 from .lease import Lease
 from .refresh import drift, drifted_meanwhile, land_fresh, land_new_columns
@@ -36,7 +36,7 @@ from .schema import Schema
 from .sink.files import FileEntry, FileRotation, OnFile
 from .sink.storage import Storage
 from .socrata import soql
-from .socrata.client import PageCancelled, SodaClient
+from .socrata.client import SodaClient
 from .state import EPOCH, Batch, DatasetState, Retired, Watermark, new_batch_id, utc_now
 from .tidy import retire_after, tidy
 from .workers import DaemonCalls
@@ -201,16 +201,11 @@ class Update(DatasetJob):
         def stopped() -> bool:
             return stop.is_set() or self.opts.out_of_time()
 
-        def page() -> int | None:
-            try:  # dropped where it is on a stop: the rows emitted so far are whole, committed
-                return self.source.stream_rows(landed.schema, params, emit, cancelled=stopped)
-            except (PageCancelled, RetriesStopped):
-                return None
-
         try:
             if until is not None:
                 done = self.source.page_until_empty(
-                    page,
+                    # dropped where it is on a stop: the rows emitted so far are whole, committed
+                    lambda: self.source.page(landed.schema, params, emit, cancelled=stopped),
                     lambda: _changed_after(cursor, until),
                     asked=lambda: self.opts.page_size,
                     stopped=stopped,

@@ -38,7 +38,6 @@ from .plan import (
 )
 from .schema import Column, Schema
 from .socrata import soql
-from .socrata.client import PageCancelled
 from .source import DatasetSource
 from .workers import STOP_WAIT, DaemonCalls, join_for
 
@@ -318,15 +317,10 @@ class KeyScan:
         def stopped() -> bool:
             return self.stop.is_set() or self.out_of_time()
 
-        def next_page() -> int | None:
-            try:  # dropped where it is on a stop: the keys emitted so far are whole
-                return self.source.stream_rows(self.schema, params, emit, cancelled=stopped)
-            except (PageCancelled, RetriesStopped):
-                return None
-
         try:
             done = self.source.page_until_empty(
-                next_page,
+                # dropped where it is on a stop: the keys emitted so far are whole
+                lambda: self.source.page(self.schema, params, emit, cancelled=stopped),
                 lambda: soql.id_range(after, partition.upper),
                 asked=lambda: page,
                 stopped=stopped,

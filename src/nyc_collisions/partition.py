@@ -29,7 +29,6 @@ from .rows import CsvRows
 from .schema import Schema
 from .sink.files import FileEntry, FileRotation
 from .socrata import soql
-from .socrata.client import PageCancelled
 from .source import DatasetSource
 from .state import DatasetState, PartRecord
 
@@ -207,7 +206,7 @@ class PartitionFetch:
         started, landed = time.monotonic(), self.landed
         self._asked = self._limit()
         try:
-            got = self.ctx.source.stream_rows(
+            return self.ctx.source.page(
                 self.ctx.schema,
                 self._params,
                 self._emit,
@@ -220,9 +219,6 @@ class PartitionFetch:
                     or self.ctx.opts.out_of_time()
                 ),
             )
-            return got
-        except (PageCancelled, RetriesStopped):
-            return None  # (a stop: the run ends after the rows landed so far)
         finally:
             self.seconds += time.monotonic() - started
             self.page_rows += self.landed - landed

@@ -227,6 +227,22 @@ class DatasetSource:
             raise PageCancelled
         return self.client.stream(path, params, consume, sample=True)
 
+    def page(
+        self,
+        schema: Schema,
+        params: Callable[[], dict[str, str]],
+        emit: Callable[[pa.Table], None],
+        emit_rows: Callable[[CsvRows], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> int | None:
+        """`stream_rows` as `page_until_empty` asks it: None when the page was dropped
+        (`cancelled`) or not tried again because the run is stopping (the rows emitted so far
+        are whole: the caller commits them and goes on after the last)."""
+        try:
+            return self.stream_rows(schema, params, emit, emit_rows, cancelled)
+        except (PageCancelled, RetriesStopped):
+            return None
+
     def reads_csv(self, schema: Schema) -> bool:
         """Whether pages of rows come as CSV (see `SodaClient.wire`): half the bytes of JSON and
         several times cheaper to parse, used where CSV carries every column exactly."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -253,15 +254,15 @@ class DatasetState:
             raise RuntimeError(f"{self.folder}: a commit without the dataset's lease")
         manifest.revision += 1
         manifest.updated = utc_now()
+        version = None
         try:
             version = self.storage.put_if(
                 self.manifest_key, manifest.to_bytes(), expect=manifest.base, check=self.lease.check
             )
-        except BaseException:
-            manifest.revision -= 1  # (not written: the lease lost, the store failing)
-            raise
+        finally:
+            if version is None:  # not written: another run committed, the lease lost, ...
+                manifest.revision -= 1
         if version is None:
-            manifest.revision -= 1
             raise ManifestChanged(
                 f"{self.storage.url}/{self.manifest_key}: the manifest changed since this run "
                 "read it (another run committed); this run stopped before committing more, "
@@ -289,8 +290,7 @@ class DatasetState:
         try:
             # the lease checked before every attempt (outside the lock: a renewal must not hold
             # up the other writers), and no attempt sent again after it (see `put_if`)
-            data = orjson.dumps(doc, option=orjson.OPT_INDENT_2)
-            self.storage.put_bytes(key, data, check=lease.check)
+            self.put_json(key, doc, check=lease.check)
         finally:
             with self._run_writes:
                 self._writing -= 1
@@ -308,8 +308,10 @@ class DatasetState:
             self.lease = None
             self._run_writes.wait_for(lambda: self._writing == 0)
 
-    def put_json(self, key: str, doc: dict[str, Any]) -> None:
-        self.storage.put_bytes(key, orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+    def put_json(
+        self, key: str, doc: dict[str, Any], check: Callable[[], None] | None = None
+    ) -> None:
+        self.storage.put_bytes(key, orjson.dumps(doc, option=orjson.OPT_INDENT_2), check=check)
 
     def get_json(self, key: str) -> dict[str, Any] | None:
         data = self.storage.get_bytes(key)
