@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import socket
@@ -113,3 +114,48 @@ def json_log() -> Iterator[io.StringIO]:
     root.addHandler(handler)
     yield stream
     root.removeHandler(handler)
+
+
+# ------------------------------------------------------------------------------ the Lambda
+
+
+@pytest.fixture
+def lambda_env(bucket: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Environment as the SAM template sets it; the token lives in Secrets Manager."""
+    import boto3
+
+    from nyc_collisions import aws
+
+    secret = "nyc-collisions/socrata-app-token"
+    sm = boto3.client("secretsmanager")
+    try:
+        sm.create_secret(Name=secret, SecretString=GOOD_TOKEN)
+    except sm.exceptions.ResourceExistsException:
+        sm.put_secret_value(SecretId=secret, SecretString=GOOD_TOKEN)
+    dest = f"s3://{bucket}/collisions_raw_data"
+    monkeypatch.setenv("NYC_COLLISIONS_DEST", dest)
+    monkeypatch.setenv("SOCRATA_APP_TOKEN_SECRET", secret)
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes,persons,vehicles")
+    aws._token_cache.clear()
+    yield dest
+    aws._token_cache.clear()
+
+
+@pytest.fixture
+def state_machine(lambda_env: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The loop's state machine on moto (which records executions but does not run them)."""
+    import boto3
+
+    from nyc_collisions import aws
+
+    sfn = boto3.client("stepfunctions")
+    iam = boto3.client("iam")
+    role = iam.create_role(RoleName="loop-" + uuid.uuid4().hex[:8], AssumeRolePolicyDocument="{}")[
+        "Role"
+    ]["Arn"]
+    definition = json.dumps({"StartAt": "Done", "States": {"Done": {"Type": "Succeed"}}})
+    arn = sfn.create_state_machine(
+        name="nyc-collisions-backfill-" + uuid.uuid4().hex[:6], definition=definition, roleArn=role
+    )["stateMachineArn"]
+    monkeypatch.setenv(aws.STATE_MACHINE, arn)
+    return str(arn)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,3 +167,13 @@ def exact(
         KEYS[dataset_id],
         typed=suffix == ".parquet",
     )
+
+
+class Context:
+    """What Lambda hands the handler: here only the time left matters."""
+
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+
+    def get_remaining_time_in_millis(self) -> int:
+        return int((self.deadline - time.monotonic()) * 1000)

@@ -67,6 +67,10 @@ MACHINE_ARN = (
     "arn:${AWS::Partition}:states:${AWS::Region}:${AWS::AccountId}"
     ":stateMachine:${AWS::StackName}-backfill"
 )
+EXECUTIONS_ARN = (
+    "arn:${AWS::Partition}:states:${AWS::Region}:${AWS::AccountId}"
+    ":execution:${AWS::StackName}-backfill:*"
+)
 KMS_KEY = "Ref:KmsKeyArn"
 # Step Functions sets up a state machine's log delivery with these; they take no resource ARN.
 LOG_DELIVERY = {
@@ -346,6 +350,7 @@ def test_function_environment_is_what_the_handler_reads(template: dict[str, Any]
         "SOCRATA_APP_TOKEN_SECRET",
         "SOCRATA_APP_TOKEN_PARAMETER",
         "NYC_COLLISIONS_RECONCILE_WEEKDAY",
+        "NYC_COLLISIONS_TIMEZONE",
         "NYC_COLLISIONS_STATE_MACHINE",
         "NYC_COLLISIONS_TABLE",
     }
@@ -356,6 +361,9 @@ def test_function_environment_is_what_the_handler_reads(template: dict[str, Any]
     assert env["SOCRATA_APP_TOKEN_SECRET"] == {
         "Fn::If": ["HasSecret", {"Ref": "SecretName"}, NO_VALUE]
     }
+    # the reconcile's weekday is taken in the zone the schedule fires in
+    (schedule,) = _resources(template, "AWS::Scheduler::Schedule").values()
+    assert env["NYC_COLLISIONS_TIMEZONE"] == schedule["Properties"]["ScheduleExpressionTimezone"]
     arn = _text(env["NYC_COLLISIONS_STATE_MACHINE"])
     assert arn == MACHINE_ARN
     assert arn.endswith(":stateMachine:" + _text(_props(template, MACHINE)["Name"]))
@@ -408,6 +416,7 @@ def test_function_role_grants_only_the_prefix_the_secret_its_logs_dlq_and_loop(
         ("sqs:SendMessage", DLQ_ARN),
         ("states:StartExecution", MACHINE_ARN),
         ("states:ListExecutions", MACHINE_ARN),
+        ("states:DescribeExecution", EXECUTIONS_ARN),
         ("kms:GenerateDataKey", KMS_KEY),
         ("kms:Decrypt", KMS_KEY),
     }
@@ -489,9 +498,10 @@ def test_no_role_has_wildcards_or_broad_managed_policies(template: dict[str, Any
                     assert name == "StateMachineRole", (name, st)
                     assert actions <= LOG_DELIVERY, (name, st)
                     continue
-                # The only wildcards: objects below the prefix and the secret's random suffix.
+                # The only wildcards: objects below the prefix, the secret's random suffix
+                # and the executions of the stack's own loop.
                 if "*" in text or "?" in text:
-                    assert text in (OBJECTS_ARN, SECRET_ARN), (name, text)
+                    assert text in (OBJECTS_ARN, SECRET_ARN, EXECUTIONS_ARN), (name, text)
     # Nor may SAM generate roles or policy templates behind our back.
     for kind in ("AWS::Serverless::Function", "AWS::Serverless::StateMachine"):
         for name, res in _resources(template, kind).items():

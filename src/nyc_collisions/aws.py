@@ -6,8 +6,10 @@ Configuration comes from the environment:
   (`crashes,persons,vehicles`), `SOCRATA_BASE_URL`, `NYC_COLLISIONS_FORMAT` (for a backfill),
   `NYC_COLLISIONS_TABLE` (`delta`: keep each dataset's table, as `--table`),
   `NYC_COLLISIONS_RECONCILE_WEEKDAY`
-  (`SUN`: that day's run also reconciles deletions; a reconcile the deadline stopped goes on
-  in the next runs until it ends), `NYC_COLLISIONS_WIRE` (`auto`, `json` or
+  (`SUN`: that day's run also reconciles deletions, each dataset not reconciled since that
+  day's start in `NYC_COLLISIONS_TIMEZONE`, the schedule's, UTC when unset; a reconcile the
+  deadline stopped goes on in the next runs until it ends: `reconcile_schedule.py`),
+  `NYC_COLLISIONS_WIRE` (`auto`, `json` or
   `csv`: how rows come from the source, as `--wire`), `NYC_COLLISIONS_RETRIES` (as `--retries`),
   `NYC_COLLISIONS_ALLOW_HTTP` (as `--allow-http`); each is checked before anything is done, and
   a bad value is a `UsageError` naming the variable;
@@ -18,7 +20,8 @@ Configuration comes from the environment:
 - `NYC_COLLISIONS_STATE_MACHINE`: the ARN of the state machine that invokes the function again
   until it is done (below).
 
-The event may say `{"command": "update" | "backfill", "datasets": [...], "reconcile": true}`.
+The event may say `{"command": "update" | "backfill", "datasets": [...], "reconcile": true}`
+(`"reconcile_since": "<UTC time>"` as the loop passes it on).
 The handler logs one JSON object per line, prints its metrics as Embedded Metric Format lines
 (`metrics`), returns a small summary (never rows) and raises on failure so that Lambda's
 retries, the on-failure destination and the alarms see it. A run stops cleanly before the
@@ -55,6 +58,13 @@ from .metrics import (
     update_line,
     with_lags,
 )
+from .reconcile_schedule import (
+    latest,
+    since_from_event,
+    weekday_from_env,
+    weekly_since,
+    zone_from_env,
+)
 from .report import _epoch
 from .results import DatasetResult
 from .runtime import tune_allocators
@@ -68,7 +78,6 @@ from .table import TABLE_ENV, check_table_format
 logger = logging.getLogger("nyc_collisions.aws")
 SAFETY_SECONDS = 90.0  # stop this long before Lambda's deadline (a quarter of short budgets)
 STATE_MACHINE = "NYC_COLLISIONS_STATE_MACHINE"
-WEEKDAYS = ("MONDAY", "TUESDAY", "WEDNESDAY", "THURSDAY", "FRIDAY", "SATURDAY", "SUNDAY")
 _token_cache: dict[str, str | None] = {}
 
 
@@ -165,16 +174,10 @@ def _summary(command: str, r: DatasetResult) -> dict[str, Any]:
     return out
 
 
-def _reconcile_weekday() -> str | None:
-    """`NYC_COLLISIONS_RECONCILE_WEEKDAY` as MON..SUN: a day's English name or its first three
-    letters, any case; None when unset."""
-    raw = os.environ.get("NYC_COLLISIONS_RECONCILE_WEEKDAY", "").strip()
-    day = raw.upper()
-    if day and day not in WEEKDAYS and day not in [d[:3] for d in WEEKDAYS]:
-        raise UsageError(
-            f"NYC_COLLISIONS_RECONCILE_WEEKDAY={raw!r}: must be a day of the week, like SUN"
-        )
-    return day[:3] or None
+def _env_datasets() -> list[str]:
+    """`NYC_COLLISIONS_DATASETS`: the datasets an event that names none runs."""
+    raw = os.environ.get("NYC_COLLISIONS_DATASETS", "")
+    return [n.strip() for n in raw.split(",") if n.strip()]
 
 
 def _state_machine() -> str | None:
@@ -203,9 +206,10 @@ def _lags(client: SodaClient, storage: Storage, names: set[str]) -> dict[str, fl
     return lags
 
 
-def _carry_on(datasets: list[Dataset], reconcile: bool, loop: bool, machine: str | None) -> str:
+def _carry_on(datasets: list[Dataset], asked: str | None, loop: bool, machine: str | None) -> str:
     """An update that is not done is not a success: have the state machine's loop invoke the
-    function again until it is (each invocation resumes where the last one stopped)."""
+    function again until it is (each invocation resumes where the last one stopped), unless a
+    loop already running does that update."""
     if loop:
         return "loop"  # the loop that invoked this one invokes the next
     if machine is None:
@@ -216,12 +220,13 @@ def _carry_on(datasets: list[Dataset], reconcile: bool, loop: bool, machine: str
     import boto3
 
     sfn = boto3.client("stepfunctions")
-    running = sfn.list_executions(stateMachineArn=machine, statusFilter="RUNNING", maxResults=1)
-    if running["executions"]:
-        arn = str(running["executions"][0]["executionArn"])
-        logger.warning("update not done in this invocation; the running %s goes on", arn)
-        return arn
-    doc = {"command": "update", "datasets": [d.name for d in datasets], "reconcile": reconcile}
+    doc: dict[str, Any] = {"command": "update", "datasets": [d.name for d in datasets]}
+    if asked is not None:
+        doc["reconcile_since"] = asked
+    running = _running_loop(sfn, machine, doc)
+    if running is not None:
+        logger.warning("update not done in this invocation; the running %s goes on", running)
+        return running
     arn = str(
         sfn.start_execution(stateMachineArn=machine, input=orjson.dumps(doc).decode())[
             "executionArn"
@@ -229,6 +234,35 @@ def _carry_on(datasets: list[Dataset], reconcile: bool, loop: bool, machine: str
     )
     logger.warning("update not done in this invocation; started %s to carry it on", arn)
     return arn
+
+
+def _running_loop(sfn: Any, machine: str, wanted: dict[str, Any]) -> str | None:
+    """A running execution of the loop that does the update `wanted` asks (the same datasets or
+    more, a reconcile asked as late or later); another command's loop (an operator's backfill of
+    another dataset) does not."""
+    names = set(wanted["datasets"])
+    pages = sfn.get_paginator("list_executions").paginate(
+        stateMachineArn=machine, statusFilter="RUNNING"
+    )
+    for page in pages:
+        for execution in page["executions"]:
+            arn = str(execution["executionArn"])
+            try:
+                doc = orjson.loads(sfn.describe_execution(executionArn=arn).get("input") or "{}")
+                theirs = {
+                    d.name for d in resolve_many(list(doc.get("datasets") or _env_datasets()))
+                }
+            except (NycCollisionsError, orjson.JSONDecodeError, AttributeError, TypeError):
+                continue  # not an input this function would run: not this update
+            asked = wanted.get("reconcile_since")
+            if (
+                isinstance(doc, dict)
+                and doc.get("command") == "update"
+                and theirs >= names
+                and (asked is None or str(doc.get("reconcile_since") or "") >= asked)
+            ):
+                return arn
+    return None
 
 
 def _emit(function: str, command: str, updated: bool, lines: list[DatasetMetrics]) -> None:
@@ -251,22 +285,20 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
     command = str(event.get("command", "update"))
     if command not in ("update", "backfill"):
         raise ValueError(f"unknown command {command!r}: use update or backfill")
-    names = event.get("datasets") or [
-        n.strip() for n in os.environ.get("NYC_COLLISIONS_DATASETS", "").split(",") if n.strip()
-    ]
-    datasets = resolve_many(list(names))
+    datasets = resolve_many(list(event.get("datasets") or _env_datasets()))
     dest = os.environ.get("NYC_COLLISIONS_DEST")
     if not dest:
         raise UsageError("NYC_COLLISIONS_DEST is not set")
-    weekday = _reconcile_weekday()
+    weekday = weekday_from_env()
+    zone = zone_from_env()
     machine = _state_machine()
     source = SourceSettings.from_env()
     validate_base_url(source.url, allow_http=source.allow_http, name="SOCRATA_BASE_URL")
     fmt = settings.env_choice("NYC_COLLISIONS_FORMAT", "csv", FORMATS)
     table = check_table_format(os.environ.get(TABLE_ENV))
-    reconcile = bool(event.get("reconcile")) or (
-        bool(weekday) and datetime.now(UTC).strftime("%a").upper() == weekday
-    )
+    now = datetime.now(UTC)
+    asked = since_from_event(event, now)  # carried on by the loop
+    since = latest(asked, None if weekday is None else weekly_since(weekday, zone, now))
     remaining = (
         context.get_remaining_time_in_millis() / 1000.0
         if context is not None and hasattr(context, "get_remaining_time_in_millis")
@@ -277,11 +309,11 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
     storage = open_storage(dest)
     function = os.environ.get("AWS_LAMBDA_FUNCTION_NAME") or "nyc-collisions"
     logger.info(
-        "start %s %s -> %s (reconcile=%s)",
+        "start %s %s -> %s (reconcile what was not since %s)",
         command,
         ",".join(d.name for d in datasets),
         storage.url,
-        reconcile,
+        since or "never",
     )
     results: list[tuple[str, DatasetResult]] = []
     measured: list[DatasetMetrics] = []
@@ -293,12 +325,12 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
 
             def record(kind: str, r: DatasetResult) -> None:
                 results.append((kind, r))
-                measured.append(from_result(kind, r, *meter.take()))
+                measured.append(from_result(kind, r, *meter.take(), table=bool(table)))
 
             if command == "backfill":
                 backfill(client, storage, datasets, opts, lambda r: record("backfill", r))
             else:
-                daily = DailyRun(reconcile=reconcile, backfill_first=True, resume_scans=True)
+                daily = DailyRun(reconcile_since=since, backfill_first=True, resume_scans=True)
                 update_then_reconcile(client, storage, datasets, opts, daily, record)
             landed = {r.dataset for _, r in results}
             updated = landed >= {d.name for d in datasets} and all(
@@ -312,9 +344,7 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
         # a reconcile stopped by the deadline goes on with the next daily run (its scan is
         # recorded): only an unfinished update or backfill is carried on now
         if command == "update" and not updated:
-            summary["carried_on_by"] = _carry_on(
-                datasets, reconcile, bool(event.get("loop")), machine
-            )
+            summary["carried_on_by"] = _carry_on(datasets, asked, bool(event.get("loop")), machine)
     except Exception:
         logger.exception("%s failed", command)
         raise

@@ -3,9 +3,12 @@
 wants in a `DailyRun`.
 
 The updates go in turn and end at the first one that stops (Ctrl-C, the time budget): the next
-run goes on from the committed files. The reconciles go in turn after them; one stopped by the
-budget has recorded its key scan, and a run with `resume_scans` goes on with it even on a day
-that does not reconcile, so that a reconcile ends within the next runs.
+run goes on from the committed files. The reconciles go in turn after them, each of a dataset
+not reconciled since `reconcile_since` (its manifest records when its last reconcile ended), so
+that a run invoked again after one stopped does not reconcile from the start the datasets it
+has reconciled already. One stopped by the budget has recorded its key scan, and a run with
+`resume_scans` goes on with it even when none is asked, so that a reconcile ends within the
+next runs.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from .results import DatasetResult
 from .scanrecord import scan_pending
 from .sink.storage import Storage
 from .socrata.client import SodaClient
+from .state import DatasetState
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +39,9 @@ Record = Callable[[str, DatasetResult], None]  # the command ("update", ...) and
 class DailyRun:
     """What a daily run does beyond updating each dataset."""
 
-    reconcile: bool = False  # then reconcile each dataset updated
+    # then reconcile each dataset updated that was not reconciled since then (UTC, as
+    # `utc_now`; a snapshot counts as reconciled); None: none
+    reconcile_since: str | None = None
     fmt: str | None = None  # the format of new batches (None: as landed)
     backfill_first: bool = False  # backfill a dataset with nothing landed (else: the error)
     resume_scans: bool = False  # reconcile a dataset whose key scan stopped, even unasked
@@ -56,11 +62,20 @@ def update_then_reconcile(
     try:
         updated = _update_each(client, storage, datasets, opts, run, record, stop)
         for ds in updated:
-            if run.reconcile or (run.resume_scans and scan_pending(storage, ds)):
+            if _reconcile_due(storage, ds, run):
                 record("reconcile", Reconcile(client, storage, ds, opts).run(stop))
     except BaseException:
         storage.discard_if_empty()
         raise
+
+
+def _reconcile_due(storage: Storage, ds: Dataset, run: DailyRun) -> bool:
+    if run.resume_scans and scan_pending(storage, ds):
+        return True
+    if run.reconcile_since is None:
+        return False
+    manifest = DatasetState(storage, ds.name).load()
+    return manifest is not None and manifest.last_reconciled() <= run.reconcile_since
 
 
 def _update_each(

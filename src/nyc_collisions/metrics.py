@@ -5,10 +5,13 @@ directive becomes metrics in CloudWatch, with no API call and no extra permissio
 the transport). The format is a few keys, so it is written here rather than through a library.
 
 Per dataset and run (dimensions `Function`, `Dataset`): `RowsLanded`, `RowsChanged`,
-`LagSeconds` (the source's `rowsUpdatedAt` minus the landed watermark, never negative; also
-published under `Function` alone, whose Maximum is the worst dataset), `DurationSeconds`,
-`Retries`, `Throttles` and `SchemaChanges`. Per run (dimension `Function`): `UpdateCompleted`,
-1 when an update brought every dataset up to date, else 0: the freshness alarm watches it.
+`LagSeconds` (the source's `rowsUpdatedAt` minus the landed watermark, never negative),
+`DurationSeconds`, `Retries`, `Throttles`, `SchemaChanges` and, with a table, `TableErrors` (1
+when the dataset's table could not be brought up to its manifest, else 0: the landed data is
+committed, so the run itself succeeds). `LagSeconds` and `TableErrors` are also published under
+`Function` alone, whose Maximum (the worst dataset) the alarms watch. Per run (dimension
+`Function`): `UpdateCompleted`, 1 when an update brought every dataset up to date, else 0: the
+freshness alarm watches it.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class DatasetMetrics:
     throttles: int
     schema_changes: int
     lag_seconds: float | None = None  # None: unknown (no watermark, or no rowsUpdatedAt)
+    table_errors: int | None = None  # 1: its table's sync failed; None: no table kept
 
 
 def rows_changed(command: str, r: DatasetResult) -> int | None:
@@ -62,8 +66,11 @@ def rows_changed(command: str, r: DatasetResult) -> int | None:
     return None
 
 
-def from_result(command: str, r: DatasetResult, retries: int, throttles: int) -> DatasetMetrics:
-    """A dataset's metrics from what the command returned (lag comes later: `with_lags`)."""
+def from_result(
+    command: str, r: DatasetResult, retries: int, throttles: int, table: bool = False
+) -> DatasetMetrics:
+    """A dataset's metrics from what the command returned (lag comes later: `with_lags`);
+    `table`: the run keeps the dataset's table."""
     return DatasetMetrics(
         r.dataset,
         command,
@@ -74,6 +81,7 @@ def from_result(command: str, r: DatasetResult, retries: int, throttles: int) ->
         retries,
         throttles,
         int(r.schema_change is not None),
+        table_errors=int(bool(r.table_error)) if table else None,
     )
 
 
@@ -122,10 +130,16 @@ def dataset_line(function: str, m: DatasetMetrics, now_ms: int | None = None) ->
     }
     present = [(n, u) for n, u in _DATASET_METRICS if values[n] is not None]
     directives = [_directive([["Function", "Dataset"]], present)]
+    # also under `Function` alone: its Maximum is the worst dataset's, which an alarm watches
+    worst: list[tuple[str, str]] = []
     if m.lag_seconds is not None:
         values["LagSeconds"] = round(m.lag_seconds, 3)
-        lag = _directive([["Function", "Dataset"], ["Function"]], [("LagSeconds", "Seconds")])
-        directives.append(lag)
+        worst.append(("LagSeconds", "Seconds"))
+    if m.table_errors is not None:
+        values["TableErrors"] = m.table_errors
+        worst.append(("TableErrors", "Count"))
+    if worst:
+        directives.append(_directive([["Function", "Dataset"], ["Function"]], worst))
     doc: dict[str, Any] = {
         "_aws": {"Timestamp": now_ms or int(time.time() * 1000), "CloudWatchMetrics": directives},
         "Function": function,

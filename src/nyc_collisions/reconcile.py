@@ -17,7 +17,8 @@ Socrata reports no deletions, so the source's keys are compared with the landed 
 3. **Commit** the tombstones, then the rows fetched again (file by file, stopping cleanly at the
    deadline; the next run compares again and goes on), each commit with the current state's
    row count, known exactly here since every landed key was read; with nothing to repair, that
-   count alone where the manifest's differs (see `counts.py`). The scan's records go last.
+   count alone where the manifest's differs (see `counts.py`). The manifest then records when
+   the reconcile ended (`Manifest.reconciled`), and the scan's records go last.
 """
 
 from __future__ import annotations
@@ -140,35 +141,37 @@ class Reconcile(DatasetJob):
             except BaseException:
                 tombs.files.abort()
                 raise
-        result.reconciled = ReconcileCounts(
+        counts = ReconcileCounts(
             vanished=repairs.vanished,
             missing=repairs.missing_rows,
             stale=repairs.stale_rows,
         )
+        result.reconciled = counts
         result.files += tombs.files.files
         count = landed_rows - repairs.vanished
         if not self._refetch(landed, fmt, repairs, count, result, stop):
             self._stopped(result, stop, "while fetching rows again")
             return
-        if not (repairs.vanished or repairs.missing_rows or repairs.stale_rows):
-            self._recount(landed, landed_rows)
+        self._record_end(landed, landed_rows, repaired=counts.changed > 0)
         self.state.drop_run(plan.scan_id)
 
-    def _recount(self, landed: Landed, rows: int) -> None:
-        """With nothing to repair, the rows it counted are the current state's: recorded where
-        the last commit's count differs (an update counts a key deleted and inserted again at
-        the source as new), so that `status` agrees again."""
-        last = landed.manifest.current_batches()[-1]
-        if last.kind == "snapshot" or last.current_rows == rows:
-            return
-        logger.info(
-            "%s: the current state holds %d rows; the manifest said %s: recorded",
-            self.dataset.name,
-            rows,
-            last.current_rows,
-        )
-        last.current_rows = rows
-        self.state.commit(landed.manifest)
+    def _record_end(self, landed: Landed, rows: int, repaired: bool) -> None:
+        """Record in the manifest when this reconcile ended (the daily run reconciles a dataset
+        not reconciled since its weekday, `daily.py`); with nothing repaired, also the rows it
+        counted where the last commit's count differs (an update counts a key deleted and
+        inserted again at the source as new), so that `status` agrees again."""
+        manifest = landed.manifest
+        last = manifest.current_batches()[-1]
+        if not repaired and last.kind != "snapshot" and last.current_rows != rows:
+            logger.info(
+                "%s: the current state holds %d rows; the manifest said %s: recorded",
+                self.dataset.name,
+                rows,
+                last.current_rows,
+            )
+            last.current_rows = rows
+        manifest.reconciled = utc_now()
+        self.state.commit(manifest)
 
     def _stopped(self, result: DatasetResult, stop: threading.Event, when: str) -> None:
         result.status = "stopped"

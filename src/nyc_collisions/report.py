@@ -68,6 +68,8 @@ def dataset_status(storage: Storage, client: SodaClient | None, ds: Dataset) -> 
                 "rows": updates[-1].rows,
             },
             tombstones=sum(b.rows for b in batches if b.kind == "tombstones"),
+            # since then deletions at the source may not be in it yet (a reconcile finds them)
+            last_reconciled=manifest.last_reconciled() or None,
             watermark=None if wm is None else {"updated_at": wm.updated_at, "row_id": wm.row_id},
             schema_changes=[
                 {k: v for k, v in c.to_dict().items() if k not in ("before", "after")}

@@ -132,6 +132,7 @@ class Manifest:
     revision: int = 0  # one more at every commit: no two commits write the same bytes
     retired: list[Retired] = field(default_factory=list)
     schema_changes: list[SchemaChange] = field(default_factory=list)
+    reconciled: str = ""  # when a reconcile last compared every key and repaired what it found
     # the store's version of the manifest this was read from (None: none yet); not written
     base: str | None = field(default=None, compare=False, repr=False)
 
@@ -141,6 +142,17 @@ class Manifest:
             if batch.watermark is not None:
                 return batch.watermark
         return None
+
+    def last_reconciled(self) -> str:
+        """When the current state last matched the source in full (UTC, as `utc_now`): its last
+        finished reconcile, or its last snapshot from the source if later (not a compaction's,
+        which rewrites what landed); "" for never."""
+        fetched = [
+            b.committed_at
+            for b in self.batches
+            if b.kind == "snapshot" and "compacted" not in b.info
+        ]
+        return max([self.reconciled, *fetched])
 
     def current_batches(self) -> list[Batch]:
         """The latest snapshot and every batch after it: what the current state is made of."""
@@ -208,6 +220,7 @@ class Manifest:
                 revision=int(d.get("revision", 0)),
                 retired=[Retired(**r) for r in d.get("retired", [])],
                 schema_changes=[SchemaChange.from_dict(c) for c in d.get("schema_changes", [])],
+                reconciled=str(d.get("reconciled", "")),
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise StateError(f"{where}: manifest unreadable ({exc}); {way_out}") from exc

@@ -146,6 +146,7 @@ def update_cmd(
     Example: nyc-collisions update --dest s3://nyc-application-collisions/collisions_raw_data
     """
     from ..daily import DailyRun, update_then_reconcile
+    from ..state import utc_now
 
     setup_logging(verbose)
     started = time.monotonic()
@@ -160,7 +161,8 @@ def update_cmd(
     )
     storage = open_storage(dest)
     chosen = resolve_many(list(datasets), key)
-    daily = DailyRun(reconcile=also_reconcile, fmt=fmt.lower() if fmt else None)
+    since = utc_now() if also_reconcile else None  # each dataset, once
+    daily = DailyRun(reconcile_since=since, fmt=fmt.lower() if fmt else None)
     results: list[DatasetResult] = []
     with source.client(workers, max_concurrency) as client:
         update_then_reconcile(

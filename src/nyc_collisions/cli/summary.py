@@ -157,6 +157,8 @@ def print_status(entries: list[dict[str, Any]]) -> None:
         if e.get("last_update"):
             u = e["last_update"]
             click.echo(f"  last update {u['committed_at']}: {u['rows']:,} rows")
+        if e.get("last_reconciled"):
+            click.echo(f"  matched the source's keys at {e['last_reconciled']}")
         if e.get("tombstones"):
             click.echo(f"  tombstones: {e['tombstones']:,}")
         if e.get("schema_changes"):

@@ -1,0 +1,320 @@
+"""The Lambda's weekly reconcile, the loop that carries an unfinished update on, and the alarm of
+a table that fails to sync: against the fake SODA server and moto (S3, Step Functions).
+
+The days are simulated: the handler's and the manifest's clocks are set to the test's, days
+after the backfill (which ran at the real time)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+import time
+import zoneinfo
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from nyc_collisions import aws, daily, state
+from nyc_collisions.reconcile import Reconcile
+from nyc_collisions.reconcile_schedule import ZONE_ENV, zone_from_env
+from tests.cfn import load_template
+from tests.conftest import GOOD_TOKEN
+from tests.fake_soda import FakeSoda
+from tests.helpers import NAMES, Context, cli, exact
+
+NEW_YORK = "America/New_York"
+DAY_NAMES = ("MON", "TUE", "WED", "THU", "FRI", "SAT", "SUN")
+
+
+class Clock:
+    """The time the handler and the manifest's commits see: `at`, set by the test."""
+
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+
+    def at_local(self, day: datetime, hour: int, minute: int = 0) -> None:
+        """`day`'s date at hour:minute in New York."""
+        local = datetime(
+            day.year, day.month, day.day, hour, minute, tzinfo=zoneinfo.ZoneInfo(NEW_YORK)
+        )
+        self.at = local.astimezone(UTC)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    clock = Clock(datetime.now(UTC))
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> datetime:  # type: ignore[override]
+            return clock.at.astimezone(tz) if tz else clock.at.replace(tzinfo=None)
+
+    monkeypatch.setattr(aws, "datetime", Frozen)
+    monkeypatch.setattr(state, "datetime", Frozen)
+    return clock
+
+
+def _backfill(soda: FakeSoda, dest: str, *names: str) -> None:
+    res = cli("backfill", *names, "--source", soda.url, "--dest", dest)
+    assert res.code == 0, res.text
+
+
+def _kinds(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(r["command"], r["dataset"]) for r in summary["results"]]
+
+
+def _next(weekday: str) -> datetime:
+    """The next `weekday` in New York after today: it begins after the backfill, the week
+    before it began before."""
+    day = datetime.now(zoneinfo.ZoneInfo(NEW_YORK)) + timedelta(days=1)
+    while DAY_NAMES[day.weekday()] != weekday:
+        day += timedelta(days=1)
+    return day
+
+
+def test_the_weekly_reconcile_is_taken_in_the_schedules_time_zone(
+    soda: FakeSoda, lambda_env: str, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Saturday 9 pm in New York is Sunday in UTC: a SUN reconcile waits for New York's Sunday."""
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "vehicles")
+    monkeypatch.setenv("NYC_COLLISIONS_RECONCILE_WEEKDAY", "SUN")
+    monkeypatch.setenv(ZONE_ENV, NEW_YORK)
+    _backfill(soda, lambda_env, "vehicles")
+    soda.delete(NAMES["vehicles"], 3)
+    sunday = _next("SUN")
+    clock.at_local(sunday - timedelta(days=1), 21)  # Saturday 21:00 EST/EDT: Sunday in UTC
+    assert clock.at.strftime("%a") == "Sun"
+    assert _kinds(aws.handler({"command": "update"}, Context(60))) == [("update", "vehicles")]
+    clock.at_local(sunday, 6, 30)
+    summary = aws.handler({"command": "update"}, Context(60))
+    assert _kinds(summary) == [("update", "vehicles"), ("reconcile", "vehicles")]
+    assert summary["results"][1]["vanished"] == 3
+
+
+def test_a_compaction_is_not_a_reconcile(
+    soda: FakeSoda, lambda_env: str, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot from the source counts as reconciled (it is the source's whole state); a
+    compaction, which rewrites what landed, does not: Sunday's run after it reconciles, and
+    `status` says when the data last matched the source's keys."""
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "vehicles")
+    monkeypatch.setenv("NYC_COLLISIONS_RECONCILE_WEEKDAY", "SUN")
+    monkeypatch.setenv(ZONE_ENV, NEW_YORK)
+    _backfill(soda, lambda_env, "vehicles")
+    soda.delete(NAMES["vehicles"], 2)
+    sunday = _next("SUN")
+    clock.at_local(sunday, 3)
+    assert cli("compact", "vehicles", "--dest", lambda_env).code == 0
+    clock.at_local(sunday, 6, 30)
+    summary = aws.handler({"command": "update"}, Context(60))
+    assert _kinds(summary) == [("update", "vehicles"), ("reconcile", "vehicles")]
+    assert summary["results"][1]["vanished"] == 2
+    res = cli("status", "vehicles", "--json", "--dest", lambda_env, "--source", soda.url)
+    (entry,) = json.loads(res.out)
+    assert entry["last_reconciled"] == clock.at.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_a_weekly_reconcile_that_failed_goes_on_the_next_day_once(
+    soda: FakeSoda,
+    lambda_env: str,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """Sunday's run fails (the source is down all day): Monday's run reconciles each dataset,
+    and Tuesday's reconciles none (they were reconciled since Sunday began)."""
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes,vehicles")
+    monkeypatch.setenv("NYC_COLLISIONS_RECONCILE_WEEKDAY", "SUN")
+    monkeypatch.setenv(ZONE_ENV, NEW_YORK)
+    _backfill(soda, lambda_env, "crashes", "vehicles")
+    soda.delete(NAMES["crashes"], 4)
+    soda.delete(NAMES["vehicles"], 6)
+    sunday = _next("SUN")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with monkeypatch.context() as down:
+        down.setenv("SOCRATA_BASE_URL", dead)
+        down.setenv("NYC_COLLISIONS_RETRIES", "1")
+        clock.at_local(sunday, 6, 30)
+        with pytest.raises(Exception, match=r"127\.0\.0\.1"):
+            aws.handler({"command": "update"}, Context(60))
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
+    clock.at_local(sunday + timedelta(days=1), 6, 30)
+    monday = aws.handler({"command": "update"}, Context(60))
+    assert [k for k in _kinds(monday) if k[0] == "reconcile"] == [
+        ("reconcile", "crashes"),
+        ("reconcile", "vehicles"),
+    ]
+    assert [r.get("vanished") for r in monday["results"] if r["command"] == "reconcile"] == [4, 6]
+    clock.at_local(sunday + timedelta(days=2), 6, 30)
+    tuesday = aws.handler({"command": "update"}, Context(60))
+    assert [k for k in _kinds(tuesday) if k[0] == "reconcile"] == []
+    for name in ("crashes", "vehicles"):
+        exact(soda, lambda_env, name, tmp_path, token=GOOD_TOKEN)
+
+
+def _deadline_past_for(names: set[str]) -> type[Reconcile]:
+    """A Reconcile already past its deadline for the datasets in `names`."""
+
+    class Late(Reconcile):
+        def __init__(self, client: Any, storage: Any, ds: Any, opts: Any) -> None:
+            if ds.name in names:
+                opts = dataclasses.replace(opts, deadline=time.monotonic())
+            super().__init__(client, storage, ds, opts)
+
+    return Late
+
+
+def test_the_loop_does_not_reconcile_again_what_it_reconciled(
+    soda: FakeSoda,
+    lambda_env: str,
+    state_machine: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """An update asked to reconcile runs out of time and the loop carries it on: one invocation
+    reconciles crashes and runs out of time in vehicles'; the next goes on with vehicles only,
+    and is done (a loop that reconciled every dataset from the start each time could never end
+    once the reconciles take more than one invocation)."""
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes,vehicles")
+    _backfill(soda, lambda_env, "crashes", "vehicles")
+    soda.delete(NAMES["crashes"], 4)
+    soda.delete(NAMES["vehicles"], 6)
+    first = aws.handler({"command": "update", "reconcile": True}, Context(0))
+    assert first["done"] is False
+    sfn = boto3.client("stepfunctions")
+    doc = json.loads(sfn.describe_execution(executionArn=first["carried_on_by"])["input"])
+    payload = {**doc, "command": "update", "loop": True}  # as the state machine sends it
+    with monkeypatch.context() as late:
+        late.setattr(daily, "Reconcile", _deadline_past_for({"vehicles"}))
+        second = aws.handler(payload, Context(60))
+    assert [(r["command"], r["dataset"], r["status"]) for r in second["results"]][2:] == [
+        ("reconcile", "crashes", "reconciled"),
+        ("reconcile", "vehicles", "stopped"),
+    ]
+    assert second["done"] is False
+    third = aws.handler(payload, Context(60))
+    assert _kinds(third) == [
+        ("update", "crashes"),
+        ("update", "vehicles"),
+        ("reconcile", "vehicles"),
+    ]
+    assert third["done"] is True
+    for name in ("crashes", "vehicles"):
+        exact(soda, lambda_env, name, tmp_path, token=GOOD_TOKEN)
+
+
+def test_a_loop_running_another_job_does_not_carry_this_update_on(
+    soda_ro: FakeSoda, lambda_env: str, state_machine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator's backfill loop, or a loop updating other datasets, is running: the update
+    that is not done starts its own loop (once, however often the schedule fires)."""
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda_ro.url)
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
+    _backfill(soda_ro, lambda_env, "crashes")
+    sfn = boto3.client("stepfunctions")
+    for other in ({}, {"command": "update", "datasets": ["vehicles"]}):
+        sfn.start_execution(stateMachineArn=state_machine, input=json.dumps(other))
+    first = aws.handler({"command": "update"}, Context(0))
+    doc = json.loads(sfn.describe_execution(executionArn=first["carried_on_by"])["input"])
+    assert (doc["command"], doc["datasets"]) == ("update", ["crashes"])
+    again = aws.handler({"command": "update"}, Context(0))
+    assert again["carried_on_by"] == first["carried_on_by"]
+    assert len(sfn.list_executions(stateMachineArn=state_machine)["executions"]) == 3
+
+
+# ------------------------------------------------------------------------------ the table alarm
+
+
+def _emf(text: str) -> list[dict[str, Any]]:
+    docs = []
+    for line in text.splitlines():
+        if line.startswith("{") and '"_aws"' in line:
+            docs.append(json.loads(line))
+    return docs
+
+
+def _fires(alarm: dict[str, Any], docs: list[dict[str, Any]]) -> bool:
+    """Whether a single-metric alarm of the template goes to ALARM on the metrics `docs`
+    publish within one of its periods (the statistic over every value of its metric)."""
+    p = alarm["Properties"]
+    wanted = sorted(d["Name"] for d in p.get("Dimensions", []))
+    values = []
+    for doc in docs:
+        for directive in doc["_aws"]["CloudWatchMetrics"]:
+            if directive["Namespace"] != p["Namespace"]:
+                continue
+            names = [m["Name"] for m in directive["Metrics"]]
+            if p["MetricName"] in names and wanted in [sorted(d) for d in directive["Dimensions"]]:
+                values.append(doc[p["MetricName"]])
+    if not values:
+        return False
+    value = {"Maximum": max, "Sum": sum, "Minimum": min}[p["Statistic"]](values)
+    compare = {
+        "GreaterThanOrEqualToThreshold": value >= p["Threshold"],
+        "GreaterThanThreshold": value > p["Threshold"],
+        "LessThanThreshold": value < p["Threshold"],
+    }
+    return bool(compare[p["ComparisonOperator"]])
+
+
+def test_a_table_that_fails_to_sync_sets_off_an_alarm(
+    soda: FakeSoda,
+    lambda_env: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The landed data is committed and the invocation succeeds, so no error alarm sees a table
+    that fails to sync every day: the metrics it publishes set off one of the template's alarms,
+    and a run that syncs every table clears it."""
+    from nyc_collisions import table as table_module
+
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes,vehicles")
+    monkeypatch.setenv("NYC_COLLISIONS_TABLE", "delta")
+    _backfill(soda, lambda_env, "crashes", "vehicles")
+    alarms = [
+        r
+        for r in load_template()["Resources"].values()
+        if r["Type"] == "AWS::CloudWatch::Alarm" and "MetricName" in r["Properties"]
+    ]
+
+    def broken(*_args: object, **_kw: object) -> None:
+        raise table_module.TableError("the table store went away")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(table_module, "sync_table", broken)
+        capsys.readouterr()
+        failing = aws.handler({"command": "update"}, Context(60))
+        published = _emf(capsys.readouterr().out)
+    assert failing["table_failed"] == ["crashes", "vehicles"]
+    assert [a for a in alarms if _fires(a, published)], "no alarm fires"
+    capsys.readouterr()
+    healed = aws.handler({"command": "update"}, Context(60))
+    assert healed["table_failed"] == []
+    assert not [a for a in alarms if _fires(a, _emf(capsys.readouterr().out))]
+
+
+@pytest.mark.smoke
+def test_the_schedules_time_zone_needs_no_system_time_zone_data(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The Lambda image may have no /usr/share/zoneinfo: the zone still resolves (tzdata)."""
+    zoneinfo.reset_tzpath(to=[])
+    zoneinfo.ZoneInfo.clear_cache()
+    try:
+        monkeypatch.setenv(ZONE_ENV, NEW_YORK)
+        zone = zone_from_env()
+        july = datetime(2026, 7, 1, 12, tzinfo=UTC).astimezone(zone)
+        assert july.utcoffset() == timedelta(hours=-4)
+    finally:
+        zoneinfo.reset_tzpath()
+        zoneinfo.ZoneInfo.clear_cache()
