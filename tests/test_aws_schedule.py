@@ -6,6 +6,7 @@ after the backfill (which ran at the real time)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import socket
@@ -18,7 +19,7 @@ from typing import Any
 import boto3
 import pytest
 
-from nyc_collisions import aws, daily, state
+from nyc_collisions import aws, daily, snapshot, state
 from nyc_collisions.reconcile import Reconcile
 from nyc_collisions.reconcile_schedule import ZONE_ENV, zone_from_env
 from tests.cfn import load_template
@@ -212,6 +213,77 @@ def test_the_loop_does_not_reconcile_again_what_it_reconciled(
         exact(soda, lambda_env, name, tmp_path, token=GOOD_TOKEN)
 
 
+def _reconciled(summary: dict[str, Any]) -> list[str]:
+    return [r["dataset"] for r in summary["results"] if r["command"] == "reconcile"]
+
+
+def test_a_loop_started_with_reconcile_true_reconciles_each_dataset_once(
+    soda: FakeSoda, lambda_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loop an operator started with {"command": "update", "reconcile": true}: the state
+    machine passes that input to each invocation, with the loop's start (`loop_started`); the
+    reconcile is as of then in each, so what one invocation reconciled the next leaves."""
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes,vehicles")
+    _backfill(soda, lambda_env, "crashes", "vehicles")
+    started = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    payload = {"command": "update", "reconcile": True, "loop": True, "loop_started": started}
+    with monkeypatch.context() as late:
+        late.setattr(daily, "Reconcile", _deadline_past_for({"vehicles"}))
+        first = aws.handler(payload, Context(60))
+    assert _reconciled(first) == ["crashes", "vehicles"]
+    assert first["done"] is False
+    second = aws.handler(payload, Context(60))
+    assert _reconciled(second) == ["vehicles"]
+    assert second["done"] is True
+
+
+@pytest.mark.parametrize(
+    "given", ["2026-1-4T5:0:0Z", "2026-01- 4T05:00:00Z", "2099-01-01T00:00:00Z"]
+)
+def test_a_reconcile_since_not_in_the_manifests_form_or_to_come_is_refused(
+    soda_ro: FakeSoda, lambda_env: str, monkeypatch: pytest.MonkeyPatch, given: str
+) -> None:
+    """Times compare as text with the manifest's: an unpadded one ("2026-1-...") sorts after
+    any of February to September's, and one to come is never met; each would reconcile every
+    dataset at every invocation."""
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda_ro.url)
+    with pytest.raises(ValueError, match="reconcile_since"):
+        aws.handler({"command": "update", "reconcile_since": given}, Context(60))
+
+
+def test_a_snapshot_counts_as_reconciled_as_of_its_start(
+    soda: FakeSoda,
+    lambda_env: str,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """A backfill begun on Saturday night and committed after Sunday began (resumed after a
+    kill) may hold rows deleted in between: Sunday's run reconciles it."""
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "vehicles")
+    monkeypatch.setenv("NYC_COLLISIONS_RECONCILE_WEEKDAY", "SUN")
+    monkeypatch.setenv(ZONE_ENV, NEW_YORK)
+    sunday = _next("SUN")
+    clock.at_local(sunday - timedelta(days=1), 23)
+
+    def killed(*_a: object, **_k: object) -> None:
+        raise RuntimeError("killed before the commit")
+
+    with monkeypatch.context() as kill:
+        kill.setattr(snapshot._Snapshot, "_commit", killed)
+        with contextlib.suppress(RuntimeError):
+            assert cli("backfill", "vehicles", "--source", soda.url, "--dest", lambda_env).code
+    soda.delete(NAMES["vehicles"], 3)  # after the snapshot read them
+    clock.at_local(sunday, 0, 30)
+    _backfill(soda, lambda_env, "vehicles")  # resumed: committed on Sunday
+    clock.at_local(sunday, 6, 30)
+    summary = aws.handler({"command": "update"}, Context(60))
+    assert _kinds(summary) == [("update", "vehicles"), ("reconcile", "vehicles")]
+    exact(soda, lambda_env, "vehicles", tmp_path, token=GOOD_TOKEN)
+
+
 def test_a_loop_running_another_job_does_not_carry_this_update_on(
     soda_ro: FakeSoda, lambda_env: str, state_machine: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -229,6 +301,33 @@ def test_a_loop_running_another_job_does_not_carry_this_update_on(
     again = aws.handler({"command": "update"}, Context(0))
     assert again["carried_on_by"] == first["carried_on_by"]
     assert len(sfn.list_executions(stateMachineArn=state_machine)["executions"]) == 3
+
+
+def test_a_running_loop_counts_by_what_its_invocations_do(
+    soda_ro: FakeSoda, lambda_env: str, state_machine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A running loop whose input says "reconcile": true (as an earlier version's carry-on
+    wrote) does this update with its reconcile; one whose input its invocations refuse (a bad
+    reconcile_since) does nothing, and the update starts its own loop."""
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda_ro.url)
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
+    _backfill(soda_ro, lambda_env, "crashes")
+    sfn = boto3.client("stepfunctions")
+
+    def running(doc: dict[str, Any]) -> str:
+        return str(
+            sfn.start_execution(stateMachineArn=state_machine, input=json.dumps(doc))[
+                "executionArn"
+            ]
+        )
+
+    bad = running({"command": "update", "datasets": ["crashes"], "reconcile_since": "9"})
+    first = aws.handler({"command": "update", "reconcile": True}, Context(0))
+    assert first["carried_on_by"] != bad
+    sfn.stop_execution(executionArn=first["carried_on_by"])
+    old = running({"command": "update", "datasets": ["crashes"], "reconcile": True})
+    again = aws.handler({"command": "update", "reconcile": True}, Context(0))
+    assert again["carried_on_by"] == old
 
 
 # ------------------------------------------------------------------------------ the table alarm

@@ -22,6 +22,7 @@ import time
 import tomllib
 import zoneinfo
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from packaging.version import Version
 
 from nyc_collisions import aws, errors, metrics
 from nyc_collisions.datasets import DEFAULT_DATASETS, resolve
+from nyc_collisions.reconcile_schedule import since_from_event
 from nyc_collisions.sink.formats import FORMATS
 from nyc_collisions.socrata.client import DEFAULT_BASE_URL
 from tests.cfn import NO_VALUE, Resolver, load_template
@@ -924,10 +926,20 @@ def test_backfill_machine_with_empty_input_backfills_everything(template: dict[s
 def test_the_loop_carries_on_an_update_the_function_started(template: dict[str, Any]) -> None:
     """What the function sends when an update is not done: the loop invokes updates, marked as
     its own (so that they start no second loop), until one is done."""
-    started = {"command": "update", "datasets": ["crashes", "persons"], "reconcile": False}
+    started = {"command": "update", "datasets": ["crashes", "persons"], "reconcile": True}
     desc, payloads = _run_backfill_machine(template, [{"done": False}, {"done": True}], started)
     assert desc["status"] == "SUCCEEDED", desc
-    assert payloads == [{**started, "loop": True}] * 2
+    # each invocation takes the reconcile asked as of the loop's start, not its own
+    later = datetime.now(UTC) + timedelta(hours=1)
+    (since,) = {since_from_event(p, later) for p in payloads}
+    assert since is not None
+    start = desc["startDate"].astimezone(UTC)
+    assert abs(
+        datetime.strptime(since, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC) - start
+    ) < timedelta(seconds=1)
+    assert [{k: v for k, v in p.items() if k != "loop_started"} for p in payloads] == [
+        {**started, "loop": True}
+    ] * 2
 
 
 def test_backfill_machine_fails_on_a_response_without_done(template: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ Configuration comes from the environment:
   until it is done (below).
 
 The event may say `{"command": "update" | "backfill", "datasets": [...], "reconcile": true}`
-(`"reconcile_since": "<UTC time>"` as the loop passes it on).
+(`"reconcile_since": "<UTC time>"` as the loop passes it on; the loop adds `"loop_started"`).
 The handler logs one JSON object per line, prints its metrics as Embedded Metric Format lines
 (`metrics`), returns a small summary (never rows) and raises on failure so that Lambda's
 retries, the on-failure destination and the alarms see it. A run stops cleanly before the
@@ -239,8 +239,10 @@ def _carry_on(datasets: list[Dataset], asked: str | None, loop: bool, machine: s
 def _running_loop(sfn: Any, machine: str, wanted: dict[str, Any]) -> str | None:
     """A running execution of the loop that does the update `wanted` asks (the same datasets or
     more, a reconcile asked as late or later); another command's loop (an operator's backfill of
-    another dataset) does not."""
+    another dataset), or one whose input its invocations refuse, does not."""
     names = set(wanted["datasets"])
+    asked = wanted.get("reconcile_since")
+    now = datetime.now(UTC)
     pages = sfn.get_paginator("list_executions").paginate(
         stateMachineArn=machine, statusFilter="RUNNING"
     )
@@ -249,18 +251,15 @@ def _running_loop(sfn: Any, machine: str, wanted: dict[str, Any]) -> str | None:
             arn = str(execution["executionArn"])
             try:
                 doc = orjson.loads(sfn.describe_execution(executionArn=arn).get("input") or "{}")
+                if not isinstance(doc, dict) or doc.get("command") != "update":
+                    continue
                 theirs = {
                     d.name for d in resolve_many(list(doc.get("datasets") or _env_datasets()))
                 }
-            except (NycCollisionsError, orjson.JSONDecodeError, AttributeError, TypeError):
+                since = since_from_event({**doc, "loop": False}, now)
+            except (NycCollisionsError, orjson.JSONDecodeError, TypeError, ValueError):
                 continue  # not an input this function would run: not this update
-            asked = wanted.get("reconcile_since")
-            if (
-                isinstance(doc, dict)
-                and doc.get("command") == "update"
-                and theirs >= names
-                and (asked is None or str(doc.get("reconcile_since") or "") >= asked)
-            ):
+            if theirs >= names and (asked is None or (since is not None and since >= asked)):
                 return arn
     return None
 

@@ -5,7 +5,8 @@ A dataset is reconciled when its last reconcile (or its snapshot) ended before t
 the schedule's time zone: that day's run reconciles every dataset, and a reconcile that did not
 end that day (the deadline, a failure) goes on the next days until it does, without redoing the
 datasets already reconciled. An event's `"reconcile": true` asks for every dataset now; the
-loop that carries an unfinished update on passes the instant on as `"reconcile_since"`.
+loop that carries an unfinished update on passes the instant on as `"reconcile_since"` (a loop
+started with `"reconcile": true` takes its own start, which the state machine passes on).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ ZONE_ENV = "NYC_COLLISIONS_TIMEZONE"
 WEEKDAYS = ("MON", "TUE", "WED", "THU", "FRI", "SAT", "SUN")
 _FULL = ("MONDAY", "TUESDAY", "WEDNESDAY", "THURSDAY", "FRIDAY", "SATURDAY", "SUNDAY")
 _STAMP = "%Y-%m-%dT%H:%M:%SZ"  # as `state.utc_now`, which the manifest's times are
+SKEW = timedelta(minutes=5)  # a reconcile_since this far ahead of the clock is still taken
 
 
 def weekday_from_env() -> int | None:
@@ -62,19 +64,32 @@ def weekly_since(weekday: int, zone: tzinfo, now: datetime) -> str:
 
 def since_from_event(event: dict[str, Any], now: datetime) -> str | None:
     """What the event asks: `"reconcile_since"` (as the loop passes it on), or `"reconcile":
-    true` (every dataset, now); None for neither. A bad value is a ValueError."""
+    true` (every dataset, now: in the loop, as of the loop's start, `"loop_started"`, the same
+    in each of its invocations); None for neither. A bad value is a ValueError."""
     given = event.get("reconcile_since")
     if given is not None:
+        text = str(given)
         try:
-            datetime.strptime(str(given), _STAMP)
+            at: datetime | None = datetime.strptime(text, _STAMP).replace(tzinfo=UTC)
         except ValueError:
+            at = None
+        # compared as text with the manifest's times: only their very form will do, and a time
+        # to come would make each run reconcile again
+        if at is None or at.strftime(_STAMP) != text or at > now + SKEW:
             raise ValueError(
-                f"reconcile_since {given!r}: must be a UTC time like 2026-01-04T05:00:00Z"
-            ) from None
-        return str(given)
-    if event.get("reconcile"):
-        return now.astimezone(UTC).strftime(_STAMP)
-    return None
+                f"reconcile_since {given!r}: must be a UTC time like 2026-01-04T05:00:00Z,"
+                " not later than now"
+            )
+        return text
+    if not event.get("reconcile"):
+        return None
+    started = event.get("loop_started") if event.get("loop") else None
+    if started:  # Step Functions' ISO 8601, with milliseconds
+        try:
+            now = datetime.fromisoformat(str(started).replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"loop_started {started!r}: not an ISO 8601 time") from None
+    return now.astimezone(UTC).strftime(_STAMP)
 
 
 def latest(*instants: str | None) -> str | None:

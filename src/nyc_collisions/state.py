@@ -145,10 +145,11 @@ class Manifest:
 
     def last_reconciled(self) -> str:
         """When the current state last matched the source in full (UTC, as `utc_now`): its last
-        finished reconcile, or its last snapshot from the source if later (not a compaction's,
-        which rewrites what landed); "" for never."""
+        finished reconcile, or the start of its last snapshot from the source if later (rows
+        deleted while it ran may be in it; a compaction rewrites what landed, so it does not
+        count); "" for never."""
         fetched = [
-            b.committed_at
+            str(b.info.get("started") or b.committed_at)
             for b in self.batches
             if b.kind == "snapshot" and "compacted" not in b.info
         ]
