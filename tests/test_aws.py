@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -19,13 +18,12 @@ import pytest
 from nyc_collisions import aws, daily
 from nyc_collisions.drift import SchemaChange
 from nyc_collisions.errors import UsageError
-from nyc_collisions.reconcile import Reconcile
 from nyc_collisions.report import _epoch
 from nyc_collisions.schema import Column
 from tests.cfn import load_template
 from tests.conftest import GOOD_TOKEN, SMALL
 from tests.fake_soda import FakeSoda, Latency
-from tests.helpers import NAMES, Context, cli, exact
+from tests.helpers import NAMES, Context, cli, deadline_past_for, exact
 
 
 @pytest.fixture
@@ -408,19 +406,6 @@ def test_the_handler_reads_every_variable_the_template_sets(
     assert wanted - read == set()
 
 
-def _deadline_past_for(names: set[str]) -> type[Reconcile]:
-    """A Reconcile already past its deadline for the datasets in `names` (what the Lambda's
-    deadline does to a reconcile that does not fit in the invocation)."""
-
-    class Late(Reconcile):
-        def __init__(self, client: Any, storage: Any, ds: Any, opts: Any) -> None:
-            if ds.name in names:
-                opts = dataclasses.replace(opts, deadline=time.monotonic())
-            super().__init__(client, storage, ds, opts)
-
-    return Late
-
-
 def test_a_reconcile_the_deadline_stops_still_counts_the_update_completed(
     soda: FakeSoda,
     lambda_env: str,
@@ -434,7 +419,7 @@ def test_a_reconcile_the_deadline_stops_still_counts_the_update_completed(
     monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "vehicles")
     assert cli("backfill", "vehicles", "--source", soda.url, "--dest", lambda_env).code == 0
     soda.insert("bm4k-52h4", 4)
-    monkeypatch.setattr(daily, "Reconcile", _deadline_past_for({"vehicles"}))
+    monkeypatch.setattr(daily, "Reconcile", deadline_past_for({"vehicles"}))
     capsys.readouterr()
     summary = aws.handler({"command": "update", "reconcile": True}, Context(60))
     kinds = [(r["command"], r["status"]) for r in summary["results"]]

@@ -7,10 +7,8 @@ after the backfill (which ran at the real time)."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import socket
-import time
 import zoneinfo
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,12 +18,11 @@ import boto3
 import pytest
 
 from nyc_collisions import aws, daily, snapshot, state
-from nyc_collisions.reconcile import Reconcile
 from nyc_collisions.reconcile_schedule import ZONE_ENV, zone_from_env
 from tests.cfn import load_template
 from tests.conftest import GOOD_TOKEN
 from tests.fake_soda import FakeSoda
-from tests.helpers import NAMES, Context, cli, exact
+from tests.helpers import NAMES, Context, cli, deadline_past_for, exact
 
 NEW_YORK = "America/New_York"
 DAY_NAMES = ("MON", "TUE", "WED", "THU", "FRI", "SAT", "SUN")
@@ -64,6 +61,19 @@ def _backfill(soda: FakeSoda, dest: str, *names: str) -> None:
     assert res.code == 0, res.text
 
 
+def _weekly_on_sunday(
+    soda: FakeSoda, dest: str, monkeypatch: pytest.MonkeyPatch, *names: str, backfill: bool = True
+) -> None:
+    """The Lambda's environment with a reconcile on Sundays in New York for `names`, which are
+    backfilled unless `backfill` is false."""
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", ",".join(names))
+    monkeypatch.setenv("NYC_COLLISIONS_RECONCILE_WEEKDAY", "SUN")
+    monkeypatch.setenv(ZONE_ENV, NEW_YORK)
+    if backfill:
+        _backfill(soda, dest, *names)
+
+
 def _kinds(summary: dict[str, Any]) -> list[tuple[str, str]]:
     return [(r["command"], r["dataset"]) for r in summary["results"]]
 
@@ -81,11 +91,7 @@ def test_the_weekly_reconcile_is_taken_in_the_schedules_time_zone(
     soda: FakeSoda, lambda_env: str, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Saturday 9 pm in New York is Sunday in UTC: a SUN reconcile waits for New York's Sunday."""
-    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
-    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "vehicles")
-    monkeypatch.setenv("NYC_COLLISIONS_RECONCILE_WEEKDAY", "SUN")
-    monkeypatch.setenv(ZONE_ENV, NEW_YORK)
-    _backfill(soda, lambda_env, "vehicles")
+    _weekly_on_sunday(soda, lambda_env, monkeypatch, "vehicles")
     soda.delete(NAMES["vehicles"], 3)
     sunday = _next("SUN")
     clock.at_local(sunday - timedelta(days=1), 21)  # Saturday 21:00 EST/EDT: Sunday in UTC
@@ -103,11 +109,7 @@ def test_a_compaction_is_not_a_reconcile(
     """A snapshot from the source counts as reconciled (it is the source's whole state); a
     compaction, which rewrites what landed, does not: Sunday's run after it reconciles, and
     `status` says when the data last matched the source's keys."""
-    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
-    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "vehicles")
-    monkeypatch.setenv("NYC_COLLISIONS_RECONCILE_WEEKDAY", "SUN")
-    monkeypatch.setenv(ZONE_ENV, NEW_YORK)
-    _backfill(soda, lambda_env, "vehicles")
+    _weekly_on_sunday(soda, lambda_env, monkeypatch, "vehicles")
     soda.delete(NAMES["vehicles"], 2)
     sunday = _next("SUN")
     clock.at_local(sunday, 3)
@@ -130,10 +132,7 @@ def test_a_weekly_reconcile_that_failed_goes_on_the_next_day_once(
 ) -> None:
     """Sunday's run fails (the source is down all day): Monday's run reconciles each dataset,
     and Tuesday's reconciles none (they were reconciled since Sunday began)."""
-    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes,vehicles")
-    monkeypatch.setenv("NYC_COLLISIONS_RECONCILE_WEEKDAY", "SUN")
-    monkeypatch.setenv(ZONE_ENV, NEW_YORK)
-    _backfill(soda, lambda_env, "crashes", "vehicles")
+    _weekly_on_sunday(soda, lambda_env, monkeypatch, "crashes", "vehicles")
     soda.delete(NAMES["crashes"], 4)
     soda.delete(NAMES["vehicles"], 6)
     sunday = _next("SUN")
@@ -146,7 +145,6 @@ def test_a_weekly_reconcile_that_failed_goes_on_the_next_day_once(
         clock.at_local(sunday, 6, 30)
         with pytest.raises(Exception, match=r"127\.0\.0\.1"):
             aws.handler({"command": "update"}, Context(60))
-    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
     clock.at_local(sunday + timedelta(days=1), 6, 30)
     monday = aws.handler({"command": "update"}, Context(60))
     assert [k for k in _kinds(monday) if k[0] == "reconcile"] == [
@@ -159,18 +157,6 @@ def test_a_weekly_reconcile_that_failed_goes_on_the_next_day_once(
     assert [k for k in _kinds(tuesday) if k[0] == "reconcile"] == []
     for name in ("crashes", "vehicles"):
         exact(soda, lambda_env, name, tmp_path, token=GOOD_TOKEN)
-
-
-def _deadline_past_for(names: set[str]) -> type[Reconcile]:
-    """A Reconcile already past its deadline for the datasets in `names`."""
-
-    class Late(Reconcile):
-        def __init__(self, client: Any, storage: Any, ds: Any, opts: Any) -> None:
-            if ds.name in names:
-                opts = dataclasses.replace(opts, deadline=time.monotonic())
-            super().__init__(client, storage, ds, opts)
-
-    return Late
 
 
 def test_the_loop_does_not_reconcile_again_what_it_reconciled(
@@ -195,7 +181,7 @@ def test_the_loop_does_not_reconcile_again_what_it_reconciled(
     doc = json.loads(sfn.describe_execution(executionArn=first["carried_on_by"])["input"])
     payload = {**doc, "command": "update", "loop": True}  # as the state machine sends it
     with monkeypatch.context() as late:
-        late.setattr(daily, "Reconcile", _deadline_past_for({"vehicles"}))
+        late.setattr(daily, "Reconcile", deadline_past_for({"vehicles"}))
         second = aws.handler(payload, Context(60))
     assert [(r["command"], r["dataset"], r["status"]) for r in second["results"]][2:] == [
         ("reconcile", "crashes", "reconciled"),
@@ -229,7 +215,7 @@ def test_a_loop_started_with_reconcile_true_reconciles_each_dataset_once(
     started = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     payload = {"command": "update", "reconcile": True, "loop": True, "loop_started": started}
     with monkeypatch.context() as late:
-        late.setattr(daily, "Reconcile", _deadline_past_for({"vehicles"}))
+        late.setattr(daily, "Reconcile", deadline_past_for({"vehicles"}))
         first = aws.handler(payload, Context(60))
     assert _reconciled(first) == ["crashes", "vehicles"]
     assert first["done"] is False
@@ -261,10 +247,7 @@ def test_a_snapshot_counts_as_reconciled_as_of_its_start(
 ) -> None:
     """A backfill begun on Saturday night and committed after Sunday began (resumed after a
     kill) may hold rows deleted in between: Sunday's run reconciles it."""
-    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
-    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "vehicles")
-    monkeypatch.setenv("NYC_COLLISIONS_RECONCILE_WEEKDAY", "SUN")
-    monkeypatch.setenv(ZONE_ENV, NEW_YORK)
+    _weekly_on_sunday(soda, lambda_env, monkeypatch, "vehicles", backfill=False)
     sunday = _next("SUN")
     clock.at_local(sunday - timedelta(days=1), 23)
 
