@@ -336,6 +336,8 @@ def _compact(
     if latest:
         batch.info["ahead_until"] = latest
     old = list(manifest.batches)
+    # the snapshot from the source it may prune counted as a reconcile: kept as one
+    manifest.reconciled = manifest.last_reconciled()
     if prune:
         # one commit: the new snapshot alone; the old files retired, deleted after the grace
         for b in old:

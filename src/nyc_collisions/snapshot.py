@@ -66,7 +66,8 @@ class _Snapshot:
         # a new plan needs the count: asked beside the metadata (one round trip less)
         counted = None if runs else DaemonCalls().submit(self.job.source.count_and_latest)
         schema = self.job.source.schema()
-        plan = self._plan(schema, result, runs, counted)
+        last_commit = "" if manifest is None else manifest.last_commit()
+        plan = self._plan(schema, result, runs, counted, last_commit)
         plan, parts = self._fetch(schema, plan, result, stop)
         if result.status == "stopped":
             result.batch_id = plan.batch_id
@@ -79,9 +80,11 @@ class _Snapshot:
         result: DatasetResult,
         runs: list[str],
         counted: Future[tuple[int, str | None]] | None,
+        last_commit: str = "",
     ) -> SnapshotPlan:
-        """Resume the last of the unfinished `runs` if it fits, or record a new plan from the
-        count (`counted`, or asked now)."""
+        """Resume the last of the unfinished `runs` if it fits and began after `last_commit`
+        (the manifest's latest batch or reconcile), or record a new plan from the count
+        (`counted`, or asked now)."""
         job, state = self.job, self.state
         columns = tuple((c.field_name, c.data_type) for c in schema.columns)
         for batch_id in reversed(runs):
@@ -94,6 +97,16 @@ class _Snapshot:
                 except StateError as exc:  # nothing of it is committed: a new run replaces it
                     logger.warning("%s", exc)
             wanted = job.dataset.key if job.dataset.key_given else None
+            if plan is not None and plan.started < last_commit:
+                # its rows were fetched before a later commit (tombstones, updates): committed
+                # as the newest snapshot it would bring back rows deleted since
+                logger.info(
+                    "%s: dropping unfinished run %s (begun before the last commit)",
+                    job.dataset.name,
+                    batch_id,
+                )
+                state.drop_run(batch_id)
+                continue
             if plan is not None and plan.fits(self.opts.fmt, columns, wanted):
                 job.keyed_as_landed(plan.key)  # a rerun without --key keeps the run's key
                 logger.info("%s: resuming run %s", job.dataset.name, batch_id)

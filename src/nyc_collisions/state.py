@@ -155,6 +155,11 @@ class Manifest:
         ]
         return max([self.reconciled, *fetched])
 
+    def last_commit(self) -> str:
+        """When the landed data last changed (UTC, as `utc_now`): its latest batch or the end
+        of its latest reconcile; "" for never."""
+        return max([self.reconciled, *(b.committed_at for b in self.batches)])
+
     def current_batches(self) -> list[Batch]:
         """The latest snapshot and every batch after it: what the current state is made of."""
         for i in range(len(self.batches) - 1, -1, -1):

@@ -18,6 +18,7 @@ run's commits stand, and the next run goes on with the cleanup.
 from __future__ import annotations
 
 import logging
+import math
 from datetime import UTC, datetime
 
 from .lease import Lease
@@ -85,5 +86,5 @@ def _tidy(state: DatasetState, lease: Lease, drop_unfinished: bool) -> int:
 
 def retire_after(hours: float) -> str:
     """The UTC time (as the manifest writes it) `hours` from now."""
-    moment = datetime.now(UTC).timestamp() + hours * 3600
+    moment = math.ceil(datetime.now(UTC).timestamp() + hours * 3600)  # never a second early
     return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -3,6 +3,7 @@ orchestrator and prints (`summary.py`); exit 3 when a run stopped before its end
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
@@ -221,6 +222,12 @@ def reconcile_cmd(
     _exit_if_stopped(results)
 
 
+def _a_number(value: float) -> float:
+    if math.isnan(value):
+        raise click.BadParameter("must be a number of hours")
+    return value
+
+
 @main.command("compact")
 @click.argument("datasets", nargs=-1, metavar="[DATASET]...")
 @dest_option("Where the data landed.")
@@ -230,7 +237,8 @@ def reconcile_cmd(
 @click.option(
     "--grace",
     "grace_hours",
-    type=click.FloatRange(min=0),
+    type=click.FloatRange(min=0, max=24 * 365),
+    callback=lambda _ctx, _param, value: _a_number(value),  # FloatRange lets nan through
     default=24.0,
     show_default=True,
     metavar="HOURS",

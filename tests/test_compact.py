@@ -1,0 +1,120 @@
+"""Compaction and its grace, and a fresh snapshot resumed after later commits: nothing deleted at
+the source comes back, and what `status` says of the last match with the source survives."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tests.fake_soda import FakeSoda, Latency
+from tests.helpers import NAMES, assert_exact, cli, columns, read_export
+
+CRASHES = NAMES["crashes"]
+
+
+def run(*args: str) -> str:
+    res = cli(*args)
+    assert res.code == 0, res.text
+    return res.out
+
+
+def _named(dest: str) -> set[str]:
+    doc = json.loads((Path(dest) / "crashes/manifest.json").read_text())
+    return {f["path"] for b in doc["batches"] for f in b["files"]}
+
+
+def _on_disk(dest: str) -> set[str]:
+    root = Path(dest)
+    return {p.relative_to(root).as_posix() for p in (root / "crashes/data").rglob("*.csv")}
+
+
+def test_a_refresh_begun_before_a_reconcile_is_not_resumed_after_it(tmp_path: Path) -> None:
+    """An update's fresh snapshot stops midway, its run left to resume. A compaction resets the
+    rows landed since the snapshot, so the next updates do not refresh; rows are deleted at the
+    source and a reconcile tombstones them. When a refresh comes again it must not resume the
+    old run: its rows were fetched before the deletions, and as the newest snapshot it would
+    bring them back."""
+    latency = Latency(base=0.05, per_row=0.0, per_skipped=0.0, max_concurrent=3, metadata=0.0)
+    sizes = {CRASHES: 3000, NAMES["persons"]: 10, NAMES["vehicles"]: 10}
+    with FakeSoda(sizes=sizes, seed=3, latency=latency) as srv:
+        dest = str(tmp_path / "land")
+        where = ("--source", srv.url, "--dest", dest)
+        paged = ("--page-size", "100", "--file-rows", "100")
+        runs = Path(dest) / "crashes/runs"
+
+        def fetched() -> int:  # rows in the finished files of the unfinished refresh
+            return sum(json.loads(p.read_text())["rows"] for p in runs.glob("*/parts/*.json"))
+
+        def export_is_exact(name: str) -> None:
+            out = tmp_path / name
+            run("export", "crashes", "--dest", dest, "-o", str(out))
+            want = columns(srv.url, CRASHES)
+            assert_exact(srv.rows(CRASHES), read_export(out), want, "collision_id")
+
+        run("backfill", "crashes", *where, *paged)
+        srv.edit(CRASHES, 1000)
+        run("update", "crashes", *where, *paged)  # 1,000 landed since the snapshot
+        srv.edit(CRASHES, 700)  # 700 + 1,000 > half of 3,000: a refresh, stopped by the budget
+        for budget in ("0.5", "0.5", "1", "1", "2"):
+            res = cli("update", "crashes", *where, *paged, "--max-seconds", budget)
+            assert res.code == 3, res.text  # the refresh stopped before its end
+            if fetched() >= 200:
+                break
+        assert fetched() >= 200
+        assert len(list(runs.glob("*/plan.json"))) == 1
+        run("compact", "crashes", "--prune", "--grace", "0", "--dest", dest)
+        srv.delete(CRASHES, 300)
+        assert "vanished 300" in run("reconcile", "crashes", *where)
+        run("update", "crashes", *where, *paged)  # 700 <= 1,500 after the compaction
+        export_is_exact("after-reconcile.csv")
+        srv.edit(CRASHES, 1600)  # a refresh again
+        run("update", "crashes", *where, *paged)
+        export_is_exact("after-refresh.csv")
+
+
+def test_prune_keeps_when_the_data_last_matched_the_source(soda: FakeSoda, tmp_path: Path) -> None:
+    """The backfill's snapshot counts as reconciled as of its start; `compact --prune` drops
+    that snapshot, and the time must stay (or the daily run reconciles when it is not due)."""
+    dest = str(tmp_path / "land")
+    where = ("--source", soda.url, "--dest", dest)
+    run("backfill", "crashes", *where)
+    soda.edit(CRASHES, 10)
+    run("update", "crashes", *where)
+
+    def last_reconciled() -> Any:
+        (entry,) = json.loads(run("status", "crashes", "--json", *where))
+        return entry["last_reconciled"]
+
+    before = last_reconciled()
+    assert before
+    run("compact", "crashes", "--prune", "--grace", "0", "--dest", dest)
+    assert last_reconciled() == before
+
+
+def test_the_grace_never_ends_early() -> None:
+    """The time a retired file may go is rounded up to the manifest's whole seconds."""
+    from nyc_collisions.tidy import retire_after
+
+    for _ in range(5):
+        start = time.time()
+        until = datetime.strptime(retire_after(0.9 / 3600), "%Y-%m-%dT%H:%M:%SZ")
+        assert until.replace(tzinfo=UTC).timestamp() >= start + 0.9
+        time.sleep(0.13)
+
+
+def test_a_grace_that_is_not_a_number_is_refused(soda: FakeSoda, tmp_path: Path) -> None:
+    """`--grace nan` passed click's range and meant "delete now": every superseded file went at
+    once, with exit 0."""
+    dest = str(tmp_path / "land")
+    where = ("--source", soda.url, "--dest", dest)
+    run("backfill", "crashes", *where)
+    soda.edit(CRASHES, 10)
+    run("update", "crashes", *where)
+    old = _named(dest)
+    res = cli("compact", "crashes", "--prune", "--grace", "nan", "--dest", dest)
+    assert res.code == 2, res.text
+    assert len(res.err.strip().splitlines()) == 1, res.err
+    assert old <= _on_disk(dest)
