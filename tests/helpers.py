@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from nyc_collisions.cli import main
 from nyc_collisions.reconcile import Reconcile
+from tests.fake_soda import FakeSoda, Latency
 
 NAMES = {"crashes": "h9gi-nx95", "persons": "f55k-p6yu", "vehicles": "bm4k-52h4"}
 KEYS = {"h9gi-nx95": "collision_id", "f55k-p6yu": "unique_id", "bm4k-52h4": "unique_id"}
@@ -192,3 +193,11 @@ def deadline_past_for(names: set[str]) -> type[Reconcile]:
             super().__init__(client, storage, ds, opts)
 
     return Late
+
+
+def paced_crashes() -> FakeSoda:
+    """A fake server of 3,000 crashes (and a few other rows) whose every request takes 0.05 s,
+    3 at a time: a run lasts long enough to be stopped midway by a small --max-seconds."""
+    latency = Latency(base=0.05, per_row=0.0, per_skipped=0.0, max_concurrent=3, metadata=0.0)
+    sizes = {NAMES["crashes"]: 3000, NAMES["persons"]: 10, NAMES["vehicles"]: 10}
+    return FakeSoda(sizes=sizes, seed=3, latency=latency)

@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tests.fake_soda import FakeSoda, Latency
-from tests.helpers import NAMES, assert_exact, cli, columns, read_export
+from tests.fake_soda import FakeSoda
+from tests.helpers import NAMES, assert_exact, cli, columns, paced_crashes, read_export
 
 CRASHES = NAMES["crashes"]
 
@@ -37,9 +37,7 @@ def test_a_refresh_begun_before_a_reconcile_is_not_resumed_after_it(tmp_path: Pa
     source and a reconcile tombstones them. When a refresh comes again it must not resume the
     old run: its rows were fetched before the deletions, and as the newest snapshot it would
     bring them back."""
-    latency = Latency(base=0.05, per_row=0.0, per_skipped=0.0, max_concurrent=3, metadata=0.0)
-    sizes = {CRASHES: 3000, NAMES["persons"]: 10, NAMES["vehicles"]: 10}
-    with FakeSoda(sizes=sizes, seed=3, latency=latency) as srv:
+    with paced_crashes() as srv:
         dest = str(tmp_path / "land")
         where = ("--source", srv.url, "--dest", dest)
         paged = ("--page-size", "100", "--file-rows", "100")

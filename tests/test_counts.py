@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from tests.fake_soda import FakeSoda, Latency
-from tests.helpers import NAMES, cli, exact
+from tests.fake_soda import FakeSoda
+from tests.helpers import NAMES, cli, exact, paced_crashes
 
 CRASHES = NAMES["crashes"]
 
@@ -86,9 +86,7 @@ def test_rows_the_snapshot_got_ahead_are_not_counted_again_after_a_stopped_updat
     """Rows inserted (one :updated_at) while a backfill ran, some of them in its snapshot; the
     update that lands them stops within that :updated_at, and the next lands the rest: the rows
     the snapshot already held are not new."""
-    latency = Latency(base=0.05, per_row=0.0, per_skipped=0.0, max_concurrent=3, metadata=0.0)
-    sizes = {CRASHES: 3000, NAMES["persons"]: 10, NAMES["vehicles"]: 10}
-    with FakeSoda(sizes=sizes, seed=3, latency=latency) as srv:
+    with paced_crashes() as srv:
         dest = str(tmp_path / "land")
         where = ("--source", srv.url, "--dest", dest)
         paged = ("--page-size", "100", "--file-rows", "100")

@@ -17,7 +17,7 @@ from tests.conftest import GOOD_TOKEN
 from tests.disk import small_disk
 from tests.fake_soda import FakeSoda, Latency
 from tests.faultsuite import Schedule
-from tests.helpers import cli, exact
+from tests.helpers import cli, exact, paced_crashes
 from tests.s3_proxy import S3FaultProxy
 
 
@@ -366,9 +366,7 @@ def test_an_update_stopped_while_it_waits_to_retry_commits_the_rows_it_landed(
 ) -> None:
     """An update whose budget ends while it waits to retry a throttled page commits the rows of
     the pages before it, as a stop between pages does (they are whole), and goes on from them."""
-    latency = Latency(base=0.05, per_row=0.0, per_skipped=0.0, max_concurrent=3, metadata=0.0)
-    sizes = {"h9gi-nx95": 3000, "f55k-p6yu": 10, "bm4k-52h4": 10}
-    with FakeSoda(sizes=sizes, seed=3, latency=latency) as srv:
+    with paced_crashes() as srv:
         dest = str(tmp_path / "land")
         where = ("--source", srv.url, "--dest", dest)
         assert cli("backfill", "crashes", *where).code == 0

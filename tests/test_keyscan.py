@@ -21,7 +21,7 @@ from nyc_collisions.sink.local import LocalStorage
 from nyc_collisions.sink.s3 import S3Storage
 from nyc_collisions.sink.storage import open_storage
 from tests.fake_soda import FakeSoda, Latency
-from tests.helpers import NAMES, cli, exact
+from tests.helpers import NAMES, cli, exact, paced_crashes
 
 PERSONS = NAMES["persons"]
 
@@ -228,10 +228,8 @@ def test_status_counts_stay_exact_after_runs_stopped_midway(tmp_path: Path) -> N
     """A backfill stopped and resumed after rows were inserted (the snapshot holds some rows
     newer than its watermark), and an update stopped within one `:updated_at` whose rows are
     then edited: the counts each update records stay exact."""
-    latency = Latency(base=0.05, per_row=0.0, per_skipped=0.0, max_concurrent=3, metadata=0.0)
-    sizes = {"h9gi-nx95": 3000, PERSONS: 10, "bm4k-52h4": 10}
     crashes = NAMES["crashes"]
-    with FakeSoda(sizes=sizes, seed=3, latency=latency) as srv:
+    with paced_crashes() as srv:
         dest = str(tmp_path / "land")
         where = ("--source", srv.url, "--dest", dest)
         paged = ("--page-size", "100", "--file-rows", "100")
