@@ -17,7 +17,7 @@ from typing import Any
 import boto3
 import pytest
 
-from nyc_collisions import aws, daily, snapshot, state
+from nyc_collisions import aws, daily, scanrecord, snapshot, state
 from nyc_collisions.reconcile_schedule import ZONE_ENV, zone_from_env
 from tests.cfn import load_template
 from tests.conftest import GOOD_TOKEN
@@ -53,6 +53,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
     monkeypatch.setattr(aws, "datetime", Frozen)
     monkeypatch.setattr(state, "datetime", Frozen)
+    monkeypatch.setattr(scanrecord, "datetime", Frozen)  # a key scan's age
     return clock
 
 
@@ -121,6 +122,25 @@ def test_a_compaction_is_not_a_reconcile(
     res = cli("status", "vehicles", "--json", "--dest", lambda_env, "--source", soda.url)
     (entry,) = json.loads(res.out)
     assert entry["last_reconciled"] == clock.at.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_a_reconcile_counts_as_of_its_key_scans_start(
+    soda: FakeSoda, lambda_env: str, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reconcile begun on Saturday night and ended on Sunday compared keys scanned before
+    Sunday began: it counts as of Saturday, so Monday's run reconciles again."""
+    _weekly_on_sunday(soda, lambda_env, monkeypatch, "vehicles")
+    sunday = _next("SUN")
+    clock.at_local(sunday - timedelta(days=1), 23)
+    # the key scan begins, then its pages are held past the invocation's time: it stops
+    soda.add_fault("stall", times=50, match="select=:id,unique_id", seconds=30)
+    saturday = aws.handler({"command": "update", "reconcile": True}, Context(8))
+    soda.clear_faults()
+    assert saturday["results"][-1]["status"] == "stopped"
+    clock.at_local(sunday, 6, 30)
+    assert _kinds(aws.handler({"command": "update"}, Context(60)))[-1] == ("reconcile", "vehicles")
+    clock.at_local(sunday + timedelta(days=1), 6, 30)
+    assert _kinds(aws.handler({"command": "update"}, Context(60)))[-1] == ("reconcile", "vehicles")
 
 
 def test_a_weekly_reconcile_that_failed_goes_on_the_next_day_once(

@@ -31,6 +31,17 @@ def _on_disk(dest: str) -> set[str]:
     return {p.relative_to(root).as_posix() for p in (root / "crashes/data").rglob("*.csv")}
 
 
+def _fetched(runs: Path) -> int:
+    """Rows in the finished files of the unfinished snapshot runs under `runs`."""
+    return sum(json.loads(p.read_text())["rows"] for p in runs.glob("*/parts/*.json"))
+
+
+def _export_is_exact(srv: FakeSoda, dest: str, out: Path) -> None:
+    run("export", "crashes", "--dest", dest, "-o", str(out))
+    want = columns(srv.url, CRASHES)
+    assert_exact(srv.rows(CRASHES), read_export(out), want, "collision_id")
+
+
 def test_a_refresh_begun_before_a_reconcile_is_not_resumed_after_it(tmp_path: Path) -> None:
     """An update's fresh snapshot stops midway, its run left to resume. A compaction resets the
     rows landed since the snapshot, so the next updates do not refresh; rows are deleted at the
@@ -43,15 +54,6 @@ def test_a_refresh_begun_before_a_reconcile_is_not_resumed_after_it(tmp_path: Pa
         paged = ("--page-size", "100", "--file-rows", "100")
         runs = Path(dest) / "crashes/runs"
 
-        def fetched() -> int:  # rows in the finished files of the unfinished refresh
-            return sum(json.loads(p.read_text())["rows"] for p in runs.glob("*/parts/*.json"))
-
-        def export_is_exact(name: str) -> None:
-            out = tmp_path / name
-            run("export", "crashes", "--dest", dest, "-o", str(out))
-            want = columns(srv.url, CRASHES)
-            assert_exact(srv.rows(CRASHES), read_export(out), want, "collision_id")
-
         run("backfill", "crashes", *where, *paged)
         srv.edit(CRASHES, 1000)
         run("update", "crashes", *where, *paged)  # 1,000 landed since the snapshot
@@ -59,18 +61,42 @@ def test_a_refresh_begun_before_a_reconcile_is_not_resumed_after_it(tmp_path: Pa
         for budget in ("0.5", "0.5", "1", "1", "2"):
             res = cli("update", "crashes", *where, *paged, "--max-seconds", budget)
             assert res.code == 3, res.text  # the refresh stopped before its end
-            if fetched() >= 200:
+            if _fetched(runs) >= 200:
                 break
-        assert fetched() >= 200
+        assert _fetched(runs) >= 200
         assert len(list(runs.glob("*/plan.json"))) == 1
         run("compact", "crashes", "--prune", "--grace", "0", "--dest", dest)
         srv.delete(CRASHES, 300)
         assert "vanished 300" in run("reconcile", "crashes", *where)
         run("update", "crashes", *where, *paged)  # 700 <= 1,500 after the compaction
-        export_is_exact("after-reconcile.csv")
+        _export_is_exact(srv, dest, tmp_path / "after-reconcile.csv")
         srv.edit(CRASHES, 1600)  # a refresh again
         run("update", "crashes", *where, *paged)
-        export_is_exact("after-refresh.csv")
+        _export_is_exact(srv, dest, tmp_path / "after-refresh.csv")
+
+
+def test_a_stopped_forced_backfill_resumes_across_an_update(tmp_path: Path) -> None:
+    """A `backfill --force` stops; the daily update commits a batch; the rerun resumes the
+    stopped run (its watermark is where it began, so the next update fetches again what changed
+    meanwhile) rather than start over, which in chunks between daily updates would never end."""
+    with paced_crashes() as srv:
+        dest = str(tmp_path / "land")
+        where = ("--source", srv.url, "--dest", dest)
+        paged = ("--page-size", "100", "--file-rows", "100")
+        runs = Path(dest) / "crashes/runs"
+        run("backfill", "crashes", *where, *paged)
+        for budget in ("0.5", "0.5", "1", "1", "2"):
+            res = cli("backfill", "crashes", "--force", *where, *paged, "--max-seconds", budget)
+            assert res.code == 3, res.text
+            if _fetched(runs) >= 200:
+                break
+        (plan,) = runs.glob("*/plan.json")
+        srv.edit(CRASHES, 10)
+        run("update", "crashes", *where)
+        out = run("backfill", "crashes", "--force", *where, *paged)
+        assert f"resumed run {plan.parent.name}" in out, out
+        run("update", "crashes", *where)
+        _export_is_exact(srv, dest, tmp_path / "out.csv")
 
 
 def test_prune_keeps_when_the_data_last_matched_the_source(soda: FakeSoda, tmp_path: Path) -> None:

@@ -256,7 +256,9 @@ def _running_loop(sfn: Any, machine: str, wanted: dict[str, Any]) -> str | None:
                 theirs = {
                     d.name for d in resolve_many(list(doc.get("datasets") or _env_datasets()))
                 }
-                since = since_from_event({**doc, "loop": False}, now)
+                # as its invocations take it: a reconcile as of the loop's start
+                started = execution["startDate"].astimezone(UTC).isoformat()
+                since = since_from_event({**doc, "loop": True, "loop_started": started}, now)
             except (NycCollisionsError, orjson.JSONDecodeError, TypeError, ValueError):
                 continue  # not an input this function would run: not this update
             if theirs >= names and (asked is None or (since is not None and since >= asked)):

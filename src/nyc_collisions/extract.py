@@ -2,7 +2,8 @@
 
 A backfill of one dataset takes the dataset's lease (`job.py`) and reads its manifest: a
 committed snapshot is not landed twice unless `force`; an unfinished run of an earlier
-invocation is resumed from its committed files. Leftovers of killed runs are removed after it
+invocation is resumed from its committed files (unless rows were removed since it began:
+`snapshot.py`). Leftovers of killed runs are removed after it
 (`tidy`, as after every command that writes).
 """
 

@@ -17,8 +17,9 @@ Socrata reports no deletions, so the source's keys are compared with the landed 
 3. **Commit** the tombstones, then the rows fetched again (file by file, stopping cleanly at the
    deadline; the next run compares again and goes on), each commit with the current state's
    row count, known exactly here since every landed key was read; with nothing to repair, that
-   count alone where the manifest's differs (see `counts.py`). The manifest then records when
-   the reconcile ended (`Manifest.reconciled`), and the scan's records go last.
+   count alone where the manifest's differs (see `counts.py`). The manifest then records that
+   the data matched the source as of the scan's start (`Manifest.reconciled`), and the scan's
+   records go last.
 """
 
 from __future__ import annotations
@@ -152,14 +153,16 @@ class Reconcile(DatasetJob):
         if not self._refetch(landed, fmt, repairs, count, result, stop):
             self._stopped(result, stop, "while fetching rows again")
             return
-        self._record_end(landed, landed_rows, repaired=counts.changed > 0)
+        self._record_end(landed, landed_rows, counts.changed > 0, plan.started)
         self.state.drop_run(plan.scan_id)
 
-    def _record_end(self, landed: Landed, rows: int, repaired: bool) -> None:
-        """Record in the manifest when this reconcile ended (the daily run reconciles a dataset
-        not reconciled since its weekday, `daily.py`); with nothing repaired, also the rows it
-        counted where the last commit's count differs (an update counts a key deleted and
-        inserted again at the source as new), so that `status` agrees again."""
+    def _record_end(self, landed: Landed, rows: int, repaired: bool, started: str) -> None:
+        """Record in the manifest that the current state matched the source's keys as of the
+        scan's start, `started` (keys scanned earlier may have gone since; the daily run
+        reconciles a dataset not reconciled since its weekday, `daily.py`); with nothing
+        repaired, also the rows it counted where the last commit's count differs (an update
+        counts a key deleted and inserted again at the source as new), so that `status` agrees
+        again."""
         manifest = landed.manifest
         last = manifest.current_batches()[-1]
         if not repaired and last.kind != "snapshot" and last.current_rows != rows:
@@ -170,7 +173,7 @@ class Reconcile(DatasetJob):
                 last.current_rows,
             )
             last.current_rows = rows
-        manifest.reconciled = utc_now()
+        manifest.reconciled = max(manifest.reconciled, started)
         self.state.commit(manifest)
 
     def _stopped(self, result: DatasetResult, stop: threading.Event, when: str) -> None:

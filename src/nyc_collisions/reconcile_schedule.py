@@ -1,12 +1,14 @@
 """When the Lambda's daily run reconciles: the instant a dataset must have been reconciled since.
 
-A dataset is reconciled when its last reconcile (or its snapshot) ended before that instant
-(`daily.DailyRun.reconcile_since`). Weekly, it is the start of the last `RECONCILE_WEEKDAY` in
-the schedule's time zone: that day's run reconciles every dataset, and a reconcile that did not
-end that day (the deadline, a failure) goes on the next days until it does, without redoing the
-datasets already reconciled. An event's `"reconcile": true` asks for every dataset now; the
-loop that carries an unfinished update on passes the instant on as `"reconcile_since"` (a loop
-started with `"reconcile": true` takes its own start, which the state machine passes on).
+A dataset is reconciled when it last matched the source's keys at or before that instant
+(`Manifest.last_reconciled`: the start of its last finished reconcile's key scan, or of its
+last snapshot from the source; `daily.DailyRun.reconcile_since`). Weekly, it is the start of
+the last `RECONCILE_WEEKDAY` in the schedule's time zone: that day's run reconciles every
+dataset, and a reconcile that did not end that day (the deadline, a failure) goes on the next
+days until it does, without redoing the datasets already reconciled. An event's `"reconcile":
+true` asks for every dataset now; the loop that carries an unfinished update on passes the
+instant on as `"reconcile_since"` (a loop started with `"reconcile": true` takes its own start,
+which the state machine passes on).
 """
 
 from __future__ import annotations

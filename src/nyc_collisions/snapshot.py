@@ -3,10 +3,11 @@
 The one way a snapshot is landed: a backfill calls `land_snapshot`, and so do an update or a
 reconcile that land a fresh snapshot instead (a full replace, new columns), under their lease.
 
-1. an unfinished run that fits (format, columns, key) is resumed from its committed files;
-   otherwise the source's count and latest `:updated_at` (the watermark the next `update`
-   starts from, so rows changed meanwhile are picked up), asked beside the metadata when no
-   run is unfinished, give a new plan, recorded before any page;
+1. an unfinished run that fits (format, columns, key) is resumed from its committed files,
+   unless rows were removed since it began (a reconcile's tombstones, a compaction: its rows
+   would bring them back); otherwise the source's count and latest `:updated_at` (the
+   watermark the next `update` starts from, so rows changed meanwhile are picked up), asked
+   beside the metadata when no run is unfinished, give a new plan, recorded before any page;
 2. partition boundaries are probed from both ends (`chain.py`) as the workers fetch the first
    partitions (`workers.py`), each partition by keyset pages into files, every file recorded
    under `runs/<batch>/parts/` (the unit a rerun resumes from);
@@ -66,8 +67,8 @@ class _Snapshot:
         # a new plan needs the count: asked beside the metadata (one round trip less)
         counted = None if runs else DaemonCalls().submit(self.job.source.count_and_latest)
         schema = self.job.source.schema()
-        last_commit = "" if manifest is None else manifest.last_commit()
-        plan = self._plan(schema, result, runs, counted, last_commit)
+        removed = "" if manifest is None else manifest.last_removal()
+        plan = self._plan(schema, result, runs, counted, removed)
         plan, parts = self._fetch(schema, plan, result, stop)
         if result.status == "stopped":
             result.batch_id = plan.batch_id
@@ -80,11 +81,11 @@ class _Snapshot:
         result: DatasetResult,
         runs: list[str],
         counted: Future[tuple[int, str | None]] | None,
-        last_commit: str = "",
+        removed: str = "",
     ) -> SnapshotPlan:
-        """Resume the last of the unfinished `runs` if it fits and began after `last_commit`
-        (the manifest's latest batch or reconcile), or record a new plan from the count
-        (`counted`, or asked now)."""
+        """Resume the last of the unfinished `runs` if it fits and began after `removed` (the
+        manifest's last removal of rows), or record a new plan from the count (`counted`, or
+        asked now)."""
         job, state = self.job, self.state
         columns = tuple((c.field_name, c.data_type) for c in schema.columns)
         for batch_id in reversed(runs):
@@ -97,11 +98,12 @@ class _Snapshot:
                 except StateError as exc:  # nothing of it is committed: a new run replaces it
                     logger.warning("%s", exc)
             wanted = job.dataset.key if job.dataset.key_given else None
-            if plan is not None and plan.started < last_commit:
-                # its rows were fetched before a later commit (tombstones, updates): committed
-                # as the newest snapshot it would bring back rows deleted since
+            if plan is not None and plan.started <= removed:
+                # its rows were fetched before rows were removed (tombstones): committed as the
+                # newest snapshot it would bring them back. Rows changed meanwhile need no
+                # drop: its watermark is where it began, so the next update fetches them again
                 logger.info(
-                    "%s: dropping unfinished run %s (begun before the last commit)",
+                    "%s: dropping unfinished run %s (begun before rows were removed)",
                     job.dataset.name,
                     batch_id,
                 )
@@ -246,6 +248,8 @@ class _Snapshot:
                 f"{result.location} holds dataset {manifest.dataset_id}, not {dataset.dataset_id}"
             )
         manifest.key = dataset.key
+        if manifest.reconciled > plan.started:  # its rows are older than that match
+            manifest.reconciled = ""
         change = manifest.change_columns(columns, batch.batch_id)
         if change is not None:
             result.schema_change = change

@@ -132,7 +132,9 @@ class Manifest:
     revision: int = 0  # one more at every commit: no two commits write the same bytes
     retired: list[Retired] = field(default_factory=list)
     schema_changes: list[SchemaChange] = field(default_factory=list)
-    reconciled: str = ""  # when a reconcile last compared every key and repaired what it found
+    # when the current state last matched the source's keys: the start of the last reconcile's
+    # key scan that ended (see `last_reconciled`); "" for none
+    reconciled: str = ""
     # the store's version of the manifest this was read from (None: none yet); not written
     base: str | None = field(default=None, compare=False, repr=False)
 
@@ -155,10 +157,13 @@ class Manifest:
         ]
         return max([self.reconciled, *fetched])
 
-    def last_commit(self) -> str:
-        """When the landed data last changed (UTC, as `utc_now`): its latest batch or the end
-        of its latest reconcile; "" for never."""
-        return max([self.reconciled, *(b.committed_at for b in self.batches)])
+    def last_removal(self) -> str:
+        """When rows were last removed from the current state (UTC, as `utc_now`): its latest
+        tombstones batch, or compaction (which may have pruned one); "" for never."""
+        removals = [
+            b.committed_at for b in self.batches if b.kind == "tombstones" or "compacted" in b.info
+        ]
+        return max(["", *removals])
 
     def current_batches(self) -> list[Batch]:
         """The latest snapshot and every batch after it: what the current state is made of."""
