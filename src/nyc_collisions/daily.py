@@ -4,11 +4,11 @@ wants in a `DailyRun`.
 
 The updates go in turn and end at the first one that stops (Ctrl-C, the time budget): the next
 run goes on from the committed files. The reconciles go in turn after them, each of a dataset
-not reconciled since `reconcile_since` (its manifest records when its last reconcile ended), so
-that a run invoked again after one stopped does not reconcile from the start the datasets it
-has reconciled already. One stopped by the budget has recorded its key scan, and a run with
-`resume_scans` goes on with it even when none is asked, so that a reconcile ends within the
-next runs.
+not reconciled since `reconcile_since` (its manifest records when it last matched the source's
+keys: `Manifest.last_reconciled`), so that a run invoked again after one stopped does not
+reconcile from the start the datasets it has reconciled already. One stopped by the budget has
+recorded its key scan, and a run with `resume_scans` goes on with it even when none is asked,
+so that a reconcile ends within the next runs.
 """
 
 from __future__ import annotations

@@ -133,7 +133,8 @@ class Manifest:
     retired: list[Retired] = field(default_factory=list)
     schema_changes: list[SchemaChange] = field(default_factory=list)
     # when the current state last matched the source's keys: the start of the last reconcile's
-    # key scan that ended (see `last_reconciled`); "" for none
+    # key scan that ended, or a pruned snapshot's start kept by a compaction (see
+    # `last_reconciled`); "" for none
     reconciled: str = ""
     # the store's version of the manifest this was read from (None: none yet); not written
     base: str | None = field(default=None, compare=False, repr=False)
