@@ -36,6 +36,17 @@ def _fetched(runs: Path) -> int:
     return sum(json.loads(p.read_text())["rows"] for p in runs.glob("*/parts/*.json"))
 
 
+def _stopped_midway(args: tuple[str, ...], runs: Path) -> int:
+    """Run `args` under growing budgets until it stops (exit 3) with 200 rows or more of its
+    snapshot fetched: those rows."""
+    for budget in ("0.5", "0.5", "1", "1", "2"):
+        res = cli(*args, "--max-seconds", budget)
+        assert res.code == 3, res.text
+        if _fetched(runs) >= 200:
+            break
+    return _fetched(runs)
+
+
 def _export_is_exact(srv: FakeSoda, dest: str, out: Path) -> None:
     run("export", "crashes", "--dest", dest, "-o", str(out))
     want = columns(srv.url, CRASHES)
@@ -58,12 +69,7 @@ def test_a_refresh_begun_before_a_reconcile_is_not_resumed_after_it(tmp_path: Pa
         srv.edit(CRASHES, 1000)
         run("update", "crashes", *where, *paged)  # 1,000 landed since the snapshot
         srv.edit(CRASHES, 700)  # 700 + 1,000 > half of 3,000: a refresh, stopped by the budget
-        for budget in ("0.5", "0.5", "1", "1", "2"):
-            res = cli("update", "crashes", *where, *paged, "--max-seconds", budget)
-            assert res.code == 3, res.text  # the refresh stopped before its end
-            if _fetched(runs) >= 200:
-                break
-        assert _fetched(runs) >= 200
+        assert _stopped_midway(("update", "crashes", *where, *paged), runs) >= 200
         assert len(list(runs.glob("*/plan.json"))) == 1
         run("compact", "crashes", "--prune", "--grace", "0", "--dest", dest)
         srv.delete(CRASHES, 300)
@@ -85,11 +91,7 @@ def test_a_stopped_forced_backfill_resumes_across_an_update(tmp_path: Path) -> N
         paged = ("--page-size", "100", "--file-rows", "100")
         runs = Path(dest) / "crashes/runs"
         run("backfill", "crashes", *where, *paged)
-        for budget in ("0.5", "0.5", "1", "1", "2"):
-            res = cli("backfill", "crashes", "--force", *where, *paged, "--max-seconds", budget)
-            assert res.code == 3, res.text
-            if _fetched(runs) >= 200:
-                break
+        _stopped_midway(("backfill", "crashes", "--force", *where, *paged), runs)
         (plan,) = runs.glob("*/plan.json")
         srv.edit(CRASHES, 10)
         run("update", "crashes", *where)
