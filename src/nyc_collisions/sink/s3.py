@@ -27,6 +27,7 @@ from .s3_transfer import (
     S3Writer,
     UploadStats,
     code_of,
+    new_session,
     s3_client,
     s3_error,
     transient,
@@ -49,9 +50,7 @@ class S3Storage:
         self.bucket = bucket
         self.prefix = prefix
         self.url = f"s3://{bucket}/{prefix}".rstrip("/")
-        import boto3
-
-        session = boto3.session.Session()
+        session = new_session()
         self.client = s3_client(session=session)
         # the lease's, the manifest's and a run's records' writes
         self.guarded = s3_client(4, guarded=True, session=session)

@@ -4,6 +4,7 @@ the background while rows keep arriving, and are read back by ranged GETs with r
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import threading
 import time
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import DestinationError
 
 if TYPE_CHECKING:
+    from boto3.session import Session
     from mypy_boto3_s3 import S3Client
 
     from .s3 import S3Storage
@@ -22,14 +24,36 @@ PARTS_IN_FLIGHT = 4
 READ_AHEAD = 8 * 1024 * 1024
 
 
-def s3_client(max_pool: int = 32, *, guarded: bool = False, session: Any = None) -> S3Client:
+@functools.cache
+def _service_models() -> Any:
+    """botocore's loader of service models, one for the process: a session of its own would
+    read and parse S3's model again for each storage opened (each warm Lambda invocation,
+    each command of a test run)."""
+    import botocore.session
+    from botocore.loaders import create_loader
+
+    return create_loader(botocore.session.get_session().get_config_variable("data_path"))
+
+
+def new_session() -> Session:
+    """A boto3 session that resolves credentials afresh and shares the loaded service models."""
+    import boto3
+    import botocore.session
+
+    core = botocore.session.get_session()
+    core.register_component("data_loader", _service_models())
+    return boto3.session.Session(botocore_session=core)
+
+
+def s3_client(
+    max_pool: int = 32, *, guarded: bool = False, session: Session | None = None
+) -> S3Client:
     """A boto3 S3 client from the standard credential chain; honours AWS_ENDPOINT_URL(_S3).
 
     `guarded`: for the conditional writes of the lease and the manifest, one attempt per call
     and short timeouts, so that no request of a run goes out after it last made sure of its
     lease (boto3's own retries would send it again minutes later); `S3Storage.put_if` retries.
     """
-    import boto3
     from botocore.config import Config
 
     config = Config(
@@ -41,7 +65,7 @@ def s3_client(max_pool: int = 32, *, guarded: bool = False, session: Any = None)
         read_timeout=GUARDED_READ_TIMEOUT if guarded else 120,
     )
     # clients of one session share its loaded service models (12 MiB a client less)
-    return (session or boto3.session.Session()).client("s3", config=config)
+    return (session or new_session()).client("s3", config=config)
 
 
 GUARDED_READ_TIMEOUT = 20  # seconds: well under a quarter of the lease's default TTL (lease.py)
