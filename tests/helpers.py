@@ -13,6 +13,7 @@ import httpx
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+import pytest
 from click.testing import CliRunner
 
 from nyc_collisions.cli import main
@@ -37,6 +38,19 @@ class Result:
     @property
     def text(self) -> str:
         return self.out + self.err
+
+
+def each_destination_and_format(on_s3: str) -> pytest.MarkDecorator:
+    """Each destination once and each format once, `on_s3` on S3 and the other in a folder:
+    storage and the file format are separate layers, so two runs find what four would (the
+    test takes the `dest` fixture and a `fmt` argument)."""
+    other = {"csv": "parquet", "parquet": "csv"}[on_s3]
+    return pytest.mark.parametrize(
+        ("dest", "fmt"),
+        [("s3", on_s3), ("local", other)],
+        ids=[f"s3-{on_s3}", f"local-{other}"],
+        indirect=["dest"],
+    )
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> Result:

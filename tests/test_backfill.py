@@ -20,8 +20,24 @@ def backfill(srv: FakeSoda, dest: str, *extra: str) -> None:
     assert res.code == 0, res.text
 
 
-@pytest.mark.parametrize("fmt", ["csv", "parquet"])
-@pytest.mark.parametrize("workers", ["1", "4"], ids=["sequential", "parallel"])
+# Each pair of destination, format and workers once (four runs, not eight): the three are
+# separate layers, so a bug of one pair shows in the run that has it.
+@pytest.mark.parametrize(
+    ("dest", "fmt", "workers"),
+    [
+        ("s3", "csv", "4"),
+        ("s3", "parquet", "1"),
+        ("local", "parquet", "4"),
+        ("local", "csv", "1"),
+    ],
+    ids=[
+        "s3-parallel-csv",
+        "s3-sequential-parquet",
+        "local-parallel-parquet",
+        "local-sequential-csv",
+    ],
+    indirect=["dest"],
+)
 def test_backfill_all_three_exact(
     soda_ro: FakeSoda, dest: str, fmt: str, workers: str, tmp_path: Path
 ) -> None:

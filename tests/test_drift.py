@@ -23,7 +23,7 @@ from nyc_collisions.source import DatasetSource
 from nyc_collisions.state import Batch, DatasetState
 from tests.conftest import GOOD_TOKEN
 from tests.fake_soda import CRASHES, PERSONS, FakeSoda
-from tests.helpers import cli, exact, read_export
+from tests.helpers import cli, each_destination_and_format, exact, read_export
 
 SIZES = {CRASHES: 700, PERSONS: 1100, "bm4k-52h4": 50}
 # crashes come as JSON pages (a location column), persons as CSV pages: both wires drift
@@ -107,7 +107,7 @@ def manifest_of(dest: str, name: str) -> dict[str, Any]:
     return dict(json.loads((Path(dest) / name / "manifest.json").read_text()))
 
 
-@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+@each_destination_and_format(on_s3="parquet")
 def test_three_cycles_of_drift_and_edits_stay_exact(
     srv: FakeSoda, dest: str, fmt: str, tmp_path: Path
 ) -> None:

@@ -35,7 +35,7 @@ from tests.fake_soda import FakeSoda
 # A longer, random run: NYC_COLLISIONS_FUZZ_EXAMPLES=20000 (a failure prints its seed).
 LONG = int(os.environ.get("NYC_COLLISIONS_FUZZ_EXAMPLES", "0"))
 FUZZ = settings(
-    max_examples=LONG or 2500,
+    max_examples=LONG or 1000,
     deadline=None,
     derandomize=not LONG,
     database=None,
@@ -206,7 +206,7 @@ def test_mutated_csv_pages(persons_csv: Page, data: st.DataObject) -> None:
     assert passed[0].equals(parsed[0])
 
 
-@settings(FUZZ, max_examples=LONG or 800)
+@settings(FUZZ, max_examples=LONG or 400)
 @given(
     value=st.sampled_from(NOT_OBJECTS[:-1]),
     at=st.integers(0, ROWS - 1),

@@ -10,7 +10,7 @@ import pytest
 import nyc_collisions
 from nyc_collisions import aws
 from tests.fake_soda import GENERIC, FakeSoda
-from tests.helpers import assert_exact, cli, columns, read_export
+from tests.helpers import assert_exact, cli, columns, each_destination_and_format, read_export
 
 KEY = "id"  # test-0001's own unique field; its default key would be `:id`
 
@@ -28,7 +28,7 @@ def run(*args: str) -> str:
     return res.out
 
 
-@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+@each_destination_and_format(on_s3="csv")
 def test_custom_key_through_every_command(
     soda: FakeSoda, dest: str, fmt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

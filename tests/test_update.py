@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.fake_soda import FakeSoda, Latency
-from tests.helpers import NAMES, cli, exact
+from tests.helpers import NAMES, cli, each_destination_and_format, exact
 
 
 def land(srv: FakeSoda, dest: str, *extra: str) -> None:
@@ -35,7 +35,7 @@ def mutate(srv: FakeSoda, cycle: int) -> None:
         srv.replace("h9gi-nx95")
 
 
-@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+@each_destination_and_format(on_s3="csv")
 def test_cycles_of_changes_stay_exact(soda: FakeSoda, dest: str, fmt: str, tmp_path: Path) -> None:
     land(soda, dest, "--format", fmt)
     for cycle in range(3):
