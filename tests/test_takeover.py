@@ -25,6 +25,7 @@ from nyc_collisions.sink.files import FileEntry
 from nyc_collisions.sink.storage import open_storage
 from nyc_collisions.state import Batch, DatasetState, Manifest, PartRecord
 from nyc_collisions.tidy import tidy
+from tests.fake_soda import FakeSoda
 
 SCHEMA = pa.schema([("key", pa.string()), ("socrata_id", pa.string())])
 
@@ -71,21 +72,26 @@ def paused(lease: Lease) -> None:
 
 
 class Stall:
-    """A storage's network from its first PUT to a key holding `part` on: every request of each
-    S3 client it holds hangs until `release()`, then times out (a stalled network that comes
-    back), so its lease's renewals stop too."""
+    """A storage's network from its first `method` request to a URL holding `part` on: every
+    request of each S3 client it holds hangs until `release()`, then times out (a stalled
+    network that comes back), so its lease's renewals stop too. `sent_again` counts such
+    requests sent after it came back."""
 
-    def __init__(self, storage: object, part: str) -> None:
-        self.part = part
+    def __init__(self, storage: object, part: str, method: str = "PUT") -> None:
+        self.part, self.method = part, method
         self.stalled = threading.Event()
         self.released = threading.Event()
+        self.sent_again = 0
         for client in [v for v in vars(storage).values() if hasattr(v, "meta")]:
             client.meta.events.register("before-send.s3.*", self._send)
 
     def _send(self, request: Any, **_: Any) -> None:
         from botocore.exceptions import ReadTimeoutError
 
-        if request.method == "PUT" and self.part in request.url:
+        ours = request.method == self.method and self.part in request.url
+        if ours and self.released.is_set():
+            self.sent_again += 1
+        if ours:
             self.stalled.set()
         if self.stalled.is_set() and not self.released.is_set():
             self.released.wait(30)
@@ -269,3 +275,128 @@ def test_a_run_record_stalled_past_a_take_over_is_not_sent_again(
             state_b.end_run()
         lease_a.finished()
     assert [type(e) for e in failure] == [LeaseLost]
+
+
+def test_a_cleanup_delete_stalled_past_a_take_over_is_not_sent_again(
+    bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A has committed snapshot S; its cleanup sends one delete for the unfinished run X that S
+    supersedes, and its network stalls past a TTL. B takes the lease over and (as `backfill
+    --force` or an update's refresh would) resumes X from its part records and commits it. A's
+    network comes back: the delete is not sent again (boto3 would have), so the files B's
+    manifest names are all there."""
+    monkeypatch.setenv("NYC_COLLISIONS_LEASE_TTL", "0.5")
+    where = f"s3://{bucket}/landing"
+    storage_a = open_storage(where)
+    state_a = DatasetState(storage_a, "crashes")
+    x = "20240101T000000Z-backfill-xxxxxx"
+    x_file = f"crashes/data/{x}/part-0000-000000-aaaaaa.csv"
+    with Lease(storage_a, "crashes", "backfill") as lease_a:
+        state_a.lease = lease_a
+        state_a.put_run_json(f"crashes/runs/{x}/plan.json", {"kind": "snapshot", "batch_id": x})
+        storage_a.put_bytes(x_file, b"collision_id\n1\n")
+        state_a.put_part_record(x, PartRecord(0, 0, True, x_file, 1, 15, "row-1"))
+        s_file = "crashes/data/S/part-0000-000000-bbbbbb.csv"
+        storage_a.put_bytes(s_file, b"collision_id\n1\n")
+        manifest = Manifest("crashes", "h9gi-nx95", "collision_id", [])
+        manifest.batches.append(
+            Batch("S", "snapshot", "csv", "2024-01-02T00:00:00Z", [FileEntry(s_file, 1, 15)], 1)
+        )
+        state_a.commit(manifest)
+        lease_a.finished()
+        network = Stall(storage_a, "delete", method="POST")
+        cleaning = threading.Thread(
+            target=tidy, args=(state_a, lease_a), kwargs={"drop_unfinished": True}
+        )
+        cleaning.start()
+        assert network.stalled.wait(10)
+        time.sleep(4 * lease_a.ttl)  # A's lease is unrenewed by S3's clock
+
+        storage_b = open_storage(where)
+        state_b = DatasetState(storage_b, "crashes")
+        with Lease(storage_b, "crashes", "backfill") as lease_b:  # takes over after a TTL
+            state_b.lease = lease_b
+            resumed = state_b.load()
+            assert resumed is not None
+            parts = state_b.part_records(x)
+            assert [p.path for p in parts] == [x_file]
+            files = [FileEntry(p.path, p.rows, p.bytes) for p in parts if p.path]
+            resumed.batches.append(Batch(x, "snapshot", "csv", "2024-01-03T00:00:00Z", files, 1))
+            state_b.commit(resumed)
+            state_b.end_run()
+        network.release()
+        cleaning.join(120)
+        state_a.end_run()
+    final = state_b.load()
+    assert final is not None
+    named = [f.path for b in final.current_batches() for f in b.files]
+    assert named == [x_file]
+    assert [p for p in named if storage_b.get_bytes(p) is None] == [], (
+        f"deleted by A's cleanup, sent again {network.sent_again} times after the take-over"
+    )
+
+
+def test_a_holder_woken_from_suspend_asks_the_store_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A holds the lease; its host suspends (a laptop's lid closed): every thread of A stops,
+    and so does Linux's CLOCK_MONOTONIC (not CLOCK_BOOTTIME). B takes the lease over after a
+    whole TTL and records a part of A's run. A wakes: to its monotonic clock its last renewal
+    was a moment ago, yet its next record is refused, and B's stays."""
+    import nyc_collisions.lease as lease_module
+
+    monkeypatch.setenv("NYC_COLLISIONS_LEASE_TTL", "1")
+    where = str(tmp_path / "landing")
+    state_a = DatasetState(open_storage(where), "crashes")
+    lease_a = Lease(state_a.storage, "crashes", "backfill")
+    lease_a.acquire()  # held, its renewer not started: A is suspended from here on
+    state_a.lease = lease_a
+    suspended_at = time.monotonic()
+    time.sleep(2 * lease_a.ttl)
+    state_b = DatasetState(open_storage(where), "crashes")
+    state_b.lease = Lease(state_b.storage, "crashes", "backfill")
+    state_b.lease.acquire()  # watches a whole TTL, then takes over
+    b_record = PartRecord(0, 1, False, "crashes/data/X/part-0000-000001-bbbbbb.csv", 9, 90, "b9")
+    state_b.put_part_record("X", b_record)
+    asleep = time.monotonic() - suspended_at
+
+    class Suspended:
+        """`time` as A sees it: its monotonic clock stood still while the host slept."""
+
+        @staticmethod
+        def monotonic() -> float:
+            return time.monotonic() - asleep
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(time, name)
+
+    monkeypatch.setattr(lease_module, "time", Suspended())
+    a_record = PartRecord(0, 1, False, "crashes/data/X/part-0000-000001-aaaaaa.csv", 5, 50, "a5")
+    with pytest.raises(LeaseLost):
+        state_a.put_part_record("X", a_record)
+    monkeypatch.setattr(lease_module, "time", time)
+    assert [r.last_id for r in state_b.part_records("X")] == ["b9"]
+    state_b.end_run()
+
+
+def test_a_run_that_lost_its_lease_records_no_new_run(soda_ro: FakeSoda, tmp_path: Path) -> None:
+    """A new snapshot's first record (its plan) is written under the lease like every other."""
+    from nyc_collisions.connect import SourceSettings
+    from nyc_collisions.datasets import resolve
+    from nyc_collisions.extract import Backfill
+    from nyc_collisions.job import RunOptions
+    from nyc_collisions.results import DatasetResult
+    from nyc_collisions.snapshot import _Snapshot
+
+    dest = tmp_path / "land"
+    storage = open_storage(str(dest))
+    with SourceSettings(url=soda_ro.url).client() as client:
+        job = Backfill(client, storage, resolve("crashes"), RunOptions(progress=False))
+        lost = Lease(storage, "crashes", "backfill")
+        lost._lose("another run took it over")  # as the renewer marks it
+        job.state.lease = lost
+        with pytest.raises(LeaseLost):
+            _Snapshot(job, "csv")._plan(
+                job.source.schema(), DatasetResult("crashes", "landed"), [], None
+            )
+    assert list(dest.rglob("plan.json")) == []

@@ -151,7 +151,7 @@ class Lease:
         self.ttl = lease_ttl()
         self._holder: Holder | None = None
         self._version = ""
-        self._confirmed = 0.0  # monotonic time at which the last confirmed renewal was sent
+        self._confirmed = 0.0  # `_holder_clock` time at which the last confirmed renewal was sent
         self._lost: str | None = None
         self._failed = False
         self._finished = False
@@ -185,7 +185,7 @@ class Lease:
             ttl=self.ttl,
         )
         for _attempt in range(5):
-            sent = time.monotonic()
+            sent = _holder_clock()
             version = self.storage.put_if(self.key, mine.to_bytes(), expect=None)
             if version is not None:
                 self._took(mine, version, sent)
@@ -207,7 +207,7 @@ class Lease:
                 if seen is None:
                     continue
             mine = replace(mine, since=_utc_now())
-            sent = time.monotonic()
+            sent = _holder_clock()
             version = self.storage.put_if(self.key, mine.to_bytes(), expect=got.version)
             if version is None:
                 raise DestinationBusy(
@@ -252,7 +252,7 @@ class Lease:
     # -- keeping it -----------------------------------------------------------------------------
     def _renewing(self) -> None:
         while True:
-            due = self._confirmed + self.ttl / 4 - time.monotonic()
+            due = self._confirmed + self.ttl / 4 - _holder_clock()
             wait = self.ttl / 16 if self._failed else max(0.0, due)
             if self._done.wait(wait):
                 return
@@ -263,7 +263,7 @@ class Lease:
                 return
             except (DestinationError, OSError) as exc:
                 self._failed = True
-                unconfirmed = time.monotonic() - self._confirmed
+                unconfirmed = _holder_clock() - self._confirmed
                 logger.warning("%s: could not renew the lease: %s", self.where, exc)
                 if unconfirmed > self.ttl / 2:
                     self._lose(f"could not renew it for {unconfirmed:.0f}s ({exc})")
@@ -275,7 +275,7 @@ class Lease:
                 raise LeaseLost(self._lost)
             assert self._holder is not None
             holder = replace(self._holder, beat=self._holder.beat + 1)
-            sent = time.monotonic()
+            sent = _holder_clock()
             version = self.storage.put_if(self.key, holder.to_bytes(), expect=self._version)
             if version is None:
                 self._lose("another run took it over (this run had not renewed it for a TTL)")
@@ -296,7 +296,7 @@ class Lease:
         (renewed within TTL/4, or renewed here and now)."""
         if self._lost is not None:
             raise LeaseLost(self._lost)
-        if time.monotonic() - self._confirmed > self.ttl / 4:
+        if _holder_clock() - self._confirmed > self.ttl / 4:
             self._renew()
 
     def finished(self) -> None:
@@ -355,6 +355,16 @@ def _field(doc: dict[str, Any], name: str, kind: Any, required: bool = False) ->
     if isinstance(value, bool) or not isinstance(value, kind):
         raise TypeError(f"{name} is {value!r}")
     return value
+
+
+# The holder's clock counts the time its host was suspended (a laptop's lid closed): on Linux
+# `time.monotonic()` does not, so a holder that woke after a take-over would trust for TTL/4 a
+# renewal made before it slept. A waiter's clock may lag (it only waits longer).
+_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", None)
+
+
+def _holder_clock() -> float:
+    return time.monotonic() if _BOOTTIME is None else time.clock_gettime(_BOOTTIME)
 
 
 def _utc_now() -> str:

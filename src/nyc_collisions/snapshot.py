@@ -139,7 +139,7 @@ class _Snapshot:
             planned=n,
             step=partition_step(info.count, n),
         )
-        state.put_json(f"{state.run_prefix(plan.batch_id)}/plan.json", plan.to_dict())
+        state.put_run_json(f"{state.run_prefix(plan.batch_id)}/plan.json", plan.to_dict())
         return plan
 
     def _resume_points(self, plan: SnapshotPlan) -> dict[int, ResumePoint]:

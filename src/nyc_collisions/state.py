@@ -353,9 +353,10 @@ class DatasetState:
     def drop_run(self, batch_id: str) -> None:
         """Delete a run's records: only while the lease is surely ours (a run that lost it must
         not drop the records the new holder resumes from)."""
-        if self.lease is not None:
-            self.lease.check()
-        self.storage.delete(self.storage.list_keys(self.run_prefix(batch_id) + "/"))
+        check = None if self.lease is None else self.lease.check
+        if check is not None:
+            check()
+        self.storage.delete(self.storage.list_keys(self.run_prefix(batch_id) + "/"), check=check)
 
     def part_records(self, batch_id: str) -> list[PartRecord]:
         """The finished files of backfill run `batch_id`, in (partition, seq) order."""

@@ -75,10 +75,8 @@ def _tidy(state: DatasetState, lease: Lease, drop_unfinished: bool) -> int:
         if k not in named and _batch(state, k, "data") not in resumable
     ]
     for start in range(0, len(doomed), CHUNK):
-        lease.check()
-        storage.delete(doomed[start : start + CHUNK])
-    lease.check()
-    n = len(doomed) + storage.cleanup_uploads(f"{folder}/")
+        storage.delete(doomed[start : start + CHUNK], check=lease.check)
+    n = len(doomed) + storage.cleanup_uploads(f"{folder}/", check=lease.check)
     if n:
         logger.info("%s/%s: removed %d leftovers of earlier runs", storage.url, folder, n)
     return n

@@ -113,8 +113,11 @@ class LocalStorage:
                 out.append(full.relative_to(self.root).as_posix())
         return sorted(out)
 
-    def delete(self, keys: list[str]) -> None:
-        """Delete files, then the folders below a dataset's folder that this left empty."""
+    def delete(self, keys: list[str], *, check: Callable[[], None] | None = None) -> None:
+        """Delete files, then the folders below a dataset's folder that this left empty (at
+        once: no call here is sent again later, so `check` is needed only once)."""
+        if check is not None:
+            check()
         emptied: set[Path] = set()
         for key in keys:
             path = self._path(key)
@@ -158,7 +161,7 @@ class LocalStorage:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only ever removes an empty folder
 
-    def cleanup_uploads(self, prefix: str) -> int:
+    def cleanup_uploads(self, prefix: str, *, check: Callable[[], None] | None = None) -> int:
         """Remove the temporary files and guard files that killed processes left below `prefix`:
         a temporary file once its writer (named in it) has ended, or is of another host and
         older than `STALE_TMP`; a guard file only while holding its lock (see the docstring)."""
@@ -169,7 +172,7 @@ class LocalStorage:
                 n += self._drop_guard(path)
             elif self._gone(path):
                 stale.append(key)
-        self.delete(stale)
+        self.delete(stale, check=check)
         return n + len(stale)
 
     def _gone(self, tmp: Path) -> bool:

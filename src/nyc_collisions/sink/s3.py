@@ -9,6 +9,7 @@ refused up front (`check_conditional`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import random
@@ -18,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from email.utils import parsedate_to_datetime
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from ..errors import DestinationError
 from .s3_transfer import (
@@ -33,6 +34,9 @@ from .s3_transfer import (
     transient,
 )
 from .storage import Versioned, Writer
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.type_defs import ObjectIdentifierTypeDef
 
 logger = logging.getLogger(__name__)
 
@@ -76,19 +80,30 @@ class S3Storage:
             except Exception as exc:
                 raise s3_error(self.where(key), exc) from exc
             return
+        put = functools.partial(
+            self.guarded.put_object, Bucket=self.bucket, Key=self.full_key(key), Body=data
+        )
+        self._send_checked(self.where(key), put, check)
+
+    def _send_checked(
+        self, where: str, send: Callable[[], object], check: Callable[[], None]
+    ) -> None:
+        """`send`, a call on the guarded client (one attempt, short timeouts), after `check()`;
+        again after a transient failure, each time after a fresh `check()`: nothing is sent once
+        the lease is lost, not even by a library's retry minutes later (see `put_if`)."""
         failed: Exception | None = None
         for attempt in range(PUT_IF_ATTEMPTS):
             _back_off(attempt)
             check()
-            try:  # one attempt, sent now (`s3_client(guarded=True)`)
-                self.guarded.put_object(Bucket=self.bucket, Key=self.full_key(key), Body=data)
+            try:
+                send()
                 return
             except Exception as exc:
                 if not transient(exc):
-                    raise s3_error(self.where(key), exc) from exc
+                    raise s3_error(where, exc) from exc
                 failed = exc
         assert failed is not None
-        raise s3_error(self.where(key), failed) from failed
+        raise s3_error(where, failed) from failed
 
     def get_bytes(self, key: str) -> bytes | None:
         got = self.get_versioned(key)
@@ -124,16 +139,25 @@ class S3Storage:
             raise s3_error(f"s3://{self.bucket}/{full}", exc) from exc
         return sorted(out)
 
-    def delete(self, keys: list[str]) -> None:
+    def delete(self, keys: list[str], *, check: Callable[[], None] | None = None) -> None:
+        where = f"s3://{self.bucket}/{self.prefix}"
+        client = self.client if check is None else self.guarded
         for start in range(0, len(keys), 1000):
-            chunk = keys[start : start + 1000]
+            objects: list[ObjectIdentifierTypeDef] = [
+                {"Key": self.full_key(k)} for k in keys[start : start + 1000]
+            ]
+            send = functools.partial(
+                client.delete_objects,
+                Bucket=self.bucket,
+                Delete={"Objects": objects, "Quiet": True},
+            )
+            if check is not None:
+                self._send_checked(where, send, check)
+                continue
             try:
-                self.client.delete_objects(
-                    Bucket=self.bucket,
-                    Delete={"Objects": [{"Key": self.full_key(k)} for k in chunk], "Quiet": True},
-                )
+                send()
             except Exception as exc:
-                raise s3_error(f"s3://{self.bucket}/{self.prefix}", exc) from exc
+                raise s3_error(where, exc) from exc
 
     def check_writable(self) -> None:
         """The bucket exists and we may list, write and delete below the prefix.
@@ -152,22 +176,35 @@ class S3Storage:
     def discard_if_empty(self) -> None:
         """Nothing to do: S3 has no folders, only the objects a run wrote and deleted."""
 
-    def cleanup_uploads(self, prefix: str) -> int:
-        """Abort multipart uploads left by killed runs below `prefix` (they are never read)."""
+    def cleanup_uploads(self, prefix: str, *, check: Callable[[], None] | None = None) -> int:
+        """Abort multipart uploads left by killed runs below `prefix` (they are never read);
+        with `check`, each abort as `delete` sends it."""
         full = self.full_key(prefix)
+        where = f"s3://{self.bucket}/{full}"
         n = 0
         try:
             pages = self.client.get_paginator("list_multipart_uploads").paginate(
                 Bucket=self.bucket, Prefix=full
             )
-            for page in pages:
-                for upload in page.get("Uploads", []):
-                    self.client.abort_multipart_upload(
-                        Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                    )
-                    n += 1
+            uploads = [u for page in pages for u in page.get("Uploads", [])]
         except Exception as exc:
-            raise s3_error(f"s3://{self.bucket}/{full}", exc) from exc
+            raise s3_error(where, exc) from exc
+        for upload in uploads:
+            client = self.client if check is None else self.guarded
+            abort = functools.partial(
+                client.abort_multipart_upload,
+                Bucket=self.bucket,
+                Key=upload["Key"],
+                UploadId=upload["UploadId"],
+            )
+            if check is not None:
+                self._send_checked(where, abort, check)
+            else:
+                try:
+                    abort()
+                except Exception as exc:
+                    raise s3_error(where, exc) from exc
+            n += 1
         return n
 
     # -- conditional writes ---------------------------------------------------------------------
