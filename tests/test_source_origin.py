@@ -3,6 +3,10 @@ request leaves for it, and plain http is refused for any host but this machine's
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -149,3 +153,49 @@ def test_api_and_lambda_refuse_plain_http_to_another_host(
     with pytest.raises(nyc_collisions.UsageError, match="SOCRATA_BASE_URL"):
         aws.handler({"command": "backfill"}, None)
     assert not (tmp_path / "land").exists()
+
+
+ECHO = "upstream said: header X-App-Token: {token} is not allowed here"
+
+
+def test_a_token_echoed_by_a_failing_source_is_not_logged(soda: FakeSoda, tmp_path: Path) -> None:
+    """The source (or a proxy in front of it) answers 500 with the request's token in its
+    message, four times (the retries from the third on are warnings, shown by default), then
+    serves: no line the command prints carries the token."""
+    body = json.dumps({"code": "internal", "message": ECHO.format(token=GOOD_TOKEN)})
+    soda.add_fault("body", times=4, match=METADATA, status=500, body=body)
+    env = dict(os.environ, SOCRATA_APP_TOKEN=GOOD_TOKEN, NYC_COLLISIONS_RETRY_BASE="0.01")
+    args = ["backfill", "crashes", "--source", soda.url, "--dest", str(tmp_path / "land")]
+    res = subprocess.run(
+        [sys.executable, "-m", "nyc_collisions", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "retry 3/" in res.stderr  # the server's message was shown
+    assert [line for line in (res.stdout + res.stderr).splitlines() if GOOD_TOKEN in line] == []
+
+
+def test_a_token_echoed_in_an_error_is_not_in_the_lambdas_error(
+    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lambda reports a failed invocation's `str(exc)` as its errorMessage (CloudWatch, the
+    failure destination, Step Functions' cause): a 400 whose message echoes the token."""
+    body = json.dumps(
+        {"code": "query.compiler.malformed", "message": ECHO.format(token=GOOD_TOKEN)}
+    )
+    soda.add_fault("body", times=None, match=METADATA, status=400, body=body)
+    monkeypatch.setenv("SOCRATA_APP_TOKEN", GOOD_TOKEN)
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
+    monkeypatch.setenv("NYC_COLLISIONS_DEST", str(tmp_path / "land"))
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
+    aws._token_cache.clear()
+    try:
+        with pytest.raises(SourceRejected) as caught:
+            aws.handler({"command": "backfill"}, None)
+    finally:
+        aws._token_cache.clear()
+    assert "not allowed here" in str(caught.value)
+    assert GOOD_TOKEN not in str(caught.value)

@@ -30,8 +30,23 @@ def setup_logging(verbose: int) -> None:
     logging.basicConfig(
         level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _MaskToken) for f in handler.filters):
+            handler.addFilter(_MaskToken())
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("botocore").setLevel(logging.WARNING)
+
+
+class _MaskToken(logging.Filter):
+    """The app token masked in every log line, as `say` masks it in the error line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        token = os.environ.get("SOCRATA_APP_TOKEN")
+        if token:
+            text = record.getMessage()
+            if token in text:
+                record.msg, record.args = text.replace(token, "***"), None
+        return True
 
 
 def handle_errors(f: F) -> F:

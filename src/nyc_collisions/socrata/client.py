@@ -140,6 +140,7 @@ class SodaClient:
         }
         if app_token:
             headers["X-App-Token"] = app_token
+        self._token = app_token or None  # masked in what the server says (`_classify`)
         self._http = httpx.Client(
             base_url=self.base_url,
             headers=headers,
@@ -218,6 +219,8 @@ class SodaClient:
         if status == 200:
             raise _Retryable("html", "the source answered with an HTML page, not JSON")
         message = error_message(body)
+        if self._token:  # a source or a proxy in front of it may echo the request's headers
+            message = message.replace(self._token, "***")
         if status == 202 or status == 429 or status >= 500:
             if looks_like_html(response, body):
                 message = "an HTML error page"
