@@ -4,12 +4,14 @@ not taken over early."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +103,17 @@ class Stall:
         self.released.set()
 
 
+@contextlib.contextmanager
+def taken_over(network: Stall, lease_a: Lease, where: str, command: str) -> Iterator[DatasetState]:
+    """Run B, holding the lease it took over once A's network stalled past a TTL."""
+    assert network.stalled.wait(10)
+    time.sleep(4 * lease_a.ttl)  # A's lease is unrenewed by S3's clock
+    state_b = DatasetState(open_storage(where), "crashes")
+    with Lease(state_b.storage, "crashes", command) as lease_b:  # takes over after a TTL
+        state_b.lease = lease_b
+        yield state_b
+
+
 @pytest.fixture(params=["local", "s3"])
 def where(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "local":
@@ -181,15 +194,11 @@ def test_a_commit_stalled_past_a_take_over_is_not_sent_again(
 
         committing = threading.Thread(target=commit)
         committing.start()
-        assert network.stalled.wait(10)
-        time.sleep(4 * lease_a.ttl)  # A's lease is unrenewed by S3's clock
-        storage_b = open_storage(where)
-        state_b = DatasetState(storage_b, "crashes")
-        with Lease(storage_b, "crashes", "update") as lease_b:  # takes over after a TTL
-            state_b.lease = lease_b
-            lease_b.finished()
-            tidy(state_b, lease_b)
-            assert storage_b.get_bytes(path) is None  # A's file, deleted
+        with taken_over(network, lease_a, where, "update") as state_b:
+            assert state_b.lease is not None
+            state_b.lease.finished()
+            tidy(state_b, state_b.lease)
+            assert state_b.storage.get_bytes(path) is None  # A's file, deleted
             state_b.end_run()
         network.release()
         committing.join(60)
@@ -262,12 +271,7 @@ def test_a_run_record_stalled_past_a_take_over_is_not_sent_again(
 
         writing = threading.Thread(target=write)
         writing.start()
-        assert network.stalled.wait(10)
-        time.sleep(4 * lease_a.ttl)
-        storage_b = open_storage(where)
-        state_b = DatasetState(storage_b, "crashes")
-        with Lease(storage_b, "crashes", "backfill") as lease_b:
-            state_b.lease = lease_b
+        with taken_over(network, lease_a, where, "backfill") as state_b:
             state_b.put_part_record("b", record(state_b, "from-b"))
             network.release()
             writing.join(60)
@@ -309,13 +313,7 @@ def test_a_cleanup_delete_stalled_past_a_take_over_is_not_sent_again(
             target=tidy, args=(state_a, lease_a), kwargs={"drop_unfinished": True}
         )
         cleaning.start()
-        assert network.stalled.wait(10)
-        time.sleep(4 * lease_a.ttl)  # A's lease is unrenewed by S3's clock
-
-        storage_b = open_storage(where)
-        state_b = DatasetState(storage_b, "crashes")
-        with Lease(storage_b, "crashes", "backfill") as lease_b:  # takes over after a TTL
-            state_b.lease = lease_b
+        with taken_over(network, lease_a, where, "backfill") as state_b:
             resumed = state_b.load()
             assert resumed is not None
             parts = state_b.part_records(x)
@@ -331,7 +329,7 @@ def test_a_cleanup_delete_stalled_past_a_take_over_is_not_sent_again(
     assert final is not None
     named = [f.path for b in final.current_batches() for f in b.files]
     assert named == [x_file]
-    assert [p for p in named if storage_b.get_bytes(p) is None] == [], (
+    assert [p for p in named if state_b.storage.get_bytes(p) is None] == [], (
         f"deleted by A's cleanup, sent again {network.sent_again} times after the take-over"
     )
 
