@@ -84,6 +84,14 @@ def parse_page_fast(body: bytes, schema: Schema) -> pa.Table | None:
     return parse_rows_fast(inner, schema)
 
 
+_JSON_SPACE = np.frombuffer(b" \t\r\n", np.uint8)
+
+
+def _blank(piece: np.ndarray) -> bool:
+    """Nothing but JSON's whitespace (not any byte up to 0x20: `[\x00]` is no empty page)."""
+    return bool(np.isin(piece, _JSON_SPACE).all())
+
+
 def parse_rows_fast(rows: np.ndarray, schema: Schema) -> pa.Table | None:
     """Rows separated by `\n,` (a page without its brackets), in a writable byte array.
 
@@ -93,7 +101,7 @@ def parse_rows_fast(rows: np.ndarray, schema: Schema) -> pa.Table | None:
     read_schema = _fast_schema(schema)
     if read_schema is None:
         return None
-    if not rows.size or rows.max() <= 32:
+    if _blank(rows):
         return schema.text_schema().empty_table()
     if not is_utf8(rows):
         return None  # Arrow's JSON reader would take it: the plain parser refuses it
@@ -278,8 +286,10 @@ class PageStream(Stream):
     SODA writes one row per line with the separators at line starts (`[{..}\\n,{..}\\n]`), so the
     rows received so far end at the last `\\n,`: each such piece is parsed and handed to `emit` at
     once, and memory stays at a piece, not a page. A body in another layout is parsed whole at the
-    end. `finish` raises `BadResponse` if the body did not end with the array's `]`: the rows
-    emitted before the cut are kept, and the caller goes on after the last of them.
+    end, unless it has a `\\n,` inside an object (valid JSON that SODA never writes): the piece
+    cut there is refused, and so the page. `finish` raises `BadResponse` if the body did not end
+    with the array's `]`: the rows emitted before the cut are kept, and the caller goes on after
+    the last of them.
 
     Given `emit_rows` (the rows go to a CSV file) and a schema the native converter covers,
     pieces go straight to landed CSV rows (`JsonRowsToCsv`) and are handed on as `CsvRows`; a
@@ -314,6 +324,10 @@ class PageStream(Stream):
             cut = self._buf.rfind(b"\n,")
             if cut > 0:
                 piece, self._buf = split(self._buf, cut, 2)
+                if _blank(piece):  # `[ \n,` or `\n, \n,`: an empty element, not JSON
+                    raise BadResponse(
+                        f"page is not complete JSON: no row before a `,` after {self.rows} rows"
+                    )
                 self._separated = True
                 self._parse(piece)
 
