@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 
 import nyc_collisions
+from nyc_collisions.errors import UsageError
 from tests.fake_soda import FakeSoda
 from tests.helpers import cli
 
@@ -70,3 +72,16 @@ def test_every_command_has_help_with_an_example() -> None:
         res = cli(name, "--help")
         assert res.code == 0
         assert "Example: nyc-collisions " + name in res.out, name
+
+
+@pytest.mark.parametrize(
+    ("kw", "what"),
+    [({"page_size": 0}, "page_size"), ({"limit": "5"}, "limit"), ({"limit": -1}, "limit")],
+)
+def test_fetch_refuses_bad_arguments_at_once(
+    soda_ro: FakeSoda, kw: dict[str, Any], what: str
+) -> None:
+    """One clear error before any request (page_size 0 asked for empty pages until the retries
+    gave up, and blamed the source)."""
+    with pytest.raises(UsageError, match=what):
+        nyc_collisions.fetch("crashes", source=soda_ro.url, **kw)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 import nyc_collisions
@@ -104,3 +105,30 @@ def test_an_unfinished_custom_key_backfill_resumes_with_its_key(
     assert "resumed run" in out, out
     assert "OK" in run("verify", GENERIC, "--source", soda.url, "--dest", dest)
     export_equals_source(soda, dest, tmp_path)
+
+
+def test_a_key_empty_in_some_rows_is_refused_before_anything_lands(tmp_path: Path) -> None:
+    """`amount` is unique where it is set but empty in some rows: rows without a key would be
+    merged into one by the current state (a reconcile then dropped them), so every command
+    refuses such a key in one line, and nothing is landed."""
+    with FakeSoda(sizes={GENERIC: 200}, seed=5) as soda:
+        empty = sum(1 for r in soda.rows(GENERIC) if r.get("amount") is None)
+        assert empty > 1
+        dest = tmp_path / "land"
+        where = ("--source", soda.url, "--dest", str(dest))
+        for command in ("backfill", "update", "reconcile"):
+            res = cli(command, GENERIC, "--key", "amount", *where)
+            assert res.code == 1, res.text
+            assert res.err.count("\n") == 1, res.err
+            assert f"the key amount is empty in {empty} rows" in res.err, res.err
+        assert not list(dest.rglob("manifest.json"))
+        assert not [p for p in dest.rglob("*") if p.is_file() and "/data/" in p.as_posix()]
+
+
+def test_verify_counts_rows_without_a_key() -> None:
+    """Two landed rows without a key are two rows under one key, not a match."""
+    from nyc_collisions.verify import compare_keys
+
+    source = pa.array(["1", "2", None, None], pa.string())
+    diff = compare_keys("x", source, source)
+    assert (diff.duplicated, diff.ok) == (1, False)

@@ -67,8 +67,10 @@ def fetch(
     plain http `source` on another machine (as `--allow-http`).
     """
     _need_pandas("fetch")
-    if limit is not None and limit < 0:
-        raise UsageError(f"limit must not be negative, not {limit}")
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise UsageError(f"limit must be a whole number of rows, not {limit!r}")
+    if not isinstance(page_size, int) or page_size < 1:
+        raise UsageError(f"page_size must be at least 1, not {page_size!r}")
     ds = resolve(dataset)
     with _client(source, allow_http) as client:
         src = DatasetSource(client, ds)

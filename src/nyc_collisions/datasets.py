@@ -26,6 +26,14 @@ class Dataset:
         """The key's column name in landed files (system fields are renamed)."""
         return landed_name(self.key)
 
+    @property
+    def key_is_the_sources(self) -> bool:
+        """`:id`, or a known dataset's own key (DATASETS.md): in every row, once. Any other
+        key is the user's word, and is checked (`DatasetSource.check_key`)."""
+        known = KNOWN.get(self.name)
+        own = known is not None and known.dataset_id == self.dataset_id and known.key == self.key
+        return self.key == ":id" or own
+
     def keyed_as_landed(self, key: str, where: str) -> Dataset:
         """This dataset keyed as it was landed (`key`, from its manifest or unfinished plan).
 

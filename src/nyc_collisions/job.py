@@ -110,6 +110,7 @@ class DatasetJob:
 
         with self.client.stopping_when(stopping, self.opts.deadline):
             try:
+                self.source.check_key()
                 self._run(stop, result)
             except RetriesStopped as exc:
                 logger.info("%s: %s", self.dataset.name, exc)

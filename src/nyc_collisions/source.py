@@ -12,7 +12,7 @@ import orjson
 import pyarrow as pa
 
 from .datasets import Dataset
-from .errors import BadResponse, RetriesStopped, SourceUnavailable, UsageError
+from .errors import BadResponse, RetriesStopped, SchemaError, SourceUnavailable, UsageError
 from .pages import CsvPageStream, CsvRows, PageStream, parse_page
 from .schema import CSV_EXACT_TYPES, Schema
 from .socrata import soql
@@ -48,6 +48,20 @@ class DatasetSource:
         schema = Schema.from_metadata(self.dataset, self.metadata())
         self.reads_csv(schema)  # a --wire the dataset cannot take fails now, before any write
         return schema
+
+    def check_key(self) -> None:
+        """A key the user chose must be in every row: the current state keeps one row a key,
+        so rows without one would be merged. One count, before anything is landed."""
+        if self.dataset.key_is_the_sources:
+            return
+        key = self.dataset.key
+        self.schema()  # a key that is no column is said so first
+        without = self.count(f"{key} IS NULL")
+        if without:
+            raise SchemaError(
+                f"{self.dataset.name}: the key {key} is empty in {without} rows at the source; "
+                "a key must name every row once: land it with another --key (in another --dest)"
+            )
 
     def count(self, where: str | None = None) -> int:
         return self._as_count(

@@ -52,7 +52,9 @@ class KeyDiff:
         self.landed_rows += len(landed_keys)
         missing = pc.filter(source_keys, pc.invert(pc.is_in(source_keys, value_set=landed_keys)))
         extra = pc.filter(landed_keys, pc.invert(pc.is_in(landed_keys, value_set=source_keys)))
-        counts = pa.table({"k": landed_keys}).group_by("k").aggregate([("k", "count")])
+        # nulls counted too: rows without a key are as many rows under one key
+        every = pc.CountOptions(mode="all")
+        counts = pa.table({"k": landed_keys}).group_by("k").aggregate([("k", "count", every)])
         dups = counts.filter(pc.greater(counts.column("k_count"), 1)).column("k")
         self.missing += len(missing)
         self.extra += len(extra)
