@@ -132,3 +132,21 @@ def test_verify_counts_rows_without_a_key() -> None:
     source = pa.array(["1", "2", None, None], pa.string())
     diff = compare_keys("x", source, source)
     assert (diff.duplicated, diff.ok) == (1, False)
+
+
+def test_a_dropped_key_column_names_the_way_out(tmp_path: Path) -> None:
+    """The publisher drops the column a dataset was keyed by: status does not say `run update`
+    (which fails), and update's one line says what to do."""
+    with FakeSoda(sizes={GENERIC: 200}, seed=5) as soda:
+        where = ("--source", soda.url, "--dest", str(tmp_path / "land"))
+        key = "observed_at"  # in every row (the fake's own key, `id`, cannot be dropped)
+        run("backfill", GENERIC, "--key", key, *where)
+        soda.drop_column(GENERIC, key)
+        status = run("status", GENERIC, *where)
+        assert "run update" not in status
+        assert f"the source dropped {key}" in status, status
+        assert "another --dest" in status, status
+        update = cli("update", GENERIC, *where)
+        assert update.code == 1
+        assert update.err.count("\n") == 1, update.err
+        assert "another --dest" in update.err, update.err

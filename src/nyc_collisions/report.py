@@ -104,7 +104,12 @@ def _add_source(entry: dict[str, Any], source: DatasetSource, landed: Landed | N
     except NycCollisionsError as exc:  # the metadata, or a key that is no longer a column
         entry["source_error"] = str(exc)
         return
-    if change is not None:
+    if change is not None and landed is not None and landed.manifest.key in change.removed:
+        entry["source_error"] = (
+            f"the source dropped {landed.manifest.key}, the key this dataset was landed with: "
+            "what landed stays readable; land it again with another --key in another --dest"
+        )
+    elif change is not None:
         entry["source_columns_changed"] = change.summary()
 
 

@@ -120,7 +120,8 @@ class Schema:
         if dataset.key not in names:
             raise SchemaError(
                 f"{dataset.dataset_id}: key {dataset.key!r} is not a column "
-                f"(columns: {', '.join(names[:40])})"
+                f"(columns: {', '.join(names[:40])}); if the source dropped it, what landed "
+                "stays readable, and the dataset lands again with another --key in another --dest"
             )
         return cls(tuple(columns), dataset.integer_fields)
 
