@@ -557,6 +557,23 @@ def test_error_shapes(
         assert body["message"]
 
 
+def test_group_and_having_find_a_repeated_value(srv: FakeSoda) -> None:
+    """`$group` with `$having` on an aggregate's alias, as the tool asks whether a key repeats."""
+
+    def ask(field: str) -> list[dict[str, str]]:
+        params = {"$select": f"{field}, count(*) AS n", "$group": field, "$having": "n > 1"}
+        r = httpx.get(f"{srv.url}/resource/{CRASHES}.json", params=params)
+        assert r.status_code == 200, r.text
+        return list(r.json())
+
+    rows = httpx.get(f"{srv.url}/resource/{CRASHES}.json", params={"$limit": "100000"}).json()
+    boroughs = [r.get("borough") for r in rows]
+    repeated = {b for b in boroughs if b is not None and boroughs.count(b) > 1}
+    assert {g.get("borough") for g in ask("borough")} >= repeated
+    assert all(int(g["n"]) == boroughs.count(g.get("borough")) for g in ask("borough"))
+    assert ask("collision_id") == []
+
+
 def test_tokens(srv: FakeSoda) -> None:
     url = f"{srv.url}/resource/{CRASHES}.json"
     assert httpx.get(url, headers={"X-App-Token": "tok-1"}).status_code == 200

@@ -134,13 +134,21 @@ def test_verify_counts_rows_without_a_key() -> None:
     assert (diff.duplicated, diff.ok) == (1, False)
 
 
-def test_a_dropped_key_column_names_the_way_out(tmp_path: Path) -> None:
+def test_a_dropped_key_column_names_the_way_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The publisher drops the column a dataset was keyed by: status does not say `run update`
     (which fails), and update's one line says what to do."""
+    from nyc_collisions.source import DatasetSource
+
     with FakeSoda(sizes={GENERIC: 200}, seed=5) as soda:
         where = ("--source", soda.url, "--dest", str(tmp_path / "land"))
-        key = "observed_at"  # in every row (the fake's own key, `id`, cannot be dropped)
-        run("backfill", GENERIC, "--key", key, *where)
+        # the fake's only unique field, `id`, cannot be dropped: `observed_at` (in every row,
+        # a few repeated) is landed as a version that did not check keys would have
+        key = "observed_at"
+        with monkeypatch.context() as unchecked:
+            unchecked.setattr(DatasetSource, "check_key", lambda _self: None)
+            run("backfill", GENERIC, "--key", key, *where)
         soda.drop_column(GENERIC, key)
         status = run("status", GENERIC, *where)
         assert "run update" not in status
@@ -150,3 +158,17 @@ def test_a_dropped_key_column_names_the_way_out(tmp_path: Path) -> None:
         assert update.code == 1
         assert update.err.count("\n") == 1, update.err
         assert "another --dest" in update.err, update.err
+
+
+@pytest.mark.parametrize("key", ["observed_at", "name", ":updated_at"])
+def test_a_key_repeated_in_rows_is_refused_before_anything_lands(tmp_path: Path, key: str) -> None:
+    """A key that several rows share (a date, a name, a system field): the current state would
+    keep one of them (an update then dropped most of the dataset while status agreed)."""
+    with FakeSoda(sizes={GENERIC: 200}, seed=5) as soda:
+        dest = tmp_path / "land"
+        res = cli("backfill", GENERIC, "--key", key, "--source", soda.url, "--dest", str(dest))
+        assert res.code == 1, res.text
+        assert res.err.count("\n") == 1, res.err
+        assert f"the key {key} is" in res.err, res.err
+        assert "a key must name every row once" in res.err, res.err
+        assert not list(dest.rglob("manifest.json"))

@@ -50,17 +50,24 @@ class DatasetSource:
         return schema
 
     def check_key(self) -> None:
-        """A key the user chose must be in every row: the current state keeps one row a key,
-        so rows without one would be merged. One count, before anything is landed."""
+        """A key the user chose must name every row once: the current state keeps one row a
+        key, so rows without one, or with the same one, would be merged into one. Two small
+        requests (a count, a grouped query), before anything is landed."""
         if self.dataset.key_is_the_sources:
             return
         key = self.dataset.key
         self.schema()  # a key that is no column is said so first
         without = self.count(f"{key} IS NULL")
-        if without:
+        repeated = self.client.first_row(self.dataset.dataset_id, soql.repeated_key_params(key))
+        if without or repeated:
+            what = (
+                f"is empty in {without} rows"
+                if without
+                else f"is {(repeated or {}).get(key)!r} in {(repeated or {}).get('n')} rows"
+            )
             raise SchemaError(
-                f"{self.dataset.name}: the key {key} is empty in {without} rows at the source; "
-                "a key must name every row once: land it with another --key (in another --dest)"
+                f"{self.dataset.name}: the key {key} {what} at the source; a key must name "
+                "every row once: land it with another --key (in another --dest)"
             )
 
     def count(self, where: str | None = None) -> int:

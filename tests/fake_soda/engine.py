@@ -48,7 +48,7 @@ from .store import Snapshot, fixed_text
 BLOCK = 65_536
 ARROW_CSV_ROWS = 20_000  # rows the Arrow CSV renderer writes at once
 DEFAULT_LIMIT = 1000
-_UNSUPPORTED = ("$query", "$q", "$group", "$having", "$search")
+_UNSUPPORTED = ("$query", "$q", "$search")
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,8 @@ class Query:
     order: tuple[soql.OrderItem, ...]
     limit: int
     offset: int
+    group: tuple[Column, ...] = ()
+    having: soql.Having | None = None
 
     @property
     def aggregate(self) -> bool:
@@ -70,13 +72,15 @@ def parse_query(params: list[tuple[str, str]], schema: Schema) -> Query:
     wheres: list[soql.Expr] = []
     order: list[soql.OrderItem] = []
     limit, offset = DEFAULT_LIMIT, 0
+    named = dict(params)
+    group = tuple(soql.parse_group(named["$group"], schema)) if "$group" in named else ()
     for name, value in params:
-        if name.startswith("$$"):
+        if name.startswith("$$") or name in ("$group", "$having"):
             continue
         if name in _UNSUPPORTED:
             raise soql.Malformed(f"{name} is not supported by the fake SODA server")
         if name == "$select":
-            select = soql.parse_select(value, schema)
+            select = soql.parse_select(value, schema, grouped=bool(group))
         elif name == "$where":
             wheres.append(soql.parse_where(value, schema))
         elif name == "$order":
@@ -89,7 +93,20 @@ def parse_query(params: list[tuple[str, str]], schema: Schema) -> Query:
             raise soql.Malformed(f"Unrecognized arguments [{name}]")
         else:
             wheres.append(soql.simple_filter(name, value, schema))
-    return Query(tuple(select), soql.and_all(wheres), tuple(order), limit, offset)
+    having = None
+    if "$having" in named:
+        if not group:
+            raise soql.Malformed("$having needs $group")
+        having = soql.parse_having(named["$having"], select)
+    for item in select if group else ():
+        if isinstance(item, soql.AllData | soql.AllSystem) or (
+            isinstance(item, soql.SelectColumn) and item.column not in group
+        ):
+            raise soql.Malformed(
+                "Invalid $select: with $group, columns must be grouped or aggregated"
+            )
+    query = Query(tuple(select), soql.and_all(wheres), tuple(order), limit, offset, group, having)
+    return query
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,6 +390,10 @@ class Page:
 
 def execute(query: Query, snap: Snapshot, rnd: random.Random) -> Page:
     cols = out_columns(query, snap.schema)
+    if query.group:
+        scan = _scan(snap, ("id", "upd"), False, query.where)
+        groups = _grouped(snap, query, _all(snap, scan))
+        return Page(cols, None, groups[query.offset : query.offset + query.limit], 0)
     if query.aggregate:
         scan = _scan(snap, ("id", "upd"), False, query.where)
         objects = [_aggregate(snap, query, scan)] if query.offset == 0 and query.limit else []
@@ -454,6 +475,41 @@ def _aggregate(snap: Snapshot, query: Query, scan: _Scan) -> dict[str, Any]:
     return out
 
 
+def _grouped(snap: Snapshot, query: Query, slots: np.ndarray) -> list[dict[str, Any]]:
+    """One object a group of `query.group`'s values (nulls one group, as in SQL), with its
+    `count` aggregates, kept by `query.having`; the other aggregates are not grouped here."""
+    vec_cols = snap.vector_columns()
+
+    def values(col: Column) -> list[Any]:
+        if col.field in vec_cols:
+            return [_vector_text(col.field, v) for v in vec_cols[col.field][slots]]
+        rows = (r for a in range(0, len(slots), BLOCK) for r in snap.decoded(slots[a : a + BLOCK]))
+        return [r.get(col.field) for r in rows]
+
+    keys = list(zip(*(values(c) for c in query.group), strict=True)) if len(slots) else []
+    counted: dict[tuple[Any, ...], int] = {}
+    for key in keys:
+        counted[key] = counted.get(key, 0) + 1
+    out = []
+    for key, n in counted.items():
+        if query.having is not None and not query.having.holds(n):
+            continue
+        obj = {c.field: v for c, v in zip(query.group, key, strict=True) if v is not None}
+        for item in query.select:
+            if isinstance(item, soql.Aggregate):
+                if item.func != "count" or item.column is not None:
+                    raise soql.Malformed("the fake groups count(*) only")
+                obj[item.key] = str(n)
+        out.append(obj)
+    return out
+
+
+def _vector_text(field: str, v: Any) -> str:
+    if field in (":created_at", ":updated_at"):
+        return fixed_text(int(v))
+    return bytes(v).decode() if field in (":id", ":version") else str(int(v))
+
+
 def _vector_aggregate(snap: Snapshot, func: str, field: str, values: np.ndarray) -> str | None:
     """count/max/min/sum of a never-null system or key column, as the server writes it."""
     if func == "count":
@@ -462,10 +518,7 @@ def _vector_aggregate(snap: Snapshot, func: str, field: str, values: np.ndarray)
         return None
     if func == "sum":
         return str(int(values.sum()))
-    v = values.max() if func == "max" else values.min()
-    if field in (":created_at", ":updated_at"):
-        return fixed_text(int(v))
-    return bytes(v).decode() if field in (":id", ":version") else str(int(v))
+    return _vector_text(field, values.max() if func == "max" else values.min())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ Supported:
   `[NOT] BETWEEN a AND b`, `[NOT] LIKE '%x_'`, string literals in single quotes (`''` escapes a
   quote), numbers, `true`/`false`, a bare checkbox column.
 - `$order`: columns, each `ASC`/`DESC`.
+- `$group`: columns, with `$select` of those columns and aggregates; `$having`: one comparison
+  of an aggregate's key (`n > 1` after `count(*) AS n`) or `count(*)` with a whole number.
 
 Literals are coerced to the compared column's type while parsing: numbers compare numerically,
 text/`:id`/`:version` by code point, timestamps as instants (fixed: µs since the epoch; floating:
@@ -547,7 +549,7 @@ class _Parser:
         )
 
     # select
-    def select_items(self) -> list[SelectItem]:
+    def select_items(self, grouped: bool = False) -> list[SelectItem]:
         items: list[SelectItem] = []
         keys: set[str] = set()
         while True:
@@ -565,7 +567,7 @@ class _Parser:
                 break
         self.done()
         aggregates = [i for i in items if isinstance(i, Aggregate)]
-        if aggregates and len(aggregates) != len(items):
+        if aggregates and len(aggregates) != len(items) and not grouped:
             raise Malformed(
                 f"Invalid $select: columns must be grouped or aggregated without "
                 f"$group: {self.text}"
@@ -691,11 +693,53 @@ def parse_where(text: str, schema: Schema) -> Expr:
     return expr
 
 
-def parse_select(text: str, schema: Schema) -> list[SelectItem]:
+def parse_select(text: str, schema: Schema, grouped: bool = False) -> list[SelectItem]:
     p = _Parser(text, schema, "$select")
     if p.tok.kind == "end":
         p.fail("expected a column")
-    return p.select_items()
+    return p.select_items(grouped)
+
+
+def parse_group(text: str, schema: Schema) -> list[Column]:
+    p = _Parser(text, schema, "$group")
+    columns = []
+    while True:
+        t = p.next()
+        if t.kind not in ("ident", "system"):
+            p.i -= 1
+            p.fail("expected a column")
+        columns.append(p.column(t.text, t.pos))
+        if not p.accept_op(","):
+            break
+    p.done()
+    return columns
+
+
+@dataclass(frozen=True)
+class Having:
+    key: str  # an aggregate's key in $select, or "count(*)"
+    op: str
+    value: int
+
+    def holds(self, got: int) -> bool:
+        ops: dict[str, Callable[[int, int], bool]] = {
+            "=": lambda a, b: a == b, "!=": lambda a, b: a != b, "<>": lambda a, b: a != b,
+            "<": lambda a, b: a < b, "<=": lambda a, b: a <= b,
+            ">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
+        }  # fmt: skip
+        return ops[self.op](got, self.value)
+
+
+_HAVING = re.compile(r"\s*(count\(\*\)|[A-Za-z_]\w*)\s*(>=|<=|!=|<>|=|>|<)\s*(\d+)\s*", re.I)
+
+
+def parse_having(text: str, select: list[SelectItem]) -> Having:
+    m = _HAVING.fullmatch(text)
+    keys = {i.key for i in select if isinstance(i, Aggregate)}
+    if m is None or (m.group(1).lower() != "count(*)" and m.group(1) not in keys):
+        raise Malformed(f"Invalid $having (the fake takes `<aggregate> <op> <number>`): {text}")
+    key = m.group(1) if m.group(1) in keys else "count(*)"
+    return Having(key, m.group(2), int(m.group(3)))
 
 
 def parse_order(text: str, schema: Schema) -> list[OrderItem]:

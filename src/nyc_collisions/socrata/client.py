@@ -376,6 +376,21 @@ class SodaClient:
         row = self.fetch(self.resource_path(dataset_id), params, one_row)
         return {a: None if row.get(a) is None else str(row[a]) for a in aliases}
 
+    def first_row(self, dataset_id: str, params: dict[str, str]) -> dict[str, Any] | None:
+        """The one row a query with `$limit=1` answers, or None when it answers none."""
+
+        def at_most_one(body: bytes) -> dict[str, Any] | None:
+            rows = parse_json_document(body)
+            if (
+                not isinstance(rows, list)
+                or len(rows) > 1
+                or not all(isinstance(r, dict) for r in rows)
+            ):
+                raise BadResponse(f"{dataset_id}: unexpected answer {clip(str(rows))}")
+            return rows[0] if rows else None
+
+        return self.fetch(self.resource_path(dataset_id), params, at_most_one)
+
 
 _body = inflated  # the name tests know
 

@@ -83,6 +83,11 @@ def count_params(where: str | None = None) -> dict[str, str]:
     return params
 
 
+def repeated_key_params(key: str) -> dict[str, str]:
+    """A value of `key` that more than one row has (none: each row has its own)."""
+    return {"$select": f"{key}, count(*) AS n", "$group": key, "$having": "n > 1", "$limit": "1"}
+
+
 def max_updated_params() -> dict[str, str]:
     """The latest `:updated_at` of the dataset."""
     return {"$select": "max(:updated_at) AS m"}
