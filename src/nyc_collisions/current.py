@@ -56,7 +56,7 @@ def open_landed(storage: Storage, dataset: Dataset, state: DatasetState | None =
         )
     schema = schema_of(manifest)
     known = resolve(manifest.dataset_id, manifest.key)
-    schema = Schema(schema.columns, known.integer_fields)
+    schema = Schema(schema.columns, known.integer_fields, known.text_fields)
     return Landed(storage, state, manifest, schema, known)
 
 
@@ -66,7 +66,7 @@ def schema_of(manifest: Manifest) -> Schema:
 
 def key_schema(landed: Landed) -> Schema:
     col = next(c for c in landed.schema.columns if c.name == landed.key_column)
-    return Schema((col,), landed.schema.integer_fields)
+    return Schema((col,), landed.schema.integer_fields, landed.schema.text_fields)
 
 
 def batch_schema(landed: Landed, batch: Batch) -> Schema:
@@ -76,7 +76,7 @@ def batch_schema(landed: Landed, batch: Batch) -> Schema:
     if batch.columns is None:
         return landed.schema
     columns = tuple(Column(c["field"], c["type"]) for c in batch.columns)
-    return Schema(columns, landed.schema.integer_fields)
+    return Schema(columns, landed.schema.integer_fields, landed.schema.text_fields)
 
 
 def _file_batches(

@@ -34,6 +34,12 @@ class Dataset:
         own = known is not None and known.dataset_id == self.dataset_id and known.key == self.key
         return self.key == ":id" or own
 
+    @property
+    def text_fields(self) -> frozenset[str]:
+        """Fields landed as text in Parquet whatever their type: a key the user chose, which
+        must read back as the source wrote it (a number through float64 need not)."""
+        return frozenset() if self.key_is_the_sources else frozenset({self.key})
+
     def keyed_as_landed(self, key: str, where: str) -> Dataset:
         """This dataset keyed as it was landed (`key`, from its manifest or unfinished plan).
 

@@ -59,7 +59,8 @@ def key_schema(source: DatasetSource, extra: tuple[str, ...] = ()) -> Schema:
     full = source.schema()
     types = {c.field_name: c.data_type for c in full.columns}
     fields = list(dict.fromkeys([dataset.key, ":id", *extra]))
-    return Schema(tuple(Column(f, types[f]) for f in fields), full.integer_fields)
+    columns = tuple(Column(f, types[f]) for f in fields)
+    return Schema(columns, full.integer_fields, full.text_fields)
 
 
 def scan_threads(source: DatasetSource, workers: int | None) -> int:

@@ -226,7 +226,8 @@ class Reconcile(DatasetJob):
 
     def _tombstones(self, landed: Landed, fmt: str, before: int) -> _Tombstones:
         col = next(c for c in landed.schema.columns if c.name == landed.key_column)
-        schema = Schema((Column(col.field_name, col.data_type),), landed.schema.integer_fields)
+        key = (Column(col.field_name, col.data_type),)
+        schema = Schema(key, landed.schema.integer_fields, landed.schema.text_fields)
         batch = Batch(new_batch_id("tombstones"), "tombstones", fmt, utc_now(), [], 0)
         tombs = _Tombstones(landed_name(col.field_name), before)
         committer = BatchCommitter(landed, batch, watermark=False, count=tombs.current)

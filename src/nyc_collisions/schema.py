@@ -102,6 +102,8 @@ class Schema:
 
     columns: tuple[Column, ...]
     integer_fields: frozenset[str] = frozenset()
+    # landed as text whatever their type (a key the user chose: it must read back as sent)
+    text_fields: frozenset[str] = frozenset()
 
     @classmethod
     def from_metadata(cls, dataset: Dataset, metadata: dict[str, Any]) -> Schema:
@@ -123,7 +125,7 @@ class Schema:
                 f"(columns: {', '.join(names[:40])}); if the source dropped it, what landed "
                 "stays readable, and the dataset lands again with another --key in another --dest"
             )
-        return cls(tuple(columns), dataset.integer_fields)
+        return cls(tuple(columns), dataset.integer_fields, dataset.text_fields)
 
     @property
     def field_names(self) -> list[str]:
@@ -143,7 +145,7 @@ class Schema:
 
     def arrow_type(self, column: Column) -> pa.DataType:
         t = column.data_type
-        if column.field_name == ":id":
+        if column.field_name == ":id" or column.field_name in self.text_fields:
             return pa.string()
         if t == "number":
             return pa.int64() if column.field_name in self.integer_fields else pa.float64()
@@ -186,7 +188,8 @@ class Schema:
         for column, array in zip(self.columns, table.columns, strict=True):
             target = self.arrow_type(column)
             if target == pa.string():
-                arrays.append(array)
+                # (a key landed by an earlier version as a number reads back as its text)
+                arrays.append(array if array.type == pa.string() else pc.cast(array, pa.string()))
             elif pa.types.is_timestamp(target):
                 # %S carries the milliseconds for ms timestamps: `2022-07-03T00:00:00.000`.
                 text = pc.strftime(array, format="%Y-%m-%dT%H:%M:%S")

@@ -119,6 +119,7 @@ def read_text_batches(
         return
     file = pq.ParquetFile(source)
     want = columns or schema.names
-    sub = Schema(tuple(c for c in schema.columns if c.name in want), schema.integer_fields)
+    kept = tuple(c for c in schema.columns if c.name in want)
+    sub = Schema(kept, schema.integer_fields, schema.text_fields)
     for batch in file.iter_batches(batch_size=READ_BATCH_ROWS, columns=sub.names):
         yield sub.to_text(pa.Table.from_batches([batch]))
