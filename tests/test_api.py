@@ -85,3 +85,11 @@ def test_fetch_refuses_bad_arguments_at_once(
     gave up, and blamed the source)."""
     with pytest.raises(UsageError, match=what):
         nyc_collisions.fetch("crashes", source=soda_ro.url, **kw)
+
+
+def test_fetch_takes_a_numpy_integer(soda_ro: FakeSoda) -> None:
+    """`df["n"].sum()` is a numpy integer, not a Python int: a whole number all the same."""
+    import numpy as np
+
+    df = nyc_collisions.fetch("crashes", source=soda_ro.url, limit=np.int64(5))
+    assert len(df) == 5

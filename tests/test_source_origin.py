@@ -199,3 +199,47 @@ def test_a_token_echoed_in_an_error_is_not_in_the_lambdas_error(
         aws._token_cache.clear()
     assert "not allowed here" in str(caught.value)
     assert GOOD_TOKEN not in str(caught.value)
+
+
+def test_a_token_echoed_across_the_messages_clip_is_masked_whole(
+    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The source's message is clipped to a few hundred characters: a token echoed across the
+    cut is masked before it, not after (its head came through)."""
+    message = "x" * 240 + f" header X-App-Token: {GOOD_TOKEN} not allowed"
+    body = json.dumps({"code": "query.compiler.malformed", "message": message})
+    soda.add_fault("body", times=None, match=METADATA, status=400, body=body)
+    monkeypatch.setenv("SOCRATA_APP_TOKEN", GOOD_TOKEN)
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
+    monkeypatch.setenv("NYC_COLLISIONS_DEST", str(tmp_path / "land"))
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
+    aws._token_cache.clear()
+    try:
+        with pytest.raises(SourceRejected) as caught:
+            aws.handler({"command": "backfill"}, None)
+    finally:
+        aws._token_cache.clear()
+    assert GOOD_TOKEN[:8] not in str(caught.value), str(caught.value)[-60:]
+
+
+def test_masking_the_token_never_raises_into_the_code_that_logs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A record that does not format is logging's to report, with the token set as without."""
+    import logging
+
+    from nyc_collisions.cli.app import setup_logging
+
+    monkeypatch.setenv("SOCRATA_APP_TOKEN", GOOD_TOKEN)
+    monkeypatch.setattr(logging, "raiseExceptions", False)
+    root = logging.getLogger()
+    saved = [(h, list(h.filters)) for h in root.handlers]
+    try:
+        setup_logging(0)
+        logging.getLogger("some.library").warning("%d rows", "not a number")
+    finally:
+        for h, filters in saved:
+            h.filters[:] = filters
+        for h in root.handlers[:]:
+            if h not in [s for s, _ in saved]:
+                root.removeHandler(h)

@@ -871,3 +871,15 @@ def test_a_layer_loads_nothing_of_the_layers_it_does_not_know(
     loaded = {m.split(".")[1] for m in proc.stdout.split()}
     assert modules
     assert loaded.isdisjoint(unknown), sorted(loaded & set(unknown))
+
+
+def test_storages_opened_one_after_another_share_one_loader_that_does_not_grow() -> None:
+    """Each boto3 session adds boto3's data folder to its loader's search paths: with one
+    loader for the process (`new_session`), every storage opened grew that list for good."""
+    from nyc_collisions.sink.s3_transfer import _service_models, new_session
+
+    new_session()
+    before = list(_service_models().search_paths)
+    for _ in range(20):
+        new_session()
+    assert _service_models().search_paths == before

@@ -4,6 +4,7 @@ left, as the commands page), `read` and `export` what landed."""
 from __future__ import annotations
 
 import importlib.util
+import operator
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,6 +52,17 @@ def _client(source: str | None, allow_http: bool) -> SodaClient:
     return SourceSettings.from_env(source, allow_http=allow_http).client()
 
 
+def _whole(value: object, name: str, least: int) -> int:
+    """`value` as an int (a numpy integer too), at least `least`; else one clear error."""
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        number = None
+    if number is None or number < least:
+        raise UsageError(f"{name} must be a whole number, at least {least}, not {value!r}")
+    return number
+
+
 def fetch(
     dataset: str,
     where: str | None = None,
@@ -67,10 +79,8 @@ def fetch(
     plain http `source` on another machine (as `--allow-http`).
     """
     _need_pandas("fetch")
-    if limit is not None and (not isinstance(limit, int) or limit < 0):
-        raise UsageError(f"limit must be a whole number of rows, not {limit!r}")
-    if not isinstance(page_size, int) or page_size < 1:
-        raise UsageError(f"page_size must be at least 1, not {page_size!r}")
+    limit = None if limit is None else _whole(limit, "limit", 0)
+    page_size = _whole(page_size, "page_size", 1)
     ds = resolve(dataset)
     with _client(source, allow_http) as client:
         src = DatasetSource(client, ds)

@@ -43,7 +43,10 @@ class _MaskToken(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         token = os.environ.get("SOCRATA_APP_TOKEN")
         if token:
-            text = record.getMessage()
+            try:
+                text = record.getMessage()
+            except Exception:  # a record that does not format: logging's handler reports it
+                return True
             if token in text:
                 record.msg, record.args = text.replace(token, "***"), None
         return True

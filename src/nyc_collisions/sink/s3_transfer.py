@@ -24,6 +24,9 @@ PARTS_IN_FLIGHT = 4
 READ_AHEAD = 8 * 1024 * 1024
 
 
+_LOADER_LOCK = threading.Lock()
+
+
 @functools.cache
 def _service_models() -> Any:
     """botocore's loader of service models, one for the process: a session of its own would
@@ -40,9 +43,13 @@ def new_session() -> Session:
     import boto3
     import botocore.session
 
-    core = botocore.session.get_session()
-    core.register_component("data_loader", _service_models())
-    return boto3.session.Session(botocore_session=core)
+    with _LOADER_LOCK:  # one loader, made once; boto3 adds its data folder at each session
+        loader = _service_models()
+        core = botocore.session.get_session()
+        core.register_component("data_loader", loader)
+        session = boto3.session.Session(botocore_session=core)
+        loader.search_paths[:] = list(dict.fromkeys(loader.search_paths))
+    return session
 
 
 def s3_client(

@@ -218,9 +218,9 @@ class SodaClient:
         status = response.status_code
         if status == 200:
             raise _Retryable("html", "the source answered with an HTML page, not JSON")
-        message = error_message(body)
         if self._token:  # a source or a proxy in front of it may echo the request's headers
-            message = message.replace(self._token, "***")
+            body = body.replace(self._token.encode(), b"***")  # before the message is clipped
+        message = error_message(body)
         if status == 202 or status == 429 or status >= 500:
             if looks_like_html(response, body):
                 message = "an HTML error page"
