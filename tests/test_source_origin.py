@@ -178,27 +178,30 @@ def test_a_token_echoed_by_a_failing_source_is_not_logged(soda: FakeSoda, tmp_pa
     assert [line for line in (res.stdout + res.stderr).splitlines() if GOOD_TOKEN in line] == []
 
 
-def test_a_token_echoed_in_an_error_is_not_in_the_lambdas_error(
-    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Lambda reports a failed invocation's `str(exc)` as its errorMessage (CloudWatch, the
-    failure destination, Step Functions' cause): a 400 whose message echoes the token."""
-    body = json.dumps(
-        {"code": "query.compiler.malformed", "message": ECHO.format(token=GOOD_TOKEN)}
-    )
+def lambda_error(message: str, soda: FakeSoda, tmp_path: Path, mp: pytest.MonkeyPatch) -> str:
+    """What Lambda reports of a failed invocation (`str(exc)`, its errorMessage: CloudWatch,
+    the failure destination, Step Functions' cause) when the source answers 400 `message`."""
+    body = json.dumps({"code": "query.compiler.malformed", "message": message})
     soda.add_fault("body", times=None, match=METADATA, status=400, body=body)
-    monkeypatch.setenv("SOCRATA_APP_TOKEN", GOOD_TOKEN)
-    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
-    monkeypatch.setenv("NYC_COLLISIONS_DEST", str(tmp_path / "land"))
-    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
+    mp.setenv("SOCRATA_APP_TOKEN", GOOD_TOKEN)
+    mp.setenv("SOCRATA_BASE_URL", soda.url)
+    mp.setenv("NYC_COLLISIONS_DEST", str(tmp_path / "land"))
+    mp.setenv("NYC_COLLISIONS_DATASETS", "crashes")
     aws._token_cache.clear()
     try:
         with pytest.raises(SourceRejected) as caught:
             aws.handler({"command": "backfill"}, None)
     finally:
         aws._token_cache.clear()
-    assert "not allowed here" in str(caught.value)
-    assert GOOD_TOKEN not in str(caught.value)
+    return str(caught.value)
+
+
+def test_a_token_echoed_in_an_error_is_not_in_the_lambdas_error(
+    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    said = lambda_error(ECHO.format(token=GOOD_TOKEN), soda, tmp_path, monkeypatch)
+    assert "not allowed here" in said
+    assert GOOD_TOKEN not in said
 
 
 def test_a_token_echoed_across_the_messages_clip_is_masked_whole(
@@ -207,19 +210,8 @@ def test_a_token_echoed_across_the_messages_clip_is_masked_whole(
     """The source's message is clipped to a few hundred characters: a token echoed across the
     cut is masked before it, not after (its head came through)."""
     message = "x" * 240 + f" header X-App-Token: {GOOD_TOKEN} not allowed"
-    body = json.dumps({"code": "query.compiler.malformed", "message": message})
-    soda.add_fault("body", times=None, match=METADATA, status=400, body=body)
-    monkeypatch.setenv("SOCRATA_APP_TOKEN", GOOD_TOKEN)
-    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
-    monkeypatch.setenv("NYC_COLLISIONS_DEST", str(tmp_path / "land"))
-    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
-    aws._token_cache.clear()
-    try:
-        with pytest.raises(SourceRejected) as caught:
-            aws.handler({"command": "backfill"}, None)
-    finally:
-        aws._token_cache.clear()
-    assert GOOD_TOKEN[:8] not in str(caught.value), str(caught.value)[-60:]
+    said = lambda_error(message, soda, tmp_path, monkeypatch)
+    assert GOOD_TOKEN[:8] not in said, said[-60:]
 
 
 def test_masking_the_token_never_raises_into_the_code_that_logs(
