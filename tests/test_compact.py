@@ -3,8 +3,10 @@ the source comes back, and what `status` says of the last match with the source 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -53,19 +55,27 @@ def _export_is_exact(srv: FakeSoda, dest: str, out: Path) -> None:
     assert_exact(srv.rows(CRASHES), read_export(out), want, "collision_id")
 
 
+@contextlib.contextmanager
+def backfilled(
+    tmp_path: Path,
+) -> Iterator[tuple[FakeSoda, str, tuple[str, ...], tuple[str, ...], Path]]:
+    """The paced crashes server, landed in small pages and files: the server, the destination,
+    its `--source/--dest` flags, the paging flags, and the folder of its runs' records."""
+    with paced_crashes() as srv:
+        dest = str(tmp_path / "land")
+        where = ("--source", srv.url, "--dest", dest)
+        paged = ("--page-size", "100", "--file-rows", "100")
+        run("backfill", "crashes", *where, *paged)
+        yield srv, dest, where, paged, Path(dest) / "crashes/runs"
+
+
 def test_a_refresh_begun_before_a_reconcile_is_not_resumed_after_it(tmp_path: Path) -> None:
     """An update's fresh snapshot stops midway, its run left to resume. A compaction resets the
     rows landed since the snapshot, so the next updates do not refresh; rows are deleted at the
     source and a reconcile tombstones them. When a refresh comes again it must not resume the
     old run: its rows were fetched before the deletions, and as the newest snapshot it would
     bring them back."""
-    with paced_crashes() as srv:
-        dest = str(tmp_path / "land")
-        where = ("--source", srv.url, "--dest", dest)
-        paged = ("--page-size", "100", "--file-rows", "100")
-        runs = Path(dest) / "crashes/runs"
-
-        run("backfill", "crashes", *where, *paged)
+    with backfilled(tmp_path) as (srv, dest, where, paged, runs):
         srv.edit(CRASHES, 1000)
         run("update", "crashes", *where, *paged)  # 1,000 landed since the snapshot
         srv.edit(CRASHES, 700)  # 700 + 1,000 > half of 3,000: a refresh, stopped by the budget
@@ -85,12 +95,7 @@ def test_a_stopped_forced_backfill_resumes_across_an_update(tmp_path: Path) -> N
     """A `backfill --force` stops; the daily update commits a batch; the rerun resumes the
     stopped run (its watermark is where it began, so the next update fetches again what changed
     meanwhile) rather than start over, which in chunks between daily updates would never end."""
-    with paced_crashes() as srv:
-        dest = str(tmp_path / "land")
-        where = ("--source", srv.url, "--dest", dest)
-        paged = ("--page-size", "100", "--file-rows", "100")
-        runs = Path(dest) / "crashes/runs"
-        run("backfill", "crashes", *where, *paged)
+    with backfilled(tmp_path) as (srv, dest, where, paged, runs):
         _stopped_midway(("backfill", "crashes", "--force", *where, *paged), runs)
         (plan,) = runs.glob("*/plan.json")
         srv.edit(CRASHES, 10)

@@ -74,23 +74,25 @@ class S3Storage:
         return f"s3://{self.bucket}/{self.full_key(key)}"
 
     def put_bytes(self, key: str, data: bytes, *, check: Callable[[], None] | None = None) -> None:
+        client = self.client if check is None else self.guarded
+        put = functools.partial(
+            client.put_object, Bucket=self.bucket, Key=self.full_key(key), Body=data
+        )
+        self._send(self.where(key), put, check)
+
+    def _send(
+        self, where: str, send: Callable[[], object], check: Callable[[], None] | None
+    ) -> None:
+        """`send` once (boto3 retries it), or with `check`, a call on the guarded client (one
+        attempt, short timeouts) after `check()`; again after a transient failure, each time
+        after a fresh `check()`: nothing is sent once the lease is lost, not even by a
+        library's retry minutes later (see `put_if`)."""
         if check is None:
             try:
-                self.client.put_object(Bucket=self.bucket, Key=self.full_key(key), Body=data)
+                send()
             except Exception as exc:
-                raise s3_error(self.where(key), exc) from exc
+                raise s3_error(where, exc) from exc
             return
-        put = functools.partial(
-            self.guarded.put_object, Bucket=self.bucket, Key=self.full_key(key), Body=data
-        )
-        self._send_checked(self.where(key), put, check)
-
-    def _send_checked(
-        self, where: str, send: Callable[[], object], check: Callable[[], None]
-    ) -> None:
-        """`send`, a call on the guarded client (one attempt, short timeouts), after `check()`;
-        again after a transient failure, each time after a fresh `check()`: nothing is sent once
-        the lease is lost, not even by a library's retry minutes later (see `put_if`)."""
         failed: Exception | None = None
         for attempt in range(PUT_IF_ATTEMPTS):
             _back_off(attempt)
@@ -151,13 +153,7 @@ class S3Storage:
                 Bucket=self.bucket,
                 Delete={"Objects": objects, "Quiet": True},
             )
-            if check is not None:
-                self._send_checked(where, send, check)
-                continue
-            try:
-                send()
-            except Exception as exc:
-                raise s3_error(where, exc) from exc
+            self._send(where, send, check)
 
     def check_writable(self) -> None:
         """The bucket exists and we may list, write and delete below the prefix.
@@ -181,7 +177,6 @@ class S3Storage:
         with `check`, each abort as `delete` sends it."""
         full = self.full_key(prefix)
         where = f"s3://{self.bucket}/{full}"
-        n = 0
         try:
             pages = self.client.get_paginator("list_multipart_uploads").paginate(
                 Bucket=self.bucket, Prefix=full
@@ -189,23 +184,16 @@ class S3Storage:
             uploads = [u for page in pages for u in page.get("Uploads", [])]
         except Exception as exc:
             raise s3_error(where, exc) from exc
+        client = self.client if check is None else self.guarded
         for upload in uploads:
-            client = self.client if check is None else self.guarded
             abort = functools.partial(
                 client.abort_multipart_upload,
                 Bucket=self.bucket,
                 Key=upload["Key"],
                 UploadId=upload["UploadId"],
             )
-            if check is not None:
-                self._send_checked(where, abort, check)
-            else:
-                try:
-                    abort()
-                except Exception as exc:
-                    raise s3_error(where, exc) from exc
-            n += 1
-        return n
+            self._send(where, abort, check)
+        return len(uploads)
 
     # -- conditional writes ---------------------------------------------------------------------
     def get_versioned(self, key: str, *, with_age: bool = False) -> Versioned | None:
