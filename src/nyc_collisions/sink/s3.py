@@ -82,24 +82,22 @@ class S3Storage:
 
     def _send(
         self, where: str, send: Callable[[], object], check: Callable[[], None] | None
-    ) -> None:
+    ) -> object:
         """`send` once (boto3 retries it), or with `check`, a call on the guarded client (one
         attempt, short timeouts) after `check()`; again after a transient failure, each time
         after a fresh `check()`: nothing is sent once the lease is lost, not even by a
-        library's retry minutes later (see `put_if`)."""
+        library's retry minutes later (see `put_if`). Returns what `send` returned."""
         if check is None:
             try:
-                send()
+                return send()
             except Exception as exc:
                 raise s3_error(where, exc) from exc
-            return
         failed: Exception | None = None
         for attempt in range(PUT_IF_ATTEMPTS):
             _back_off(attempt)
             check()
             try:
-                send()
-                return
+                return send()
             except Exception as exc:
                 if not transient(exc):
                     raise s3_error(where, exc) from exc
@@ -142,18 +140,45 @@ class S3Storage:
         return sorted(out)
 
     def delete(self, keys: list[str], *, check: Callable[[], None] | None = None) -> None:
-        where = f"s3://{self.bucket}/{self.prefix}"
-        client = self.client if check is None else self.guarded
         for start in range(0, len(keys), 1000):
-            objects: list[ObjectIdentifierTypeDef] = [
-                {"Key": self.full_key(k)} for k in keys[start : start + 1000]
-            ]
+            self._delete_chunk([self.full_key(k) for k in keys[start : start + 1000]], check)
+
+    def _delete_chunk(self, full: list[str], check: Callable[[], None] | None) -> None:
+        """Delete up to 1,000 keys in one `DeleteObjects`, which answers 200 even when keys were
+        not deleted (a role without `s3:DeleteObject`: `AccessDenied` for each): each key's error
+        is an error here, and the keys S3 was too busy for are sent again."""
+        from botocore.exceptions import ClientError
+
+        client = self.client if check is None else self.guarded
+        for attempt in range(PUT_IF_ATTEMPTS):
+            _back_off(attempt)
+            objects: list[ObjectIdentifierTypeDef] = [{"Key": k} for k in full]
             send = functools.partial(
                 client.delete_objects,
                 Bucket=self.bucket,
                 Delete={"Objects": objects, "Quiet": True},
             )
-            self._send(where, send, check)
+            answer = self._send(f"s3://{self.bucket}/{self.prefix}", send, check)
+            errors = (answer.get("Errors") if isinstance(answer, dict) else None) or []
+            refused = [
+                (
+                    str(e.get("Key", "")),
+                    ClientError(
+                        {"Error": {"Code": str(e.get("Code")), "Message": str(e.get("Message"))}},
+                        "DeleteObjects",
+                    ),
+                )
+                for e in errors
+            ]
+            if not refused:
+                return
+            key, exc = next(((k, x) for k, x in refused if not transient(x)), refused[0])
+            if not transient(exc) or attempt == PUT_IF_ATTEMPTS - 1:
+                error = s3_error(f"s3://{self.bucket}/{key}", exc)
+                more = len(refused) - 1
+                also = f" (and {more} more keys not deleted)" if more else ""
+                raise DestinationError(f"{error}{also}") from None
+            full = [k for k, _ in refused]
 
     def check_writable(self) -> None:
         """The bucket exists and we may list, write and delete below the prefix.
