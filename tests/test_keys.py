@@ -203,3 +203,28 @@ def test_a_number_key_an_earlier_version_landed_in_parquet_still_reads() -> None
     schema = Schema((Column("id", "number"),), text_fields=frozenset({"id"}))
     old = pa.table({"id": pa.array([1.0, 2.5], pa.float64())})
     assert schema.to_text(old).column("id").to_pylist() == ["1", "2.5"]
+
+
+def test_a_delta_table_an_earlier_version_keyed_by_a_number_follows_updates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A table whose key column an earlier version wrote as a float takes the text keys of
+    later batches: the table is rewritten with them and holds each row once."""
+    deltalake = pytest.importorskip("deltalake")
+    from nyc_collisions.datasets import Dataset
+
+    with FakeSoda(sizes={GENERIC: 200}, seed=5) as soda:
+        dest = str(tmp_path / "land")
+        where = ("--source", soda.url, "--dest", dest)
+        with monkeypatch.context() as before:  # as the earlier version landed a chosen key
+            before.setattr(Dataset, "text_fields", property(lambda self: frozenset()))
+            run(
+                "backfill", GENERIC, "--key", KEY, "--format", "parquet", "--table", "delta", *where
+            )
+        soda.insert(GENERIC, 3)
+        soda.edit(GENERIC, 4)
+        run("update", GENERIC, "--table", "delta", *where)
+        table = deltalake.DeltaTable(str(Path(dest) / GENERIC / "table")).to_pyarrow_table()
+        source = {str(r[KEY]) for r in soda.rows(GENERIC)}
+        assert sorted(table.column(KEY).to_pylist()) == sorted(source)
+        assert "OK" in run("verify", GENERIC, *where)
