@@ -6,6 +6,11 @@ into `buckets` Arrow IPC files per side, zstd-compressed, in a private temporary
 them, so `pairs()` then hands one bucket of every side at a time to the comparison: memory holds
 one bucket, never the key sets. Sizing the buckets from the expected row count
 (`bucket_count`) bounds it whatever the dataset's size.
+
+Rows wait in memory (`FLUSH_BYTES` in all) and are then appended to their buckets' files, each
+file opened, written and closed in turn: however many buckets, one file is open at a time (two
+per bucket held open would pass Lambda's 1,024 descriptors at about 50M rows). A bucket's file
+is then a series of IPC streams, read back one after another.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import IO
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 BUCKET_ROWS = "NYC_COLLISIONS_KEYSCAN_BUCKET_ROWS"
 DEFAULT_BUCKET_ROWS = 100_000  # rows of one side in a bucket: a few MiB compared at once
+FLUSH_BYTES = 16 << 20  # rows held in memory before they are appended to their buckets' files
 PREFIX = "nyc-collisions-keys-"
 _OPTIONS = ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=1))
 # murmur3's 64-bit finaliser, and an odd multiplier for the polynomial over a key's bytes
@@ -90,19 +95,34 @@ def key_hash(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 class _Bucket:
+    """One side's rows of one bucket: held (`pending`), then appended to its file as one more
+    IPC stream (`flush`)."""
+
     def __init__(self, path: Path, schema: pa.Schema) -> None:
         self.path = path
-        self.file: IO[bytes] = path.open("wb")
-        self.writer = ipc.new_stream(self.file, schema, options=_OPTIONS)
-        self.rows = 0
+        self.schema = schema
+        self.pending: list[pa.Table] = []
 
-    def write(self, table: pa.Table) -> None:
-        self.writer.write_table(table)
-        self.rows += table.num_rows
+    def flush(self) -> None:
+        if self.pending:
+            with (
+                self.path.open("ab") as file,
+                ipc.new_stream(file, self.schema, options=_OPTIONS) as writer,
+            ):
+                for table in self.pending:
+                    writer.write_table(table)
+            self.pending.clear()
 
-    def close(self) -> None:
-        self.writer.close()
-        self.file.close()
+    def read(self) -> pa.Table:
+        """Every stream of the file, as one table (empty when nothing was written)."""
+        if not self.path.exists():
+            return self.schema.empty_table()
+        size = self.path.stat().st_size
+        tables = []
+        with pa.OSFile(str(self.path)) as file:
+            while file.tell() < size:
+                tables.append(ipc.open_stream(file).read_all())
+        return pa.concat_tables(tables) if tables else self.schema.empty_table()
 
 
 class KeySpill:
@@ -128,6 +148,7 @@ class KeySpill:
             for side, schema in sides.items()
         }
         self.rows = dict.fromkeys(sides, 0)
+        self._pending_bytes = 0
         self._closed = False
 
     def __enter__(self) -> KeySpill:
@@ -160,15 +181,22 @@ class KeySpill:
             if self._closed:
                 raise RuntimeError("key spill already closed")
             for b, part in parts:
-                self._files[side][b].write(part)
+                self._files[side][b].pending.append(part)
+                self._pending_bytes += part.nbytes
             self.rows[side] += table.num_rows
+            if self._pending_bytes > FLUSH_BYTES:
+                self._flush()
+
+    def _flush(self) -> None:
+        for files in self._files.values():
+            for f in files:
+                f.flush()
+        self._pending_bytes = 0
 
     def close(self) -> None:
         with self._lock:
             if not self._closed:
-                for files in self._files.values():
-                    for f in files:
-                        f.close()
+                self._flush()
                 self._closed = True
 
     @property
@@ -182,10 +210,8 @@ class KeySpill:
         for b in range(self.buckets):
             bucket = {}
             for side, files in self._files.items():
-                path = files[b].path
-                with ipc.open_stream(path) as reader:
-                    table = reader.read_all()
-                path.unlink()
+                table = files[b].read()
+                files[b].path.unlink(missing_ok=True)
                 bucket[side] = table.combine_chunks()
             yield bucket
 
