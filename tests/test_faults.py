@@ -392,3 +392,59 @@ def test_an_update_stopped_while_it_waits_to_retry_commits_the_rows_it_landed(
         srv.clear_faults()
         assert cli("update", "crashes", *where).code == 0
         exact(srv, dest, "crashes", tmp_path)
+
+
+CRASHES_ONLY = {"h9gi-nx95": 30_000, "f55k-p6yu": 10, "bm4k-52h4": 10}
+
+
+def test_bodies_cut_one_after_another_are_paged_through_while_each_lands_rows(
+    tmp_path: Path,
+) -> None:
+    """Six long bodies in a row cut (TCP reset) after 5,000 rows, as a proxy with a cap on a
+    response's size does, against four attempts a page: each attempt lands rows and the retry
+    asks for what follows them, so the page goes on instead of giving up after four."""
+    with FakeSoda(sizes=CRASHES_ONLY, seed=21) as srv:
+        srv.add_fault("reset", times=6, match="$select=*", after_rows=5_000)
+        dest = str(tmp_path / "land")
+        res = cli(
+            "backfill", "crashes", "--source", srv.url, "--dest", dest,
+            "--page-size", "30000", "--workers", "1", "--retries", "4",
+        )  # fmt: skip
+        assert res.code == 0, res.text
+        assert srv.stats()["faults"]["reset"] == 6
+        exact(srv, dest, "crashes", tmp_path)
+
+
+def test_a_request_given_up_on_for_its_silence_keeps_its_slot_while_the_source_serves_it(
+    tmp_path: Path,
+) -> None:
+    """`--workers 1`: a page the source holds silent past `--timeout` is sent again, but the
+    source may still be serving the first: its slot stays counted as long again as it was
+    silent, so the source never gets two requests at once from a sequential run."""
+    with FakeSoda(sizes={**CRASHES_ONLY, "h9gi-nx95": 3_000}, seed=22) as srv:
+        srv.add_fault("stall", match="$select=*", seconds=1.6)
+        dest = str(tmp_path / "land")
+        res = cli(
+            "backfill", "crashes", "--source", srv.url, "--dest", dest,
+            "--workers", "1", "--timeout", "1",
+        )  # fmt: skip
+        assert res.code == 0, res.text
+        assert srv.stats()["peak_in_flight"] == 1
+        exact(srv, dest, "crashes", tmp_path)
+
+
+def test_a_throttle_that_says_retry_after_0_is_waited_out(tmp_path: Path) -> None:
+    """A source throttling for a second with `Retry-After: 0` (a window that resets within the
+    second, rounded down): the wait is never shorter than half the backoff, so the attempts
+    are not all spent within milliseconds."""
+    with FakeSoda(sizes={**CRASHES_ONLY, "h9gi-nx95": 3_000}, seed=23) as srv:
+        srv.add_fault("429", times=None, match="$select=*", retry_after=0)
+        clear = threading.Timer(1.0, srv.clear_faults)
+        clear.start()
+        try:
+            dest = str(tmp_path / "land")
+            res = cli("backfill", "crashes", "--source", srv.url, "--dest", dest)
+        finally:
+            clear.cancel()
+        assert res.code == 0, res.text
+        exact(srv, dest, "crashes", tmp_path)

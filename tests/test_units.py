@@ -226,7 +226,10 @@ def test_error_message_reads_both_shapes() -> None:
 
 def test_retry_policy_honours_retry_after_and_caps() -> None:
     policy = RetryPolicy(base=1, cap=8)
-    assert policy.delay(3, 2.5) == 2.5
+    assert policy.delay(1, 2.5) == 2.5
+    assert policy.delay(3, 1000) == policy.max_retry_after
+    # the server's value never makes the wait shorter than half the backoff
+    assert policy.delay(3, 0) == policy.delay(3, 1) == 4
     assert all(0 <= policy.delay(10, None) <= 8 for _ in range(100))
 
 

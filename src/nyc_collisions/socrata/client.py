@@ -250,8 +250,15 @@ class SodaClient:
         rows, whose latencies tell the concurrency limit how busy the source is.
         """
         last: _Retryable | None = None
-        for attempt in range(self.retry.attempts):
+        asked: dict[str, str] | None = None
+        attempt = 0
+        while attempt < self.retry.attempts:
             query = params()
+            if last is not None and query != asked:
+                # the attempt that failed took rows first (a retry asks for what follows them):
+                # a source that cuts every long body is paged through, not given up on
+                attempt = 1
+            asked = query
             shown = path + ("?" + urlencode(query) if query else "")
             if last is not None:
                 pause = self.retry.delay(attempt - 1, last.retry_after)
@@ -275,6 +282,7 @@ class SodaClient:
             except _Retryable as exc:
                 self.stats.retried(exc.cause)
                 last = exc
+                attempt += 1
                 continue
             return result
         assert last is not None
@@ -301,6 +309,7 @@ class SodaClient:
                 yield chunk
 
         with self.limit.request(sample) as ticket:
+            sent = time.monotonic()
             try:
                 timeout = self._timeout_now()
                 with self._http.stream("GET", path, params=query, timeout=timeout) as response:
@@ -325,6 +334,9 @@ class SodaClient:
             except httpx.TooManyRedirects:
                 raise SourceRejected(f"{self.base_url}{shown}: too many redirects") from None
             except httpx.TimeoutException as exc:
+                # the source may still be serving it: its slot stays counted as long again as
+                # it was silent, so that the retry does not make two at the source
+                ticket.linger(max(CANCEL_LINGER, time.monotonic() - sent))
                 raise _Retryable("timeout", f"timed out ({type(exc).__name__})") from None
             except httpx.TransportError as exc:
                 raise _Retryable("connection", f"{type(exc).__name__}: {exc}") from None

@@ -39,10 +39,13 @@ class RetryPolicy:
         return cls(attempts=attempts, base=base)
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
-        """Seconds before attempt `attempt + 1` (full jitter, or the server's Retry-After)."""
+        """Seconds before attempt `attempt + 1`: full jitter, or the server's Retry-After, which
+        lengthens the wait but never makes it shorter than half the backoff (a throttle saying
+        `Retry-After: 0` would have every attempt spent within milliseconds)."""
+        backoff = min(self.cap, self.base * 2.0**attempt)
         if retry_after is not None:
-            return min(retry_after, self.max_retry_after)
-        return random.uniform(0, min(self.cap, self.base * 2**attempt))
+            return max(min(retry_after, self.max_retry_after), backoff / 2)
+        return random.uniform(0, backoff)
 
 
 def validate_base_url(base_url: str, *, allow_http: bool = False, name: str = "--source") -> str:
