@@ -282,3 +282,32 @@ def test_the_daily_lambda_run_goes_on_with_a_stopped_reconcile(
         exact(srv, dest, "persons", tmp_path)
         again = aws.handler({}, Context(120))  # nothing left to go on with
         assert [r["status"] for r in again["results"]] == ["updated"], again
+
+
+def test_a_damaged_key_scan_record_is_scanned_anew(
+    soda: FakeSoda,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stopped reconcile's `scan.json`, damaged: only the scan's progress, so the next
+    reconcile says so and scans again (it failed every reconcile after it, the daily one too,
+    with a line that named no way out)."""
+    from nyc_collisions import reconcile
+    from tests.helpers import deadline_past_for
+
+    dest = tmp_path / "land"
+    where = ("--source", soda.url, "--dest", str(dest))
+    assert cli("backfill", "persons", *where).code == 0
+    with monkeypatch.context() as late:
+        late.setattr(reconcile, "Reconcile", deadline_past_for({"persons"}))
+        assert cli("reconcile", "persons", *where).code == 3
+    (scan,) = (dest / "persons" / "runs").rglob("scan.json")
+    scan.write_text(scan.read_text()[:40])
+    soda.delete(NAMES["persons"], 3)
+    with caplog.at_level(logging.WARNING):
+        res = cli("reconcile", "persons", *where)
+    assert res.code == 0, res.text
+    assert "vanished 3" in res.out, res.out
+    assert any("scan.json: unreadable" in r.getMessage() for r in caplog.records), caplog.text
+    exact(soda, str(dest), "persons", tmp_path)

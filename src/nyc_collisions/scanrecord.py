@@ -114,8 +114,13 @@ class ScanRecords:
         for k in self.state.storage.list_keys(f"{self.state.folder}/runs/"):
             if not k.endswith("/scan.json"):
                 continue
-            doc = self.state.get_json(k)
-            plan = None if doc is None else ScanPlan.from_dict(doc, f"{self.state.storage.url}/{k}")
+            try:
+                doc = self.state.get_json(k)
+                where = f"{self.state.storage.url}/{k}"
+                plan = None if doc is None else ScanPlan.from_dict(doc, where)
+            except StateError as exc:  # only a scan's progress: a new scan replaces it
+                logger.warning("%s; scanning anew", exc)
+                plan = None
             if plan is not None and self._fits(plan, fields):
                 found.append(plan)
             else:
