@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from tests.fake_soda import FakeSoda
 from tests.helpers import NAMES, cli, exact, paced_crashes
@@ -109,3 +110,92 @@ def test_rows_the_snapshot_got_ahead_are_not_counted_again_after_a_stopped_updat
         exact(srv, dest, "crashes", tmp_path)
         st = status(srv, dest, "crashes")
         assert st["rows"] == len(srv.rows(CRASHES)), st
+
+
+def edit_ids(srv: FakeSoda, dataset_id: str, ids: list[str]) -> dict[str, Any]:
+    """Edit exactly the rows with these `:id`s (one new `:updated_at`), as a publisher would."""
+    registry = srv._registry
+    snap = registry.snapshot(dataset_id)
+    slots = np.sort(np.array([int(np.flatnonzero(snap.sid == i.encode())[0]) for i in ids]))
+    real = registry._pick
+    registry._pick = lambda _snap, _n: slots  # type: ignore[method-assign]
+    try:
+        return registry.edit(dataset_id, len(slots))
+    finally:
+        registry._pick = real  # type: ignore[method-assign]
+
+
+def test_a_new_row_edited_while_an_update_runs_is_counted(
+    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row inserted after the watermark is edited while the update that would land it still
+    pages older changes: that update ends past the row's `:created_at` without it, and the next
+    lands it. It is new to the current state, though created before the next update's mark."""
+    from nyc_collisions.source import DatasetSource
+
+    dest = str(tmp_path / "land")
+    where = ("--source", soda.url, "--dest", dest)
+    run("backfill", "crashes", *where)
+    soda.edit(CRASHES, 100)  # older changes, paged first
+    (new_id,) = soda.insert(CRASHES, 1)["ids"]
+    soda.insert(CRASHES, 10)  # later changes: the update's watermark ends past the new row
+    real = DatasetSource.changes_params
+    calls = 0
+
+    def params(self: DatasetSource, **kw: Any) -> dict[str, str]:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the first page of older changes landed: the publisher edits the row
+            edit_ids(soda, CRASHES, [new_id])
+        return real(self, **kw)
+
+    with monkeypatch.context() as during:
+        during.setattr(DatasetSource, "changes_params", params)
+        run("update", "crashes", *where, "--page-size", "50")
+    run("update", "crashes", *where, "--page-size", "50")
+    exact(soda, dest, "crashes", tmp_path)
+    st = status(soda, dest, "crashes")
+    assert (st["rows"], st["agree"]) == (len(soda.rows(CRASHES)), True), st
+
+
+def test_a_row_the_snapshot_got_ahead_and_the_first_update_skipped_is_not_counted_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row inserted while the backfill ran (the snapshot holds it), then edited while the
+    first update ran (which skips it): the second update lands it again, and it is not new."""
+    from nyc_collisions.source import DatasetSource
+
+    sizes = {CRASHES: 2000, NAMES["persons"]: 10, NAMES["vehicles"]: 10}
+    with FakeSoda(sizes=sizes, seed=4) as srv:
+        dest = str(tmp_path / "land")
+        where = ("--source", srv.url, "--dest", dest)
+        inserted: list[str] = []
+        pages = DatasetSource.page_params
+
+        def page_params(self: DatasetSource, **kw: Any) -> dict[str, str]:
+            if not inserted:  # the count is taken: changes come while the backfill runs
+                srv.edit(CRASHES, 100)  # (paged by the first update before the new row)
+                inserted.extend(srv.insert(CRASHES, 1)["ids"])
+            return pages(self, **kw)
+
+        with monkeypatch.context() as backfilling:
+            backfilling.setattr(DatasetSource, "page_params", page_params)
+            run("backfill", "crashes", *where, "--workers", "1")
+        srv.edit(CRASHES, 10)  # later changes: the first update's watermark ends past the row
+        changes = DatasetSource.changes_params
+        calls = 0
+
+        def changes_params(self: DatasetSource, **kw: Any) -> dict[str, str]:
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                edit_ids(srv, CRASHES, inserted)
+            return changes(self, **kw)
+
+        with monkeypatch.context() as updating:
+            updating.setattr(DatasetSource, "changes_params", changes_params)
+            run("update", "crashes", *where, "--page-size", "50")
+        run("update", "crashes", *where, "--page-size", "50")
+        exact(srv, dest, "crashes", tmp_path)
+        st = status(srv, dest, "crashes")
+        assert (st["rows"], st["agree"]) == (len(srv.rows(CRASHES)), True), st

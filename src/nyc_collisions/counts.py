@@ -7,7 +7,10 @@ the current state, which it tells from each row's `:created_at` against the wate
 started from (`mark`):
 
 - created before the mark: the row existed when the rows up to the mark were fetched, so an
-  earlier batch landed it (it is not new);
+  earlier batch landed it (it is not new), unless it was created after the mark the last update
+  started from and edited while that update ran (its new `:updated_at` past where that update
+  ended, so it skipped the row): those are looked up in the last update's files (a small read),
+  or, when the snapshot may hold them too (created up to its `ahead_until`), as uncertain below;
 - created after the mark: no earlier update can have landed it, nor a reconcile (which leaves
   rows past the watermark to updates); only a snapshot can hold a row past its own watermark (a
   row inserted while the backfill ran), and it records the source's latest `:updated_at` at its
@@ -29,8 +32,8 @@ import logging
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .current import Landed, current_keys
-from .state import Watermark
+from .current import Landed, current_keys, read_batch_file
+from .state import Batch, Watermark
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +49,20 @@ class NewRows:
         ahead = snapshot.info.get("ahead_until")
         ahead = ahead if isinstance(ahead, str) else None
         self.ahead = ahead if ahead is not None and ahead > mark.updated_at else None
+        self.snapshot_ahead = ahead
         # the snapshot may hold rows created at the mark itself (inserted while it ran, with the
         # latest :updated_at it recorded): those are not new for sure
         self.ahead_at_mark = ahead is not None and ahead >= mark.updated_at
         self.new = 0
         self._uncertain: list[pa.Array] = []
+        # rows created since the mark the last update started from may have been skipped by it
+        # (edited while it ran): only that update can have landed them
+        marked = [b for b in landed.manifest.current_batches() if b.watermark is not None]
+        last = marked[-1] if len(marked) > 1 and marked[-1].kind == "update" else None
+        prior = marked[-2].watermark if last is not None else None
+        self.since = prior.updated_at if prior is not None else None
+        self.last_update = last
+        self._recent: list[pa.Array] = []
 
     def add(self, table: pa.Table) -> None:
         """Count the rows of `table` (about to be written) that add a key; keep the uncertain."""
@@ -76,6 +88,24 @@ class NewRows:
         if pc.any(unknown).as_py():
             key = table.column(self.landed.key_column).filter(unknown)
             self._uncertain.append(key.combine_chunks())
+        if self.since is not None:
+            recent = pc.fill_null(
+                pc.and_(
+                    pc.greater_equal(created, pa.scalar(self.since, pa.string())),
+                    pc.less(created, mark),
+                ),
+                False,
+            )
+            if self.snapshot_ahead is not None:  # the snapshot too may hold those: uncertain
+                held = pc.less_equal(created, pa.scalar(self.snapshot_ahead, pa.string()))
+                held = pc.and_(recent, pc.fill_null(held, False))
+                if pc.any(held).as_py():
+                    key = table.column(self.landed.key_column).filter(held)
+                    self._uncertain.append(key.combine_chunks())
+                recent = pc.and_(recent, pc.invert(held))
+            if pc.any(recent).as_py():
+                key = table.column(self.landed.key_column).filter(recent)
+                self._recent.append(key.combine_chunks())
 
     def current(self) -> int | None:
         """The current state's rows once what was added so far is committed (None: unknown)."""
@@ -84,7 +114,20 @@ class NewRows:
         if self._uncertain:
             self.new += self._resolve(pa.concat_arrays(self._uncertain))
             self._uncertain = []
+        if self._recent and self.last_update is not None:
+            self.new += self._missing_from(pa.concat_arrays(self._recent), self.last_update)
+            self._recent = []
         return self.base + self.new
+
+    def _missing_from(self, keys: pa.Array, batch: Batch) -> int:
+        """How many of `keys` the files of `batch` do not hold."""
+        keys = pc.unique(keys)
+        found = pa.array([False] * len(keys))
+        column = self.landed.key_column
+        for entry in batch.files:
+            for table in read_batch_file(self.landed, batch, entry, [column]):
+                found = pc.or_(found, pc.is_in(keys, value_set=table.column(column)))
+        return len(keys) - int(pc.sum(found).as_py() or 0)
 
     def _resolve(self, keys: pa.Array) -> int:
         """How many of `keys` the current state (as committed so far) does not hold."""

@@ -209,7 +209,9 @@ def current_count(landed: Landed) -> int:
     return sum(t.num_rows for t in current_keys(landed))
 
 
-def read_batch_file(landed: Landed, batch: Batch, entry: FileEntry) -> Iterator[pa.Table]:
-    """One committed file of `batch` as text tables in the newest columns (a tombstone file:
-    its keys alone)."""
-    yield from _file_batches(landed, batch, entry)
+def read_batch_file(
+    landed: Landed, batch: Batch, entry: FileEntry, columns: list[str] | None = None
+) -> Iterator[pa.Table]:
+    """One committed file of `batch` as text tables in the newest columns, or just `columns`
+    (a tombstone file: its keys alone)."""
+    yield from _file_batches(landed, batch, entry, columns)
