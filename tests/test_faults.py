@@ -415,6 +415,22 @@ def test_bodies_cut_one_after_another_are_paged_through_while_each_lands_rows(
         exact(srv, dest, "crashes", tmp_path)
 
 
+def test_a_source_cutting_every_body_after_a_few_rows_is_given_up_on(tmp_path: Path) -> None:
+    """Each attempt lands a piece before the cut, but a source that cuts every body that soon is
+    not crawled through: a request gets ten times its attempts in all, then one line."""
+    with FakeSoda(sizes={**CRASHES_ONLY, "h9gi-nx95": 200_000}, seed=24) as srv:
+        srv.add_fault("reset", times=None, match="$select=*", after_rows=5_000)
+        dest = str(tmp_path / "land")
+        res = cli(
+            "backfill", "crashes", "--source", srv.url, "--dest", dest,
+            "--page-size", "200000", "--workers", "1", "--retries", "2",
+        )  # fmt: skip
+        assert res.code == 1, res.text
+        assert len(res.err.strip().splitlines()) == 1, res.err
+        assert "gave up after 20 attempts" in res.err
+        assert srv.stats()["faults"]["reset"] == 20
+
+
 def test_a_request_given_up_on_for_its_silence_keeps_its_slot_while_the_source_serves_it(
     tmp_path: Path,
 ) -> None:
@@ -448,3 +464,83 @@ def test_a_throttle_that_says_retry_after_0_is_waited_out(tmp_path: Path) -> Non
             clear.cancel()
         assert res.code == 0, res.text
         exact(srv, dest, "crashes", tmp_path)
+
+
+def test_max_seconds_holds_while_a_retry_waits_for_a_lingering_slot(tmp_path: Path) -> None:
+    """`--workers 1 --timeout 6 --max-seconds 8`: the first page is held silent and given up
+    on at ~6 s, and its slot stays counted 6 s more; the retry's wait for it ends with the time
+    budget (it had waited the whole linger, past the budget)."""
+    import time
+
+    with FakeSoda(sizes={**CRASHES_ONLY, "h9gi-nx95": 3_000}, seed=31) as srv:
+        srv.add_fault("stall", match="$select=*", seconds=30)
+        dest = str(tmp_path / "land")
+        started = time.monotonic()
+        res = cli(
+            "backfill", "crashes", "--source", srv.url, "--dest", dest,
+            "--workers", "1", "--timeout", "6", "--max-seconds", "8",
+        )  # fmt: skip
+        took = time.monotonic() - started
+        assert res.code == 3, res.text
+        assert took < 10.5, f"stopped {took:.1f}s after it started, against --max-seconds 8"
+
+
+def test_a_timed_out_page_lingers_as_long_as_it_was_silent_not_as_long_as_it_streamed() -> None:
+    """A page streams for ~3 s, then goes silent; `--timeout 1` gives up on it: its slot stays
+    counted as long again as it was silent (~1 s), not as long as it streamed too (~4 s)."""
+    import socket
+    import threading
+    import time
+
+    from nyc_collisions.socrata.client import SodaClient
+    from nyc_collisions.socrata.setup import RetryPolicy
+
+    marks: dict[str, float] = {}
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    port = srv.getsockname()[1]
+    conns: list[socket.socket] = []
+
+    def serve() -> None:
+        n = 0
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            conns.append(conn)
+            conn.recv(65536)
+            n += 1
+            if n == 1:
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 100000\r\n\r\n["
+                )
+                for _ in range(10):  # streams for 3 s, then nothing more
+                    time.sleep(0.3)
+                    conn.sendall(b" ")
+                marks["last_byte"] = time.monotonic()
+            else:
+                marks["retry"] = time.monotonic()
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 2\r\n\r\n[]"
+                )
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    client = SodaClient(
+        f"http://127.0.0.1:{port}", concurrency=1, adaptive=False, timeout=1.0,
+        retry=RetryPolicy(attempts=3, base=0.01),
+    )  # fmt: skip
+    try:
+        assert client.get_json("/resource/x.json") == []
+    finally:
+        client.close()
+        srv.close()
+        for c in conns:
+            c.close()
+    waited = marks["retry"] - marks["last_byte"]
+    # silent 1 s (the timeout), then the slot lingers ~1 s: the retry comes ~2 s after
+    assert waited < 3.0, f"the retry came {waited:.1f}s after the last byte"

@@ -311,3 +311,27 @@ def test_a_damaged_key_scan_record_is_scanned_anew(
     assert "vanished 3" in res.out, res.out
     assert any("scan.json: unreadable" in r.getMessage() for r in caplog.records), caplog.text
     exact(soda, str(dest), "persons", tmp_path)
+
+
+def test_a_damaged_key_scan_part_record_is_scanned_anew(
+    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a damaged `scan.json`, a damaged part record of the scan (only its progress too) is
+    dropped with the scan, which starts anew."""
+    from nyc_collisions import reconcile
+    from tests.helpers import NAMES, deadline_past_for
+
+    dest = tmp_path / "land"
+    where = ("--source", soda.url, "--dest", str(dest))
+    assert cli("backfill", "persons", *where).code == 0
+    with monkeypatch.context() as late:
+        late.setattr(reconcile, "Reconcile", deadline_past_for({"persons"}))
+        assert cli("reconcile", "persons", *where).code == 3
+    (scan,) = (dest / "persons" / "runs").rglob("scan.json")
+    parts = scan.parent / "parts"
+    parts.mkdir(exist_ok=True)
+    (parts / "0000-000000.json").write_text('{"partition": 0, "seq": 0, "do')
+    soda.delete(NAMES["persons"], 3)
+    res = cli("reconcile", "persons", *where)
+    assert res.code == 0, res.text
+    exact(soda, str(dest), "persons", tmp_path)

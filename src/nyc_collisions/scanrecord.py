@@ -130,8 +130,14 @@ class ScanRecords:
             self.state.drop_run(stale.scan_id)
         if found:
             plan = found[-1]
-            logger.info("%s: resuming key scan %s", self.dataset.name, plan.scan_id)
-            return plan, self.state.part_records(plan.scan_id)
+            try:
+                parts = self.state.part_records(plan.scan_id)
+            except StateError as exc:  # as a damaged scan record: the scan starts anew
+                logger.warning("%s; scanning anew", exc)
+                self.state.drop_run(plan.scan_id)
+            else:
+                logger.info("%s: resuming key scan %s", self.dataset.name, plan.scan_id)
+                return plan, parts
         plan = ScanPlan.start(
             new_batch_id("keyscan"),
             source,

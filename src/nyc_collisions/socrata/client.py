@@ -66,6 +66,9 @@ T = TypeVar("T")
 CANCEL_LINGER = 0.5  # seconds a dropped page still counts as in flight, at least
 RETRY_TICK = 0.1  # seconds between looks at `stopping` while a retry waits
 DEADLINE_GRACE = 1.0  # seconds of silence a request is allowed past the run's deadline
+# attempts in all of one request whose attempts each took rows before failing, in retries: a
+# source cutting every body after a row or two is given up on, not crawled through
+PROGRESS_RESTARTS = 10
 
 
 @dataclass
@@ -251,13 +254,16 @@ class SodaClient:
         """
         last: _Retryable | None = None
         asked: dict[str, str] | None = None
-        attempt = 0
-        while attempt < self.retry.attempts:
+        attempt = tried = 0  # the attempt about to go (since the last that took rows), all
+        while True:
             query = params()
             if last is not None and query != asked:
                 # the attempt that failed took rows first (a retry asks for what follows them):
                 # a source that cuts every long body is paged through, not given up on
                 attempt = 1
+            if attempt >= self.retry.attempts or tried >= self.retry.attempts * PROGRESS_RESTARTS:
+                break
+            tried += 1
             asked = query
             shown = path + ("?" + urlencode(query) if query else "")
             if last is not None:
@@ -278,17 +284,19 @@ class SodaClient:
                         f"{self.base_url}{path}: not tried again, the run is stopping; last: {last}"
                     )
             try:
-                result = self._stream_attempt(path, query, consume, shown, sample)
+                result = self._stream_attempt(path, query, consume, shown, sample, last is not None)
             except _Retryable as exc:
                 self.stats.retried(exc.cause)
                 last = exc
                 attempt += 1
                 continue
+            except RetriesStopped as exc:  # the retry's wait for a slot, ended by a stop
+                raise RetriesStopped(f"{self.base_url}{path}: {exc}; last: {last}") from None
             return result
         assert last is not None
         raise SourceUnavailable(
-            f"{self.base_url}{path}: gave up after {self.retry.attempts} "
-            f"attempt{'s' if self.retry.attempts != 1 else ''}; last: {last}"
+            f"{self.base_url}{path}: gave up after {tried} "
+            f"attempt{'s' if tried != 1 else ''}; last: {last}"
         )
 
     def _stream_attempt(
@@ -298,18 +306,23 @@ class SodaClient:
         consume: Callable[[Iterator[bytes]], T],
         shown: str,
         sample: bool,
+        retry: bool,
     ) -> T:
         started = time.monotonic()
         received = 0
+        heard = started  # when the source last sent something
 
         def counted(chunks: Iterator[bytes]) -> Iterator[bytes]:
-            nonlocal received
+            nonlocal received, heard
             for chunk in chunks:
                 received += len(chunk)
+                heard = time.monotonic()
                 yield chunk
 
-        with self.limit.request(sample) as ticket:
-            sent = time.monotonic()
+        # a retry's wait for a slot (behind one given up on that still counts) ends with a stop
+        stopping = self._stopping if retry else None
+        with self.limit.request(sample, stopping) as ticket:
+            heard = time.monotonic()
             try:
                 timeout = self._timeout_now()
                 with self._http.stream("GET", path, params=query, timeout=timeout) as response:
@@ -334,9 +347,10 @@ class SodaClient:
             except httpx.TooManyRedirects:
                 raise SourceRejected(f"{self.base_url}{shown}: too many redirects") from None
             except httpx.TimeoutException as exc:
-                # the source may still be serving it: its slot stays counted as long again as
-                # it was silent, so that the retry does not make two at the source
-                ticket.linger(max(CANCEL_LINGER, time.monotonic() - sent))
+                if isinstance(exc, httpx.ReadTimeout):
+                    # the source may still be serving it: its slot stays counted as long again
+                    # as it was silent, so that the retry does not make two at the source
+                    ticket.linger(max(CANCEL_LINGER, time.monotonic() - heard))
                 raise _Retryable("timeout", f"timed out ({type(exc).__name__})") from None
             except httpx.TransportError as exc:
                 raise _Retryable("connection", f"{type(exc).__name__}: {exc}") from None

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from ..errors import Interrupted
+from ..errors import Interrupted, RetriesStopped
 from .vegas import GROW_AFTER, Controller
 
 logger = logging.getLogger(__name__)
@@ -111,9 +111,12 @@ class ConcurrencyLimit:
                 self._cond.notify_all()
 
     @contextlib.contextmanager
-    def request(self, sample: bool = False) -> Iterator[Ticket]:
+    def request(
+        self, sample: bool = False, stopping: Callable[[], bool] | None = None
+    ) -> Iterator[Ticket]:
         """Wait for a slot and hold it for one request; `sample`: a page of rows, whose
-        latencies the limit learns from."""
+        latencies the limit learns from; `stopping`: once true, waiting raises `RetriesStopped`
+        (a retry that a run's stop or time budget ends)."""
         with self._cond:
             interrupts, me = self._interrupts, object()
             self._line.append(me)
@@ -121,6 +124,8 @@ class ConcurrencyLimit:
                 while True:
                     if self._interrupts != interrupts:
                         raise Interrupted("stopped while waiting for a request slot")
+                    if stopping is not None and stopping():
+                        raise RetriesStopped("not tried again, the run is stopping")
                     self._core.tick(self._clock())
                     if self._line[0] is me and self._core.admits():
                         break
