@@ -3,7 +3,9 @@ stays the source's through updates that stop midway and keys deleted and inserte
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,37 +127,132 @@ def edit_ids(srv: FakeSoda, dataset_id: str, ids: list[str]) -> dict[str, Any]:
         registry._pick = real  # type: ignore[method-assign]
 
 
-def test_a_new_row_edited_while_an_update_runs_is_counted(
-    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A row inserted after the watermark is edited while the update that would land it still
-    pages older changes: that update ends past the row's `:created_at` without it, and the next
-    lands it. It is new to the current state, though created before the next update's mark."""
+@contextlib.contextmanager
+def on_changes_page(n: int, act: Any, mp: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """A context in which `act()` runs when an update asks for its `n`th page of changes."""
     from nyc_collisions.source import DatasetSource
 
-    dest = str(tmp_path / "land")
-    where = ("--source", soda.url, "--dest", dest)
-    run("backfill", "crashes", *where)
-    soda.edit(CRASHES, 100)  # older changes, paged first
-    (new_id,) = soda.insert(CRASHES, 1)["ids"]
-    soda.insert(CRASHES, 10)  # later changes: the update's watermark ends past the new row
     real = DatasetSource.changes_params
     calls = 0
 
     def params(self: DatasetSource, **kw: Any) -> dict[str, str]:
         nonlocal calls
         calls += 1
-        if calls == 2:  # the first page of older changes landed: the publisher edits the row
-            edit_ids(soda, CRASHES, [new_id])
+        if calls == n:
+            act()
         return real(self, **kw)
 
-    with monkeypatch.context() as during:
-        during.setattr(DatasetSource, "changes_params", params)
+    with mp.context() as m:
+        m.setattr(DatasetSource, "changes_params", params)
+        yield m
+
+
+def update_stopped_after_a_page(where: tuple[str, ...], mp: pytest.MonkeyPatch) -> None:
+    """An update whose time budget runs out once its first page of changes is committed."""
+    from nyc_collisions.job import RunOptions
+
+    late = False
+
+    def run_out() -> None:
+        nonlocal late
+        late = True
+
+    with on_changes_page(2, run_out, mp) as m:
+        m.setattr(RunOptions, "out_of_time", lambda self: late)
+        res = cli("update", "crashes", *where, "--page-size", "50", "--file-rows", "50")
+    assert res.code in (0, 3), res.text
+
+
+def update_skipping_a_new_row(
+    soda: FakeSoda, where: tuple[str, ...], mp: pytest.MonkeyPatch, also: Any = None
+) -> None:
+    """Backfill, then an update while which a row inserted past the watermark is edited (with
+    `also()`): the update ends past the row's `:created_at` without it."""
+    run("backfill", "crashes", *where)
+    soda.edit(CRASHES, 100)  # older changes, paged first
+    (new_id,) = soda.insert(CRASHES, 1)["ids"]
+    soda.insert(CRASHES, 10)  # later changes: the update's watermark ends past the new row
+
+    def edit() -> None:
+        if also is not None:
+            also()
+        edit_ids(soda, CRASHES, [new_id])
+
+    with on_changes_page(2, edit, mp):
         run("update", "crashes", *where, "--page-size", "50")
-    run("update", "crashes", *where, "--page-size", "50")
+
+
+def agrees(soda: FakeSoda, dest: str, tmp_path: Path) -> None:
     exact(soda, dest, "crashes", tmp_path)
     st = status(soda, dest, "crashes")
     assert (st["rows"], st["agree"]) == (len(soda.rows(CRASHES)), True), st
+
+
+def test_a_new_row_edited_while_an_update_runs_is_counted(
+    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next update lands the row the last one skipped: it is new to the current state,
+    though created before the next update's mark."""
+    dest = str(tmp_path / "land")
+    where = ("--source", soda.url, "--dest", dest)
+    update_skipping_a_new_row(soda, where, monkeypatch)
+    run("update", "crashes", *where, "--page-size", "50")
+    agrees(soda, dest, tmp_path)
+
+
+def test_a_skipped_new_row_is_counted_after_a_stopped_update(
+    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An update stopped before the skipped row comes between: the one after it lands the row."""
+    dest = str(tmp_path / "land")
+    where = ("--source", soda.url, "--dest", dest)
+    update_skipping_a_new_row(soda, where, monkeypatch, also=lambda: soda.edit(CRASHES, 60))
+    update_stopped_after_a_page(where, monkeypatch)
+    kinds = [b["kind"] for b in manifest(dest)["batches"]]
+    assert kinds == ["snapshot", "update", "update"], kinds
+    run("update", "crashes", *where, "--page-size", "50")
+    agrees(soda, dest, tmp_path)
+
+
+def test_a_skipped_new_row_is_counted_after_a_compaction(
+    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compaction comes between (the update that skipped the row is then in the compacted
+    snapshot): the next update lands the row."""
+    dest = str(tmp_path / "land")
+    where = ("--source", soda.url, "--dest", dest)
+    update_skipping_a_new_row(soda, where, monkeypatch)
+    run("compact", "crashes", "--dest", dest)
+    run("update", "crashes", *where, "--page-size", "50")
+    agrees(soda, dest, tmp_path)
+
+
+def test_rows_a_stopped_update_landed_at_its_mark_are_not_counted_again(
+    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """600 rows inserted at one `:updated_at` T; an update stops within T (watermark T and a row
+    id), the next lands the rest; three of the first's rows are then edited, and the update
+    after lands them: created at T, the window's start, and landed already."""
+    import pyarrow.csv as pcsv
+
+    dest = str(tmp_path / "land")
+    where = ("--source", soda.url, "--dest", dest)
+    run("backfill", "crashes", *where)
+    soda.insert(CRASHES, 600)
+    update_stopped_after_a_page(where, monkeypatch)
+    first = manifest(dest)["batches"][-1]
+    assert (first["kind"], first["rows"]) == ("update", 50), first
+    assert first["watermark"]["row_id"] is not None
+    ids = [
+        i
+        for f in first["files"]
+        for i in pcsv.read_csv(Path(dest) / f["path"]).column("socrata_id").to_pylist()
+    ]
+    soda.edit(CRASHES, 5)  # the next update ends past T
+    run("update", "crashes", *where)
+    edit_ids(soda, CRASHES, ids[:3])
+    run("update", "crashes", *where)
+    agrees(soda, dest, tmp_path)
 
 
 def test_a_row_the_snapshot_got_ahead_and_the_first_update_skipped_is_not_counted_again(

@@ -7,10 +7,12 @@ the current state, which it tells from each row's `:created_at` against the wate
 started from (`mark`):
 
 - created before the mark: the row existed when the rows up to the mark were fetched, so an
-  earlier batch landed it (it is not new), unless it was created after the mark the last update
-  started from and edited while that update ran (its new `:updated_at` past where that update
-  ended, so it skipped the row): those are looked up in the last update's files (a small read),
-  or, when the snapshot may hold them too (created up to its `ahead_until`), as uncertain below;
+  earlier batch landed it (it is not new), unless it was created after the mark the last
+  finished update started from and edited while that update ran (its new `:updated_at` past
+  where that update ended, so it skipped the row): those are looked up in the files of the few
+  updates that can hold them (`recent_window`, a small read), or, when the snapshot may hold
+  them too (created up to its `ahead_until`, or compacted), as uncertain below. A row edited
+  while each of two updates ran, skipped by both, is not caught;
 - created after the mark: no earlier update can have landed it, nor a reconcile (which leaves
   rows past the watermark to updates); only a snapshot can hold a row past its own watermark (a
   row inserted while the backfill ran), and it records the source's latest `:updated_at` at its
@@ -29,11 +31,12 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from .current import Landed, current_keys, read_batch_file
-from .state import Batch, Watermark
+from .state import Batch, Manifest, Watermark
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +58,7 @@ class NewRows:
         self.ahead_at_mark = ahead is not None and ahead >= mark.updated_at
         self.new = 0
         self._uncertain: list[pa.Array] = []
-        # rows created since the mark the last update started from may have been skipped by it
-        # (edited while it ran): only that update can have landed them
-        marked = [b for b in landed.manifest.current_batches() if b.watermark is not None]
-        last = marked[-1] if len(marked) > 1 and marked[-1].kind == "update" else None
-        prior = marked[-2].watermark if last is not None else None
-        self.since = prior.updated_at if prior is not None else None
-        self.last_update = last
+        self.since, self.lookup = recent_window(landed.manifest)
         self._recent: list[pa.Array] = []
 
     def add(self, table: pa.Table) -> None:
@@ -96,9 +93,16 @@ class NewRows:
                 ),
                 False,
             )
-            if self.snapshot_ahead is not None:  # the snapshot too may hold those: uncertain
-                held = pc.less_equal(created, pa.scalar(self.snapshot_ahead, pa.string()))
-                held = pc.and_(recent, pc.fill_null(held, False))
+            if self.snapshot_ahead is not None or not self.lookup:
+                # the snapshot too may hold those (all of them after a compaction): uncertain
+                held = (
+                    pc.fill_null(
+                        pc.less_equal(created, pa.scalar(self.snapshot_ahead, pa.string())), False
+                    )
+                    if self.lookup and self.snapshot_ahead is not None
+                    else pa.array(np.ones(len(created), dtype=bool))
+                )
+                held = pc.and_(recent, held)
                 if pc.any(held).as_py():
                     key = table.column(self.landed.key_column).filter(held)
                     self._uncertain.append(key.combine_chunks())
@@ -114,19 +118,20 @@ class NewRows:
         if self._uncertain:
             self.new += self._resolve(pa.concat_arrays(self._uncertain))
             self._uncertain = []
-        if self._recent and self.last_update is not None:
-            self.new += self._missing_from(pa.concat_arrays(self._recent), self.last_update)
+        if self._recent:
+            self.new += self._missing_from(pa.concat_arrays(self._recent), self.lookup)
             self._recent = []
         return self.base + self.new
 
-    def _missing_from(self, keys: pa.Array, batch: Batch) -> int:
-        """How many of `keys` the files of `batch` do not hold."""
+    def _missing_from(self, keys: pa.Array, batches: list[Batch]) -> int:
+        """How many of `keys` the files of `batches` do not hold."""
         keys = pc.unique(keys)
         found = pa.array([False] * len(keys))
         column = self.landed.key_column
-        for entry in batch.files:
-            for table in read_batch_file(self.landed, batch, entry, [column]):
-                found = pc.or_(found, pc.is_in(keys, value_set=table.column(column)))
+        for batch in batches:
+            for entry in batch.files:
+                for table in read_batch_file(self.landed, batch, entry, [column]):
+                    found = pc.or_(found, pc.is_in(keys, value_set=table.column(column)))
         return len(keys) - int(pc.sum(found).as_py() or 0)
 
     def _resolve(self, keys: pa.Array) -> int:
@@ -141,3 +146,24 @@ class NewRows:
         for table in current_keys(self.landed):
             found = pc.or_(found, pc.is_in(keys, value_set=table.column(self.landed.key_column)))
         return len(keys) - int(pc.sum(found).as_py() or 0)
+
+
+def recent_window(manifest: Manifest) -> tuple[str | None, list[Batch]]:
+    """Where the rows an update may have skipped begin (`:created_at`, inclusive) and the update
+    batches that may hold them: an update skips a row created after the mark it started from
+    when the row is edited while it runs (its new `:updated_at` is past where the update ends),
+    and so may every later update that stops before the row; the next one to get past it lands
+    it. So the window starts where the last finished update started, and only that update, the
+    one before it (rows created at its very mark) and the later ones can hold those rows. After
+    a compaction, where the window began then (`recent_since`), and no batch: the compacted
+    snapshot holds them, so they are looked up with the whole current state."""
+    marked = [b for b in manifest.current_batches() if b.watermark is not None]
+    updates = [i for i, b in enumerate(marked) if b.kind == "update"]
+    if not updates:
+        since = marked[0].info.get("recent_since") if marked else None
+        return (since if isinstance(since, str) else None), []
+    finished = [i for i in updates if marked[i].info.get("done", True)]
+    first = finished[-1] if finished else updates[0]
+    start = marked[first - 1].watermark
+    assert start is not None
+    return start.updated_at, [b for b in marked[first - 1 :] if b.kind == "update"]

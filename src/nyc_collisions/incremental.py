@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .counts import NewRows
+from .counts import NewRows, recent_window
 from .current import Landed, iter_current, open_landed
 from .datasets import Dataset
 from .errors import NothingLanded, SchemaError
@@ -116,6 +116,8 @@ class BatchCommitter:
             self.batch.watermark = Watermark(
                 last.column("socrata_updated_at")[0].as_py(), last.column("socrata_id")[0].as_py()
             )
+        if self.watermark:
+            self.batch.info["done"] = done  # got to its end: see `counts.recent_window`
         if not self.committed:
             self.landed.manifest.batches.append(self.batch)
             self.committed = True
@@ -314,6 +316,9 @@ def _compact(
         watermark=manifest.watermark,
         info={"compacted": [b.batch_id for b in manifest.current_batches()]},
     )
+    since, _ = recent_window(manifest)  # rows the last updates may have skipped: counts.py
+    if since is not None:
+        batch.info["recent_since"] = since
     entries: list[FileEntry] = []
     latest = ""  # the latest `:updated_at` it holds: no row of it was created after that
 
