@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 BUCKET_ROWS = "NYC_COLLISIONS_KEYSCAN_BUCKET_ROWS"
 DEFAULT_BUCKET_ROWS = 100_000  # rows of one side in a bucket: a few MiB compared at once
-FLUSH_BYTES = 16 << 20  # rows held in memory before they are appended to their buckets' files
+FLUSH_BYTES = 4 << 20  # rows held in memory before they are appended to their buckets' files
 PREFIX = "nyc-collisions-keys-"
 _OPTIONS = ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=1))
 # murmur3's 64-bit finaliser, and an odd multiplier for the polynomial over a key's bytes
