@@ -60,6 +60,7 @@ class NewRows:
         self._uncertain: list[pa.Array] = []
         self.since, self.lookup = recent_window(landed.manifest)
         self._recent: list[pa.Array] = []
+        self._held: pa.Array | None = None  # the keys of `lookup`'s files, once read
 
     def add(self, table: pa.Table) -> None:
         """Count the rows of `table` (about to be written) that add a key; keep the uncertain."""
@@ -124,14 +125,19 @@ class NewRows:
         return self.base + self.new
 
     def _missing_from(self, keys: pa.Array, batches: list[Batch]) -> int:
-        """How many of `keys` the files of `batches` do not hold."""
+        """How many of `keys` the files of `batches` do not hold (their keys read once, at the
+        first commit that asks: an update commits file by file)."""
+        if self._held is None:
+            column = self.landed.key_column
+            held = [
+                table.column(column).combine_chunks()
+                for batch in batches
+                for entry in batch.files
+                for table in read_batch_file(self.landed, batch, entry, [column])
+            ]
+            self._held = pc.unique(pa.concat_arrays(held)) if held else pa.array([], pa.string())
         keys = pc.unique(keys)
-        found = pa.array([False] * len(keys))
-        column = self.landed.key_column
-        for batch in batches:
-            for entry in batch.files:
-                for table in read_batch_file(self.landed, batch, entry, [column]):
-                    found = pc.or_(found, pc.is_in(keys, value_set=table.column(column)))
+        found = pc.is_in(keys, value_set=self._held)
         return len(keys) - int(pc.sum(found).as_py() or 0)
 
     def _resolve(self, keys: pa.Array) -> int:
