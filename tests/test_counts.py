@@ -296,3 +296,108 @@ def test_a_row_the_snapshot_got_ahead_and_the_first_update_skipped_is_not_counte
         exact(srv, dest, "crashes", tmp_path)
         st = status(srv, dest, "crashes")
         assert (st["rows"], st["agree"]) == (len(srv.rows(CRASHES)), True), st
+
+
+@pytest.mark.parametrize("prune", [False, True])
+def test_skipped_row_counted_after_compaction_then_a_stopped_update(
+    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prune: bool
+) -> None:
+    """An update skips a new row; a compaction records `recent_since`; the next update stops
+    before the row (it lands other changes first); the one after lands the row: it is new."""
+    dest = str(tmp_path / "land")
+    where = ("--source", soda.url, "--dest", dest)
+    update_skipping_a_new_row(soda, where, monkeypatch, also=lambda: soda.edit(CRASHES, 60))
+    run("compact", "crashes", "--dest", dest, *(("--prune", "--grace", "0") if prune else ()))
+    update_stopped_after_a_page(where, monkeypatch)
+    kinds = [b["kind"] for b in manifest(dest)["batches"]]
+    assert kinds[-2:] == ["snapshot", "update"], kinds
+    assert manifest(dest)["batches"][-1]["info"]["done"] is False
+    run("update", "crashes", *where, "--page-size", "50")
+    agrees(soda, dest, tmp_path)
+
+
+def _landed_ids(dest: str, batch: dict[str, Any]) -> list[str]:
+    import pyarrow.csv as pcsv
+
+    return [
+        i
+        for f in batch["files"]
+        for i in pcsv.read_csv(Path(dest) / f["path"]).column("socrata_id").to_pylist()
+    ]
+
+
+def test_rows_landed_at_one_updated_at_by_two_stopped_updates_are_not_counted_again(
+    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """600 rows inserted at one `:updated_at` T; two updates in a row stop within T, the third
+    lands the rest; rows the FIRST stopped update landed are then edited: created at T (the
+    window's start), landed already, not new."""
+    dest = str(tmp_path / "land")
+    where = ("--source", soda.url, "--dest", dest)
+    run("backfill", "crashes", *where)
+    soda.insert(CRASHES, 600)
+    update_stopped_after_a_page(where, monkeypatch)
+    first = manifest(dest)["batches"][-1]
+    update_stopped_after_a_page(where, monkeypatch)
+    second = manifest(dest)["batches"][-1]
+    assert first["batch_id"] != second["batch_id"]
+    assert first["watermark"]["updated_at"] == second["watermark"]["updated_at"]
+    soda.edit(CRASHES, 5)  # the next update ends past T
+    run("update", "crashes", *where)
+    assert manifest(dest)["batches"][-1]["info"]["done"] is True
+    edit_ids(soda, CRASHES, _landed_ids(dest, first)[:3])
+    run("update", "crashes", *where)
+    agrees(soda, dest, tmp_path)
+
+
+def test_an_update_that_got_to_its_end_records_done_when_its_rows_fill_its_last_file(
+    soda: FakeSoda, tmp_path: Path
+) -> None:
+    """50 changes, `--file-rows 50`: the last file is committed by the rotation (done False),
+    and the end's commit finds no open file: the batch must still say it got to its end."""
+    dest = str(tmp_path / "land")
+    where = ("--source", soda.url, "--dest", dest)
+    run("backfill", "crashes", *where)
+    soda.edit(CRASHES, 50)
+    run("update", "crashes", *where, "--file-rows", "50")
+    last = manifest(dest)["batches"][-1]
+    assert (last["kind"], last["rows"]) == ("update", 50), last
+    assert last["info"]["done"] is True, last["info"]
+
+
+def _count_full_reads(mp: pytest.MonkeyPatch) -> list[int]:
+    """Each call of `NewRows._resolve` (a read of every landed key): the number of keys."""
+    from nyc_collisions.counts import NewRows
+
+    calls: list[int] = []
+    real = NewRows._resolve
+
+    def spy(self: NewRows, keys: object) -> int:
+        calls.append(len(keys))  # type: ignore[arg-type]
+        return real(self, keys)  # type: ignore[arg-type]
+
+    mp.setattr(NewRows, "_resolve", spy)
+    return calls
+
+
+def test_a_daily_update_does_not_read_every_landed_key_when_yesterdays_new_rows_are_edited(
+    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ordinary daily flow: yesterday's publish inserted new crashes (one `:updated_at` T,
+    created at T) and yesterday's update landed them, ending at T; today some of them are
+    edited. Where they are is known (yesterday's update, in the recent window), yet today's
+    update reads every landed key (`_resolve`) to count them."""
+    dest = str(tmp_path / "land")
+    where = ("--source", soda.url, "--dest", dest)
+    run("backfill", "crashes", *where)
+    run("update", "crashes", *where)  # a first daily update (the snapshot's ahead is behind)
+    soda.edit(CRASHES, 20)  # day 1: edits, then the day's new crashes, published last
+    new = soda.insert(CRASHES, 10)["ids"]
+    run("update", "crashes", *where)
+    last = manifest(dest)["batches"][-1]
+    assert set(_landed_ids(dest, last)) >= set(new)
+    edit_ids(soda, CRASHES, new[:2])  # day 2: two of yesterday's new crashes are edited
+    reads = _count_full_reads(monkeypatch)
+    run("update", "crashes", *where)
+    agrees(soda, dest, tmp_path)
+    assert reads == [], f"read every landed key to count {reads} rows"

@@ -52,13 +52,15 @@ class NewRows:
         ahead = snapshot.info.get("ahead_until")
         ahead = ahead if isinstance(ahead, str) else None
         self.ahead = ahead if ahead is not None and ahead > mark.updated_at else None
-        self.snapshot_ahead = ahead
         # the snapshot may hold rows created at the mark itself (inserted while it ran, with the
         # latest :updated_at it recorded): those are not new for sure
         self.ahead_at_mark = ahead is not None and ahead >= mark.updated_at
         self.new = 0
         self._uncertain: list[pa.Array] = []
         self.since, self.lookup = recent_window(landed.manifest)
+        # rows the snapshot may hold: created up to its mark, or its `ahead_until`
+        bound = snapshot.watermark.updated_at if snapshot.watermark is not None else ""
+        self.snapshot_bound = max(bound, ahead or "")
         self._recent: list[pa.Array] = []
         self._held: pa.Array | None = None  # the keys of `lookup`'s files, once read
 
@@ -77,40 +79,47 @@ class NewRows:
             after = pc.and_(after, pc.invert(within))
         if self.mark.row_id is not None and self.ahead_at_mark:
             unknown = pc.or_(unknown, at)  # created at the mark: the snapshot may hold them
-        elif self.mark.row_id is not None:
-            # created at the mark: new when never changed since (its only version is past it)
+        looked_up = pa.array(np.zeros(len(created), dtype=bool))
+        if self.mark.row_id is not None and not self.ahead_at_mark:
+            # created at the mark: new when never changed since (its only version is past it);
+            # if changed, the updates that ended at the mark hold it or not
             unchanged = pc.equal(created, table.column("socrata_updated_at"))
             after = pc.or_(after, pc.and_(at, unchanged))
-            unknown = pc.or_(unknown, pc.and_(at, pc.invert(unchanged)))
+            changed = pc.fill_null(pc.and_(at, pc.invert(unchanged)), False)
+            if self.since is not None and self.lookup:
+                looked_up = changed
+            else:
+                unknown = pc.or_(unknown, changed)
         self.new += int(pc.sum(after).as_py() or 0)
         if pc.any(unknown).as_py():
             key = table.column(self.landed.key_column).filter(unknown)
             self._uncertain.append(key.combine_chunks())
-        if self.since is not None:
-            recent = pc.fill_null(
-                pc.and_(
-                    pc.greater_equal(created, pa.scalar(self.since, pa.string())),
-                    pc.less(created, mark),
-                ),
-                False,
+        if self.since is None:
+            return
+        recent = pc.fill_null(
+            pc.and_(
+                pc.greater_equal(created, pa.scalar(self.since, pa.string())),
+                pc.less(created, mark),
+            ),
+            False,
+        )
+        recent = pc.or_(recent, looked_up)
+        # those the snapshot may hold too (all of them when no update can): uncertain
+        held = (
+            pc.fill_null(pc.less_equal(created, pa.scalar(self.snapshot_bound, pa.string())), False)
+            if self.lookup
+            else pa.array(np.ones(len(created), dtype=bool))
+        )
+        held = pc.and_(recent, held)
+        if pc.any(held).as_py():
+            self._uncertain.append(
+                table.column(self.landed.key_column).filter(held).combine_chunks()
             )
-            if self.snapshot_ahead is not None or not self.lookup:
-                # the snapshot too may hold those (all of them after a compaction): uncertain
-                held = (
-                    pc.fill_null(
-                        pc.less_equal(created, pa.scalar(self.snapshot_ahead, pa.string())), False
-                    )
-                    if self.lookup and self.snapshot_ahead is not None
-                    else pa.array(np.ones(len(created), dtype=bool))
-                )
-                held = pc.and_(recent, held)
-                if pc.any(held).as_py():
-                    key = table.column(self.landed.key_column).filter(held)
-                    self._uncertain.append(key.combine_chunks())
-                recent = pc.and_(recent, pc.invert(held))
-            if pc.any(recent).as_py():
-                key = table.column(self.landed.key_column).filter(recent)
-                self._recent.append(key.combine_chunks())
+        recent = pc.and_(recent, pc.invert(held))
+        if pc.any(recent).as_py():
+            self._recent.append(
+                table.column(self.landed.key_column).filter(recent).combine_chunks()
+            )
 
     def current(self) -> int | None:
         """The current state's rows once what was added so far is committed (None: unknown)."""
@@ -159,17 +168,29 @@ def recent_window(manifest: Manifest) -> tuple[str | None, list[Batch]]:
     batches that may hold them: an update skips a row created after the mark it started from
     when the row is edited while it runs (its new `:updated_at` is past where the update ends),
     and so may every later update that stops before the row; the next one to get past it lands
-    it. So the window starts where the last finished update started, and only that update, the
-    one before it (rows created at its very mark) and the later ones can hold those rows. After
-    a compaction, where the window began then (`recent_since`), and no batch: the compacted
-    snapshot holds them, so they are looked up with the whole current state."""
+    it. So the window starts where the last finished update started (or, while none since a
+    compaction has finished, where it began before the compaction: `recent_since`), and only
+    the updates that end at or after that start can hold those rows (several stopped within one
+    `:updated_at` end at the same one). The snapshot holds the rows created up to its mark and
+    its `ahead_until`: those are looked up with the whole current state (`NewRows`)."""
     marked = [b for b in manifest.current_batches() if b.watermark is not None]
+    if not marked:
+        return None, []
+    recent = marked[0].info.get("recent_since")
+    recent = recent if isinstance(recent, str) else None
     updates = [i for i, b in enumerate(marked) if b.kind == "update"]
     if not updates:
-        since = marked[0].info.get("recent_since") if marked else None
-        return (since if isinstance(since, str) else None), []
+        return recent, []
     finished = [i for i in updates if marked[i].info.get("done", True)]
     first = finished[-1] if finished else updates[0]
-    start = marked[first - 1].watermark
-    assert start is not None
-    return start.updated_at, [b for b in marked[first - 1 :] if b.kind == "update"]
+    since = _end(marked[first - 1])
+    if not finished and recent is not None:
+        since = min(since, recent)
+    while first > 1 and _end(marked[first - 1]) >= since:
+        first -= 1
+    return since, [b for b in marked[first:] if b.kind == "update"]
+
+
+def _end(batch: Batch) -> str:
+    assert batch.watermark is not None
+    return batch.watermark.updated_at

@@ -107,6 +107,11 @@ class BatchCommitter:
 
     def __call__(self, entry: FileEntry | None, last: pa.Table | None, done: bool) -> None:
         if entry is None:
+            if done and self.watermark and self.committed and not self.batch.info.get("done"):
+                # its rows filled its last file exactly: the end's commit has no file, but the
+                # batch got to its end
+                self.batch.info["done"] = True
+                self.landed.state.commit(self.landed.manifest)
             return
         self.batch.current_rows = None if self.count is None else self.count()
         self.batch.files.append(entry)
