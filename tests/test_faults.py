@@ -544,3 +544,49 @@ def test_a_timed_out_page_lingers_as_long_as_it_was_silent_not_as_long_as_it_str
     waited = marks["retry"] - marks["last_byte"]
     # silent 1 s (the timeout), then the slot lingers ~1 s: the retry comes ~2 s after
     assert waited < 3.0, f"the retry came {waited:.1f}s after the last byte"
+
+
+def test_max_seconds_holds_while_a_first_request_waits_for_a_lingering_slot(
+    tmp_path: Path,
+) -> None:
+    """`update --workers 1 --timeout 6 --max-seconds 8`: an update asks its latest
+    `:updated_at` beside the metadata; the first of the two is held silent and given up on at
+    ~6 s, its slot lingering 6 s more. The other, a first attempt (not a retry), waits for that
+    slot past the budget: the run stops ~12 s in, not at ~8 s."""
+    import time
+
+    with FakeSoda(sizes={"h9gi-nx95": 3_000, "f55k-p6yu": 10, "bm4k-52h4": 10}, seed=31) as srv:
+        dest = str(tmp_path / "land")
+        where = ("--source", srv.url, "--dest", dest)
+        assert cli("backfill", "crashes", *where).code == 0
+        srv.edit("h9gi-nx95", 10)
+        srv.add_fault("stall", times=1, seconds=30)  # whichever of the two goes first
+        started = time.monotonic()
+        res = cli(
+            "update", "crashes", *where,
+            "--workers", "1", "--timeout", "6", "--max-seconds", "8",
+        )  # fmt: skip
+        took = time.monotonic() - started
+        assert res.code == 3, res.text
+        assert took < 10.5, f"stopped {took:.1f}s after it started, against --max-seconds 8"
+
+
+def test_a_page_dropped_for_a_bad_row_mid_body_keeps_its_slot_while_the_source_sends_it(
+    tmp_path: Path,
+) -> None:
+    """`--workers 1`: a page whose 10th row is broken is dropped at once, but the source goes
+    on sending the rest of it until it sees the connection closed; the retry (base 0, as
+    `NYC_COLLISIONS_RETRY_BASE=0` allows) must not make two requests at the source, as a
+    cancelled page's slot lingers (`CANCEL_LINGER`)."""
+    with FakeSoda(sizes={"h9gi-nx95": 60_000, "f55k-p6yu": 10, "bm4k-52h4": 10}, seed=5) as srv:
+        srv.add_fault("bad_row", times=3, match="$select=*", after_rows=10, pad=3_000_000)
+        dest = str(tmp_path / "land")
+        res = cli(
+            "backfill", "crashes", "--source", srv.url, "--dest", dest,
+            "--workers", "1", "--page-size", "50000",
+            env={"NYC_COLLISIONS_RETRY_BASE": "0"},
+        )  # fmt: skip
+        assert res.code == 0, res.text
+        assert srv.stats()["faults"]["bad_row"] == 3
+        exact(srv, dest, "crashes", tmp_path)
+        assert srv.stats()["peak_in_flight"] == 1

@@ -284,14 +284,15 @@ class SodaClient:
                         f"{self.base_url}{path}: not tried again, the run is stopping; last: {last}"
                     )
             try:
-                result = self._stream_attempt(path, query, consume, shown, sample, last is not None)
+                result = self._stream_attempt(path, query, consume, shown, sample)
             except _Retryable as exc:
                 self.stats.retried(exc.cause)
                 last = exc
                 attempt += 1
                 continue
-            except RetriesStopped as exc:  # the retry's wait for a slot, ended by a stop
-                raise RetriesStopped(f"{self.base_url}{path}: {exc}; last: {last}") from None
+            except RetriesStopped as exc:  # a wait for a slot, ended by a stop
+                after = f"; last: {last}" if last is not None else ""
+                raise RetriesStopped(f"{self.base_url}{path}: {exc}{after}") from None
             return result
         assert last is not None
         raise SourceUnavailable(
@@ -306,7 +307,6 @@ class SodaClient:
         consume: Callable[[Iterator[bytes]], T],
         shown: str,
         sample: bool,
-        retry: bool,
     ) -> T:
         started = time.monotonic()
         received = 0
@@ -319,9 +319,8 @@ class SodaClient:
                 heard = time.monotonic()
                 yield chunk
 
-        # a retry's wait for a slot (behind one given up on that still counts) ends with a stop
-        stopping = self._stopping if retry else None
-        with self.limit.request(sample, stopping) as ticket:
+        # a wait for a slot (behind one given up on that still counts) ends with a stop
+        with self.limit.request(sample, self._stopping) as ticket:
             heard = time.monotonic()
             try:
                 timeout = self._timeout_now()
@@ -334,6 +333,8 @@ class SodaClient:
                     try:
                         result = consume(counted(inflated(response)))
                     except BadResponse as exc:
+                        # dropped before its end, which the source goes on sending: as a cancel
+                        ticket.linger(max(CANCEL_LINGER, 2 * (self.limit.ttfb_min or 0.0)))
                         raise _Retryable("bad body", str(exc)) from None
             except _Retryable as exc:
                 if exc.cause in _THROTTLES:

@@ -115,8 +115,8 @@ class ConcurrencyLimit:
         self, sample: bool = False, stopping: Callable[[], bool] | None = None
     ) -> Iterator[Ticket]:
         """Wait for a slot and hold it for one request; `sample`: a page of rows, whose
-        latencies the limit learns from; `stopping`: once true, waiting raises `RetriesStopped`
-        (a retry that a run's stop or time budget ends)."""
+        latencies the limit learns from; `stopping`: once true, a wait for a slot raises
+        `RetriesStopped` (a run's stop or time budget; a slot free at once is taken)."""
         with self._cond:
             interrupts, me = self._interrupts, object()
             self._line.append(me)
@@ -124,11 +124,11 @@ class ConcurrencyLimit:
                 while True:
                     if self._interrupts != interrupts:
                         raise Interrupted("stopped while waiting for a request slot")
-                    if stopping is not None and stopping():
-                        raise RetriesStopped("not tried again, the run is stopping")
                     self._core.tick(self._clock())
                     if self._line[0] is me and self._core.admits():
                         break
+                    if stopping is not None and stopping():
+                        raise RetriesStopped("not sent, the run is stopping")
                     self._cond.wait(timeout=0.05)
             finally:
                 self._line.remove(me)
