@@ -4,7 +4,8 @@ Seeded: each request is answered by a fault with `probability`, else forwarded a
 the ones S3 really sends under load: 503 SlowDown, 500 InternalError, and a connection dropped
 before the answer. Counts of requests and faults by kind are kept for the test's report.
 `strip` names request headers dropped on the way (e.g. `if-none-match`: a store that ignores
-conditional writes).
+conditional writes). `cut_gets`: that many GETs of data files send half their body, then the
+connection is shut (a body broken off mid-transfer).
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ class S3FaultProxy:
         seed: int = 0,
         kinds: tuple[str, ...] = KINDS,
         strip: tuple[str, ...] = (),
+        cut_gets: int = 0,
     ) -> None:
         self.upstream = urlparse(upstream)
+        self.cut_gets = cut_gets
         self.strip = {h.lower() for h in strip}
         self.probability = probability
         self.kinds = kinds
@@ -132,7 +135,12 @@ class S3FaultProxy:
                 length = resp.getheader("Content-Length") if self.command == "HEAD" else None
                 self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
-                if self.command != "HEAD":
+                if self.command == "GET" and "/data/" in self.path and proxy.take_cut():
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                elif self.command != "HEAD":
                     self.wfile.write(data)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
@@ -150,6 +158,14 @@ class S3FaultProxy:
                 self.faults[kind] += 1
                 return kind
         return None
+
+    def take_cut(self) -> bool:
+        with self.lock:
+            if self.cut_gets <= 0:
+                return False
+            self.cut_gets -= 1
+            self.faults["cut_body"] += 1
+            return True
 
     def __enter__(self) -> S3FaultProxy:
         self._thread.start()

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 PART_SIZE = 8 * 1024 * 1024
 PARTS_IN_FLIGHT = 4
 READ_AHEAD = 8 * 1024 * 1024
+READ_ATTEMPTS = 5  # a ranged read whose body breaks off is fetched again this many times in all
 
 
 _LOADER_LOCK = threading.Lock()
@@ -304,13 +305,36 @@ class S3Reader(io.RawIOBase):
         if not (self._buf_start <= self._pos and self._pos + want <= end_of_buf):
             length = max(want, READ_AHEAD)
             last = min(self._size, self._pos + length) - 1
-            obj = self._s3.get_object(
-                Bucket=self._bucket, Key=self._key, Range=f"bytes={self._pos}-{last}"
-            )
-            self._buf = obj["Body"].read()
+            self._buf = self._get_range(self._pos, last)
             self._buf_start = self._pos
         start = self._pos - self._buf_start
         data = self._buf[start : start + want]
         b[: len(data)] = data
         self._pos += len(data)
         return len(data)
+
+    def _get_range(self, first: int, last: int) -> bytes:
+        """Bytes `first`..`last`, fetched again when the body breaks off while it is read
+        (boto3 retries a request that fails, not a body that fails after its answer began)."""
+        from botocore.exceptions import IncompleteReadError
+
+        where = f"s3://{self._bucket}/{self._key}"
+        failed: Exception | None = None
+        for attempt in range(READ_ATTEMPTS):
+            if attempt:
+                time.sleep(min(4.0, 0.25 * 2**attempt))
+            try:
+                obj = self._s3.get_object(
+                    Bucket=self._bucket, Key=self._key, Range=f"bytes={first}-{last}"
+                )
+                data: bytes = obj["Body"].read()
+            except Exception as exc:
+                if not (transient(exc) or isinstance(exc, IncompleteReadError)):
+                    raise s3_error(where, exc) from exc
+                failed = exc
+                continue
+            if len(data) == last - first + 1:
+                return data
+            failed = DestinationError(f"{len(data)} bytes of {last - first + 1}")
+        assert failed is not None
+        raise s3_error(where, failed) from failed
