@@ -5,7 +5,8 @@ the ones S3 really sends under load: 503 SlowDown, 500 InternalError, and a conn
 before the answer. Counts of requests and faults by kind are kept for the test's report.
 `strip` names request headers dropped on the way (e.g. `if-none-match`: a store that ignores
 conditional writes). `cut_gets`: that many GETs of data files send half their body, then the
-connection is shut (a body broken off mid-transfer).
+connection is shut (a body broken off mid-transfer). `hold_parts`: seconds each multipart part
+upload is held before it is forwarded (S3 or the network stalling).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -58,9 +60,12 @@ class S3FaultProxy:
         kinds: tuple[str, ...] = KINDS,
         strip: tuple[str, ...] = (),
         cut_gets: int = 0,
+        hold_parts: float = 0.0,
     ) -> None:
         self.upstream = urlparse(upstream)
         self.cut_gets = cut_gets
+        self.hold_parts = hold_parts
+        self.held = 0
         self.strip = {h.lower() for h in strip}
         self.probability = probability
         self.kinds = kinds
@@ -91,6 +96,10 @@ class S3FaultProxy:
 
             def _handle(self) -> None:
                 body = self._body()
+                if proxy.hold_parts and self.command == "PUT" and "partNumber=" in self.path:
+                    with proxy.lock:
+                        proxy.held += 1
+                    time.sleep(proxy.hold_parts)
                 fault = proxy.pick()
                 if fault == "drop":
                     self.connection.setsockopt(

@@ -249,3 +249,45 @@ def test_a_worker_left_behind_writes_no_plan_nor_part_record(tmp_path: Path) -> 
     with pytest.raises(LeaseLost):
         chunks.end(done=True, after="row-9")
     assert not [p for p in dest.rglob("*") if p.is_file()]
+
+
+def test_sigterm_while_s3_holds_part_uploads_ends_within_seconds(
+    bucket: str, s3_server: str, tmp_path: Path
+) -> None:
+    """S3 holds every part upload a minute (throttling, a stalled network): SIGTERM ends the run
+    within seconds with 143 and the lease given back; the interpreter's exit had waited for
+    each part held, and `docker stop` then killed it (137)."""
+    import os
+
+    import boto3
+
+    from tests.s3_proxy import S3FaultProxy
+
+    held = 60.0
+    with (
+        S3FaultProxy(s3_server, hold_parts=held) as proxy,
+        FakeSoda(sizes={"h9gi-nx95": 30_000}, seed=3) as soda,
+    ):
+        dest = f"s3://{bucket}/collisions_raw_data"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nyc_collisions", "backfill", "crashes", "--source",
+             soda.url, "--dest", dest, "--workers", "1", "--no-progress"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "AWS_ENDPOINT_URL": proxy.url},
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while not proxy.held:
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "no part was uploaded"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+            _, err = proc.communicate(timeout=held + 30)
+            took = time.monotonic() - sent
+        finally:
+            proc.kill()
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert took < held / 2, f"the stop took {took:.0f}s, parts held {held:.0f}s: {err}"
+        lock = "collisions_raw_data/crashes/lock.json"
+        assert not boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=lock).get("Contents")

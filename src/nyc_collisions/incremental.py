@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 
 from .counts import NewRows, recent_window
 from .current import Landed, iter_current, open_landed
+from .daemon import DaemonCalls
 from .datasets import Dataset
 from .errors import NothingLanded, SchemaError
 from .job import DatasetJob, RunOptions
@@ -39,7 +40,6 @@ from .socrata import soql
 from .socrata.client import SodaClient
 from .state import EPOCH, Batch, DatasetState, Retired, Watermark, new_batch_id, utc_now
 from .tidy import retire_after, tidy
-from .workers import DaemonCalls
 
 logger = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from . import settings
 from .chain import extended, plan_partitions
+from .daemon import DaemonCalls
 from .errors import Interrupted, RetriesStopped, StateError
 from .plan import (
     Partition,
@@ -39,7 +40,7 @@ from .plan import (
 from .schema import Column, Schema
 from .socrata import soql
 from .source import DatasetSource
-from .workers import STOP_WAIT, DaemonCalls, join_for
+from .workers import STOP_WAIT, join_for
 
 logger = logging.getLogger(__name__)
 

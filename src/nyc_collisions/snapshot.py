@@ -26,6 +26,7 @@ from dataclasses import replace
 from tqdm import tqdm
 
 from .chain import plan_partitions
+from .daemon import DaemonCalls
 from .drift import column_specs
 from .errors import StateError
 from .job import DatasetJob
@@ -41,7 +42,7 @@ from .results import DatasetResult
 from .schema import Schema
 from .sink.files import FileEntry
 from .state import EPOCH, Batch, Manifest, PartRecord, Watermark, new_batch_id, utc_now
-from .workers import BarProgress, DaemonCalls, fetch_partitions
+from .workers import BarProgress, fetch_partitions
 
 logger = logging.getLogger(__name__)
 

@@ -14,11 +14,11 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
-from concurrent.futures import Executor, Future
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, ParamSpec, TypeVar
 
+from .daemon import DaemonCalls
 from .errors import Interrupted, RetriesStopped
 from .partition import FetchContext, PartitionFetch, PlanBook
 from .plan import MAX_PARTITIONS, Partition, ResumePoint, min_split_rows
@@ -265,24 +265,3 @@ def join_for(threads: Iterable[threading.Thread], seconds: float) -> None:
     deadline = time.monotonic() + seconds
     for t in threads:
         t.join(timeout=max(0.0, deadline - time.monotonic()))
-
-
-class DaemonCalls(Executor):
-    """Each call on a daemon thread of its own: the counts that end ranges, the probes of the
-    chain down, a run's first aggregate. A request the source holds (or never answers) is left
-    behind on a stop: nothing waits for it, not even the interpreter's exit, as it would for a
-    `ThreadPoolExecutor`'s threads."""
-
-    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
-        future: Future[T] = Future()
-
-        def call() -> None:
-            if not future.set_running_or_notify_cancel():
-                return
-            try:
-                future.set_result(fn(*args, **kwargs))
-            except BaseException as exc:
-                future.set_exception(exc)
-
-        threading.Thread(target=call, daemon=True, name="source-call").start()
-        return future

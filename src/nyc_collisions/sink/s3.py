@@ -17,7 +17,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from email.utils import parsedate_to_datetime
 from typing import IO, TYPE_CHECKING
 
@@ -58,7 +57,6 @@ class S3Storage:
         self.client = s3_client(session=session)
         # the lease's, the manifest's and a run's records' writes
         self.guarded = s3_client(4, guarded=True, session=session)
-        self.upload_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="s3-upload")
         # Parts in flight, all writers together: bounds the memory of parts not yet sent
         self.part_slots = threading.BoundedSemaphore(PARTS_IN_FLIGHT)
         self.stats = UploadStats()

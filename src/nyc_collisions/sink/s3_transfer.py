@@ -3,6 +3,7 @@ the background while rows keep arriving, and are read back by ranged GETs with r
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import io
@@ -11,6 +12,7 @@ import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+from ..daemon import DaemonCalls
 from ..errors import DestinationError
 
 if TYPE_CHECKING:
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
 PART_SIZE = 8 * 1024 * 1024
 PARTS_IN_FLIGHT = 4
 READ_AHEAD = 8 * 1024 * 1024
+ABORT_WAIT = 2.0  # seconds an aborted upload waits for its parts in flight
 READ_ATTEMPTS = 5  # a ranged read whose body breaks off is fetched again this many times in all
 
 
@@ -181,7 +184,9 @@ class S3Writer:
         self._buffer = io.BytesIO()
         self._upload_id: str | None = None
         self._parts: list[Future[dict[str, Any]]] = []
-        self._pool = storage.upload_pool
+        # each part on a daemon thread (`part_slots` bounds them): a stop never waits for a
+        # part S3 holds, not even at the interpreter's exit
+        self._pool = DaemonCalls("s3-part")
         self._slots = storage.part_slots
         self.bytes_written = 0
         self.closed = False
@@ -261,9 +266,9 @@ class S3Writer:
 
     def abort(self) -> None:
         self.closed = self._aborted = True
-        for f in self._parts:
-            with contextlib.suppress(Exception):
-                f.result()
+        # parts in flight have a moment to end; one S3 holds is left behind (the upload is
+        # aborted under it, and the next run's cleanup aborts what a late part leaves)
+        concurrent.futures.wait(self._parts, timeout=ABORT_WAIT)
         if self._upload_id is not None:
             with contextlib.suppress(Exception):
                 self._s3.abort_multipart_upload(
