@@ -450,3 +450,35 @@ def test_the_lag_step_after_the_runs_keeps_to_the_invocations_time(
     started = time.monotonic()
     aws.handler({"command": "update"}, Context(budget))
     assert time.monotonic() - started < budget
+
+
+def test_lambda_lag_after_deadline_is_measured_when_cancelled_pages_still_hold_the_slots(
+    soda: FakeSoda,
+    lambda_env: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A run the invocation's deadline stops drops its pages in flight, which still count in
+    flight a moment; the handler's lag request after it waits for a slot and is sent (it was
+    refused while out of time, and LagSeconds went missing from the metrics)."""
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
+    assert cli("backfill", "crashes", "--source", soda.url, "--dest", lambda_env).code == 0
+    soda.edit("h9gi-nx95", 3)
+    lags = aws._lags
+
+    def after_cancelled_pages(client: Any, storage: Any, names: set[str]) -> dict[str, float]:
+        limit = client.limit
+        for _ in range(limit._core.limit):  # the pages the deadline dropped, lingering
+            with limit.request() as ticket:
+                ticket.linger(0.5)
+        return lags(client, storage, names)
+
+    monkeypatch.setattr(aws, "_lags", after_cancelled_pages)
+    monkeypatch.delenv(aws.STATE_MACHINE, raising=False)
+    capsys.readouterr()
+    with pytest.raises(aws.NotFinished):
+        aws.handler({"command": "update"}, Context(0))
+    docs = _emf(capsys.readouterr().out)
+    (crashes,) = [d for d in docs if d.get("Dataset") == "crashes"]
+    assert "LagSeconds" in crashes, crashes

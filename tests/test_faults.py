@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -590,3 +591,32 @@ def test_a_page_dropped_for_a_bad_row_mid_body_keeps_its_slot_while_the_source_s
         assert srv.stats()["faults"]["bad_row"] == 3
         exact(srv, dest, "crashes", tmp_path)
         assert srv.stats()["peak_in_flight"] == 1
+
+
+def test_a_backfill_that_got_every_row_as_its_budget_ran_out_is_committed(
+    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every partition landed; `--max-seconds` runs out just then, while a request the run
+    dropped still lingers in its slot: the commit's own request waits for a slot and is sent
+    (it was refused, and the whole snapshot left uncommitted, exit 3)."""
+    from nyc_collisions import snapshot
+    from nyc_collisions.job import RunOptions
+
+    late = False
+    real = snapshot._Snapshot._commit
+
+    def commit_as_time_runs_out(self: Any, *args: Any) -> Any:
+        nonlocal late
+        late = True
+        limit = self.job.client.limit
+        with limit.request() as ticket:  # --workers 1: one slot, a dropped request lingering
+            ticket.linger(0.5)
+        return real(self, *args)
+
+    monkeypatch.setattr(snapshot._Snapshot, "_commit", commit_as_time_runs_out)
+    monkeypatch.setattr(RunOptions, "out_of_time", lambda self: late)
+    dest = str(tmp_path / "land")
+    res = cli("backfill", "crashes", "--source", soda.url, "--dest", dest, "--workers", "1",
+              "--max-seconds", "600")  # fmt: skip
+    assert res.code == 0, res.text
+    assert (Path(dest) / "crashes/manifest.json").exists()

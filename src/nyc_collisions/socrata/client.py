@@ -190,6 +190,18 @@ class SodaClient:
             read = min(read, max(DEADLINE_GRACE, left + DEADLINE_GRACE))
         return httpx.Timeout(read, connect=connect)
 
+    def _cancel_linger(self) -> float:
+        """How long a request dropped before its end still counts: the source goes on with it
+        until it sees the connection closed."""
+        return max(CANCEL_LINGER, 2 * (self.limit.ttfb_min or 0.0))
+
+    def _lingering(self, seconds: float) -> float:
+        """`seconds`, but never past the run's deadline: a stopping run's last requests (its
+        commit, the Lambda's lag) are not held up by the slot of one it gave up on."""
+        if self._deadline is None:
+            return seconds
+        return min(seconds, max(0.0, self._deadline - time.monotonic()))
+
     def wait_to_retry(self, seconds: float) -> bool:
         """Sleep `seconds` before a retry; False (at once) when the run has to stop."""
         end = time.monotonic() + seconds
@@ -284,13 +296,13 @@ class SodaClient:
                         f"{self.base_url}{path}: not tried again, the run is stopping; last: {last}"
                     )
             try:
-                result = self._stream_attempt(path, query, consume, shown, sample)
+                result = self._stream_attempt(path, query, consume, shown, sample, tried > 1)
             except _Retryable as exc:
                 self.stats.retried(exc.cause)
                 last = exc
                 attempt += 1
                 continue
-            except RetriesStopped as exc:  # a wait for a slot, ended by a stop
+            except RetriesStopped as exc:  # a retry's wait for a slot, ended by a stop
                 after = f"; last: {last}" if last is not None else ""
                 raise RetriesStopped(f"{self.base_url}{path}: {exc}{after}") from None
             return result
@@ -307,6 +319,7 @@ class SodaClient:
         consume: Callable[[Iterator[bytes]], T],
         shown: str,
         sample: bool,
+        retry: bool,
     ) -> T:
         started = time.monotonic()
         received = 0
@@ -319,8 +332,8 @@ class SodaClient:
                 heard = time.monotonic()
                 yield chunk
 
-        # a wait for a slot (behind one given up on that still counts) ends with a stop
-        with self.limit.request(sample, self._stopping) as ticket:
+        # a retry's wait for a slot (behind one given up on that still counts) ends with a stop
+        with self.limit.request(sample, self._stopping if retry else None) as ticket:
             heard = time.monotonic()
             try:
                 timeout = self._timeout_now()
@@ -334,7 +347,7 @@ class SodaClient:
                         result = consume(counted(inflated(response)))
                     except BadResponse as exc:
                         # dropped before its end, which the source goes on sending: as a cancel
-                        ticket.linger(max(CANCEL_LINGER, 2 * (self.limit.ttfb_min or 0.0)))
+                        ticket.linger(self._lingering(self._cancel_linger()))
                         raise _Retryable("bad body", str(exc)) from None
             except _Retryable as exc:
                 if exc.cause in _THROTTLES:
@@ -343,7 +356,7 @@ class SodaClient:
             except PageCancelled:
                 # the source goes on with the page until it sees the connection closed: its
                 # slot stays counted a little longer, so the ceiling holds at the source too
-                ticket.linger(max(CANCEL_LINGER, 2 * (self.limit.ttfb_min or 0.0)))
+                ticket.linger(self._lingering(self._cancel_linger()))
                 raise
             except httpx.TooManyRedirects:
                 raise SourceRejected(f"{self.base_url}{shown}: too many redirects") from None
@@ -351,7 +364,7 @@ class SodaClient:
                 if isinstance(exc, httpx.ReadTimeout):
                     # the source may still be serving it: its slot stays counted as long again
                     # as it was silent, so that the retry does not make two at the source
-                    ticket.linger(max(CANCEL_LINGER, time.monotonic() - heard))
+                    ticket.linger(self._lingering(max(CANCEL_LINGER, time.monotonic() - heard)))
                 raise _Retryable("timeout", f"timed out ({type(exc).__name__})") from None
             except httpx.TransportError as exc:
                 raise _Retryable("connection", f"{type(exc).__name__}: {exc}") from None
