@@ -3,9 +3,11 @@ SIGTERM likewise, with exit 143."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -291,3 +293,33 @@ def test_sigterm_while_s3_holds_part_uploads_ends_within_seconds(
         assert took < held / 2, f"the stop took {took:.0f}s, parts held {held:.0f}s: {err}"
         lock = "collisions_raw_data/crashes/lock.json"
         assert not boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=lock).get("Contents")
+
+
+def test_a_part_whose_thread_cannot_start_gives_its_slot_back(
+    bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At the interpreter's exit a thread cannot start: the part's slot comes back, or every
+    writer of the storage would wait for one forever."""
+    from nyc_collisions.daemon import DaemonCalls
+    from nyc_collisions.sink.s3 import S3Storage
+    from nyc_collisions.sink.s3_transfer import PART_SIZE, PARTS_IN_FLIGHT
+
+    def refuse(self: DaemonCalls, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    storage = S3Storage(bucket, "p")
+    monkeypatch.setattr(DaemonCalls, "submit", refuse)
+    refused = []
+
+    def parts() -> None:
+        for _ in range(PARTS_IN_FLIGHT + 1):
+            with contextlib.suppress(RuntimeError):
+                storage.open_writer("x.csv").write(b"x" * PART_SIZE)
+                continue
+            refused.append(1)
+
+    thread = threading.Thread(target=parts, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), f"a writer waits for a slot after {len(refused)} parts"
+    assert len(refused) == PARTS_IN_FLIGHT + 1

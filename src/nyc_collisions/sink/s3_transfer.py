@@ -217,7 +217,11 @@ class S3Writer:
         started = time.monotonic()
         self._slots.acquire()
         self._stats.waited(time.monotonic() - started)
-        self._parts.append(self._pool.submit(self._upload_part, number, data))
+        try:
+            self._parts.append(self._pool.submit(self._upload_part, number, data))
+        except BaseException:  # no thread to give the slot back (the interpreter's exit)
+            self._slots.release()
+            raise
 
     def _upload_part(self, number: int, data: bytes) -> dict[str, Any]:
         started = time.monotonic()
