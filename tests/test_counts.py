@@ -227,30 +227,40 @@ def test_a_skipped_new_row_is_counted_after_a_compaction(
     agrees(soda, dest, tmp_path)
 
 
-def test_rows_a_stopped_update_landed_at_its_mark_are_not_counted_again(
-    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """600 rows inserted at one `:updated_at` T; an update stops within T (watermark T and a row
-    id), the next lands the rest; three of the first's rows are then edited, and the update
-    after lands them: created at T, the window's start, and landed already."""
+def _landed_ids(dest: str, batch: dict[str, Any]) -> list[str]:
     import pyarrow.csv as pcsv
 
+    return [
+        i
+        for f in batch["files"]
+        for i in pcsv.read_csv(Path(dest) / f["path"]).column("socrata_id").to_pylist()
+    ]
+
+
+@pytest.mark.parametrize("stopped", [1, 2])
+def test_rows_stopped_updates_landed_at_their_mark_are_not_counted_again(
+    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stopped: int
+) -> None:
+    """600 rows inserted at one `:updated_at` T; one or two updates in a row stop within T
+    (watermark T and a row id), the next lands the rest; three rows the first stopped update
+    landed are then edited, and the update after lands them: created at T, where the window
+    starts, and landed already."""
     dest = str(tmp_path / "land")
     where = ("--source", soda.url, "--dest", dest)
     run("backfill", "crashes", *where)
     soda.insert(CRASHES, 600)
-    update_stopped_after_a_page(where, monkeypatch)
-    first = manifest(dest)["batches"][-1]
+    marks = []
+    for _ in range(stopped):
+        update_stopped_after_a_page(where, monkeypatch)
+        marks.append(manifest(dest)["batches"][-1])
+    first = marks[0]
     assert (first["kind"], first["rows"]) == ("update", 50), first
+    assert {m["watermark"]["updated_at"] for m in marks} == {first["watermark"]["updated_at"]}
     assert first["watermark"]["row_id"] is not None
-    ids = [
-        i
-        for f in first["files"]
-        for i in pcsv.read_csv(Path(dest) / f["path"]).column("socrata_id").to_pylist()
-    ]
     soda.edit(CRASHES, 5)  # the next update ends past T
     run("update", "crashes", *where)
-    edit_ids(soda, CRASHES, ids[:3])
+    assert manifest(dest)["batches"][-1]["info"]["done"] is True
+    edit_ids(soda, CRASHES, _landed_ids(dest, first)[:3])
     run("update", "crashes", *where)
     agrees(soda, dest, tmp_path)
 
@@ -313,40 +323,6 @@ def test_skipped_row_counted_after_compaction_then_a_stopped_update(
     assert kinds[-2:] == ["snapshot", "update"], kinds
     assert manifest(dest)["batches"][-1]["info"]["done"] is False
     run("update", "crashes", *where, "--page-size", "50")
-    agrees(soda, dest, tmp_path)
-
-
-def _landed_ids(dest: str, batch: dict[str, Any]) -> list[str]:
-    import pyarrow.csv as pcsv
-
-    return [
-        i
-        for f in batch["files"]
-        for i in pcsv.read_csv(Path(dest) / f["path"]).column("socrata_id").to_pylist()
-    ]
-
-
-def test_rows_landed_at_one_updated_at_by_two_stopped_updates_are_not_counted_again(
-    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """600 rows inserted at one `:updated_at` T; two updates in a row stop within T, the third
-    lands the rest; rows the FIRST stopped update landed are then edited: created at T (the
-    window's start), landed already, not new."""
-    dest = str(tmp_path / "land")
-    where = ("--source", soda.url, "--dest", dest)
-    run("backfill", "crashes", *where)
-    soda.insert(CRASHES, 600)
-    update_stopped_after_a_page(where, monkeypatch)
-    first = manifest(dest)["batches"][-1]
-    update_stopped_after_a_page(where, monkeypatch)
-    second = manifest(dest)["batches"][-1]
-    assert first["batch_id"] != second["batch_id"]
-    assert first["watermark"]["updated_at"] == second["watermark"]["updated_at"]
-    soda.edit(CRASHES, 5)  # the next update ends past T
-    run("update", "crashes", *where)
-    assert manifest(dest)["batches"][-1]["info"]["done"] is True
-    edit_ids(soda, CRASHES, _landed_ids(dest, first)[:3])
-    run("update", "crashes", *where)
     agrees(soda, dest, tmp_path)
 
 

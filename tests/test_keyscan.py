@@ -284,15 +284,11 @@ def test_the_daily_lambda_run_goes_on_with_a_stopped_reconcile(
         assert [r["status"] for r in again["results"]] == ["updated"], again
 
 
-def test_a_damaged_key_scan_record_is_scanned_anew(
-    soda: FakeSoda,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """A stopped reconcile's `scan.json`, damaged: only the scan's progress, so the next
-    reconcile says so and scans again (it failed every reconcile after it, the daily one too,
-    with a line that named no way out)."""
+def stopped_scan(
+    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Path, tuple[str, ...], Path]:
+    """Persons landed, then a reconcile stopped by its deadline: the destination, the
+    arguments that name it, and the stopped scan's record."""
     from nyc_collisions import reconcile
     from tests.helpers import deadline_past_for
 
@@ -303,6 +299,19 @@ def test_a_damaged_key_scan_record_is_scanned_anew(
         late.setattr(reconcile, "Reconcile", deadline_past_for({"persons"}))
         assert cli("reconcile", "persons", *where).code == 3
     (scan,) = (dest / "persons" / "runs").rglob("scan.json")
+    return dest, where, scan
+
+
+def test_a_damaged_key_scan_record_is_scanned_anew(
+    soda: FakeSoda,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stopped reconcile's `scan.json`, damaged: only the scan's progress, so the next
+    reconcile says so and scans again (it failed every reconcile after it, the daily one too,
+    with a line that named no way out)."""
+    dest, where, scan = stopped_scan(soda, tmp_path, monkeypatch)
     scan.write_text(scan.read_text()[:40])
     soda.delete(NAMES["persons"], 3)
     with caplog.at_level(logging.WARNING):
@@ -318,16 +327,7 @@ def test_a_damaged_key_scan_part_record_is_scanned_anew(
 ) -> None:
     """As a damaged `scan.json`, a damaged part record of the scan (only its progress too) is
     dropped with the scan, which starts anew."""
-    from nyc_collisions import reconcile
-    from tests.helpers import NAMES, deadline_past_for
-
-    dest = tmp_path / "land"
-    where = ("--source", soda.url, "--dest", str(dest))
-    assert cli("backfill", "persons", *where).code == 0
-    with monkeypatch.context() as late:
-        late.setattr(reconcile, "Reconcile", deadline_past_for({"persons"}))
-        assert cli("reconcile", "persons", *where).code == 3
-    (scan,) = (dest / "persons" / "runs").rglob("scan.json")
+    dest, where, scan = stopped_scan(soda, tmp_path, monkeypatch)
     parts = scan.parent / "parts"
     parts.mkdir(exist_ok=True)
     (parts / "0000-000000.json").write_text('{"partition": 0, "seq": 0, "do')

@@ -62,39 +62,30 @@ def test_a_destination_that_cannot_delete_is_refused_before_anything_lands(
 ) -> None:
     refuse(lambda key: "AccessDenied")
     dest = f"s3://{bucket}/collisions_raw_data"
-    res = cli(
-        "backfill",
-        "crashes",
-        "--source",
-        soda_ro.url,
-        "--dest",
-        dest,
-        "--no-progress",
-        env={"SOCRATA_APP_TOKEN": GOOD_TOKEN},
-    )
+    res = cli("backfill", "crashes", "--source", soda_ro.url, "--dest", dest, "--no-progress",
+              env={"SOCRATA_APP_TOKEN": GOOD_TOKEN})  # fmt: skip
     assert res.code == 1, res.text
     assert len(res.err.strip().splitlines()) == 1, res.err
     assert "access denied" in res.err
     assert not any("/data/" in k for k in _keys(bucket))
 
 
-def _leftover(bucket: str) -> str:
-    """A data file of a killed run that no manifest names (the next run's tidy removes it)."""
+def landed_with_a_leftover(soda: FakeSoda, bucket: str) -> tuple[tuple[str, ...], str]:
+    """Crashes landed, and a data file of a killed run that no manifest names (the next run's
+    tidy removes it): the update's arguments, and the leftover's key."""
     import boto3
 
+    args = ("crashes", "--source", soda.url, "--dest", f"s3://{bucket}/collisions_raw_data")
+    assert cli("backfill", *args, env={"SOCRATA_APP_TOKEN": GOOD_TOKEN}).code == 0
     key = f"collisions_raw_data/crashes/data/backfill-killed-{uuid.uuid4().hex[:6]}/part-0.csv"
     boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=b"a\n1\n")
-    return key
+    return args, key
 
 
 def test_keys_s3_was_too_busy_to_delete_are_deleted_again(
     soda_ro: FakeSoda, bucket: str, refuse: Callable[[Callable[[str], str | None]], None]
 ) -> None:
-    dest = f"s3://{bucket}/collisions_raw_data"
-    args = ("--source", soda_ro.url, "--dest", dest)
-    env = {"SOCRATA_APP_TOKEN": GOOD_TOKEN}
-    assert cli("backfill", "crashes", *args, env=env).code == 0
-    left = _leftover(bucket)
+    args, left = landed_with_a_leftover(soda_ro, bucket)
     busy = {left: 2}  # busy for its first two attempts
 
     def rule(key: str) -> str | None:
@@ -104,7 +95,7 @@ def test_keys_s3_was_too_busy_to_delete_are_deleted_again(
         return None
 
     refuse(rule)
-    res = cli("update", "crashes", *args, env=env)
+    res = cli("update", *args, env={"SOCRATA_APP_TOKEN": GOOD_TOKEN})
     assert res.code == 0, res.text
     assert busy[left] == 0
     assert left not in _keys(bucket)
@@ -116,14 +107,10 @@ def test_a_cleanup_s3_refused_says_so(
     refuse: Callable[[Callable[[str], str | None]], None],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    dest = f"s3://{bucket}/collisions_raw_data"
-    args = ("--source", soda_ro.url, "--dest", dest)
-    env = {"SOCRATA_APP_TOKEN": GOOD_TOKEN}
-    assert cli("backfill", "crashes", *args, env=env).code == 0
-    left = _leftover(bucket)
+    args, left = landed_with_a_leftover(soda_ro, bucket)
     refuse(lambda key: "AccessDenied" if key == left else None)
     with caplog.at_level("WARNING"):
-        res = cli("update", "crashes", *args, env=env)
+        res = cli("update", *args, env={"SOCRATA_APP_TOKEN": GOOD_TOKEN})
     assert res.code == 0, res.text  # the update committed; its cleanup waits for the next run
     said = [r.getMessage() for r in caplog.records if "cleanup stopped" in r.getMessage()]
     assert said, caplog.text
