@@ -19,10 +19,12 @@ started from (`mark`):
   commit (`ahead_until`): rows created after that are new for sure;
 - created at the mark's very time (after a run that stopped within one `:updated_at`): new when
   never changed since, unless the snapshot's `ahead_until` reaches the mark (it may hold them);
-- created at the mark and changed since, or between the mark and `ahead_until`, or without
-  `:created_at`, or at the mark the snapshot reached: uncertain. Those few are looked up in the
-  current state itself when the file that holds them is committed (a read of the landed keys,
-  which only these rare cases pay).
+- created at the mark and changed since: landed by an update that ended at the mark or not,
+  so looked up in those updates' files with the rows above;
+- created between the mark and `ahead_until`, or without `:created_at`, or at the mark the
+  snapshot reached: uncertain. Those few are looked up in the current state itself when the
+  file that holds them is committed (a read of the landed keys, which only these rare cases
+  pay).
 
 This holds while a key names one row at the source (what `verify` checks).
 """
