@@ -12,9 +12,7 @@ import contextlib
 import functools
 import io
 import logging
-import random
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
@@ -26,6 +24,7 @@ from .s3_transfer import (
     S3Reader,
     S3Writer,
     UploadStats,
+    back_off,
     code_of,
     new_session,
     s3_client,
@@ -92,7 +91,7 @@ class S3Storage:
                 raise s3_error(where, exc) from exc
         failed: Exception | None = None
         for attempt in range(PUT_IF_ATTEMPTS):
-            _back_off(attempt)
+            back_off(attempt)
             check()
             try:
                 return send()
@@ -149,7 +148,7 @@ class S3Storage:
 
         client = self.client if check is None else self.guarded
         for attempt in range(PUT_IF_ATTEMPTS):
-            _back_off(attempt)
+            back_off(attempt)
             objects: list[ObjectIdentifierTypeDef] = [{"Key": k} for k in full]
             send = functools.partial(
                 client.delete_objects,
@@ -253,7 +252,7 @@ class S3Storage:
         condition = {"IfNoneMatch": "*"} if expect is None else {"IfMatch": expect}
         failed: Exception | None = None
         for attempt in range(PUT_IF_ATTEMPTS):
-            _back_off(attempt)
+            back_off(attempt)
             if check is not None:
                 check()
             try:  # one attempt, sent now (`s3_client(guarded=True)`)
@@ -331,12 +330,6 @@ class S3Storage:
         if first is None or again is not None or stale is not None:
             raise self._unconditional()
         self._conditional_ok = True
-
-
-def _back_off(attempt: int) -> None:
-    """Before a guarded write's attempt: none before the first, then exponential with jitter."""
-    if attempt:
-        time.sleep(random.uniform(0.5, 1.0) * min(8.0, 0.25 * 2**attempt))
 
 
 __all__ = ["S3Storage", "UploadStats", "s3_client"]

@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import functools
 import io
+import random
 import threading
 import time
 from concurrent.futures import Future
@@ -94,6 +95,13 @@ _TRANSIENT = (
     "ThrottlingException",
     "RequestThrottled",
 )
+
+
+def back_off(attempt: int) -> None:
+    """Before an attempt of our own at an S3 call: none before the first, then exponential with
+    jitter."""
+    if attempt:
+        time.sleep(random.uniform(0.5, 1.0) * min(8.0, 0.25 * 2**attempt))
 
 
 def transient(exc: Exception) -> bool:
@@ -330,8 +338,7 @@ class S3Reader(io.RawIOBase):
         where = f"s3://{self._bucket}/{self._key}"
         failed: Exception | None = None
         for attempt in range(READ_ATTEMPTS):
-            if attempt:
-                time.sleep(min(4.0, 0.25 * 2**attempt))
+            back_off(attempt)
             try:
                 obj = self._s3.get_object(
                     Bucket=self._bucket, Key=self._key, Range=f"bytes={first}-{last}"
