@@ -147,7 +147,7 @@ def readers(
         inner = body[body.find(b"[") + 1 : body.rfind(b"]")]
         ids = fields.index(":id")
         out["native JSON -> landed CSV (this tool's _jsoncsv)"] = lambda: _jsoncsv.convert(
-            inner, fields, kinds, (":version",), ids
+            inner, fields, kinds, (":version",), ids, fields.index(":updated_at")
         )
 
     csv_body = isal_zlib.decompress(csv_gz, 31)

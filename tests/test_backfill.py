@@ -7,7 +7,10 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from tests.conftest import GOOD_TOKEN
@@ -322,3 +325,100 @@ def test_crashes_land_the_same_bytes_with_or_without_the_native_converter(
         landed[native] = sorted(p.read_bytes() for p in dest.rglob("data/*/part-*.csv"))
     assert len(landed[True]) > 1
     assert landed[True] == landed[False]
+
+
+@pytest.mark.parametrize(
+    ("name", "how"),
+    [("persons", ("--wire", "csv")), ("crashes", ()), ("crashes", ("--format", "parquet"))],
+    ids=["csv-rows-passed-through", "json-rows-converted", "rows-as-tables"],
+)
+def test_the_snapshot_records_the_latest_change_it_holds_without_asking_again(
+    soda: FakeSoda,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    how: tuple[str, ...],
+) -> None:
+    """Counts tell new rows by a snapshot's `ahead_until` (counts.py): no row it holds was
+    changed after it. The rows' own latest `:updated_at` is that, exactly, whichever way pages
+    land; a row changed after it was landed (its old version landed) does not raise it, and
+    the source is not asked for it after the last page."""
+    from nyc_collisions.source import DatasetSource
+    from tests.test_counts import edit_ids
+
+    dataset_id = NAMES[name]
+    pages = DatasetSource.page_params
+    edited: list[str] = []
+
+    def page_params(self: DatasetSource, **kw: Any) -> dict[str, str]:
+        if kw["after"] is not None and not edited:  # a row already landed changes
+            edited.append(kw["after"])
+            edit_ids(soda, dataset_id, edited)
+        return pages(self, **kw)
+
+    monkeypatch.setattr(DatasetSource, "page_params", page_params)
+    dest = tmp_path / "land"
+    soda.reset_stats()
+    backfill(soda, str(dest), name, "--workers", "1", "--page-size", "500", *how)
+    assert edited
+    export = tmp_path / "rows.csv"
+    res = cli("export", name, "--dest", str(dest), "-o", str(export))
+    assert res.code == 0, res.text
+    held = max(r["socrata_updated_at"] for r in read_export(export))
+    source_latest = max(r[":updated_at"] for r in soda.rows(dataset_id))
+    assert held < source_latest  # (the edit's time: its row landed before it)
+    snapshot = json.loads((dest / name / "manifest.json").read_text())["batches"][0]
+    assert snapshot["info"]["ahead_until"] == held
+    asked = [r["params"].get("$select", "") for r in soda.requests()]
+    assert len([s for s in asked if "max(" in s]) == 1, asked  # the one beside the count
+
+
+@pytest.mark.parametrize("older", [False, True], ids=["records-say", "records-of-an-older-version"])
+def test_a_resumed_snapshot_records_the_latest_change_its_files_hold(
+    tmp_path: Path, older: bool
+) -> None:
+    """Each part record says the latest `:updated_at` its partition landed up to it, its own
+    file's rows included, so a resumed run knows it of the files it did not write; records of
+    an older version do not say, and the source is asked at the end instead."""
+    import pyarrow.csv as pacsv
+
+    from tests.helpers import paced_crashes
+    from tests.test_counts import edit_ids
+
+    with paced_crashes() as srv:
+        args = ["crashes", "--source", srv.url, "--page-size", "100", "--file-rows", "100"]
+        for budget in (0.6, 1.2, 2.4, 4.8):  # the first that stops it after some files
+            dest = tmp_path / f"land-{budget}"
+            first = cli("backfill", *args, "--dest", str(dest), "--max-seconds", str(budget))
+            assert first.code in (0, 3), first.text
+            records = [json.loads(p.read_text()) for p in dest.glob("crashes/runs/*/parts/*")]
+            if first.code == 3 and any(r["path"] for r in records):
+                break
+        else:
+            pytest.fail("no budget stopped the backfill after a file")
+        read = pacsv.ConvertOptions(column_types={"socrata_updated_at": pa.string()})
+        for r in records:
+            if r["path"]:
+                rows = pacsv.read_csv(dest / r["path"], convert_options=read)
+                assert r["latest"] >= pc.max(rows.column("socrata_updated_at")).as_py(), r
+        # a row the stopped run landed changes: its landed version stays the older
+        landed_id = next(r["last_id"] for r in records if r["path"])
+        edit_ids(srv, NAMES["crashes"], [landed_id])
+        if older:
+            for p in dest.glob("crashes/runs/*/parts/*"):
+                doc = json.loads(p.read_text())
+                del doc["latest"]
+                p.write_text(json.dumps(doc))
+        srv.reset_stats()
+        second = cli("backfill", *args, "--dest", str(dest))
+        assert second.code == 0, second.text
+        export = tmp_path / "rows.csv"
+        res = cli("export", "crashes", "--dest", str(dest), "-o", str(export))
+        assert res.code == 0, res.text
+        held = max(r["socrata_updated_at"] for r in read_export(export))
+        source_latest = max(r[":updated_at"] for r in srv.rows(NAMES["crashes"]))
+        assert held < source_latest
+        ahead = json.loads((dest / "crashes/manifest.json").read_text())["batches"][0]["info"]
+        assert ahead["ahead_until"] == (source_latest if older else held)
+        asked = [r["params"].get("$select", "") for r in srv.requests()]
+        assert len([s for s in asked if "max(" in s]) == (1 if older else 0), asked

@@ -110,7 +110,7 @@ def json_row(row: dict[str, object], rnd: random.Random) -> bytes:
                 for m, v in members
             )
             text = b"{" + ws().encode() + inner + ws().encode() + b"}"
-        elif key == ":id":  # ids are plain (a row id with escapes is declined)
+        elif key in (":id", ":updated_at"):  # plain as SODA writes them (escaped: declined)
             text = b'"' + str(value).encode() + b'"'
         else:
             text = json_string(str(value), rnd)
@@ -140,6 +140,10 @@ def _rows(draw: st.DrawFn) -> dict[str, object]:
     plain = st.characters(min_codepoint=0x20, exclude_characters='"\\', exclude_categories=("Cs",))
     row[":id"] = draw(st.text(plain, min_size=1, max_size=8))
     row[":created_at"] = "2021-02-23T16:03:14.703Z"
+    # any plain text, non-ASCII too: the latest is the greatest as Python orders strings
+    updated = draw(st.one_of(st.none(), st.text(plain, max_size=6)))
+    if updated is not None or draw(st.booleans()):
+        row[":updated_at"] = updated
     if draw(st.booleans()):
         row[":version"] = "rv-" + draw(st.text(max_size=3))
     if draw(st.booleans()):
@@ -169,6 +173,8 @@ def test_converted_rows_are_the_bytes_the_table_path_lands(
     assert got.num_rows == len(rows)
     if rows:
         assert got.last_id == rows[-1][":id"]
+    times = [str(r[":updated_at"]) for r in rows if r.get(":updated_at") is not None]
+    assert got.latest == max(times, default="")
 
 
 GOOD = (
@@ -226,6 +232,7 @@ def test_a_good_piece_is_converted() -> None:
         b'{"borough" "a",":id":"r"}',
         b'{"borough":nul,":id":"r"}',
         b'{"bor\\u006fugh":"a",":id":"r"}',
+        b'{":updated_at":"2021\\u002d02",":id":"r"}',
     ],
 )
 def test_what_the_table_path_must_decide_is_declined(inner: bytes) -> None:

@@ -359,6 +359,7 @@ typedef struct {
     size_t ncols, nkeys;
     const unsigned char *kinds;
     size_t id_index;
+    Py_ssize_t updated_index; /* the column of `:updated_at`, or -1 */
 } Spec;
 
 /* The key's index in spec->keys, or -1. */
@@ -369,10 +370,16 @@ static Py_ssize_t find_key(const Spec *spec, const unsigned char *k, size_t kn) 
     return -1;
 }
 
-/* Converts the rows; 0 when done, 1 when declined, -1 when out of memory. */
+/* Whether the raw string a (an) sorts after b (bn), byte by byte as Python compares them. */
+static inline int sorts_after(const unsigned char *a, size_t an, const unsigned char *b, size_t bn) {
+    int c = memcmp(a, b, an < bn ? an : bn);
+    return c > 0 || (c == 0 && an > bn);
+}
+
+/* Converts the rows; 0 when done, 1 when declined, -1 when out of memory. The last row's id
+   and the latest `:updated_at` of the rows are pointed into the input. */
 static int convert_rows(const Spec *spec, const unsigned char *p, const unsigned char *end, Out *o,
-                        Slot *slots, size_t *order, size_t *rows, const unsigned char **last_id,
-                        size_t *last_id_n) {
+                        Slot *slots, size_t *order, size_t *rows, Slot *last_id, Slot *latest) {
     size_t ncols = spec->ncols;
     *rows = 0;
     for (size_t i = 0; i < ncols + 64; i++)
@@ -481,6 +488,14 @@ static int convert_rows(const Spec *spec, const unsigned char *p, const unsigned
         const Slot *id = &slots[spec->id_index];
         if (id->kind != SLOT_RAW)
             return 1; /* no id, or one with escapes: the Python path says which */
+        if (spec->updated_index >= 0) {
+            const Slot *u = &slots[spec->updated_index];
+            if (u->kind == SLOT_ESCAPED)
+                return 1; /* a timestamp with escapes: the Python path compares it decoded */
+            if (u->kind == SLOT_RAW &&
+                (!latest->s || sorts_after(u->s, u->n, latest->s, latest->n)))
+                *latest = *u;
+        }
         /* Each value byte becomes at most two (a `\"` becomes `\""` inside a location), plus
            quotes and commas for every column and the location's member names. */
         if (reserve(o, 2 * (size_t)(p - row_start) + 4 * ncols + 64 * N_MEMBERS + 16))
@@ -509,8 +524,7 @@ static int convert_rows(const Spec *spec, const unsigned char *p, const unsigned
             }
         }
         o->p[o->n++] = '\n';
-        *last_id = id->s;
-        *last_id_n = id->n;
+        *last_id = *id;
         (*rows)++;
         p = skip_ws(p, end);
         if (p >= end)
@@ -550,21 +564,22 @@ static int plain_keys(const Key *keys, size_t n) {
 }
 
 PyDoc_STRVAR(convert_doc,
-             "convert(rows, fields, kinds, skip, id_index, /)\n--\n\n"
+             "convert(rows, fields, kinds, skip, id_index, updated_index, /)\n--\n\n"
              "SODA JSON rows (objects separated by commas, without the array's brackets) -> "
-             "(landed CSV bytes, rows, last id), or None when the rows need the Python path.\n\n"
+             "(landed CSV bytes, rows, last id, latest :updated_at or ''), or None when the rows "
+             "need the Python path.\n\n"
              "fields: the columns' JSON keys in landed order; kinds: one byte per column, 0 text, "
              "1 legacy location; skip: keys whose string values are not landed; id_index: the "
-             "column of `:id`.");
+             "column of `:id`; updated_index: the column of `:updated_at`, or -1.");
 
 static PyObject *convert(PyObject *self, PyObject *args) {
     Py_buffer buf;
     PyObject *fields, *skip;
     const char *kinds;
-    Py_ssize_t kinds_n, id_index;
+    Py_ssize_t kinds_n, id_index, updated_index;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*O!y#O!n", &buf, &PyTuple_Type, &fields, &kinds, &kinds_n,
-                          &PyTuple_Type, &skip, &id_index))
+    if (!PyArg_ParseTuple(args, "y*O!y#O!nn", &buf, &PyTuple_Type, &fields, &kinds, &kinds_n,
+                          &PyTuple_Type, &skip, &id_index, &updated_index))
         return NULL;
     PyObject *result = NULL;
     Key *keys = NULL;
@@ -573,8 +588,11 @@ static PyObject *convert(PyObject *self, PyObject *args) {
     Out out = {NULL, 0, 0};
     Py_ssize_t ncols = PyTuple_GET_SIZE(fields);
     Py_ssize_t nkeys = ncols + PyTuple_GET_SIZE(skip);
-    if (kinds_n != ncols || id_index < 0 || id_index >= ncols || ncols == 0) {
-        PyErr_SetString(PyExc_ValueError, "kinds must give one byte per field, id_index a field");
+    if (kinds_n != ncols || id_index < 0 || id_index >= ncols || ncols == 0 ||
+        updated_index < -1 || updated_index >= ncols) {
+        PyErr_SetString(PyExc_ValueError,
+                        "kinds must give one byte per field, id_index a field, updated_index a "
+                        "field or -1");
         goto done;
     }
     keys = PyMem_Calloc((size_t)nkeys, sizeof *keys);
@@ -590,15 +608,16 @@ static PyObject *convert(PyObject *self, PyObject *args) {
         result = Py_NewRef(Py_None);
         goto done;
     }
-    Spec spec = {keys, (size_t)ncols, (size_t)nkeys, (const unsigned char *)kinds, (size_t)id_index};
+    Spec spec = {keys,     (size_t)ncols,      (size_t)nkeys, (const unsigned char *)kinds,
+                 (size_t)id_index, updated_index};
     const unsigned char *data = buf.buf;
-    size_t rows = 0, last_n = 0;
-    const unsigned char *last = NULL;
+    size_t rows = 0;
+    Slot last = {0}, latest = {0};
     int status;
     Py_BEGIN_ALLOW_THREADS;
     status = reserve(&out, (size_t)buf.len + (size_t)buf.len / 2 + 1024);
     if (!status)
-        status = convert_rows(&spec, data, data + buf.len, &out, slots, order, &rows, &last, &last_n);
+        status = convert_rows(&spec, data, data + buf.len, &out, slots, order, &rows, &last, &latest);
     Py_END_ALLOW_THREADS;
     if (status < 0) {
         PyErr_NoMemory();
@@ -609,13 +628,18 @@ static PyObject *convert(PyObject *self, PyObject *args) {
         goto done;
     }
     PyObject *text = PyBytes_FromStringAndSize((const char *)out.p, (Py_ssize_t)out.n);
-    PyObject *last_id = rows ? PyUnicode_DecodeUTF8((const char *)last, (Py_ssize_t)last_n, "strict")
+    PyObject *last_id = rows ? PyUnicode_DecodeUTF8((const char *)last.s, (Py_ssize_t)last.n,
+                                                    "strict")
                              : Py_NewRef(Py_None);
-    if (text && last_id)
-        result = Py_BuildValue("(NnN)", text, (Py_ssize_t)rows, last_id);
+    PyObject *newest = latest.s ? PyUnicode_DecodeUTF8((const char *)latest.s,
+                                                       (Py_ssize_t)latest.n, "strict")
+                                : PyUnicode_FromStringAndSize("", 0);
+    if (text && last_id && newest)
+        result = Py_BuildValue("(NnNN)", text, (Py_ssize_t)rows, last_id, newest);
     else {
         Py_XDECREF(text);
         Py_XDECREF(last_id);
+        Py_XDECREF(newest);
     }
 done:
     free(out.p);

@@ -6,5 +6,6 @@ def convert(
     kinds: bytes,
     skip: tuple[str, ...],
     id_index: int,
+    updated_index: int,
     /,
-) -> tuple[bytes, int, str | None] | None: ...
+) -> tuple[bytes, int, str | None, str] | None: ...

@@ -15,8 +15,9 @@ started from (`mark`):
   while each of two updates ran, skipped by both, is not caught;
 - created after the mark: no earlier update can have landed it, nor a reconcile (which leaves
   rows past the watermark to updates); only a snapshot can hold a row past its own watermark (a
-  row inserted while the backfill ran), and it records the source's latest `:updated_at` at its
-  commit (`ahead_until`): rows created after that are new for sure;
+  row inserted while the backfill ran), and it records the latest `:updated_at` of the rows it
+  holds (`ahead_until`, from its part records; the source's at its commit for a run resumed
+  from an older version's records): rows created after that are new for sure;
 - created at the mark's very time (after a run that stopped within one `:updated_at`): new when
   never changed since, unless the snapshot's `ahead_until` reaches the mark (it may hold them);
 - created at the mark and changed since: landed by an update that ended at the mark or not,

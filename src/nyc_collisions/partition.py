@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .chain import extended
 from .errors import RetriesStopped
@@ -126,6 +127,7 @@ class PartitionFetch:
         self.split_keep = 0
         self._asked = ctx.opts.page_size  # rows the current page asks for
         self.seconds = 0.0  # spent in pages: with `page_rows`, how long a row takes
+        self.latest = ""  # the latest `:updated_at` it landed (see `PartRecord.latest`)
         self.page_rows = 0
         opts = ctx.opts
         self.files = FileRotation(
@@ -179,13 +181,16 @@ class PartitionFetch:
             after=self.after, upper=self.partition.upper, limit=self._asked
         )
 
+    # `latest` first: a file the write fills is recorded within it
     def _emit(self, table: pa.Table) -> None:
+        self.latest = max(self.latest, pc.max(table.column("socrata_updated_at")).as_py() or "")
         self.files.write(table)
         self.after = table.column("socrata_id")[-1].as_py()
         self.landed += table.num_rows
         self.ctx.progress.add(table.num_rows)
 
     def _emit_rows(self, rows: CsvRows) -> None:
+        self.latest = max(self.latest, rows.latest)
         self.files.write(rows)
         self.after = rows.last_id
         self.landed += rows.num_rows
@@ -266,5 +271,6 @@ class PartitionFetch:
             rows=entry.rows if entry else 0,
             bytes=entry.bytes if entry else 0,
             last_id=last_id,
+            latest=self.latest,
         )
         self.ctx.state.put_part_record(self.ctx.batch_id, record)

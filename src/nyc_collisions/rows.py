@@ -17,6 +17,7 @@ class CsvRows:
     data: memoryview
     num_rows: int
     last: pa.Table  # the last row's `socrata_id` (the only column read)
+    latest: str = ""  # the latest `:updated_at` among them ("" when none has one)
 
     @property
     def last_id(self) -> str:

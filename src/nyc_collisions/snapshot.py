@@ -56,6 +56,14 @@ def land_snapshot(
     return _Snapshot(job, fmt).land(stop, result)
 
 
+def _latest(parts: list[PartRecord]) -> str | None:
+    """The latest `:updated_at` the run's files hold (as their records say), or None when a
+    record does not say (an older version's: the source is asked instead)."""
+    if any(r.latest is None for r in parts):
+        return None
+    return max((r.latest or "" for r in parts), default="") or None
+
+
 class _Snapshot:
     def __init__(self, job: DatasetJob, fmt: str) -> None:
         self.job = job
@@ -233,7 +241,7 @@ class _Snapshot:
                 "planned": plan.planned,
                 "splits": plan.splits,
                 # no row of the snapshot was created after this (see counts.py)
-                "ahead_until": job.source.max_updated_at(),
+                "ahead_until": _latest(parts) or job.source.max_updated_at(),
             },
         )
         columns = column_specs(schema.columns)

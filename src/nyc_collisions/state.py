@@ -381,6 +381,9 @@ class PartRecord:
     rows: int
     bytes: int
     last_id: str | None
+    # the latest `:updated_at` of the rows its partition landed up to it ("" none; None unknown:
+    # a record of an older version)
+    latest: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -401,7 +404,10 @@ class PartRecord:
                 value = doc[name]
                 if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                     raise TypeError(f"{name} is {value!r}")
-            return cls(**{name: doc[name] for name in kinds})
+            latest = doc.get("latest")
+            if latest is not None and not isinstance(latest, str):
+                raise TypeError(f"latest is {latest!r}")
+            return cls(**{name: doc[name] for name in kinds}, latest=latest)
         except (KeyError, TypeError) as exc:
             run = where.rsplit("/parts/", 1)[0]
             raise StateError(

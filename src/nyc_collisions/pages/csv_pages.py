@@ -123,7 +123,7 @@ class CsvPageStream(Stream):
             and header == self.schema.field_names
             and not self._buf[:end].endswith(b"\r")
         )
-        self._check = csv_text_options(header, [":id", *self._number_fields])
+        self._check = csv_text_options(header, [":id", ":updated_at", *self._number_fields])
         del self._buf[: end + 1]
         return True
 
@@ -159,7 +159,8 @@ class CsvPageStream(Stream):
             raise BadResponse(f"page is not whole CSV after {self.rows} rows (not UTF-8)")
         logger.debug("%d CSV rows passed through unparsed", checked.num_rows)
         last = pa.Table.from_arrays([ids.slice(len(ids) - 1)], names=["socrata_id"])
-        self._hand_on(CsvRows(piece.data, checked.num_rows, last))
+        latest = pc.max(checked.column(":updated_at")).as_py() or ""
+        self._hand_on(CsvRows(piece.data, checked.num_rows, last, latest))
         return True
 
     def _parse(self, piece: np.ndarray) -> None:

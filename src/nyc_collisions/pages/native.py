@@ -47,6 +47,8 @@ class JsonRowsToCsv:
         self.kinds = bytes(c.data_type == "location" for c in schema.columns)
         self.skip = tuple(sorted(IGNORED_SYSTEM))
         self.id_index = self.fields.index(":id")
+        has_updated = ":updated_at" in self.fields
+        self.updated_index = self.fields.index(":updated_at") if has_updated else -1
 
     @classmethod
     def for_schema(cls, schema: Schema) -> JsonRowsToCsv | None:
@@ -65,11 +67,13 @@ class JsonRowsToCsv:
         """Rows separated by commas (a page without its brackets) -> the landed CSV rows, or
         None when the piece needs the table path."""
         assert _jsoncsv is not None
-        done = _jsoncsv.convert(rows, self.fields, self.kinds, self.skip, self.id_index)
+        done = _jsoncsv.convert(
+            rows, self.fields, self.kinds, self.skip, self.id_index, self.updated_index
+        )
         if done is None:
             logger.debug("JSON rows left to Arrow: the native converter declined them")
             return None
-        data, num_rows, last_id = done
+        data, num_rows, last_id, latest = done
         logger.debug("%d JSON rows converted to CSV natively", num_rows)
         last = pa.Table.from_arrays([pa.array([last_id], pa.string())], names=["socrata_id"])
-        return CsvRows(memoryview(data), num_rows, last)
+        return CsvRows(memoryview(data), num_rows, last, latest)
