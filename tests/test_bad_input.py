@@ -41,6 +41,10 @@ def nothing_committed(dest: Path) -> None:
         (["backfill", "crashes", "--dest", "s3://"], ["s3://bucket/prefix"]),
         (["backfill", "crashes", "--dest", "gs://bucket/x"], ["--dest"]),
         (["export", "crashes", "--output", "out.json"], [".csv or .parquet"]),
+        (["export", "crashes", "-o", "s3://bucket/out/crashes.parquet"], ["a local file"]),
+        (["backfill", "crashes", "--timeout", "inf"], ["--timeout"]),
+        (["backfill", "crashes", "--timeout", "1e12"], ["--timeout"]),
+        (["backfill", "crashes", "--max-seconds", "nan"], ["--max-seconds"]),
     ],
     ids=[
         "unknown_name",
@@ -53,19 +57,29 @@ def nothing_committed(dest: Path) -> None:
         "dest_s3_no_bucket",
         "dest_gs",
         "export_suffix",
+        "export_to_s3",
+        "timeout_inf",
+        "timeout_past_a_socket",
+        "budget_nan",
     ],
 )
 def test_usage_errors(
-    soda_ro: FakeSoda, tmp_path: Path, args: list[str], needles: list[str]
+    soda_ro: FakeSoda,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    needles: list[str],
 ) -> None:
     full = list(args)
     if "--source" not in full and full[0] == "backfill":
         full += ["--source", soda_ro.url]
     if "--dest" not in full:
         full += ["--dest", str(tmp_path / "land")]
+    monkeypatch.chdir(tmp_path)
     res = cli(*full)
-    assert res.code == 2
+    assert res.code == 2, res.text
     one_line_error(res.err, *needles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # (no `s3:` folder either)
     nothing_committed(tmp_path / "land")
     assert not (tmp_path / "land").exists() or not any((tmp_path / "land").rglob("*.csv"))
 
@@ -509,3 +523,13 @@ def test_option_errors_are_one_line(tmp_path: Path, args: list[str], needles: li
     assert done.returncode == 2, done.stderr
     one_line_error(done.stderr, "error", *needles)
     assert not (tmp_path / "land").exists()
+
+
+def test_status_says_why_the_source_has_no_count_for_a_dataset_not_landed(
+    soda_ro: FakeSoda, tmp_path: Path
+) -> None:
+    """A dataset id the source does not have (a typo): the text says so, not just `?` rows."""
+    res = cli("status", "abcd-1234", "--source", soda_ro.url, "--dest", str(tmp_path / "land"))
+    assert res.code == 0, res.text
+    assert "404" in res.out, res.out
+    assert "abcd-1234" in res.out, res.out

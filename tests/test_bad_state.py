@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from nyc_collisions.sink.storage import open_storage
@@ -65,6 +66,39 @@ def test_a_corrupt_manifest_is_one_line_naming_it(
         assert res.code == 1, (command, res.text)
         one_line(res.err, "crashes/manifest.json", "backfill")
     assert snapshot_of(state) == before  # nothing was written or removed
+    assert not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: d["columns"][0].pop("type"),
+        lambda d: d.__setitem__("columns", "oops"),
+        lambda d: d["batches"][0]["files"][0].__setitem__("path", None),
+        lambda d: d["batches"][0]["files"][0].__setitem__("bytes", "x"),
+        lambda d: d["batches"][0].__setitem__("rows", "many"),
+    ],
+    ids=["column-without-type", "columns-not-a-list", "file-path-null", "bytes-text", "rows-text"],
+)
+def test_a_manifest_with_a_field_of_the_wrong_kind_is_one_line_naming_it(
+    soda_ro: FakeSoda, dest: str, damage: Any, tmp_path: Path
+) -> None:
+    state = land_crashes(soda_ro, dest)
+    doc = orjson.loads(state.storage.get_bytes(state.manifest_key) or b"")
+    damage(doc)
+    state.storage.put_bytes(state.manifest_key, orjson.dumps(doc))
+    before = snapshot_of(state)
+    where = ("--source", soda_ro.url, "--dest", dest)
+    for command in (
+        ("export", "crashes", "--dest", dest, "-o", str(tmp_path / "out.csv")),
+        ("status", "crashes", *where),
+        ("update", "crashes", *where),
+        ("compact", "crashes", "--dest", dest),
+    ):
+        res = cli(*command)
+        assert res.code == 1, (command, res.text)
+        one_line(res.err, "crashes/manifest.json", "backfill")
+    assert snapshot_of(state) == before
     assert not (tmp_path / "out.csv").exists()
 
 
@@ -132,19 +166,28 @@ def test_an_unfinished_run_with_a_damaged_plan_is_replaced_by_a_new_run(
     exact(soda_ro, dest, "crashes", tmp_path)
 
 
+@pytest.mark.parametrize("command", ["backfill", "export", "compact"])
 def test_an_unexpected_failure_is_one_line_and_the_traceback_only_with_v(
-    soda_ro: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    soda_ro: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
 ) -> None:
-    from nyc_collisions import snapshot
-
+    """The line says to rerun with -v for the traceback: every command that can say it takes
+    -v."""
     token = GOOD_TOKEN
     monkeypatch.setenv("SOCRATA_APP_TOKEN", token)
 
     def broken(*_args: Any, **_kw: Any) -> None:
         raise RuntimeError(f"something nobody foresaw (with {token})")
 
-    monkeypatch.setattr(snapshot._Snapshot, "_plan", broken)
-    args = ("backfill", "crashes", "--source", soda_ro.url, "--dest", str(tmp_path / "land"))
+    dest = str(tmp_path / "land")
+    if command != "backfill":
+        land_crashes(soda_ro, dest)
+    monkeypatch.setattr(DatasetState, "load", broken)
+    args: tuple[str, ...] = (command, "crashes", "--dest", dest)
+    args += {
+        "backfill": ("--source", soda_ro.url),
+        "export": ("-o", str(tmp_path / "out.csv")),
+        "compact": (),
+    }[command]
     res = cli(*args)
     assert res.code == 1, res.text
     line = one_line(res.err, "RuntimeError", "something nobody foresaw", "-v")
@@ -154,7 +197,8 @@ def test_an_unexpected_failure_is_one_line_and_the_traceback_only_with_v(
     assert res.code == 1
     assert "Traceback" in res.err
     assert token not in res.text
-    assert not list((tmp_path / "land").rglob("manifest.json"))
+    if command == "backfill":
+        assert not list((tmp_path / "land").rglob("manifest.json"))
 
 
 class _S3Refuses(BaseHTTPRequestHandler):

@@ -123,6 +123,11 @@ def read(dataset: str, dest: str | None = None) -> pd.DataFrame:
 
 def export(dataset: str, output: str | Path, dest: str | None = None) -> int:
     """Write the landed current state as one `.csv` or `.parquet` file; returns the row count."""
+    if "://" in str(output):
+        raise UsageError(
+            f"--output {str(output)!r}: export writes a local file; write it here, then copy "
+            "it (aws s3 cp)"
+        )
     out = Path(output)
     suffix = out.suffix.lower()
     if suffix not in (".csv", ".parquet"):

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 from . import settings
 from .errors import UsageError
-from .socrata.client import DEFAULT_BASE_URL, WIRES, RetryPolicy, SodaClient
+from .socrata.client import DEFAULT_BASE_URL, MAX_TIMEOUT, WIRES, RetryPolicy, SodaClient
 
 DEFAULT_RETRIES = 10
 DEFAULT_TIMEOUT = 120.0
+__all__ = ["DEFAULT_RETRIES", "DEFAULT_TIMEOUT", "MAX_TIMEOUT", "SourceSettings"]
 
 
 @dataclass(frozen=True)

@@ -85,12 +85,12 @@ class Batch:
     def from_dict(cls, d: dict[str, Any]) -> Batch:
         wm = d.get("watermark")
         return cls(
-            batch_id=d["batch_id"],
-            kind=d["kind"],
-            format=d["format"],
-            committed_at=d["committed_at"],
-            files=[FileEntry(**f) for f in d["files"]],
-            rows=d["rows"],
+            batch_id=_typed(d["batch_id"], str, "a batch's id"),
+            kind=_typed(d["kind"], str, "a batch's kind"),
+            format=_typed(d["format"], str, "a batch's format"),
+            committed_at=_typed(d["committed_at"], str, "a batch's commit time"),
+            files=[_file_entry(f) for f in _typed(d["files"], list, "a batch's files")],
+            rows=_typed(d["rows"], int, "a batch's rows"),
             source_count=d.get("source_count"),
             watermark=Watermark(**wm) if wm else None,
             info=d.get("info", {}),
@@ -99,15 +99,31 @@ class Batch:
         )
 
 
+def _typed(value: Any, kind: type, what: str) -> Any:
+    """`value`, or a TypeError saying `what` it should have been (a bool is not an int)."""
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"{what} is not a {kind.__name__}: {str(value)[:80]}")
+    return value
+
+
+def _file_entry(value: Any) -> FileEntry:
+    doc = _typed(value, dict, "a file entry")
+    return FileEntry(
+        _typed(doc["path"], str, "a file's path"),
+        _typed(doc["rows"], int, "a file's rows"),
+        _typed(doc["bytes"], int, "a file's bytes"),
+    )
+
+
 def _column_specs(value: Any) -> list[dict[str, str]] | None:
-    """A batch's own columns as written (None when absent); a TypeError if they are not."""
+    """Columns as written (None when absent); a TypeError if they are not."""
     if value is None:
         return None
     if not isinstance(value, list) or not all(
         isinstance(c, dict) and isinstance(c.get("field"), str) and isinstance(c.get("type"), str)
         for c in value
     ):
-        raise TypeError(f"a batch's columns are not a list of columns: {str(value)[:80]}")
+        raise TypeError(f"columns are not a list of columns: {str(value)[:80]}")
     return value
 
 
@@ -222,11 +238,11 @@ class Manifest:
             if d.get("version") != MANIFEST_VERSION:
                 raise StateError(f"{where}: manifest version {d.get('version')} is not supported")
             return cls(
-                dataset=d["dataset"],
-                dataset_id=d["dataset_id"],
-                key=d["key"],
-                columns=d["columns"],
-                batches=[Batch.from_dict(b) for b in d["batches"]],
+                dataset=_typed(d["dataset"], str, "dataset"),
+                dataset_id=_typed(d["dataset_id"], str, "dataset_id"),
+                key=_typed(d["key"], str, "key"),
+                columns=_column_specs(_typed(d["columns"], list, "columns")) or [],
+                batches=[Batch.from_dict(b) for b in _typed(d["batches"], list, "batches")],
                 version=d["version"],
                 updated=d.get("updated", ""),
                 revision=int(d.get("revision", 0)),

@@ -28,6 +28,7 @@ from .options import (
     page_size_option,
     run_options,
     table_option,
+    verbose_option,
 )
 from .summary import print_changes, print_summary, print_upload, say_table_errors
 
@@ -247,6 +248,7 @@ def _a_number(value: float) -> float:
 )
 @file_rows_option("Rows per file of the new snapshot.")
 @table_option
+@verbose_option
 @handle_errors
 def compact_cmd(
     datasets: tuple[str, ...],
@@ -255,6 +257,7 @@ def compact_cmd(
     grace_hours: float,
     file_rows: int,
     table: str | None,
+    verbose: int,
 ) -> None:
     """Write the current state of each DATASET as one fresh snapshot batch.
 
@@ -265,6 +268,7 @@ def compact_cmd(
     """
     from ..incremental import compact
 
+    setup_logging(verbose)
     started = time.monotonic()
     storage = open_storage(dest)
     run_options(file_rows=file_rows, started=started)  # checks --file-rows

@@ -17,7 +17,7 @@ import click
 from click.core import ParameterSource
 
 from .. import settings
-from ..connect import DEFAULT_RETRIES, DEFAULT_TIMEOUT, SourceSettings
+from ..connect import DEFAULT_RETRIES, DEFAULT_TIMEOUT, MAX_TIMEOUT, SourceSettings
 from ..errors import UsageError
 from ..job import DEFAULT_FILE_ROWS, DEFAULT_PAGE_SIZE, RunOptions
 from ..sink.storage import DEFAULT_LOCAL_DEST
@@ -52,6 +52,15 @@ def _or_env(read: Callable[[], Any]) -> Callable[..., Any]:
     return callback
 
 
+verbose_option = click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="Log each request and file (-v), or debug (-vv), to stderr; an unforeseen error with "
+    "its traceback.",
+)
+
+
 def dest_option(help_text: str) -> Callable[[F], F]:
     """`--dest DEST` (env NYC_COLLISIONS_DEST)."""
     return click.option(
@@ -82,12 +91,7 @@ _SOURCE_OPTIONS: tuple[Callable[[Any], Any], ...] = (
         "NYC_COLLISIONS_ALLOW_HTTP=1): the app token and the data would travel unencrypted.",
     ),
     dest_option("s3://bucket/prefix or a local folder (env NYC_COLLISIONS_DEST)."),
-    click.option(
-        "-v",
-        "--verbose",
-        count=True,
-        help="Log each request and file (-v), or debug (-vv), to stderr.",
-    ),
+    verbose_option,
     click.option(
         "--retries",
         type=click.IntRange(1, 100),
@@ -98,7 +102,7 @@ _SOURCE_OPTIONS: tuple[Callable[[Any], Any], ...] = (
     ),
     click.option(
         "--timeout",
-        type=click.FloatRange(min=0.1),
+        type=click.FloatRange(min=0.1, max=MAX_TIMEOUT),
         default=DEFAULT_TIMEOUT,
         show_default=True,
         help="Seconds the source may stay silent before the request is retried.",
@@ -226,7 +230,7 @@ def run_options(
     **kw: Any,
 ) -> RunOptions:
     """The `RunOptions` of a command started at `started` (`time.monotonic()`)."""
-    if max_seconds is not None and max_seconds <= 0:
-        raise UsageError(f"--max-seconds must be positive, not {max_seconds}")
+    if max_seconds is not None and not max_seconds > 0:  # (nan too: it would never stop)
+        raise UsageError(f"--max-seconds must be a positive number, not {max_seconds}")
     deadline = started + max_seconds if max_seconds else None
     return RunOptions(page_size=page_size, file_rows=file_rows, deadline=deadline, **kw)

@@ -16,7 +16,14 @@ from ..sink.storage import open_storage
 from ..source import DatasetSource
 from ..verify import columns_changed, verify
 from .app import handle_errors, main, setup_logging
-from .options import LANDED_KEY_HELP, common, concurrency_options, dest_option, key_option
+from .options import (
+    LANDED_KEY_HELP,
+    common,
+    concurrency_options,
+    dest_option,
+    key_option,
+    verbose_option,
+)
 from .summary import print_mismatch, print_status
 
 
@@ -26,14 +33,16 @@ from .summary import print_mismatch, print_status
     "--output", "-o", required=True, metavar="FILE", help="The file to write: .csv or .parquet."
 )
 @dest_option("Where the data landed.")
+@verbose_option
 @handle_errors
-def export_cmd(dataset: str, output: str, dest: str) -> None:
+def export_cmd(dataset: str, output: str, dest: str, verbose: int) -> None:
     """Write the landed current state of DATASET as one file (.csv or .parquet by suffix).
 
     Example: nyc-collisions export crashes --output crashes.parquet
     """
     from ..api import export
 
+    setup_logging(verbose)
     started = time.monotonic()
     rows = export(dataset, output, dest)
     click.echo(

@@ -136,6 +136,8 @@ def print_status(entries: list[dict[str, Any]]) -> None:
                 f"source has {e['source_count'] if e['source_count'] is not None else '?'}"
                 " rows"
             )
+            if e.get("source_error"):
+                click.echo(f"  source: {e['source_error']}")
             continue
         if e.get("source_count") is None:
             source = "the source's count unavailable: not compared"

@@ -52,8 +52,10 @@ from .answers import (
 from .concurrency import ConcurrencyLimit
 from .setup import (
     DEFAULT_BASE_URL,
+    MAX_TIMEOUT,
     WIRES,
     RetryPolicy,
+    check_timeouts,
     check_wire,
     max_concurrency,
     origin_of,
@@ -125,8 +127,7 @@ class SodaClient:
         self.base_url = validate_base_url(base_url, allow_http=allow_http)
         self._origin = origin_of(httpx.URL(self.base_url))
         self.wire = check_wire(wire)
-        if not (timeout > 0 and connect_timeout > 0):
-            raise UsageError(f"timeouts must be positive, not {timeout} and {connect_timeout}")
+        check_timeouts(timeout, connect_timeout)
         self.retry = retry or RetryPolicy()
         if concurrency is None:
             concurrency = max_concurrency()
@@ -436,6 +437,7 @@ _body = inflated  # the name tests know
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "MAX_TIMEOUT",
     "WIRES",
     "PageCancelled",
     "RetryPolicy",

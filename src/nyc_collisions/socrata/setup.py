@@ -14,6 +14,7 @@ from .. import settings
 from ..errors import UsageError
 
 DEFAULT_BASE_URL = "https://data.cityofnewyork.us"
+MAX_TIMEOUT = 3600.0  # seconds of silence a request may wait at most (a socket's bound is far off)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,15 @@ def max_concurrency() -> int:
 
 
 WIRES = ("auto", "json", "csv")
+
+
+def check_timeouts(timeout: float, connect_timeout: float) -> None:
+    """Each timeout positive seconds up to `MAX_TIMEOUT` (not nan, not inf)."""
+    if not (0 < timeout <= MAX_TIMEOUT and 0 < connect_timeout <= MAX_TIMEOUT):
+        raise UsageError(
+            f"timeouts must be positive seconds up to {MAX_TIMEOUT:g}, not {timeout} and "
+            f"{connect_timeout}"
+        )
 
 
 def check_wire(wire: str) -> str:
