@@ -406,26 +406,45 @@ def test_the_handler_reads_every_variable_the_template_sets(
     assert wanted - read == set()
 
 
-def test_a_reconcile_the_deadline_stops_still_counts_the_update_completed(
+@pytest.mark.parametrize("reconcile", ["stopped", "failed"])
+def test_a_reconcile_that_stops_or_fails_after_the_updates_still_counts_the_update_completed(
     soda: FakeSoda,
     lambda_env: str,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    reconcile: str,
 ) -> None:
     """Sunday: every dataset is updated and the reconcile, not fitting, goes on tomorrow (its
-    scan is recorded). The data is fresh: UpdateCompleted is 1, or the freshness alarm (26
-    hourly periods under 1) would fire every week the reconcile does not fit."""
+    scan is recorded), or fails (and is tried again by each daily run until it passes). The
+    data is fresh: UpdateCompleted is 1, or the freshness alarm (26 hourly periods under 1)
+    would fire for fresh data."""
+    from nyc_collisions.errors import SourceRejected
+
     monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
     monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "vehicles")
     assert cli("backfill", "vehicles", "--source", soda.url, "--dest", lambda_env).code == 0
     soda.insert("bm4k-52h4", 4)
-    monkeypatch.setattr(daily, "Reconcile", deadline_past_for({"vehicles"}))
     capsys.readouterr()
-    summary = aws.handler({"command": "update", "reconcile": True}, Context(60))
-    kinds = [(r["command"], r["status"]) for r in summary["results"]]
-    assert kinds == [("update", "updated"), ("reconcile", "stopped")]
-    assert "carried_on_by" not in summary  # the next daily run goes on with it
-    (run,) = [d for d in _emf(capsys.readouterr().out) if "UpdateCompleted" in d]
+    event = {"command": "update", "reconcile": True}
+    if reconcile == "stopped":
+        monkeypatch.setattr(daily, "Reconcile", deadline_past_for({"vehicles"}))
+        summary = aws.handler(event, Context(60))
+        kinds = [(r["command"], r["status"]) for r in summary["results"]]
+        assert kinds == [("update", "updated"), ("reconcile", "stopped")]
+        assert "carried_on_by" not in summary  # the next daily run goes on with it
+    else:
+
+        class Refused(daily.Reconcile):
+            def run(self, stop: Any) -> Any:
+                raise SourceRejected("the key scan's query was refused (400)")
+
+        monkeypatch.setattr(daily, "Reconcile", Refused)
+        with pytest.raises(SourceRejected):
+            aws.handler(event, Context(60))
+    docs = _emf(capsys.readouterr().out)
+    (update,) = [d for d in docs if d.get("Command") == "update" and "Dataset" in d]
+    assert (update["Status"], update["RowsLanded"]) == ("updated", 4)
+    (run,) = [d for d in docs if "UpdateCompleted" in d]
     assert run["UpdateCompleted"] == 1
 
 
@@ -482,3 +501,52 @@ def test_lambda_lag_after_deadline_is_measured_when_cancelled_pages_still_hold_t
     docs = _emf(capsys.readouterr().out)
     (crashes,) = [d for d in docs if d.get("Dataset") == "crashes"]
     assert "LagSeconds" in crashes, crashes
+
+
+def test_taking_over_a_killed_runs_lease_keeps_to_the_invocations_time(
+    soda_ro: FakeSoda, lambda_env: str, state_machine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lease a killed invocation left is watched for a whole TTL before it is taken over; a
+    dataset whose turn comes near the deadline stops at it instead (a stopped update: carried
+    on), or Lambda kills the invocation before its metrics and its carry-on. Scaled down: an
+    invocation of 12 s (the runs stop at 9 s), crashes' update ending at 7 s, then vehicles'
+    lease, left by a killed run with a TTL of 6 s (its watch would end at 13 s)."""
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda_ro.url)
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes,vehicles")
+    res = cli("backfill", "crashes", "vehicles", "--source", soda_ro.url, "--dest", lambda_env)
+    assert res.code == 0, res.text
+    bucket, prefix = lambda_env.removeprefix("s3://").split("/", 1)
+    killed = {
+        "token": "0" * 32,
+        "command": "update",
+        "host": "169.254.10.99",  # another sandbox's
+        "boot": "",
+        "pid": 8,
+        "started": "",
+        "user": "sbx_user1051",
+        "since": "2026-01-04T11:30:00Z",
+        "ttl": 6.0,
+        "beat": 3,
+    }
+    boto3.client("s3").put_object(
+        Bucket=bucket, Key=f"{prefix}/vehicles/lock.json", Body=json.dumps(killed).encode()
+    )
+    budget = 12.0
+    started = time.monotonic()
+
+    class TakesMostOfTheBudget(daily.Update):  # as a long update or backfill of crashes would
+        def run(self, stop: Any) -> Any:
+            result = super().run(stop)
+            if result.dataset == "crashes":
+                time.sleep(max(0.0, started + 7.0 - time.monotonic()))
+            return result
+
+    monkeypatch.setattr(daily, "Update", TakesMostOfTheBudget)
+    summary = aws.handler({"command": "update"}, Context(budget))
+    took = time.monotonic() - started
+    assert took < budget, f"the handler took {took:.1f}s of an invocation of {budget:.0f}s"
+    statuses = [(r["dataset"], r["status"]) for r in summary["results"]]
+    assert statuses == [("crashes", "updated"), ("vehicles", "stopped")], summary
+    assert summary["carried_on_by"].startswith(
+        state_machine.replace(":stateMachine:", ":execution:")
+    )

@@ -206,6 +206,14 @@ def _lags(client: SodaClient, storage: Storage, names: set[str]) -> dict[str, fl
     return lags
 
 
+def _up_to_date(datasets: list[Dataset], results: list[tuple[str, DatasetResult]]) -> bool:
+    """Whether every dataset was updated (or backfilled) to its end: what a reconcile after
+    them did not change."""
+    ran = [r for kind, r in results if kind != "reconcile"]
+    names = {r.dataset for r in ran}
+    return names >= {d.name for d in datasets} and all(r.status != "stopped" for r in ran)
+
+
 def _carry_on(datasets: list[Dataset], asked: str | None, loop: bool, machine: str | None) -> str:
     """An update that is not done is not a success: have the state machine's loop invoke the
     function again until it is (each invocation resumes where the last one stopped), unless a
@@ -334,9 +342,7 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
                 daily = DailyRun(reconcile_since=since, backfill_first=True, resume_scans=True)
                 update_then_reconcile(client, storage, datasets, opts, daily, record)
             landed = {r.dataset for _, r in results}
-            updated = landed >= {d.name for d in datasets} and all(
-                r.status != "stopped" for kind, r in results if kind != "reconcile"
-            )
+            updated = _up_to_date(datasets, results)
             done = updated and all(r.status != "stopped" for _, r in results)
             # within the invocation's time (the source may be what stopped the runs): past the
             # deadline each request is tried once, and a silent one gives up within a second
@@ -351,8 +357,8 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
         raise
     finally:
         # completed: every dataset brought up to date (a reconcile the deadline stopped goes on
-        # with the next run, and the data is fresh meanwhile)
-        _emit(function, command, updated, measured)
+        # with the next run, and one that failed after the updates: the data is fresh meanwhile)
+        _emit(function, command, _up_to_date(datasets, results), measured)
     failed = [r.dataset for _, r in results if r.table_error]
     if failed:  # the landed data is committed; the next run with the table on heals the table
         logger.error("the table of %s could not be brought up to the manifest", ", ".join(failed))

@@ -100,5 +100,10 @@ class RetriesStopped(NycCollisionsError):
     lost lease) while the source was failing; the run stops there, as at a page's end."""
 
 
+class WaitStopped(NycCollisionsError):
+    """The run had to stop (its time budget, a stop) while it watched a stale lease before
+    taking it over: nothing was done, and a rerun watches it again."""
+
+
 # What the command prints for a Ctrl-C that reached it before or outside a run's own handling.
 CTRL_C_LINE = "nyc-collisions: interrupted; nothing partial was committed"

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from .datasets import Dataset
-from .errors import RetriesStopped, UsageError
+from .errors import RetriesStopped, UsageError, WaitStopped
 from .lease import Lease
 from .results import DatasetResult
 from .sink.formats import check_format
@@ -79,8 +79,9 @@ class DatasetJob:
         result = DatasetResult(
             self.dataset.name, self.status, location=f"{self.storage.url}/{self.dataset.name}/"
         )
+        lease = Lease(self.storage, self.dataset.name, self.command, stop, self.opts.deadline)
         try:
-            with Lease(self.storage, self.dataset.name, self.command, stop) as lease:
+            with lease:
                 self.state.lease = lease
                 try:
                     self.manifest = manifest = self.state.load()
@@ -95,6 +96,10 @@ class DatasetJob:
                     tidy(self.state, lease, drop_unfinished=self.snapshot_committed)
                 finally:
                     self.state.end_run()  # no late worker writes once the lease is given back
+        except WaitStopped as exc:  # nothing done: a rerun watches the stale lease again
+            logger.warning("%s", exc)
+            result.status = "stopped"
+            result.message = str(exc)
         finally:
             result.requests = self.client.stats.requests - requests0
             result.wire_bytes = self.client.stats.bytes - bytes0

@@ -46,6 +46,7 @@ from .errors import (
     LeaseLost,
     StateError,
     UsageError,
+    WaitStopped,
 )
 from .host import boot_id, process_gone, process_start
 from .sink.storage import Storage, Versioned
@@ -142,8 +143,10 @@ class Lease:
         folder: str,
         command: str,
         stop: threading.Event | None = None,
+        deadline: float | None = None,  # `time.monotonic()` value a watch gives up at
     ) -> None:
         self.storage = storage
+        self.deadline = deadline
         self.key = f"{folder}/lock.json"
         self.where = f"{storage.url}/{self.key}"
         self.command = command
@@ -219,7 +222,8 @@ class Lease:
 
     def _watch(self, got: Versioned, held: Holder) -> Versioned | None:
         """Wait until the lease changes (busy), vanishes (None) or stays as it is for a whole
-        TTL on this process's monotonic clock (returned: its holder is gone)."""
+        TTL on this process's monotonic clock (returned: its holder is gone); `WaitStopped` at
+        the run's deadline or stop, whichever comes first."""
         since = "" if got.age is None else f", last written {got.age:.0f}s ago by the store's clock"
         logger.warning(
             "%s: held by %s%s; watching it for up to %.0fs: busy if it is renewed, taken over "
@@ -229,9 +233,17 @@ class Lease:
             since,
             held.ttl,
         )
-        first = time.monotonic()
-        while time.monotonic() - first < held.ttl:
-            time.sleep(min(1.0, held.ttl / 8))
+        end = time.monotonic() + held.ttl
+        while (now_t := time.monotonic()) < end:
+            if (self.stop is not None and self.stop.is_set()) or (
+                self.deadline is not None and now_t >= self.deadline
+            ):
+                raise WaitStopped(
+                    f"{self.where}: stopped before the end (time budget or stop) while watching "
+                    f"the lease of {held.describe()} before taking it over; a rerun goes on"
+                )
+            wake = min(end, self.deadline if self.deadline is not None else end)
+            time.sleep(max(0.0, min(1.0, held.ttl / 8, wake - now_t)))
             now = self.storage.get_versioned(self.key)
             if now is None:
                 return None
