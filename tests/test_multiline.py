@@ -7,8 +7,11 @@ the end of a row. The fake server's `hostile_text` puts such values in the text 
 
 from __future__ import annotations
 
+import io
 import json
+import time
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pandas as pd
@@ -16,7 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from nyc_collisions.datasets import KNOWN
+from nyc_collisions.schema import Schema
 from nyc_collisions.sink import formats
+from nyc_collisions.sink.formats import CsvEncoder, read_text_batches
 from tests.fake_soda import FakeSoda
 from tests.helpers import KEYS, NAMES, cli, exact, read_export_table
 
@@ -186,3 +192,61 @@ def test_fake_server_hostile_text_knob() -> None:
             parsed = list(csv.DictReader(io.StringIO(text, newline="")))
             assert parsed == [{k: r.get(k, "") for k in parsed[0]} for r in want]
     assert seen == set(VALUES)
+
+
+def _schema() -> Schema:
+    meta = {
+        "columns": [
+            {"fieldName": "borough", "dataTypeName": "text", "position": 1},
+            {"fieldName": "collision_id", "dataTypeName": "number", "position": 2},
+        ]
+    }
+    return Schema.from_metadata(KNOWN["crashes"], meta)
+
+
+def landed_csv(rows: list[dict[str, str]]) -> bytes:
+    s = _schema()
+    table = pa.table({n: pa.array([r.get(n) for r in rows], pa.string()) for n in s.names})
+    out = io.BytesIO()
+    encoder = CsvEncoder(out, s)
+    encoder.write(table)
+    encoder.close()
+    return out.getvalue()
+
+
+class SlowFile(io.RawIOBase):
+    """A landed file read as S3's ranged reads are: each read takes a few milliseconds."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._data.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._data.tell()
+
+    def readinto(self, buffer: Any) -> int:
+        time.sleep(0.005)
+        return self._data.readinto(buffer)
+
+
+def test_a_landed_row_longer_than_a_read_block_reads_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`_read_csv` promises that a row longer than a block is read again with larger blocks.
+    A landed CSV file (written by the tool's own encoder) with one long value must read back
+    to its rows, not fail as unreadable (`current._read_file` then says the landed file is
+    damaged and asks for a fresh backfill)."""
+    monkeypatch.setattr(formats, "READ_BLOCK_BYTES", 64 << 10)  # then 512 KiB, then 4 MiB
+    rows = [{"borough": f"b{i}", "socrata_id": f"row-{i:05d}"} for i in range(2000)]
+    rows.insert(1500, {"borough": "x" * (1 << 20), "socrata_id": "row-long"})
+    data = landed_csv(rows)
+    for _ in range(3):
+        back = pa.concat_tables(list(read_text_batches("csv", SlowFile(data), _schema())))
+        assert back.column("socrata_id").to_pylist() == [r["socrata_id"] for r in rows]
+        assert back.column("borough").to_pylist() == [r["borough"] for r in rows]

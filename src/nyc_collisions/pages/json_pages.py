@@ -51,6 +51,12 @@ def _text(value: Any) -> str | None:
     return str(value)
 
 
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict) and None in value.values():
+        return {k: v for k, v in value.items() if v is not None}
+    return value
+
+
 LOCATION_MEMBERS = ("human_address", "latitude", "longitude")  # sorted
 _LOCATION = pa.struct([(m, pa.string()) for m in LOCATION_MEMBERS])
 
@@ -251,7 +257,11 @@ def parse_page_plain(body: bytes, schema: Schema) -> pa.Table:
     seen = 0
     for column, field in zip(schema.columns, fields, strict=True):
         values = [row.get(field) for row in rows] if rows else []
-        if column.is_object or not all(v is None or isinstance(v, str) for v in values):
+        if (
+            column.data_type == "location"
+        ):  # a member sent as null is left out, as Arrow's path does
+            values = [_text(_without_nulls(v)) for v in values]
+        elif column.is_object or not all(v is None or isinstance(v, str) for v in values):
             values = [_text(v) for v in values]
         seen += len(values) - values.count(None)
         arrays.append(pa.array(values, pa.string()))

@@ -6,8 +6,10 @@ empty unquoted field is null, `""` an empty string. Parquet: columns typed from 
 
 from __future__ import annotations
 
+import io
+import threading
 from collections.abc import Iterator
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -85,12 +87,13 @@ def _read_csv(source: IO[bytes], schema: Schema, columns: list[str] | None) -> I
     in one (Arrow then refuses the block) makes it read the file again with blocks 8 times
     larger, skipping the rows it already gave."""
     block, given = READ_BLOCK_BYTES, 0
-    start = source.tell()
+    start, lock = source.tell(), threading.Lock()
     while True:
         skip = given
+        span = _Span(source, start, lock)
         try:
             reader = pacsv.open_csv(
-                source,
+                span,
                 read_options=pacsv.ReadOptions(block_size=block),
                 parse_options=_READ_PARSE,
                 convert_options=csv_text_options(schema.names, columns),
@@ -107,7 +110,35 @@ def _read_csv(source: IO[bytes], schema: Schema, columns: list[str] | None) -> I
             if "straddl" not in str(exc) or block >= MAX_READ_BLOCK_BYTES:
                 raise
             block *= 8
-            source.seek(start)
+        finally:
+            span.end()
+
+
+class _Span(io.RawIOBase):
+    """One reading of `source` from `start`, at a position of its own: Arrow's read-ahead of a
+    reader given up may still read, and must neither move the next reading's position nor read
+    on once it is ended (it then finds the end of the file)."""
+
+    def __init__(self, source: IO[bytes], start: int, lock: threading.Lock) -> None:
+        super().__init__()
+        self._source, self._pos, self._lock = source, start, lock
+        self._ended = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        with self._lock:
+            if self._ended:
+                return 0
+            self._source.seek(self._pos)
+            n = self._source.readinto(b) or 0  # type: ignore[attr-defined]
+            self._pos += n
+        return n
+
+    def end(self) -> None:
+        with self._lock:
+            self._ended = True
 
 
 def read_text_batches(
