@@ -16,11 +16,12 @@ import pytest
 
 import nyc_collisions
 from nyc_collisions import aws
+from nyc_collisions.manifest import Batch
 from nyc_collisions.schema import Column, Schema
 from nyc_collisions.sink.files import FileEntry, FileRotation
 from nyc_collisions.sink.local import LocalStorage
 from nyc_collisions.source import DatasetSource
-from nyc_collisions.state import Batch, DatasetState
+from nyc_collisions.state import DatasetState
 from tests.conftest import GOOD_TOKEN
 from tests.fake_soda import CRASHES, PERSONS, FakeSoda
 from tests.helpers import cli, each_destination_and_format, exact, read_export

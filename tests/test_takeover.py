@@ -21,11 +21,12 @@ import pytest
 from nyc_collisions.errors import DestinationBusy, LeaseLost
 from nyc_collisions.keyscan import ScanPlan
 from nyc_collisions.lease import Lease
+from nyc_collisions.manifest import Batch, Manifest
 from nyc_collisions.plan import Partition, ResumePoint, resume_points
 from nyc_collisions.scanrecord import Chunks, ScanRecords
 from nyc_collisions.sink.files import FileEntry
 from nyc_collisions.sink.storage import open_storage
-from nyc_collisions.state import Batch, DatasetState, Manifest, PartRecord
+from nyc_collisions.state import DatasetState, PartRecord
 from nyc_collisions.tidy import tidy
 from tests.fake_soda import FakeSoda
 

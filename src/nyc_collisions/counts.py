@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .current import Landed, current_keys, read_batch_file
-from .state import Batch, Manifest, Watermark
+from .manifest import Batch, Manifest, Watermark
 
 logger = logging.getLogger(__name__)
 

@@ -23,11 +23,12 @@ import pyarrow.compute as pc
 
 from .datasets import SYSTEM_FIELDS, Dataset, landed_name, resolve
 from .errors import NothingLanded, StateError
+from .manifest import Batch, Manifest
 from .schema import Column, Schema
 from .sink.files import FileEntry
 from .sink.formats import read_text_batches
 from .sink.storage import Storage
-from .state import Batch, DatasetState, Manifest
+from .state import DatasetState
 
 
 @dataclass

@@ -31,6 +31,7 @@ from .datasets import Dataset
 from .errors import NothingLanded, SchemaError
 from .job import DatasetJob, RunOptions
 from .lease import Lease
+from .manifest import EPOCH, Batch, Retired, Watermark, new_batch_id, utc_now
 from .refresh import drift, drifted_meanwhile, land_fresh, land_new_columns
 from .results import DatasetResult
 from .schema import Schema
@@ -38,7 +39,7 @@ from .sink.files import FileEntry, FileRotation, OnFile
 from .sink.storage import Storage
 from .socrata import soql
 from .socrata.client import SodaClient
-from .state import EPOCH, Batch, DatasetState, Retired, Watermark, new_batch_id, utc_now
+from .state import DatasetState
 from .tidy import retire_after, tidy
 
 logger = logging.getLogger(__name__)

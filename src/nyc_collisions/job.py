@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from .datasets import Dataset
 from .errors import RetriesStopped, UsageError, WaitStopped
 from .lease import Lease
+from .manifest import Manifest
 from .results import DatasetResult
 from .sink.formats import check_format
 from .sink.storage import Storage
 from .socrata.client import SodaClient
 from .source import DatasetSource
-from .state import DatasetState, Manifest
+from .state import DatasetState
 from .tidy import tidy
 
 logger = logging.getLogger(__name__)

@@ -144,7 +144,7 @@ class ScanPlan:
         cls, scan_id: str, source: DatasetSource, fields: tuple[str, ...], workers: int, page: int
     ) -> ScanPlan:
         """A new plan: the source's count and latest `:updated_at` now; no partition yet."""
-        from .state import utc_now
+        from .manifest import utc_now
 
         count = source.count()
         # a partition may be smaller than a page: its end costs a short page and a count

@@ -40,13 +40,13 @@ from .incremental import BatchCommitter, batch_files, open_for_job
 from .job import DatasetJob
 from .keyscan import KeyScan, ScanPlan, key_schema, scan_threads
 from .keyspill import KeySpill, bucket_count
+from .manifest import Batch, new_batch_id, utc_now
 from .plan import ResumePoint, resume_points
 from .refresh import drift, land_new_columns
 from .results import DatasetResult, ReconcileCounts
 from .scanrecord import Chunks, ScanRecords
 from .schema import Column, Schema
 from .sink.files import FileRotation
-from .state import Batch, new_batch_id, utc_now
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ WEEKDAY_ENV = "NYC_COLLISIONS_RECONCILE_WEEKDAY"
 ZONE_ENV = "NYC_COLLISIONS_TIMEZONE"
 WEEKDAYS = ("MON", "TUE", "WED", "THU", "FRI", "SAT", "SUN")
 _FULL = ("MONDAY", "TUESDAY", "WEDNESDAY", "THURSDAY", "FRIDAY", "SATURDAY", "SUNDAY")
-_STAMP = "%Y-%m-%dT%H:%M:%SZ"  # as `state.utc_now`, which the manifest's times are
+_STAMP = "%Y-%m-%dT%H:%M:%SZ"  # as `manifest.utc_now`, which the manifest's times are
 SKEW = timedelta(minutes=5)  # a reconcile_since this far ahead of the clock is still taken
 
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .drift import SchemaChange
+from .manifest import Watermark
 from .socrata.concurrency import Usage
-from .state import Watermark
 
 
 @dataclass(frozen=True)

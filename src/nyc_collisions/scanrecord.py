@@ -15,11 +15,12 @@ from .datasets import Dataset
 from .errors import StateError
 from .keyscan import ScanPlan, keys_page, scan_threads
 from .keyspill import KeySpill
+from .manifest import new_batch_id
 from .plan import Partition, ResumePoint
 from .schema import Schema
 from .sink.storage import Storage, Writer
 from .source import DatasetSource
-from .state import DatasetState, PartRecord, new_batch_id
+from .state import DatasetState, PartRecord
 
 logger = logging.getLogger(__name__)
 

@@ -30,6 +30,7 @@ from .daemon import DaemonCalls
 from .drift import column_specs
 from .errors import StateError
 from .job import DatasetJob
+from .manifest import EPOCH, Batch, Manifest, Watermark, new_batch_id, utc_now
 from .partition import FetchContext, PlanBook
 from .plan import (
     ResumePoint,
@@ -41,7 +42,7 @@ from .plan import (
 from .results import DatasetResult
 from .schema import Schema
 from .sink.files import FileEntry
-from .state import EPOCH, Batch, Manifest, PartRecord, Watermark, new_batch_id, utc_now
+from .state import PartRecord
 from .workers import BarProgress, fetch_partitions
 
 logger = logging.getLogger(__name__)

@@ -13,11 +13,11 @@ import pyarrow as pa
 
 from .datasets import Dataset
 from .errors import BadResponse, RetriesStopped, SchemaError, SourceUnavailable, UsageError
+from .manifest import Watermark
 from .pages import CsvPageStream, CsvRows, PageStream, parse_page
 from .schema import CSV_EXACT_TYPES, Schema
 from .socrata import soql
 from .socrata.client import PageCancelled, SodaClient, parse_json_document
-from .state import Watermark
 
 STOP_TICK = 0.1  # seconds between looks at `stopped()` while a count is awaited
 

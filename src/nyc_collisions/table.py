@@ -31,8 +31,9 @@ import pyarrow.compute as pc
 from .current import Landed, iter_current, open_landed, read_batch_file
 from .datasets import Dataset
 from .errors import DestinationError, NothingLanded, NycCollisionsError, UsageError
+from .manifest import Batch
 from .sink.storage import Storage
-from .state import Batch, DatasetState
+from .state import DatasetState
 from .table_write import (
     DELETE_FLAG,
     MERGE_MAX_FILE_SHARE,

@@ -22,7 +22,8 @@ import math
 from datetime import UTC, datetime
 
 from .lease import Lease
-from .state import DatasetState, utc_now
+from .manifest import utc_now
+from .state import DatasetState
 
 logger = logging.getLogger(__name__)
 

@@ -148,7 +148,7 @@ def update_cmd(
     Example: nyc-collisions update --dest s3://nyc-application-collisions/collisions_raw_data
     """
     from ..daily import DailyRun, update_then_reconcile
-    from ..state import utc_now
+    from ..manifest import utc_now
 
     setup_logging(verbose)
     started = time.monotonic()
