@@ -1,5 +1,6 @@
-"""What the source answers, read: bodies un-gzipped as they arrive, whole JSON documents,
-SODA's error messages (both shapes), `Retry-After`. A body that is cut short or broken is a
+"""What the source answers, read: bodies un-gzipped as they arrive, whole JSON documents (the
+metadata, an aggregate's one row, a probe's row), SODA's error messages (both shapes) and what
+an error status means (`classify`), `Retry-After`. A body that is cut short or broken is a
 `BadResponse`, which the client fetches again."""
 
 from __future__ import annotations
@@ -7,14 +8,49 @@ from __future__ import annotations
 import email.utils
 import math
 import time
-from collections.abc import Iterator
-from typing import Any, cast
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn, cast
 
 import httpx
 import orjson
 from isal import isal_zlib
 
-from ..errors import BadResponse
+from ..errors import BadResponse, DatasetNotFound, InvalidAppToken, SourceRejected
+
+
+class Retryable(Exception):
+    """A failure worth another attempt; `cause` names it for stats and the final message."""
+
+    def __init__(self, cause: str, detail: str, retry_after: float | None = None) -> None:
+        super().__init__(detail)
+        self.cause = cause
+        self.retry_after = retry_after
+
+
+def classify(
+    response: httpx.Response, body: bytes, shown: str, where: str, token: str | None
+) -> NoReturn:
+    """Turn a response that is not a 200 JSON body into the right exception (`shown`: the
+    request's URL as said in errors, `where`: its path alone); the app token masked in what the
+    source says (a source or a proxy in front of it may echo the request's headers)."""
+    status = response.status_code
+    if status == 200:
+        raise Retryable("html", "the source answered with an HTML page, not JSON")
+    if token:
+        body = body.replace(token.encode(), b"***")  # before the message is clipped
+    message = error_message(body)
+    if status == 202 or status == 429 or status >= 500:
+        if looks_like_html(response, body):
+            message = "an HTML error page"
+        raise Retryable(str(status), f"HTTP {status}: {message}", retry_after(response))
+    if status == 404:
+        raise DatasetNotFound(f"{where}: HTTP 404 not found: {message}")
+    if status in (401, 403):
+        if "permission_denied" in message or "app_token" in message.lower():
+            raise InvalidAppToken(f"{where}: HTTP {status}: {message} (check SOCRATA_APP_TOKEN)")
+        if any(w in message.lower() for w in ("throttl", "rate limit", "too many")):
+            raise Retryable("403 throttle", f"HTTP {status}: {message}", retry_after(response))
+    raise SourceRejected(f"{shown}: HTTP {status}: {message}")
 
 
 def retry_after(response: httpx.Response) -> float | None:
@@ -87,3 +123,41 @@ def parse_json_document(body: bytes) -> Any:
         if body.lstrip()[:1] == b"<":
             raise BadResponse("the source answered with an HTML page, not JSON") from None
         raise BadResponse(f"body is not complete JSON ({exc}; {len(body)} bytes)") from None
+
+
+def metadata_document(body: bytes) -> dict[str, Any]:
+    """A dataset's metadata; one without columns is a `BadResponse` (fetched again, like a
+    body cut short)."""
+    doc = parse_json_document(body)
+    if not isinstance(doc, dict) or not isinstance(doc.get("columns"), list):
+        raise BadResponse(f"metadata without columns: {clip(str(doc), 80)}")
+    return doc
+
+
+def one_row(dataset_id: str) -> Callable[[bytes], dict[str, Any]]:
+    """The parser of an aggregate's answer: always one row (`[]` from a body cut short is a
+    `BadResponse`, fetched again rather than read as zero)."""
+
+    def parse(body: bytes) -> dict[str, Any]:
+        rows = parse_json_document(body)
+        if not isinstance(rows, list) or len(rows) != 1 or not isinstance(rows[0], dict):
+            raise BadResponse(f"{dataset_id}: unexpected aggregate answer {clip(str(rows))}")
+        return rows[0]
+
+    return parse
+
+
+def at_most_one_row(dataset_id: str) -> Callable[[bytes], dict[str, Any] | None]:
+    """The parser of a `$limit=1` query's answer: its row, or None."""
+
+    def parse(body: bytes) -> dict[str, Any] | None:
+        rows = parse_json_document(body)
+        if (
+            not isinstance(rows, list)
+            or len(rows) > 1
+            or not all(isinstance(r, dict) for r in rows)
+        ):
+            raise BadResponse(f"{dataset_id}: unexpected answer {clip(str(rows))}")
+        return rows[0] if rows else None
+
+    return parse

@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import httpx
@@ -34,20 +34,21 @@ import httpx
 from .. import __version__
 from ..errors import (
     BadResponse,
-    DatasetNotFound,
-    InvalidAppToken,
     RetriesStopped,
     SourceRejected,
     SourceUnavailable,
     UsageError,
 )
 from .answers import (
-    clip,
+    Retryable,
+    at_most_one_row,
+    classify,
     error_message,
     inflated,
     looks_like_html,
+    metadata_document,
+    one_row,
     parse_json_document,
-    retry_after,
 )
 from .concurrency import ConcurrencyLimit
 from .setup import (
@@ -96,15 +97,6 @@ class PageCancelled(Exception):
     """A page dropped on the caller's request (`stream_rows(cancelled=...)`); not an error."""
 
 
-class _Retryable(Exception):
-    """A failure worth another attempt; `cause` names it for stats and the final message."""
-
-    def __init__(self, cause: str, detail: str, retry_after: float | None = None) -> None:
-        super().__init__(detail)
-        self.cause = cause
-        self.retry_after = retry_after
-
-
 _THROTTLES = ("429", "403 throttle")
 
 
@@ -144,7 +136,7 @@ class SodaClient:
         }
         if app_token:
             headers["X-App-Token"] = app_token
-        self._token = app_token or None  # masked in what the server says (`_classify`)
+        self._token = app_token or None  # masked in what the server says (`classify`)
         self._http = httpx.Client(
             base_url=self.base_url,
             headers=headers,
@@ -229,29 +221,6 @@ class SodaClient:
         query = dict(params or {})
         return self.stream(path, lambda: query, lambda chunks: parse(b"".join(chunks)))
 
-    def _classify(self, response: httpx.Response, body: bytes, shown: str, path: str) -> NoReturn:
-        """Turn a response that is not a 200 JSON body into the right exception."""
-        status = response.status_code
-        if status == 200:
-            raise _Retryable("html", "the source answered with an HTML page, not JSON")
-        if self._token:  # a source or a proxy in front of it may echo the request's headers
-            body = body.replace(self._token.encode(), b"***")  # before the message is clipped
-        message = error_message(body)
-        if status == 202 or status == 429 or status >= 500:
-            if looks_like_html(response, body):
-                message = "an HTML error page"
-            raise _Retryable(str(status), f"HTTP {status}: {message}", retry_after(response))
-        if status == 404:
-            raise DatasetNotFound(f"{self.base_url}{path}: HTTP 404 not found: {message}")
-        if status in (401, 403):
-            if "permission_denied" in message or "app_token" in message.lower():
-                raise InvalidAppToken(
-                    f"{self.base_url}{path}: HTTP {status}: {message} (check SOCRATA_APP_TOKEN)"
-                )
-            if any(w in message.lower() for w in ("throttl", "rate limit", "too many")):
-                raise _Retryable("403 throttle", f"HTTP {status}: {message}", retry_after(response))
-        raise SourceRejected(f"{self.base_url}{shown}: HTTP {status}: {message}")
-
     def stream(
         self,
         path: str,
@@ -265,7 +234,7 @@ class SodaClient:
         what comes after the rows `consume` already took. `sample`: the request is a page of
         rows, whose latencies tell the concurrency limit how busy the source is.
         """
-        last: _Retryable | None = None
+        last: Retryable | None = None
         asked: dict[str, str] | None = None
         attempt = tried = 0  # the attempt about to go (since the last that took rows), all
         while True:
@@ -298,7 +267,7 @@ class SodaClient:
                     )
             try:
                 result = self._stream_attempt(path, query, consume, shown, sample, tried > 1)
-            except _Retryable as exc:
+            except Retryable as exc:
                 self.stats.retried(exc.cause)
                 last = exc
                 attempt += 1
@@ -342,15 +311,21 @@ class SodaClient:
                     if response.status_code != 200 or looks_like_html(response, b""):
                         body = response.read()
                         self.stats.add(len(body))
-                        self._classify(response, body, shown, path)
+                        classify(
+                            response,
+                            body,
+                            f"{self.base_url}{shown}",
+                            f"{self.base_url}{path}",
+                            self._token,
+                        )
                     ticket.first_byte()
                     try:
                         result = consume(counted(inflated(response)))
                     except BadResponse as exc:
                         # dropped before its end, which the source goes on sending: as a cancel
                         ticket.linger(self._lingering(self._cancel_linger()))
-                        raise _Retryable("bad body", str(exc)) from None
-            except _Retryable as exc:
+                        raise Retryable("bad body", str(exc)) from None
+            except Retryable as exc:
                 if exc.cause in _THROTTLES:
                     self.limit.throttled(ticket.epoch)
                 raise
@@ -366,9 +341,9 @@ class SodaClient:
                     # the source may still be serving it: its slot stays counted as long again
                     # as it was silent, so that the retry does not make two at the source
                     ticket.linger(self._lingering(max(CANCEL_LINGER, time.monotonic() - heard)))
-                raise _Retryable("timeout", f"timed out ({type(exc).__name__})") from None
+                raise Retryable("timeout", f"timed out ({type(exc).__name__})") from None
             except httpx.TransportError as exc:
-                raise _Retryable("connection", f"{type(exc).__name__}: {exc}") from None
+                raise Retryable("connection", f"{type(exc).__name__}: {exc}") from None
             finally:
                 if received:
                     self.stats.add(received)
@@ -384,13 +359,7 @@ class SodaClient:
         """The dataset's metadata; a document without columns is fetched again, like a body cut
         short."""
 
-        def with_columns(body: bytes) -> dict[str, Any]:
-            doc = parse_json_document(body)
-            if not isinstance(doc, dict) or not isinstance(doc.get("columns"), list):
-                raise BadResponse(f"metadata without columns: {clip(str(doc), 80)}")
-            return doc
-
-        return self.fetch(f"/api/views/{dataset_id}.json", None, with_columns)
+        return self.fetch(f"/api/views/{dataset_id}.json", None, metadata_document)
 
     def resource_path(self, dataset_id: str, fmt: str = "json") -> str:
         return f"/resource/{dataset_id}.{fmt}"
@@ -408,29 +377,13 @@ class SodaClient:
         `BadResponse`, so it is fetched again rather than read as zero.
         """
 
-        def one_row(body: bytes) -> dict[str, Any]:
-            rows = parse_json_document(body)
-            if not isinstance(rows, list) or len(rows) != 1 or not isinstance(rows[0], dict):
-                raise BadResponse(f"{dataset_id}: unexpected aggregate answer {clip(str(rows))}")
-            return rows[0]
-
-        row = self.fetch(self.resource_path(dataset_id), params, one_row)
+        row = self.fetch(self.resource_path(dataset_id), params, one_row(dataset_id))
         return {a: None if row.get(a) is None else str(row[a]) for a in aliases}
 
     def first_row(self, dataset_id: str, params: dict[str, str]) -> dict[str, Any] | None:
         """The one row a query with `$limit=1` answers, or None when it answers none."""
 
-        def at_most_one(body: bytes) -> dict[str, Any] | None:
-            rows = parse_json_document(body)
-            if (
-                not isinstance(rows, list)
-                or len(rows) > 1
-                or not all(isinstance(r, dict) for r in rows)
-            ):
-                raise BadResponse(f"{dataset_id}: unexpected answer {clip(str(rows))}")
-            return rows[0] if rows else None
-
-        return self.fetch(self.resource_path(dataset_id), params, at_most_one)
+        return self.fetch(self.resource_path(dataset_id), params, at_most_one_row(dataset_id))
 
 
 _body = inflated  # the name tests know
