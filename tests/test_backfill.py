@@ -305,26 +305,38 @@ def test_crashes_land_the_same_bytes_with_or_without_the_native_converter(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Crash pages (JSON) go to CSV through the native converter when it is built; without it
-    (a machine with no C compiler) they take Arrow's path and land the same bytes."""
+    (a machine with no C compiler), or with one built from an older source (a checkout updated
+    without a rebuild: its `convert` takes other arguments), they take Arrow's path and land the
+    same bytes."""
+    import types
+
     from nyc_collisions import pages
 
-    landed: dict[bool, list[bytes]] = {}
-    for native in (True, False):
-        if not native:
+    def older_convert(rows: Any, fields: Any, kinds: Any, skip: Any, id_index: int) -> Any:
+        raise AssertionError("called with this version's arguments it is a TypeError")
+
+    landed: dict[str, list[bytes]] = {}
+    said = {"native": "JSON rows converted to CSV natively", "not built": "converter is not built"}
+    said["older build"] = "built from an older source"
+    for how in said:
+        if how == "not built":
             monkeypatch.setattr(pages.native, "_jsoncsv", None)
-            pages.native._say_not_built.cache_clear()  # said once a process
-        dest = tmp_path / str(native)
+        elif how == "older build":
+            older = types.SimpleNamespace(convert=older_convert)
+            monkeypatch.setattr(pages.native, "_jsoncsv", older)
+        pages.native._say_not_built.cache_clear()  # said once a process
+        pages.native._built_from_this_source.cache_clear()
+        dest = tmp_path / how
         caplog.clear()
         with caplog.at_level(logging.DEBUG, logger="nyc_collisions.pages"):
             # one stream, so that both runs cut the same files (ranges split as timing goes)
             args = ("--page-size", "900", "--file-rows", "700", "--workers", "1")
             backfill(soda_ro, str(dest), "crashes", *args)
-        assert ("JSON rows converted to CSV natively" in caplog.text) == native
-        assert ("converter is not built" in caplog.text) == (not native)
-        exact(soda_ro, str(dest), "crashes", tmp_path / str(native), ".csv")
-        landed[native] = sorted(p.read_bytes() for p in dest.rglob("data/*/part-*.csv"))
-    assert len(landed[True]) > 1
-    assert landed[True] == landed[False]
+        assert [text in caplog.text for text in said.values()] == [h == how for h in said]
+        exact(soda_ro, str(dest), "crashes", tmp_path / how, ".csv")
+        landed[how] = sorted(p.read_bytes() for p in dest.rglob("data/*/part-*.csv"))
+    assert len(landed["native"]) > 1
+    assert landed["native"] == landed["not built"] == landed["older build"]
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,29 @@ def _say_not_built() -> None:
     logger.info("the native JSON -> CSV converter is not built: JSON pages take Arrow's path")
 
 
+@functools.cache
+def _built_from_this_source() -> bool:
+    """Whether the module takes this version's arguments (a checkout updated without a rebuild
+    keeps the old one)."""
+    assert _jsoncsv is not None
+    try:
+        _jsoncsv.convert(b"", (":id",), b"\x00", (), 0, -1)
+    except TypeError:
+        logger.warning(
+            "the native JSON -> CSV converter was built from an older source (`pip install .` "
+            "rebuilds it): JSON pages take Arrow's path"
+        )
+        return False
+    return True
+
+
+def _usable() -> bool:
+    if _jsoncsv is None:
+        _say_not_built()
+        return False
+    return _built_from_this_source()
+
+
 class JsonRowsToCsv:
     """JSON rows straight to the landed CSV's rows, in native code (`_jsoncsv.c`), for a
     `PageStream` whose rows go to a CSV file (`emit_rows`).
@@ -54,8 +77,7 @@ class JsonRowsToCsv:
     def for_schema(cls, schema: Schema) -> JsonRowsToCsv | None:
         """A converter for the schema, or None when the native module is not built or a column
         has a type it does not convert (checkboxes, points, urls...)."""
-        if _jsoncsv is None:
-            _say_not_built()
+        if not _usable():
             return None
         if not all(
             c.data_type == "location" or c.data_type in _NATIVE_TEXT_TYPES for c in schema.columns
