@@ -124,7 +124,8 @@ class MemSource(DatasetSource):
                     raise PageCancelled
                 step = min(stop_at - i, self.rng.randrange(1, 4))
                 chunk = rows[i : i + step]
-                emit(pa.table({"socrata_id": pa.array(chunk, pa.string())}))
+                ids = pa.array(chunk, pa.string())
+                emit(pa.table({"socrata_id": ids, "socrata_updated_at": ids}))  # (any text)
                 got += len(chunk)
                 i += step
                 if self.rng.random() < 0.3:

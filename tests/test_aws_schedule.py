@@ -18,7 +18,7 @@ from typing import Any
 import boto3
 import pytest
 
-from nyc_collisions import aws, daily, scanrecord, snapshot, state
+from nyc_collisions import aws, daily, manifest, scanrecord, snapshot
 from nyc_collisions.reconcile_schedule import ZONE_ENV, zone_from_env
 from tests.cfn import load_template
 from tests.conftest import GOOD_TOKEN
@@ -53,7 +53,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
             return clock.at.astimezone(tz) if tz else clock.at.replace(tzinfo=None)
 
     monkeypatch.setattr(aws, "datetime", Frozen)
-    monkeypatch.setattr(state, "datetime", Frozen)
+    monkeypatch.setattr(manifest, "datetime", Frozen)  # commit times, a snapshot's start
     monkeypatch.setattr(scanrecord, "datetime", Frozen)  # a key scan's age
     return clock
 

@@ -315,26 +315,33 @@ def test_crashes_land_the_same_bytes_with_or_without_the_native_converter(
     def older_convert(rows: Any, fields: Any, kinds: Any, skip: Any, id_index: int) -> Any:
         raise AssertionError("called with this version's arguments it is a TypeError")
 
+    def forget() -> None:  # what the module was found to be is kept a process
+        pages.native._say_not_built.cache_clear()
+        pages.native._built_from_this_source.cache_clear()
+
     landed: dict[str, list[bytes]] = {}
     said = {"native": "JSON rows converted to CSV natively", "not built": "converter is not built"}
     said["older build"] = "built from an older source"
-    for how in said:
-        if how == "not built":
-            monkeypatch.setattr(pages.native, "_jsoncsv", None)
-        elif how == "older build":
-            older = types.SimpleNamespace(convert=older_convert)
-            monkeypatch.setattr(pages.native, "_jsoncsv", older)
-        pages.native._say_not_built.cache_clear()  # said once a process
-        pages.native._built_from_this_source.cache_clear()
-        dest = tmp_path / how
-        caplog.clear()
-        with caplog.at_level(logging.DEBUG, logger="nyc_collisions.pages"):
-            # one stream, so that both runs cut the same files (ranges split as timing goes)
-            args = ("--page-size", "900", "--file-rows", "700", "--workers", "1")
-            backfill(soda_ro, str(dest), "crashes", *args)
-        assert [text in caplog.text for text in said.values()] == [h == how for h in said]
-        exact(soda_ro, str(dest), "crashes", tmp_path / how, ".csv")
-        landed[how] = sorted(p.read_bytes() for p in dest.rglob("data/*/part-*.csv"))
+    try:
+        for how in said:
+            if how == "not built":
+                monkeypatch.setattr(pages.native, "_jsoncsv", None)
+            elif how == "older build":
+                older = types.SimpleNamespace(convert=older_convert)
+                monkeypatch.setattr(pages.native, "_jsoncsv", older)
+            forget()
+            dest = tmp_path / how
+            caplog.clear()
+            with caplog.at_level(logging.DEBUG, logger="nyc_collisions.pages"):
+                # one stream, so that the runs cut the same files (ranges split as timing goes)
+                args = ("--page-size", "900", "--file-rows", "700", "--workers", "1")
+                backfill(soda_ro, str(dest), "crashes", *args)
+            assert [text in caplog.text for text in said.values()] == [h == how for h in said]
+            exact(soda_ro, str(dest), "crashes", tmp_path / how, ".csv")
+            landed[how] = sorted(p.read_bytes() for p in dest.rglob("data/*/part-*.csv"))
+    finally:  # the real module back, and found again, for the tests after this one
+        monkeypatch.undo()
+        forget()
     assert len(landed["native"]) > 1
     assert landed["native"] == landed["not built"] == landed["older build"]
 
