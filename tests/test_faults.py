@@ -18,7 +18,7 @@ from tests.conftest import GOOD_TOKEN
 from tests.disk import small_disk
 from tests.fake_soda import FakeSoda, Latency
 from tests.faultsuite import Schedule
-from tests.helpers import cli, exact, paced_crashes
+from tests.helpers import Result, cli, exact, paced_crashes
 from tests.s3_proxy import S3FaultProxy
 
 
@@ -398,6 +398,18 @@ def test_an_update_stopped_while_it_waits_to_retry_commits_the_rows_it_landed(
 CRASHES_ONLY = {"h9gi-nx95": 30_000, "f55k-p6yu": 10, "bm4k-52h4": 10}
 
 
+def _backfill_through_cuts(
+    srv: FakeSoda, dest: str, *, times: int | None, page: int, retries: int
+) -> Result:
+    """A sequential backfill of crashes while `times` bodies (None: every one) are cut (a TCP
+    reset) after 5,000 rows, as a proxy with a cap on a response's size does."""
+    srv.add_fault("reset", times=times, match="$select=*", after_rows=5_000)
+    return cli(
+        "backfill", "crashes", "--source", srv.url, "--dest", dest,
+        "--page-size", str(page), "--workers", "1", "--retries", str(retries),
+    )  # fmt: skip
+
+
 def test_bodies_cut_one_after_another_are_paged_through_while_each_lands_rows(
     tmp_path: Path,
 ) -> None:
@@ -405,12 +417,8 @@ def test_bodies_cut_one_after_another_are_paged_through_while_each_lands_rows(
     response's size does, against four attempts a page: each attempt lands rows and the retry
     asks for what follows them, so the page goes on instead of giving up after four."""
     with FakeSoda(sizes=CRASHES_ONLY, seed=21) as srv:
-        srv.add_fault("reset", times=6, match="$select=*", after_rows=5_000)
         dest = str(tmp_path / "land")
-        res = cli(
-            "backfill", "crashes", "--source", srv.url, "--dest", dest,
-            "--page-size", "30000", "--workers", "1", "--retries", "4",
-        )  # fmt: skip
+        res = _backfill_through_cuts(srv, dest, times=6, page=30_000, retries=4)
         assert res.code == 0, res.text
         assert srv.stats()["faults"]["reset"] == 6
         exact(srv, dest, "crashes", tmp_path)
@@ -420,12 +428,8 @@ def test_a_source_cutting_every_body_after_a_few_rows_is_given_up_on(tmp_path: P
     """Each attempt lands a piece before the cut, but a source that cuts every body that soon is
     not crawled through: a request gets ten times its attempts in all, then one line."""
     with FakeSoda(sizes={**CRASHES_ONLY, "h9gi-nx95": 200_000}, seed=24) as srv:
-        srv.add_fault("reset", times=None, match="$select=*", after_rows=5_000)
         dest = str(tmp_path / "land")
-        res = cli(
-            "backfill", "crashes", "--source", srv.url, "--dest", dest,
-            "--page-size", "200000", "--workers", "1", "--retries", "2",
-        )  # fmt: skip
+        res = _backfill_through_cuts(srv, dest, times=None, page=200_000, retries=2)
         assert res.code == 1, res.text
         assert len(res.err.strip().splitlines()) == 1, res.err
         assert "gave up after 20 attempts" in res.err

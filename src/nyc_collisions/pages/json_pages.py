@@ -257,9 +257,8 @@ def parse_page_plain(body: bytes, schema: Schema) -> pa.Table:
     seen = 0
     for column, field in zip(schema.columns, fields, strict=True):
         values = [row.get(field) for row in rows] if rows else []
-        if (
-            column.data_type == "location"
-        ):  # a member sent as null is left out, as Arrow's path does
+        # a location member sent as null is left out, as Arrow's path does
+        if column.data_type == "location":
             values = [_text(_without_nulls(v)) for v in values]
         elif column.is_object or not all(v is None or isinstance(v, str) for v in values):
             values = [_text(v) for v in values]
