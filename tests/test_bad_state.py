@@ -54,6 +54,11 @@ def _fields(change: Callable[[dict[str, Any]], Any]) -> Callable[[bytes], bytes]
     return damage
 
 
+def _retired(path: str) -> dict[str, str]:
+    """A retired file whose grace period is long past: the next run deletes it."""
+    return {"path": path, "delete_after": "2000-01-01T00:00:00Z"}
+
+
 @pytest.mark.parametrize(
     "damage",
     [
@@ -67,6 +72,11 @@ def _fields(change: Callable[[dict[str, Any]], Any]) -> Callable[[bytes], bytes]
         _fields(lambda d: d["batches"][0]["files"][0].__setitem__("path", None)),
         _fields(lambda d: d["batches"][0]["files"][0].__setitem__("bytes", "x")),
         _fields(lambda d: d["batches"][0].__setitem__("rows", "many")),
+        _fields(lambda d: d["batches"][0]["files"][0].__setitem__("path", "../../etc/data/b/f")),
+        _fields(lambda d: d.__setitem__("retired", [_retired("../../victim.txt")])),
+        _fields(lambda d: d.__setitem__("retired", [_retired("/tmp/data/b/part.csv")])),
+        _fields(lambda d: d.__setitem__("retired", [_retired("crashes/manifest.json")])),
+        _fields(lambda d: d.__setitem__("retired", "all")),
     ],
     ids=[
         "truncated",
@@ -79,6 +89,11 @@ def _fields(change: Callable[[dict[str, Any]], Any]) -> Callable[[bytes], bytes]
         "file-path-null",
         "bytes-text",
         "rows-text",
+        "file-outside",
+        "retired-outside",
+        "retired-absolute",
+        "retired-the-manifest",
+        "retired-not-a-list",
     ],
 )
 def test_a_corrupt_manifest_is_one_line_naming_it(
@@ -266,3 +281,22 @@ def test_an_s3_refusal_says_what_to_fix(
         assert res.code == 1, res.text
         one_line(res.err, "s3://some-bucket", *needles)
         assert _SECRET not in res.text
+
+
+def test_a_key_outside_the_destination_folder_is_refused(tmp_path: Path) -> None:
+    """Whatever a record edited by hand names, the folder's storage reads, writes and deletes
+    only inside the folder."""
+    from nyc_collisions.errors import DestinationError
+    from nyc_collisions.sink.local import LocalStorage
+
+    storage = LocalStorage(tmp_path / "land")
+    storage.put_bytes("crashes/data/b/part.csv", b"kept")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    for key in ("../victim.txt", "crashes/../../victim.txt", "/" + str(victim).lstrip("/")):
+        with pytest.raises(DestinationError, match="not a key inside the destination"):
+            storage.delete([key])
+        with pytest.raises(DestinationError, match="not a key inside the destination"):
+            storage.get_bytes(key)
+    assert victim.read_text() == "precious"
+    assert storage.get_bytes("crashes/data/b/part.csv") == b"kept"

@@ -7,12 +7,18 @@ their own: a crash shows as a signal, not as a dead test run."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import subprocess
 import sys
+import threading
+import zlib
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import orjson
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -256,3 +262,116 @@ def test_a_page_ending_with_a_comma_is_refused_when_a_piece_was_cut_there(
     assert isinstance(error, BadResponse)
     assert "not complete JSON" in str(error)
     assert len(ids) == 20  # the rows are kept; the run goes on after them
+
+
+def test_a_count_no_count_can_be_is_one_clear_line(soda: FakeSoda, tmp_path: Path) -> None:
+    """A count past what files and records hold (or below zero) is a bad answer, not an
+    unexpected failure where the plan is written."""
+    body = orjson.dumps([{"n": "99999999999999999999999", "m": "2025-11-17T21:18:46.130Z"}])
+    soda.add_fault("body", times=None, match="count(*)", status=200, body=body.decode())
+    done = backfill(soda.url, str(tmp_path / "land"))
+    assert done.returncode == 1, done.stderr
+    one_line(done.stderr, "not a count")
+    assert not (tmp_path / "land" / "crashes" / "manifest.json").exists()
+
+
+def test_the_sources_message_cannot_drive_the_terminal(soda: FakeSoda, tmp_path: Path) -> None:
+    """Escape sequences in what the source says (erase the line, retitle the window) reach
+    the terminal as `?`."""
+    message = "\x1b[2K\x1b[1Gnyc-collisions: all done\x1b]0;owned\x07"
+    body = orjson.dumps({"code": "query.compiler.malformed", "message": message}).decode()
+    soda.add_fault("body", times=None, match="/api/views/", status=400, body=body)
+    done = backfill(soda.url, str(tmp_path / "land"))
+    assert done.returncode == 1, done.stderr
+    one_line(done.stderr, "query.compiler.malformed", "?[2K")
+    assert "\x1b" not in done.stderr
+    assert "\x07" not in done.stderr
+
+
+def _measured(url: str, dest: Path, *extra: str) -> tuple[int, str, int]:
+    """`backfill crashes` in a process of its own: its exit status, stderr and peak RSS (MiB,
+    its own: `wait4`, not the most any child of this process took)."""
+    err = dest.parent / "stderr.txt"
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "nyc_collisions", "backfill", "crashes"),
+                *("--retries", "1", "--source", url, "--dest", str(dest), *extra),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env={**os.environ, "NYC_COLLISIONS_RETRY_BASE": "0.01"},
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, err.read_text(), usage.ru_maxrss // 1024
+
+
+def _gzip(*parts: bytes, repeat: int = 1) -> bytes:
+    """`parts[0]`, `parts[1]` `repeat` times, then the rest, gzipped."""
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)
+    head, middle, *tail = parts
+    out = [z.compress(head), *(z.compress(middle) for _ in range(repeat))]
+    return b"".join([*out, *(z.compress(t) for t in tail), z.flush()])
+
+
+class _Front(BaseHTTPRequestHandler):
+    """Answers requests whose path holds `match` with `body` (gzip), and sends the others on
+    to `upstream`."""
+
+    upstream = ""
+    match = ""
+    body = b""
+
+    def do_GET(self) -> None:
+        if self.match in self.path:
+            status, body, headers = 200, self.body, {"Content-Encoding": "gzip"}
+        else:
+            got = httpx.get(self.upstream + self.path)
+            status, body, headers = got.status_code, got.content, {}
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _front(upstream: str, match: str, body: bytes) -> Iterator[str]:
+    handler = type("Front", (_Front,), {"upstream": upstream, "match": match, "body": body})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("match", "body", "said"),
+    [
+        # 1 MiB of gzip that inflates to 768 MiB, as the metadata
+        ("/api/views/", _gzip(b"", b" " * (1 << 20), b"{}", repeat=768), "MiB"),
+        # a page whose one value is 256 MiB long: no row's end to cut a piece at
+        (
+            "%24order",
+            _gzip(b'[{":id":"row-a","borough":"', b"A" * (1 << 20), b'"}]', repeat=256),
+            "without a row's end",
+        ),
+    ],
+    ids=["metadata_gzip_bomb", "page_without_row_ends"],
+)
+def test_an_answer_that_would_not_fit_in_memory_is_refused_in_bounded_memory(
+    soda: FakeSoda, tmp_path: Path, match: str, body: bytes, said: str
+) -> None:
+    with _front(soda.url, match, body) as url:
+        code, stderr, peak = _measured(url, tmp_path / "land", "--wire", "json")
+    assert code == 1, stderr
+    one_line(stderr, said)
+    assert peak < 400, f"peak RSS {peak} MiB"

@@ -235,3 +235,111 @@ def test_masking_the_token_never_raises_into_the_code_that_logs(
         for h in root.handlers[:]:
             if h not in [s for s, _ in saved]:
                 root.removeHandler(h)
+
+
+def test_a_token_echoed_in_a_200_answer_is_not_in_the_lambdas_error(
+    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy or portal answering 200 with the request's headers echoed and no metadata: the
+    run gives up on it, and what Lambda reports of it does not carry the token."""
+    body = json.dumps({"headers": {"X-App-Token": GOOD_TOKEN}})
+    soda.add_fault("body", times=None, match=METADATA, status=200, body=body)
+    monkeypatch.setenv("SOCRATA_APP_TOKEN", GOOD_TOKEN)
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
+    monkeypatch.setenv("NYC_COLLISIONS_DEST", str(tmp_path / "land"))
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
+    monkeypatch.setenv("NYC_COLLISIONS_RETRIES", "2")
+    monkeypatch.setenv("NYC_COLLISIONS_RETRY_BASE", "0.01")
+    aws._token_cache.clear()
+    try:
+        with pytest.raises(nyc_collisions.errors.NycCollisionsError) as caught:
+            aws.handler({"command": "backfill"}, None)
+    finally:
+        aws._token_cache.clear()
+    assert "metadata without columns" in str(caught.value)
+    assert GOOD_TOKEN not in str(caught.value)
+
+
+@pytest.mark.parametrize("around", ["\n", "\r\n", " "], ids=["lf", "crlf", "space"])
+def test_a_token_read_with_a_line_break_is_sent_without_it(
+    soda: FakeSoda, tmp_path: Path, around: str
+) -> None:
+    """A token from a file or a CRLF .env keeps its line break: it is sent without it (HTTP
+    refused the header, and said why with the token in it)."""
+    dest = tmp_path / "land"
+    res = cli(
+        "backfill", "crashes", "--retries", "2", "--source", soda.url, "--dest", str(dest),
+        env={"SOCRATA_APP_TOKEN": GOOD_TOKEN + around},
+    )  # fmt: skip
+    assert res.code == 0, res.text
+    assert GOOD_TOKEN not in res.text
+    assert all(r["has_token"] for r in soda.requests())
+    exact(soda, str(dest), "crashes", tmp_path)
+
+
+@pytest.mark.parametrize("token", [f"{GOOD_TOKEN[:5]} {GOOD_TOKEN[5:]}", GOOD_TOKEN + "é"])
+def test_a_token_no_app_token_looks_like_is_one_line_without_it(
+    soda: FakeSoda, tmp_path: Path, token: str
+) -> None:
+    dest = tmp_path / "land"
+    res = cli(
+        "backfill", "crashes", "--source", soda.url, "--dest", str(dest),
+        env={"SOCRATA_APP_TOKEN": token},
+    )  # fmt: skip
+    assert res.code == 2, res.text
+    one_line_error(res.err, "SOCRATA_APP_TOKEN")
+    assert GOOD_TOKEN[:5] not in res.text
+    assert soda.requests() == []
+    nothing_committed(dest)
+
+
+def test_a_proxy_from_the_environment_never_sees_the_token_in_plain_http(
+    soda: FakeSoda, tmp_path: Path
+) -> None:
+    """HTTP_PROXY set for the machine: a plain http source (this machine's, or allowed) is
+    asked directly; a proxy would read the request, token and all."""
+    import socket
+    import threading
+
+    seen: list[bytes] = []
+    proxy = socket.socket()
+    proxy.bind(("127.0.0.1", 0))
+    proxy.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = proxy.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                try:
+                    seen.append(conn.recv(65536))
+                    conn.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+                except OSError:
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{proxy.getsockname()[1]}"
+    dest = tmp_path / "land"
+    try:
+        res = cli(
+            "backfill", "crashes", "--retries", "1", "--source", soda.url, "--dest", str(dest),
+            env={"SOCRATA_APP_TOKEN": GOOD_TOKEN, "HTTP_PROXY": url, "ALL_PROXY": url},
+        )  # fmt: skip
+    finally:
+        proxy.close()
+    assert seen == []
+    assert res.code == 0, res.text
+    exact(soda, str(dest), "crashes", tmp_path)
+
+
+def test_a_password_in_the_source_url_is_refused_without_showing_it(tmp_path: Path) -> None:
+    res = cli(
+        "backfill", "crashes", "--source", "http://user:s3cret-pw@127.0.0.1:9",
+        "--dest", str(tmp_path / "land"),
+    )  # fmt: skip
+    assert res.code == 2, res.text
+    one_line_error(res.err, "--source", "password")
+    assert "s3cret-pw" not in res.text

@@ -124,7 +124,7 @@ def app_token() -> str | None:
     """The Socrata app token: from the environment, Secrets Manager or SSM (cached)."""
     if "token" in _token_cache:
         return _token_cache["token"]
-    token = os.environ.get("SOCRATA_APP_TOKEN") or None
+    token = os.environ.get("SOCRATA_APP_TOKEN", "").strip() or None
     secret = os.environ.get("SOCRATA_APP_TOKEN_SECRET")
     parameter = os.environ.get("SOCRATA_APP_TOKEN_PARAMETER")
     if token is None and secret:

@@ -85,10 +85,35 @@ def _typed(value: Any, kind: type, what: str) -> Any:
     return value
 
 
+def _data_path(value: Any, what: str) -> str:
+    """A data file's key as the tool writes them (`<dataset>/data/<batch>/<file>`); a
+    ValueError for any other (one edited to name the manifest, or a file outside the
+    destination, would be read, or deleted by a prune)."""
+    path: str = _typed(value, str, what)
+    parts = path.split("/")
+    if (
+        len(parts) < 4
+        or parts[-3] != "data"
+        or any(p in ("", ".", "..") for p in parts)
+        or "\\" in path
+        or "\0" in path
+    ):
+        raise ValueError(f"{what} {path[:80]!r} is not a data file of the dataset")
+    return path
+
+
+def _retired(value: Any) -> Retired:
+    doc = _typed(value, dict, "a retired file")
+    return Retired(
+        _data_path(doc["path"], "a retired file's path"),
+        _typed(doc["delete_after"], str, "a retired file's delete_after"),
+    )
+
+
 def _file_entry(value: Any) -> FileEntry:
     doc = _typed(value, dict, "a file entry")
     return FileEntry(
-        _typed(doc["path"], str, "a file's path"),
+        _data_path(doc["path"], "a file's path"),
         _typed(doc["rows"], int, "a file's rows"),
         _typed(doc["bytes"], int, "a file's bytes"),
     )
@@ -225,7 +250,7 @@ class Manifest:
                 version=d["version"],
                 updated=d.get("updated", ""),
                 revision=int(d.get("revision", 0)),
-                retired=[Retired(**r) for r in d.get("retired", [])],
+                retired=[_retired(r) for r in _typed(d.get("retired", []), list, "retired")],
                 schema_changes=[SchemaChange.from_dict(c) for c in d.get("schema_changes", [])],
                 reconciled=str(d.get("reconciled", "")),
             )

@@ -17,6 +17,7 @@ from .manifest import Watermark
 from .pages import CsvPageStream, CsvRows, PageStream, parse_page
 from .schema import CSV_EXACT_TYPES, Schema
 from .socrata import soql
+from .socrata.answers import clip
 from .socrata.client import PageCancelled, SodaClient, parse_json_document
 
 STOP_TICK = 0.1  # seconds between looks at `stopped()` while a count is awaited
@@ -77,11 +78,15 @@ class DatasetSource:
 
     def _as_count(self, value: str | None) -> int:
         try:
-            return int(value or 0)
+            count = int(value or 0)
         except ValueError:
+            count = -1
+        if not 0 <= count < 2**63:  # what a count can be, and what files and records hold
+            shown = self.client.mask(clip(str(value), 60))
             raise BadResponse(
-                f"{self.dataset.dataset_id}: count is not a number: {value}"
-            ) from None
+                f"{self.dataset.dataset_id}: the source's count is {shown}, not a count"
+            )
+        return count
 
     def max_updated_at(self) -> str | None:
         return self.client.scalar(self.dataset.dataset_id, soql.max_updated_params(), "m")
@@ -207,7 +212,10 @@ class DatasetSource:
             return None
         value = rows[0].get(":id")
         if not isinstance(value, str):
-            raise BadResponse(f"{self.dataset.dataset_id}: boundary probe without :id: {rows[0]}")
+            row = clip(str(rows[0]), 200)
+            raise BadResponse(
+                self.client.mask(f"{self.dataset.dataset_id}: boundary probe without :id: {row}")
+            )
         return value
 
     def stream_rows(

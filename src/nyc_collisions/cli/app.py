@@ -20,9 +20,21 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def say(text: str) -> None:
-    """Print to stderr, with the app token masked should any message ever carry it."""
-    token = os.environ.get("SOCRATA_APP_TOKEN")
-    click.echo(text.replace(token, "***") if token else text, err=True)
+    """Print to stderr, with the app token masked should any message ever carry it, and no
+    control character (what the source said is in messages) but line breaks and tabs."""
+    click.echo(_masked(text).translate(_CONTROLS), err=True)
+
+
+_CONTROLS = {c: "?" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c not in (9, 10)}
+
+
+def _masked(text: str) -> str:
+    """`text` with the app token masked, as set and as sent (without the space around it)."""
+    raw = os.environ.get("SOCRATA_APP_TOKEN") or ""
+    for token in {raw, raw.strip()}:
+        if token:
+            text = text.replace(token, "***")
+    return text
 
 
 def setup_logging(verbose: int) -> None:
@@ -41,14 +53,14 @@ class _MaskToken(logging.Filter):
     """The app token masked in every log line, as `say` masks it in the error line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        token = os.environ.get("SOCRATA_APP_TOKEN")
-        if token:
+        if os.environ.get("SOCRATA_APP_TOKEN", "").strip():
             try:
                 text = record.getMessage()
             except Exception:  # a record that does not format: logging's handler reports it
                 return True
-            if token in text:
-                record.msg, record.args = text.replace(token, "***"), None
+            masked = _masked(text)
+            if masked != text:
+                record.msg, record.args = masked, None
         return True
 
 

@@ -68,6 +68,7 @@ class CsvPageStream(Stream):
             if cut > 0:
                 piece, self._buf = split(self._buf, cut + 1, 0)
                 self._parse(piece)
+            self._bounded()
 
     def finish(self) -> int:
         """The end of the body: parse what is left; returns the rows of the whole page."""

@@ -344,6 +344,7 @@ class PageStream(Stream):
                     )
                 self._separated = True
                 self._parse(piece)
+            self._bounded()
 
     def finish(self) -> int:
         """The end of the body: parse what is left; returns the rows of the whole page."""

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 
+from ..errors import BadResponse
 from ..rows import CsvRows
 from ..schema import Schema
 
@@ -19,6 +20,9 @@ PIECE_BYTES = 4 << 20
 # The native converter's cost per call is small, so its pieces are smaller: less memory held
 # per worker for the same CPU (measured in bench/README.md).
 NATIVE_PIECE_BYTES = 1 << 20
+# Bytes received with no row's end among them, at most: SODA ends every row within a line or
+# two, so more is a hostile or broken body, refused before it takes the machine's memory.
+MAX_UNCUT_BYTES = 64 << 20
 
 
 def split(buf: bytearray, cut: int, skip: int) -> tuple[np.ndarray, bytearray]:
@@ -48,6 +52,14 @@ class Stream:
         self.emit_rows = emit_rows
         self.rows = 0
         self._buf = bytearray()
+
+    def _bounded(self) -> None:
+        """Refuse a body that has sent `MAX_UNCUT_BYTES` with no row's end to cut at."""
+        if len(self._buf) > MAX_UNCUT_BYTES:
+            raise BadResponse(
+                f"page has more than {MAX_UNCUT_BYTES >> 20} MiB without a row's end after"
+                f" {self.rows} rows; refused rather than held in memory"
+            )
 
     def _hand_on(self, rows: pa.Table | CsvRows) -> None:
         if not rows.num_rows:

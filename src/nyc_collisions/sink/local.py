@@ -53,6 +53,10 @@ class LocalStorage:
         self._conditional_ok = False
 
     def _path(self, key: str) -> Path:
+        """The file of `key`; never outside the folder, whatever a record edited by hand says."""
+        *folders, name = key.split("/")  # a prefix ends with "/": its name is ""
+        if "\0" in key or name in (".", "..") or any(p in ("", ".", "..") for p in folders):
+            raise DestinationError(f"{self.url}: {key[:80]!r} is not a key inside the destination")
         return self.root / key
 
     def _make_folder(self, folder: Path) -> None:

@@ -70,8 +70,14 @@ def retry_after(response: httpx.Response) -> float | None:
 
 
 def clip(text: str, n: int = 300) -> str:
-    text = " ".join(text.split())
+    """What the source said, fit for one line of a terminal: whitespace collapsed, control
+    characters (escape sequences that would move the cursor or retitle the window) as `?`, at
+    most `n` characters."""
+    text = " ".join(text.split()).translate(_CONTROLS)
     return text if len(text) <= n else text[:n] + "…"
+
+
+_CONTROLS = {c: "?" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
 
 
 def error_message(body: bytes) -> str:
@@ -93,6 +99,31 @@ def looks_like_html(response: httpx.Response, body: bytes) -> bool:
     return "html" in content_type or body.lstrip()[:1] == b"<"
 
 
+INFLATE_CHUNK = 4 << 20  # bytes inflated at a time: a few KiB of gzip can inflate to MiBs
+MAX_DOCUMENT_BYTES = 64 << 20  # a whole document's body (metadata, an aggregate) at most
+MAX_ERROR_BYTES = 1 << 20  # an error's body read, at most: only its start is shown
+
+
+def whole(chunks: Iterator[bytes]) -> bytes:
+    """A whole document's body, refused past `MAX_DOCUMENT_BYTES` rather than held."""
+    body = bytearray()
+    for chunk in chunks:
+        body += chunk
+        if len(body) > MAX_DOCUMENT_BYTES:
+            raise BadResponse(f"answer of more than {MAX_DOCUMENT_BYTES >> 20} MiB; refused")
+    return bytes(body)
+
+
+def error_body(response: httpx.Response) -> bytes:
+    """The start of an error's body (the message is in it), not the whole of a long one."""
+    body = bytearray()
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) >= MAX_ERROR_BYTES:
+            break
+    return bytes(body[:MAX_ERROR_BYTES])
+
+
 _INFLATE_ERROR = cast("type[Exception]", isal_zlib.error)  # its stubs type it as an instance
 
 
@@ -106,9 +137,11 @@ def inflated(response: httpx.Response) -> Iterator[bytes]:
     inflate = isal_zlib.decompressobj(16 + isal_zlib.MAX_WBITS)
     try:
         for raw in response.iter_raw():
-            data = inflate.decompress(raw)
+            data = inflate.decompress(raw, INFLATE_CHUNK)
             if data:
                 yield data
+            while inflate.unconsumed_tail:  # a chunk that inflates to more (a gzip bomb)
+                yield inflate.decompress(inflate.unconsumed_tail, INFLATE_CHUNK)
     except _INFLATE_ERROR as exc:
         raise BadResponse(f"gzip body does not inflate: {exc}") from None
     if not inflate.eof:

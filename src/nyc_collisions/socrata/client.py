@@ -43,12 +43,14 @@ from .answers import (
     Retryable,
     at_most_one_row,
     classify,
+    error_body,
     error_message,
     inflated,
     looks_like_html,
     metadata_document,
     one_row,
     parse_json_document,
+    whole,
 )
 from .concurrency import ConcurrencyLimit
 from .setup import (
@@ -56,6 +58,7 @@ from .setup import (
     MAX_TIMEOUT,
     WIRES,
     RetryPolicy,
+    check_app_token,
     check_timeouts,
     check_wire,
     max_concurrency,
@@ -134,9 +137,10 @@ class SodaClient:
             "User-Agent": f"nyc-collisions/{__version__}",
             "Accept-Encoding": "gzip",
         }
+        app_token = check_app_token(app_token)
         if app_token:
             headers["X-App-Token"] = app_token
-        self._token = app_token or None  # masked in what the server says (`classify`)
+        self._token = app_token  # masked in whatever the source says (`mask`)
         self._http = httpx.Client(
             base_url=self.base_url,
             headers=headers,
@@ -146,7 +150,15 @@ class SodaClient:
             ),
             follow_redirects=True,
             event_hooks={"request": [self._same_origin]},
+            # a proxy from the environment would read plain http, token and all; https only
+            # passes through one, encrypted
+            trust_env=httpx.URL(self.base_url).scheme == "https",
         )
+
+    def mask(self, text: str) -> str:
+        """`text` with the app token masked: the source, or a proxy in front of it, may echo
+        the request's headers in what it answers."""
+        return text.replace(self._token, "***") if self._token else text
 
     def _same_origin(self, request: httpx.Request) -> None:
         """Before every request, redirects included: only to the source's own origin."""
@@ -219,7 +231,7 @@ class SodaClient:
         is fetched again; a parser signals that with `BadResponse`.
         """
         query = dict(params or {})
-        return self.stream(path, lambda: query, lambda chunks: parse(b"".join(chunks)))
+        return self.stream(path, lambda: query, lambda chunks: parse(whole(chunks)))
 
     def stream(
         self,
@@ -309,7 +321,7 @@ class SodaClient:
                 timeout = self._timeout_now()
                 with self._http.stream("GET", path, params=query, timeout=timeout) as response:
                     if response.status_code != 200 or looks_like_html(response, b""):
-                        body = response.read()
+                        body = error_body(response)
                         self.stats.add(len(body))
                         classify(
                             response,
@@ -324,7 +336,7 @@ class SodaClient:
                     except BadResponse as exc:
                         # dropped before its end, which the source goes on sending: as a cancel
                         ticket.linger(self._lingering(self._cancel_linger()))
-                        raise Retryable("bad body", str(exc)) from None
+                        raise Retryable("bad body", self.mask(str(exc))) from None
             except Retryable as exc:
                 if exc.cause in _THROTTLES:
                     self.limit.throttled(ticket.epoch)
@@ -343,7 +355,7 @@ class SodaClient:
                     ticket.linger(self._lingering(max(CANCEL_LINGER, time.monotonic() - heard)))
                 raise Retryable("timeout", f"timed out ({type(exc).__name__})") from None
             except httpx.TransportError as exc:
-                raise Retryable("connection", f"{type(exc).__name__}: {exc}") from None
+                raise Retryable("connection", self.mask(f"{type(exc).__name__}: {exc}")) from None
             finally:
                 if received:
                     self.stats.add(received)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import string
 from dataclasses import dataclass
 
 import httpx
@@ -57,6 +58,13 @@ def validate_base_url(base_url: str, *, allow_http: bool = False, name: str = "-
         url = httpx.URL(base_url)
     except (httpx.InvalidURL, TypeError) as exc:
         raise UsageError(f"{name} {base_url!r} is not a URL: {exc}") from None
+    if url.userinfo:
+        # never quoted: the URL carries a password; the source is open data, and the token
+        # has its own setting
+        raise UsageError(
+            f"{name} has a user or password in it; give the source's URL without them (the app"
+            " token goes in SOCRATA_APP_TOKEN)"
+        )
     if url.scheme not in ("http", "https") or not url.host or url.query or url.fragment:
         raise UsageError(
             f"{name} {base_url!r} is not a base URL like https://data.cityofnewyork.us"
@@ -67,6 +75,24 @@ def validate_base_url(base_url: str, *, allow_http: bool = False, name: str = "-
             f" use https, or allow it with --allow-http ({settings.ALLOW_HTTP}=1)"
         )
     return str(url).rstrip("/")
+
+
+_TOKEN_CHARS = frozenset(string.ascii_letters + string.digits + "-._~+/=")
+
+
+def check_app_token(token: str | None) -> str | None:
+    """The app token without the whitespace around it (a token file's line break), None when
+    empty. One with any other character (a space, a quote, a control character, non-ASCII) is
+    refused, never quoted: HTTP would refuse the header and say why with the token in it."""
+    token = (token or "").strip()
+    if not token:
+        return None
+    if not _TOKEN_CHARS.issuperset(token):
+        raise UsageError(
+            "the app token (SOCRATA_APP_TOKEN) has a character no app token has (a space, a"
+            " quote, a control character or non-ASCII): check how it was set"
+        )
+    return token
 
 
 def _is_loopback(host: str) -> bool:
