@@ -237,3 +237,34 @@ def test_a_freed_slot_goes_to_the_request_waiting_longest() -> None:
     first.join(10)
     second.join(10)
     assert order.index("waiter") == 1  # the slot freed first went to the one waiting
+
+
+def test_a_source_slower_for_every_request_is_the_new_normal() -> None:
+    """A source serving 12 at once whose first byte comes 0.3 s after a slot instead of 0.05 s
+    (a busier hour): nothing queues, so the limit comes back to the ceiling rather than stay at
+    the one request its first slow pages dropped it to."""
+    core = Controller(CEILING, 4, adaptive=True)
+    source = SimSource(12, base=0.05)
+
+    def slower(now: float) -> None:
+        if now >= 20:
+            source.base = 0.3
+
+    limits = run(core, source, 200, each=slower)
+    assert Counter(limits[1000:2000]).most_common(1)[0][0] == CEILING
+    assert Counter(limits[-5000:]).most_common(1)[0][0] == CEILING
+
+
+def test_pages_streaming_slower_for_every_request_are_the_new_normal() -> None:
+    """The rate each page streams at halves for every request, however many are in flight (a
+    wider dataset, a busier link): fewer in flight would not stream faster, so the limit comes
+    back to the ceiling."""
+    core = Controller(CEILING, 4, adaptive=True)
+    source = SimSource(12, rate=16e6)
+
+    def slower(now: float) -> None:
+        if now >= 20:
+            source.rate = 8e6
+
+    limits = run(core, source, 300, each=slower)
+    assert Counter(limits[-10000:]).most_common(1)[0][0] == CEILING

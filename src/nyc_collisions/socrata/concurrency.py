@@ -170,9 +170,11 @@ class ConcurrencyLimit:
                 logger.warning("source throttles: concurrency %d -> %d", before, self._core.limit)
 
     def reset_usage(self) -> None:
-        """Start counting `usage` afresh (at the start of a dataset's run)."""
+        """Start counting `usage` afresh (at the start of a dataset's run), and learn the
+        source's latencies afresh."""
         with self._cond:
             core = self._core
+            core.forget_latencies()
             core.held.clear()
             core.changed_at = self._clock()
             core.peak = len(core.requests)

@@ -10,7 +10,10 @@ source serves, the way TCP Vegas (Brakmo and Peterson, 1994) and Netflix's concu
 seen) and keep one request waiting at the source, so that no slot of it idles between two
 pages.
 
-Latency is read in two places, because page sizes vary and a whole page's time says little:
+Latency is read in two places, because page sizes vary and a whole page's time says little
+(each against the least of the last `WINDOW` pages, so that a source grown slower for every
+request, a busier hour or a heavier dataset, becomes the new "nothing waits" rather than a
+queue that never drains):
 
 - the time to the first byte of a page: a source that queues requests holds them before it
   answers; a page that waited longer than `max(2 x least, least + 0.1 s)` waited in a queue;
@@ -44,6 +47,7 @@ it grows back by one after `GROW_AFTER x limit` successes in a row.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
@@ -54,6 +58,7 @@ SHARED = 1.5  # a page streaming this many times slower than the fastest: the so
 QUEUE_FACTOR = 2.0  # a first byte later than this many times the least seen: the request waited
 QUEUE_SLACK = 0.1  # ... and later than the least + this many seconds (jitter of a fast source)
 MIN_SAMPLE_BYTES = 256 << 10  # pages smaller than this say nothing about the streaming rate
+WINDOW = 32  # pages whose least latency is "nothing waits"
 
 
 @dataclass
@@ -89,6 +94,8 @@ class Controller:
     requests: dict[int, _Request] = field(default_factory=dict)
     grants: list[_Grant] = field(default_factory=list)
     held: dict[int, float] = field(default_factory=dict)  # seconds spent at each limit
+    ttfbs: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    byte_times: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     changed_at: float | None = None
     _next_id: int = 0
 
@@ -123,8 +130,8 @@ class Controller:
         if not r.sample:
             return
         wait = now - r.sent
-        if self.ttfb_min is None or wait < self.ttfb_min:
-            self.ttfb_min = wait
+        self.ttfbs.append(wait)
+        self.ttfb_min = min(self.ttfbs)
         if wait > self.threshold():
             self.slow_start = False
             self.grants.clear()
@@ -148,12 +155,13 @@ class Controller:
             and now > r.first
         ):
             per_byte = (now - r.first) / nbytes
-            if self.byte_time_min is None or per_byte < self.byte_time_min:
-                self.byte_time_min = per_byte
-            elif per_byte > SHARED * self.byte_time_min and self.adaptive and self._new(r):
+            self.byte_times.append(per_byte)
+            least = self.byte_time_min  # of the pages before this one
+            self.byte_time_min = min(self.byte_times)
+            if least is not None and per_byte > SHARED * least and self.adaptive and self._new(r):
                 # k times slower: the source shares what it serves among k times more
                 # requests than it serves at full speed; keep one more than that
-                slower = per_byte / self.byte_time_min
+                slower = per_byte / least
                 served = int((len(self.requests) + 1) / slower)
                 self.slow_start = False
                 self.grants.clear()
@@ -250,6 +258,17 @@ class Controller:
         if self.successes >= self.limit * GROW_AFTER:
             self.successes = 0
             self._set(now, self.limit + 1, "recovered")
+
+    def forget_latencies(self) -> None:
+        """Learn "nothing waits" afresh, in slow start from the limit as it is (a new dataset's
+        queries may take longer); a source that throttled still does."""
+        self.ttfbs.clear()
+        self.byte_times.clear()
+        self.ttfb_min = self.byte_time_min = None
+        self.slow_start = not self.throttled_once
+        self.grants.clear()
+        self.dropped_at = None
+        self.credit = 0
 
     def settled(self, now: float) -> int:
         """The limit held longest so far."""
