@@ -45,6 +45,8 @@ def nothing_committed(dest: Path) -> None:
         (["backfill", "crashes", "--timeout", "inf"], ["--timeout"]),
         (["backfill", "crashes", "--timeout", "1e12"], ["--timeout"]),
         (["backfill", "crashes", "--max-seconds", "nan"], ["--max-seconds"]),
+        (["backfill", "crashes", "--key", "a b"], ["--key", "not a field name"]),
+        (["backfill", "test-0001", "--key", "a b"], ["--key", "not a field name"]),
     ],
     ids=[
         "unknown_name",
@@ -61,6 +63,8 @@ def nothing_committed(dest: Path) -> None:
         "timeout_inf",
         "timeout_past_a_socket",
         "budget_nan",
+        "key_not_a_field",
+        "key_not_a_field_of_an_id",
     ],
 )
 def test_usage_errors(

@@ -106,9 +106,9 @@ def resolve(name_or_id: str, key: str | None = None) -> Dataset:
                 f"unknown dataset {name_or_id!r}: use crashes, persons, vehicles "
                 "or a Socrata dataset id like h9gi-nx95"
             )
+    if key is not None and not FIELD_NAME_RE.match(key):
+        raise UsageError(f"--key {key!r} is not a field name")
     if key is not None and key != ds.key:
-        if not FIELD_NAME_RE.match(key):
-            raise UsageError(f"--key {key!r} is not a field name")
         ds = Dataset(ds.name, ds.dataset_id, key, ds.integer_fields)
     if key is not None:
         ds = replace(ds, key_given=True)
