@@ -253,12 +253,19 @@ def leave_debris(at: Destination, keys: list[str]) -> None:
 # -- one clear line for bad state -------------------------------------------------------------
 
 
-def test_a_malformed_lease_gives_one_line_naming_it(soda_ro: FakeSoda, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "damage",
+    [{"expires": "soon"}, {"ttl": 1e9}],
+    ids=["expires_not_a_time", "ttl_no_run_takes"],  # (the taker would watch it for 31 years)
+)
+def test_a_malformed_lease_gives_one_line_naming_it(
+    soda_ro: FakeSoda, tmp_path: Path, damage: dict[str, object]
+) -> None:
     dest = tmp_path / "land"
     land(soda_ro, str(dest))
     manifest = (dest / "crashes/manifest.json").read_bytes()
     lease = {"token": "t", "host": "h", "pid": 1, "since": "2026-01-01T00:00:00Z"}
-    (dest / "crashes/lock.json").write_text(json.dumps({**lease, "expires": "soon"}))
+    (dest / "crashes/lock.json").write_text(json.dumps({**lease, **damage}))
     res = cli("update", "crashes", "--source", soda_ro.url, "--dest", str(dest))
     assert res.code == 1
     one_line(res.err, str(dest / "crashes/lock.json"), "delete")

@@ -54,6 +54,7 @@ from .sink.storage import Storage, Versioned
 logger = logging.getLogger(__name__)
 
 DEFAULT_TTL = 120.0
+MAX_TTL = 3600.0  # a taker watches a stale lease this long at most, whatever its file says
 TTL_ENV = "NYC_COLLISIONS_LEASE_TTL"
 
 
@@ -66,8 +67,8 @@ def lease_ttl() -> float:
         ttl = float(raw)
     except ValueError:
         raise UsageError(f"{TTL_ENV}={raw!r} is not a number of seconds") from None
-    if not 0.5 <= ttl <= 3600:
-        raise UsageError(f"{TTL_ENV}={raw!r}: give between 0.5 and 3600 seconds")
+    if not 0.5 <= ttl <= MAX_TTL:
+        raise UsageError(f"{TTL_ENV}={raw!r}: give between 0.5 and {MAX_TTL:.0f} seconds")
     return ttl
 
 
@@ -100,7 +101,7 @@ class Holder:
             pid = _field(doc, "pid", int, required=True)
             ttl = float(_field(doc, "ttl", int | float) or DEFAULT_TTL)
             _field(doc, "expires", int | float)  # an earlier version's: only checked
-            if pid <= 0 or ttl <= 0:
+            if pid <= 0 or not 0 < ttl <= MAX_TTL:
                 raise ValueError(f"pid {pid}, ttl {ttl}")
             return cls(
                 token=token,
