@@ -93,3 +93,13 @@ def test_fetch_takes_a_numpy_integer(soda_ro: FakeSoda) -> None:
 
     df = nyc_collisions.fetch("crashes", source=soda_ro.url, limit=np.int64(5))
     assert len(df) == 5
+
+
+def test_fetch_takes_pages_of_any_size_asked() -> None:
+    """A page of 100,000 crash rows (about 90 MiB of JSON) is what `page_size` asked for: it is
+    not refused as a document too long to be metadata."""
+    rows = 100_000
+    with FakeSoda(sizes={"h9gi-nx95": rows}, seed=3) as srv:
+        df = nyc_collisions.fetch("crashes", source=srv.url, page_size=rows)
+        assert len(df) == rows
+        assert df["socrata_id"].is_unique

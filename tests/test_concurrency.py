@@ -255,16 +255,27 @@ def test_a_source_slower_for_every_request_is_the_new_normal() -> None:
     assert Counter(limits[-5000:]).most_common(1)[0][0] == CEILING
 
 
-def test_pages_streaming_slower_for_every_request_are_the_new_normal() -> None:
-    """The rate each page streams at halves for every request, however many are in flight (a
-    wider dataset, a busier link): fewer in flight would not stream faster, so the limit comes
-    back to the ceiling."""
+@pytest.mark.parametrize("page", [40 << 20, 4 << 20], ids=["40MiB", "4MiB"])
+def test_a_queue_that_never_drains_is_not_the_new_normal(page: int) -> None:
+    """Ten minutes on a source that serves one request at a time: the page kept waiting there
+    waits a whole page every time, which never becomes "nothing waits" (only a page that had
+    the source to itself re-bases it)."""
     core = Controller(CEILING, 4, adaptive=True)
-    source = SimSource(12, rate=16e6)
+    source = SimSource(1, page=page)
+    limits = run(core, source, 600)
+    assert settled(limits) == 2
+    assert source.peak <= 4
 
-    def slower(now: float) -> None:
-        if now >= 20:
-            source.rate = 8e6
 
-    limits = run(core, source, 300, each=slower)
-    assert Counter(limits[-10000:]).most_common(1)[0][0] == CEILING
+def test_a_shared_source_that_slowed_down_stays_at_its_lower_limit() -> None:
+    """Ten minutes after a source that shares itself went from 8 streams at full speed to 2,
+    the limit stays down."""
+    core = Controller(CEILING, 4, adaptive=True)
+    source = SimSource(8, shared=True)
+
+    def change(now: float) -> None:
+        if now >= 40:
+            source.capacity = 2
+
+    limits = run(core, source, 600, each=change)
+    assert max(limits[-3000:]) <= 5

@@ -288,23 +288,33 @@ def test_the_sources_message_cannot_drive_the_terminal(soda: FakeSoda, tmp_path:
     assert "\x07" not in done.stderr
 
 
+_PEAK = """
+import atexit, runpy, sys
+def peak():  # VmHWM: this program's own peak (ru_maxrss would count the forking test's too)
+    with open("/proc/self/status") as status, open(PEAK, "w") as out:
+        out.write(next(line.split()[1] for line in status if line.startswith("VmHWM")))
+PEAK = sys.argv[1]
+atexit.register(peak)
+sys.argv = ["nyc-collisions", *sys.argv[2:]]
+runpy.run_module("nyc_collisions", run_name="__main__")
+"""
+
+
 def _measured(url: str, dest: Path, *extra: str) -> tuple[int, str, int]:
-    """`backfill crashes` in a process of its own: its exit status, stderr and peak RSS (MiB,
-    its own: `wait4`, not the most any child of this process took)."""
-    err = dest.parent / "stderr.txt"
-    with open(err, "w") as stderr:
-        proc = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "nyc_collisions", "backfill", "crashes"),
-                *("--retries", "1", "--source", url, "--dest", str(dest), *extra),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            env={**os.environ, "NYC_COLLISIONS_RETRY_BASE": "0.01"},
-        )
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, err.read_text(), usage.ru_maxrss // 1024
+    """`backfill crashes` in a process of its own: its exit status, stderr and peak RSS (MiB)."""
+    peak = dest.parent / "peak.txt"
+    done = subprocess.run(
+        [
+            *(sys.executable, "-c", _PEAK, str(peak), "backfill", "crashes"),
+            *("--retries", "1", "--source", url, "--dest", str(dest), *extra),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NYC_COLLISIONS_RETRY_BASE": "0.01"},
+        timeout=300,
+        check=False,
+    )
+    return done.returncode, done.stderr, int(peak.read_text()) // 1024
 
 
 def _gzip(*parts: bytes, repeat: int = 1) -> bytes:
@@ -375,3 +385,25 @@ def test_an_answer_that_would_not_fit_in_memory_is_refused_in_bounded_memory(
     assert code == 1, stderr
     one_line(stderr, said)
     assert peak < 400, f"peak RSS {peak} MiB"
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "arrow"])
+def test_a_page_in_another_layout_past_the_bound_is_read_while_its_rows_end(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compact JSON (`[{..},{..}]`, no line breaks: nothing to cut pieces at) is kept whole to
+    its end and read, however long, as long as rows end in it; a value longer than the bound
+    (no `}` in it) is refused. The bound is made small here, as the run above shows it whole."""
+    monkeypatch.setattr(pages.stream, "MAX_UNCUT_BYTES", 64 << 10)
+    rows = [good_row(i) for i in range(40_000)]  # past the size a piece is cut at, too
+    body = b"[" + b",".join(rows) + b"]"
+    assert len(body) > pages.stream.PIECE_BYTES
+    parts = [body[i : i + 65536] for i in range(0, len(body), 65536)]
+    ids, error = stream(parts, native)
+    assert error is None
+    assert ids == [f"row-{i:05d}" for i in range(40_000)]
+    value = b'[{":id":"row-a","borough":"' + b"A" * (5 << 20) + b'"}]'
+    ids, error = stream([value[i : i + 65536] for i in range(0, len(value), 65536)], native)
+    assert ids == []
+    assert error is not None
+    assert "without a row's end" in str(error)

@@ -93,7 +93,7 @@ def fetch(
             nonlocal after, got, asked
             n = asked = page_size if limit is None else min(page_size, limit - got)
             params = soql.page_params(after=after, upper=None, limit=n, where=where)
-            table = client.fetch(src.path, params, lambda b: parse_page(b, schema))
+            table = client.fetch(src.path, params, lambda b: parse_page(b, schema), most=None)
             if table.num_rows:
                 tables.append(table)
                 got += table.num_rows

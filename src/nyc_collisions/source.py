@@ -307,7 +307,9 @@ class DatasetSource:
                 break
             where = " OR ".join(f":id = {soql.quote(i)}" for i in wanted)
             params = soql.page_params(after=None, upper=None, limit=len(wanted), where=where)
-            table = self.client.fetch(self.path, params, lambda body: parse_page(body, schema))
+            table = self.client.fetch(
+                self.path, params, lambda body: parse_page(body, schema), most=None
+            )
             tables.append(table)
             got = set(table.column("socrata_id").to_pylist())
             wanted = [i for i in wanted if i not in got]

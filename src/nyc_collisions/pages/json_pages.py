@@ -301,7 +301,8 @@ class PageStream(Stream):
     rows received so far end at the last `\\n,`: each such piece is parsed and handed to `emit` at
     once, and memory stays at a piece, not a page. A body in another layout is parsed whole at the
     end, unless it has a `\\n,` inside an object (valid JSON that SODA never writes): the piece
-    cut there is refused, and so the page. `finish` raises `BadResponse` if the body did not end
+    cut there is refused, and so the page; so is one with no `}` in `MAX_UNCUT_BYTES` (no row
+    ends in it: a hostile value, not rows). `finish` raises `BadResponse` if the body did not end
     with the array's `]`: the rows emitted before the cut are kept, and the caller goes on after
     the last of them.
 
@@ -344,7 +345,7 @@ class PageStream(Stream):
                     )
                 self._separated = True
                 self._parse(piece)
-            self._bounded()
+            self._bounded(b"}")  # another layout is kept whole to its end while rows end in it
 
     def finish(self) -> int:
         """The end of the body: parse what is left; returns the rows of the whole page."""

@@ -20,8 +20,8 @@ PIECE_BYTES = 4 << 20
 # The native converter's cost per call is small, so its pieces are smaller: less memory held
 # per worker for the same CPU (measured in bench/README.md).
 NATIVE_PIECE_BYTES = 1 << 20
-# Bytes received with no row's end among them, at most: SODA ends every row within a line or
-# two, so more is a hostile or broken body, refused before it takes the machine's memory.
+# Bytes received with no row's end among them, at most: a row that long is a hostile or broken
+# body, refused before it takes the machine's memory.
 MAX_UNCUT_BYTES = 64 << 20
 
 
@@ -53,9 +53,13 @@ class Stream:
         self.rows = 0
         self._buf = bytearray()
 
-    def _bounded(self) -> None:
-        """Refuse a body that has sent `MAX_UNCUT_BYTES` with no row's end to cut at."""
-        if len(self._buf) > MAX_UNCUT_BYTES:
+    def _bounded(self, row_end: bytes | None = None) -> None:
+        """Refuse a body that has sent `MAX_UNCUT_BYTES` with no row's end (`row_end` in them
+        when given; else none it could be cut at)."""
+        size = len(self._buf)
+        if size > MAX_UNCUT_BYTES and (
+            row_end is None or self._buf.rfind(row_end, size - MAX_UNCUT_BYTES) < 0
+        ):
             raise BadResponse(
                 f"page has more than {MAX_UNCUT_BYTES >> 20} MiB without a row's end after"
                 f" {self.rows} rows; refused rather than held in memory"

@@ -104,13 +104,13 @@ MAX_DOCUMENT_BYTES = 64 << 20  # a whole document's body (metadata, an aggregate
 MAX_ERROR_BYTES = 1 << 20  # an error's body read, at most: only its start is shown
 
 
-def whole(chunks: Iterator[bytes]) -> bytes:
-    """A whole document's body, refused past `MAX_DOCUMENT_BYTES` rather than held."""
+def whole(chunks: Iterator[bytes], most: int | None = MAX_DOCUMENT_BYTES) -> bytes:
+    """A whole body, refused past `most` bytes (None: no bound) rather than held."""
     body = bytearray()
     for chunk in chunks:
         body += chunk
-        if len(body) > MAX_DOCUMENT_BYTES:
-            raise BadResponse(f"answer of more than {MAX_DOCUMENT_BYTES >> 20} MiB; refused")
+        if most is not None and len(body) > most:
+            raise BadResponse(f"answer of more than {most >> 20} MiB; refused")
     return bytes(body)
 
 

@@ -40,6 +40,7 @@ from ..errors import (
     UsageError,
 )
 from .answers import (
+    MAX_DOCUMENT_BYTES,
     Retryable,
     at_most_one_row,
     classify,
@@ -224,14 +225,21 @@ class SodaClient:
         self.close()
 
     # -- the one place where requests are made and classified -------------------------------
-    def fetch(self, path: str, params: dict[str, str] | None, parse: Callable[[bytes], T]) -> T:
+    def fetch(
+        self,
+        path: str,
+        params: dict[str, str] | None,
+        parse: Callable[[bytes], T],
+        most: int | None = MAX_DOCUMENT_BYTES,
+    ) -> T:
         """GET `path` and parse its whole body, retrying what is worth retrying.
 
         `parse` runs inside the retry loop: a body that does not parse (cut short, HTML, broken)
-        is fetched again; a parser signals that with `BadResponse`.
+        is fetched again; a parser signals that with `BadResponse`. A body of more than `most`
+        bytes is refused (None: a page of rows, as long as the rows asked for).
         """
         query = dict(params or {})
-        return self.stream(path, lambda: query, lambda chunks: parse(whole(chunks)))
+        return self.stream(path, lambda: query, lambda chunks: parse(whole(chunks, most)))
 
     def stream(
         self,

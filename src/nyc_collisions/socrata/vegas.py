@@ -11,9 +11,10 @@ seen) and keep one request waiting at the source, so that no slot of it idles be
 pages.
 
 Latency is read in two places, because page sizes vary and a whole page's time says little
-(each against the least of the last `WINDOW` pages, so that a source grown slower for every
-request, a busier hour or a heavier dataset, becomes the new "nothing waits" rather than a
-queue that never drains):
+(each against the least seen, except that a page sent with no other request in flight, and
+none sent until it answered, waited behind nothing of ours: its latency becomes the least even
+when it is more, so that a source grown slower for every request, a busier hour, is the new
+normal rather than a queue that never drains; each dataset of a run learns them afresh):
 
 - the time to the first byte of a page: a source that queues requests holds them before it
   answers; a page that waited longer than `max(2 x least, least + 0.1 s)` waited in a queue;
@@ -47,7 +48,6 @@ it grows back by one after `GROW_AFTER x limit` successes in a row.
 from __future__ import annotations
 
 import logging
-from collections import deque
 from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,6 @@ SHARED = 1.5  # a page streaming this many times slower than the fastest: the so
 QUEUE_FACTOR = 2.0  # a first byte later than this many times the least seen: the request waited
 QUEUE_SLACK = 0.1  # ... and later than the least + this many seconds (jitter of a fast source)
 MIN_SAMPLE_BYTES = 256 << 10  # pages smaller than this say nothing about the streaming rate
-WINDOW = 32  # pages whose least latency is "nothing waits"
 
 
 @dataclass
@@ -66,6 +65,7 @@ class _Request:
     sent: float
     sample: bool  # a page of rows: its latencies are samples (probes and counts are not)
     first: float | None = None
+    alone: bool = False  # no other request in flight from its sending on (so far)
 
 
 @dataclass
@@ -94,8 +94,6 @@ class Controller:
     requests: dict[int, _Request] = field(default_factory=dict)
     grants: list[_Grant] = field(default_factory=list)
     held: dict[int, float] = field(default_factory=dict)  # seconds spent at each limit
-    ttfbs: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
-    byte_times: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     changed_at: float | None = None
     _next_id: int = 0
 
@@ -110,7 +108,9 @@ class Controller:
 
     def sent(self, now: float, sample: bool) -> int:
         self._next_id += 1
-        self.requests[self._next_id] = _Request(now, sample)
+        for r in self.requests.values():
+            r.alone = False
+        self.requests[self._next_id] = _Request(now, sample, alone=not self.requests)
         self.peak = max(self.peak, len(self.requests))
         if self.changed_at is None:
             self.changed_at = now
@@ -130,8 +130,8 @@ class Controller:
         if not r.sample:
             return
         wait = now - r.sent
-        self.ttfbs.append(wait)
-        self.ttfb_min = min(self.ttfbs)
+        if self.ttfb_min is None or wait < self.ttfb_min or r.alone:
+            self.ttfb_min = wait  # (alone: what the source takes now with nothing of ours ahead)
         if wait > self.threshold():
             self.slow_start = False
             self.grants.clear()
@@ -155,13 +155,12 @@ class Controller:
             and now > r.first
         ):
             per_byte = (now - r.first) / nbytes
-            self.byte_times.append(per_byte)
-            least = self.byte_time_min  # of the pages before this one
-            self.byte_time_min = min(self.byte_times)
-            if least is not None and per_byte > SHARED * least and self.adaptive and self._new(r):
+            if self.byte_time_min is None or per_byte < self.byte_time_min or r.alone:
+                self.byte_time_min = per_byte  # (alone: its rate shared with none of ours)
+            elif per_byte > SHARED * self.byte_time_min and self.adaptive and self._new(r):
                 # k times slower: the source shares what it serves among k times more
                 # requests than it serves at full speed; keep one more than that
-                slower = per_byte / least
+                slower = per_byte / self.byte_time_min
                 served = int((len(self.requests) + 1) / slower)
                 self.slow_start = False
                 self.grants.clear()
@@ -261,9 +260,7 @@ class Controller:
 
     def forget_latencies(self) -> None:
         """Learn "nothing waits" afresh, in slow start from the limit as it is (a new dataset's
-        queries may take longer); a source that throttled still does."""
-        self.ttfbs.clear()
-        self.byte_times.clear()
+        queries may take longer or shorter); a source that throttled still does."""
         self.ttfb_min = self.byte_time_min = None
         self.slow_start = not self.throttled_once
         self.grants.clear()
