@@ -343,3 +343,26 @@ def test_a_password_in_the_source_url_is_refused_without_showing_it(tmp_path: Pa
     assert res.code == 2, res.text
     one_line_error(res.err, "--source", "password")
     assert "s3cret-pw" not in res.text
+
+
+def test_a_token_in_metadata_the_run_quotes_is_not_in_the_lambdas_error(
+    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the source says reaches messages by other ways than its errors (here the columns
+    named where the key is missing): the Lambda's errorMessage never carries the token."""
+    body = json.dumps(
+        {"id": "h9gi-nx95", "columns": [{"fieldName": GOOD_TOKEN, "dataTypeName": "text"}]}
+    )
+    soda.add_fault("body", times=None, match=METADATA, status=200, body=body)
+    monkeypatch.setenv("SOCRATA_APP_TOKEN", GOOD_TOKEN)
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
+    monkeypatch.setenv("NYC_COLLISIONS_DEST", str(tmp_path / "land"))
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
+    aws._token_cache.clear()
+    try:
+        with pytest.raises(nyc_collisions.errors.NycCollisionsError) as caught:
+            aws.handler({"command": "backfill"}, None)
+    finally:
+        aws._token_cache.clear()
+    assert "collision_id" in str(caught.value)
+    assert GOOD_TOKEN not in str(caught.value)

@@ -147,6 +147,12 @@ def app_token() -> str | None:
     return token
 
 
+def _mask(exc: BaseException, token: str | None) -> None:
+    """The token masked in `exc`'s message, whatever part of what the source said it holds."""
+    if token and any(isinstance(a, str) and token in a for a in exc.args):
+        exc.args = tuple(a.replace(token, "***") if isinstance(a, str) else a for a in exc.args)
+
+
 def _summary(command: str, r: DatasetResult) -> dict[str, Any]:
     out: dict[str, Any] = {
         "dataset": r.dataset,
@@ -352,8 +358,9 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
         # recorded): only an unfinished update or backfill is carried on now
         if command == "update" and not updated:
             summary["carried_on_by"] = _carry_on(datasets, asked, bool(event.get("loop")), machine)
-    except Exception:
+    except Exception as exc:
         logger.exception("%s failed", command)
+        _mask(exc, token)  # its message is the invocation's errorMessage, outside our logs
         raise
     finally:
         # completed: every dataset brought up to date (a reconcile the deadline stopped goes on
