@@ -284,6 +284,37 @@ def test_a_schema_change_is_counted(
     assert per_dataset["vehicles"]["SchemaChanges"] == 0
 
 
+def test_what_the_source_named_comes_back_without_the_token(
+    soda_ro: FakeSoda,
+    lambda_env: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The invocation's response quotes the source (a new column's name, here one that echoes
+    the token): the token is masked there as in the logs."""
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda_ro.url)
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
+    monkeypatch.setenv("SOCRATA_APP_TOKEN", GOOD_TOKEN)
+    assert cli("backfill", "crashes", "--source", soda_ro.url, "--dest", lambda_env).code == 0
+
+    from nyc_collisions import daily
+
+    class Drifting(daily.Update):
+        def run(self, stop: Any) -> Any:
+            result = super().run(stop)
+            result.schema_change = SchemaChange.between((), (Column(GOOD_TOKEN, "text"),))
+            return result
+
+    monkeypatch.setattr(daily, "Update", Drifting)
+    aws._token_cache.clear()
+    try:
+        response = aws.handler({"command": "update"}, Context(60))
+    finally:
+        aws._token_cache.clear()
+    text = json.dumps(response)
+    assert "***" in text
+    assert GOOD_TOKEN not in text
+
+
 # ------------------------------------------------------------------------------ first deploy
 
 

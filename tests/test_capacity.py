@@ -263,7 +263,7 @@ def test_each_dataset_of_a_run_learns_the_sources_latency_afresh(
     from nyc_collisions import extract
 
     latency = Latency(base=0.05, per_row=1e-4, per_skipped=0.0, max_concurrent=8)
-    sizes = {"h9gi-nx95": 20_000, "f55k-p6yu": 20_000, "bm4k-52h4": 10}
+    sizes = {"h9gi-nx95": 20_000, "f55k-p6yu": 60_000, "bm4k-52h4": 10}
     peaks: dict[str, int] = {}
     with FakeSoda(sizes=sizes, seed=3, latency=latency) as srv:
         real = extract.backfill_one

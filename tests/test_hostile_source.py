@@ -38,13 +38,27 @@ PIECE_START = {"after_rows": 1200, "pad": 2 << 20}
 before it (it holds no row separator), so a piece starts with it."""
 
 
+_PEAK = """
+import atexit, runpy, sys
+def peak():  # VmHWM: this program's own peak (ru_maxrss would count the forking test's too)
+    with open("/proc/self/status") as status, open(PEAK, "w") as out:
+        out.write(next(line.split()[1] for line in status if line.startswith("VmHWM")))
+PEAK = sys.argv[1]
+atexit.register(peak)
+sys.argv = ["nyc-collisions", *sys.argv[2:]]
+runpy.run_module("nyc_collisions", run_name="__main__")
+"""
+
+
 def backfill(
-    url: str, dest: str, *extra: str, dataset: str = "crashes"
+    url: str, dest: str, *extra: str, dataset: str = "crashes", peak: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """`python -m nyc_collisions backfill DATASET` in a process of its own."""
+    """`python -m nyc_collisions backfill DATASET` in a process of its own (writing its peak RSS
+    in KiB to `peak`, when given)."""
+    run = ("-c", _PEAK, str(peak)) if peak is not None else ("-m", "nyc_collisions")
     done = subprocess.run(
         [
-            *(sys.executable, "-m", "nyc_collisions", "backfill", dataset, "--retries", "3"),
+            *(sys.executable, *run, "backfill", dataset, "--retries", "3"),
             *("--source", url, "--dest", dest, *extra),
         ],
         capture_output=True,
@@ -288,35 +302,6 @@ def test_the_sources_message_cannot_drive_the_terminal(soda: FakeSoda, tmp_path:
     assert "\x07" not in done.stderr
 
 
-_PEAK = """
-import atexit, runpy, sys
-def peak():  # VmHWM: this program's own peak (ru_maxrss would count the forking test's too)
-    with open("/proc/self/status") as status, open(PEAK, "w") as out:
-        out.write(next(line.split()[1] for line in status if line.startswith("VmHWM")))
-PEAK = sys.argv[1]
-atexit.register(peak)
-sys.argv = ["nyc-collisions", *sys.argv[2:]]
-runpy.run_module("nyc_collisions", run_name="__main__")
-"""
-
-
-def _measured(url: str, dest: Path, *extra: str) -> tuple[int, str, int]:
-    """`backfill crashes` in a process of its own: its exit status, stderr and peak RSS (MiB)."""
-    peak = dest.parent / "peak.txt"
-    done = subprocess.run(
-        [
-            *(sys.executable, "-c", _PEAK, str(peak), "backfill", "crashes"),
-            *("--retries", "1", "--source", url, "--dest", str(dest), *extra),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "NYC_COLLISIONS_RETRY_BASE": "0.01"},
-        timeout=300,
-        check=False,
-    )
-    return done.returncode, done.stderr, int(peak.read_text()) // 1024
-
-
 def _gzip(*parts: bytes, repeat: int = 1) -> bytes:
     """`parts[0]`, `parts[1]` `repeat` times, then the rest, gzipped."""
     z = zlib.compressobj(9, zlib.DEFLATED, 31)
@@ -381,10 +366,11 @@ def test_an_answer_that_would_not_fit_in_memory_is_refused_in_bounded_memory(
     soda: FakeSoda, tmp_path: Path, match: str, body: bytes, said: str
 ) -> None:
     with _front(soda.url, match, body) as url:
-        code, stderr, peak = _measured(url, tmp_path / "land", "--wire", "json")
-    assert code == 1, stderr
-    one_line(stderr, said)
-    assert peak < 400, f"peak RSS {peak} MiB"
+        peak = tmp_path / "peak.txt"
+        done = backfill(url, str(tmp_path / "land"), "--wire", "json", peak=peak)
+    assert done.returncode == 1, done.stderr
+    one_line(done.stderr, said)
+    assert int(peak.read_text()) < 400 << 10, f"peak RSS {peak.read_text()} KiB"
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "arrow"])

@@ -182,14 +182,29 @@ def lambda_error(message: str, soda: FakeSoda, tmp_path: Path, mp: pytest.Monkey
     """What Lambda reports of a failed invocation (`str(exc)`, its errorMessage: CloudWatch,
     the failure destination, Step Functions' cause) when the source answers 400 `message`."""
     body = json.dumps({"code": "query.compiler.malformed", "message": message})
-    soda.add_fault("body", times=None, match=METADATA, status=400, body=body)
+    return lambda_failure(soda, tmp_path, mp, 400, body, SourceRejected)
+
+
+def lambda_failure(
+    soda: FakeSoda,
+    tmp_path: Path,
+    mp: pytest.MonkeyPatch,
+    status: int,
+    body: str,
+    raised: type[Exception] = nyc_collisions.errors.NycCollisionsError,
+) -> str:
+    """What Lambda reports of an invocation whose metadata request the source answers with
+    `status` and `body` (each time)."""
+    soda.add_fault("body", times=None, match=METADATA, status=status, body=body)
     mp.setenv("SOCRATA_APP_TOKEN", GOOD_TOKEN)
     mp.setenv("SOCRATA_BASE_URL", soda.url)
     mp.setenv("NYC_COLLISIONS_DEST", str(tmp_path / "land"))
     mp.setenv("NYC_COLLISIONS_DATASETS", "crashes")
+    mp.setenv("NYC_COLLISIONS_RETRIES", "2")
+    mp.setenv("NYC_COLLISIONS_RETRY_BASE", "0.01")
     aws._token_cache.clear()
     try:
-        with pytest.raises(SourceRejected) as caught:
+        with pytest.raises(raised) as caught:
             aws.handler({"command": "backfill"}, None)
     finally:
         aws._token_cache.clear()
@@ -243,21 +258,9 @@ def test_a_token_echoed_in_a_200_answer_is_not_in_the_lambdas_error(
     """A proxy or portal answering 200 with the request's headers echoed and no metadata: the
     run gives up on it, and what Lambda reports of it does not carry the token."""
     body = json.dumps({"headers": {"X-App-Token": GOOD_TOKEN}})
-    soda.add_fault("body", times=None, match=METADATA, status=200, body=body)
-    monkeypatch.setenv("SOCRATA_APP_TOKEN", GOOD_TOKEN)
-    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
-    monkeypatch.setenv("NYC_COLLISIONS_DEST", str(tmp_path / "land"))
-    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
-    monkeypatch.setenv("NYC_COLLISIONS_RETRIES", "2")
-    monkeypatch.setenv("NYC_COLLISIONS_RETRY_BASE", "0.01")
-    aws._token_cache.clear()
-    try:
-        with pytest.raises(nyc_collisions.errors.NycCollisionsError) as caught:
-            aws.handler({"command": "backfill"}, None)
-    finally:
-        aws._token_cache.clear()
-    assert "metadata without columns" in str(caught.value)
-    assert GOOD_TOKEN not in str(caught.value)
+    said = lambda_failure(soda, tmp_path, monkeypatch, 200, body)
+    assert "metadata without columns" in said
+    assert GOOD_TOKEN not in said
 
 
 @pytest.mark.parametrize("around", ["\n", "\r\n", " "], ids=["lf", "crlf", "space"])
@@ -353,16 +356,6 @@ def test_a_token_in_metadata_the_run_quotes_is_not_in_the_lambdas_error(
     body = json.dumps(
         {"id": "h9gi-nx95", "columns": [{"fieldName": GOOD_TOKEN, "dataTypeName": "text"}]}
     )
-    soda.add_fault("body", times=None, match=METADATA, status=200, body=body)
-    monkeypatch.setenv("SOCRATA_APP_TOKEN", GOOD_TOKEN)
-    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
-    monkeypatch.setenv("NYC_COLLISIONS_DEST", str(tmp_path / "land"))
-    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
-    aws._token_cache.clear()
-    try:
-        with pytest.raises(nyc_collisions.errors.NycCollisionsError) as caught:
-            aws.handler({"command": "backfill"}, None)
-    finally:
-        aws._token_cache.clear()
-    assert "collision_id" in str(caught.value)
-    assert GOOD_TOKEN not in str(caught.value)
+    said = lambda_failure(soda, tmp_path, monkeypatch, 200, body)
+    assert "collision_id" in said
+    assert GOOD_TOKEN not in said

@@ -170,11 +170,11 @@ class ConcurrencyLimit:
                 logger.warning("source throttles: concurrency %d -> %d", before, self._core.limit)
 
     def reset_usage(self) -> None:
-        """Start counting `usage` afresh (at the start of a dataset's run), and learn the
-        source's latencies afresh."""
+        """Start counting `usage` afresh (at the start of a dataset's run), and the rate its
+        pages stream at."""
         with self._cond:
             core = self._core
-            core.forget_latencies()
+            core.new_dataset()
             core.held.clear()
             core.changed_at = self._clock()
             core.peak = len(core.requests)

@@ -14,7 +14,7 @@ Latency is read in two places, because page sizes vary and a whole page's time s
 (each against the least seen, except that a page sent with no other request in flight, and
 none sent until it answered, waited behind nothing of ours: its latency becomes the least even
 when it is more, so that a source grown slower for every request, a busier hour, is the new
-normal rather than a queue that never drains; each dataset of a run learns them afresh):
+normal rather than a queue that never drains (the limit then grows again in slow start):
 
 - the time to the first byte of a page: a source that queues requests holds them before it
   answers; a page that waited longer than `max(2 x least, least + 0.1 s)` waited in a queue;
@@ -130,8 +130,12 @@ class Controller:
         if not r.sample:
             return
         wait = now - r.sent
+        if r.alone and self.ttfb_min is not None and wait > self.threshold():
+            # what the source takes now with nothing of ours ahead: the pages that made the
+            # limit drop were not queued behind ours; it grows again as from the start
+            self.slow_start = not self.throttled_once
         if self.ttfb_min is None or wait < self.ttfb_min or r.alone:
-            self.ttfb_min = wait  # (alone: what the source takes now with nothing of ours ahead)
+            self.ttfb_min = wait
         if wait > self.threshold():
             self.slow_start = False
             self.grants.clear()
@@ -258,14 +262,10 @@ class Controller:
             self.successes = 0
             self._set(now, self.limit + 1, "recovered")
 
-    def forget_latencies(self) -> None:
-        """Learn "nothing waits" afresh, in slow start from the limit as it is (a new dataset's
-        queries may take longer or shorter); a source that throttled still does."""
-        self.ttfb_min = self.byte_time_min = None
-        self.slow_start = not self.throttled_once
-        self.grants.clear()
-        self.dropped_at = None
-        self.credit = 0
+    def new_dataset(self) -> None:
+        """Another dataset's pages: its rows have another width, so its bytes stream at another
+        rate; the first byte's latency is the source's and stays."""
+        self.byte_time_min = None
 
     def settled(self, now: float) -> int:
         """The limit held longest so far."""
