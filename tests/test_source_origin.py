@@ -229,27 +229,51 @@ def test_a_token_echoed_across_the_messages_clip_is_masked_whole(
     assert GOOD_TOKEN[:8] not in said, said[-60:]
 
 
-def test_masking_the_token_never_raises_into_the_code_that_logs(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A record that does not format is logging's to report, with the token set as without."""
+@pytest.fixture
+def cli_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The CLI's logging set up (`setup_logging(0)`, the token set), undone after the test."""
     import logging
 
     from nyc_collisions.cli.app import setup_logging
 
     monkeypatch.setenv("SOCRATA_APP_TOKEN", GOOD_TOKEN)
-    monkeypatch.setattr(logging, "raiseExceptions", False)
     root = logging.getLogger()
     saved = [(h, list(h.filters)) for h in root.handlers]
     try:
         setup_logging(0)
-        logging.getLogger("some.library").warning("%d rows", "not a number")
+        yield
     finally:
         for h, filters in saved:
             h.filters[:] = filters
         for h in root.handlers[:]:
             if h not in [s for s, _ in saved]:
                 root.removeHandler(h)
+
+
+@pytest.mark.usefixtures("cli_logging")
+def test_masking_the_token_never_raises_into_the_code_that_logs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A record that does not format is logging's to report, with the token set as without."""
+    import logging
+
+    monkeypatch.setattr(logging, "raiseExceptions", False)
+    logging.getLogger("some.library").warning("%d rows", "not a number")
+
+
+@pytest.mark.usefixtures("cli_logging")
+def test_a_log_line_quoting_the_source_cannot_drive_the_terminal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Warnings quote the source (a new column's name, its messages): no escape sequence of
+    it reaches the terminal, and no token."""
+    import logging
+
+    name = "x\x1b]0;owned\x07"
+    logging.getLogger("nyc_collisions.refresh").warning(
+        "%s: the source's columns changed (added %s; %s)", "crashes", name, GOOD_TOKEN
+    )
+    assert caplog.messages == ["crashes: the source's columns changed (added x?]0;owned?; ***)"]
 
 
 def test_a_token_echoed_in_a_200_answer_is_not_in_the_lambdas_error(

@@ -50,17 +50,17 @@ def setup_logging(verbose: int) -> None:
 
 
 class _MaskToken(logging.Filter):
-    """The app token masked in every log line, as `say` masks it in the error line."""
+    """The app token masked in every log line, and control characters out of it, as `say`
+    does for the error line (log lines quote the source: column names, its messages)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if os.environ.get("SOCRATA_APP_TOKEN", "").strip():
-            try:
-                text = record.getMessage()
-            except Exception:  # a record that does not format: logging's handler reports it
-                return True
-            masked = _masked(text)
-            if masked != text:
-                record.msg, record.args = masked, None
+        try:
+            text = record.getMessage()
+        except Exception:  # a record that does not format: logging's handler reports it
+            return True
+        shown = _masked(text).translate(_CONTROLS)
+        if shown != text:
+            record.msg, record.args = shown, None
         return True
 
 
