@@ -38,14 +38,19 @@ def _fetched(runs: Path) -> int:
     return sum(json.loads(p.read_text())["rows"] for p in runs.glob("*/parts/*.json"))
 
 
-def _stopped_midway(args: tuple[str, ...], runs: Path) -> int:
+def _stopped_midway(srv: FakeSoda, args: tuple[str, ...], runs: Path) -> int:
     """Run `args` under growing budgets until it stops (exit 3) with 200 rows or more of its
-    snapshot fetched: those rows."""
-    for budget in ("0.5", "0.5", "1", "1", "2"):
-        res = cli(*args, "--max-seconds", budget)
-        assert res.code == 3, res.text
-        if _fetched(runs) >= 200:
-            break
+    snapshot fetched: those rows. Meanwhile each page takes 0.2 s more, so that no budget lets
+    the run end, however fast the machine (2,400 rows at most in 2 s, on 3 slots)."""
+    srv.add_fault("slow", times=None, match="$order", seconds=0.2)
+    try:
+        for budget in ("0.5", "0.5", "1", "1", "2"):
+            res = cli(*args, "--max-seconds", budget)
+            assert res.code == 3, res.text
+            if _fetched(runs) >= 200:
+                break
+    finally:
+        srv.clear_faults()
     return _fetched(runs)
 
 
@@ -79,7 +84,7 @@ def test_a_refresh_begun_before_a_reconcile_is_not_resumed_after_it(tmp_path: Pa
         srv.edit(CRASHES, 1000)
         run("update", "crashes", *where, *paged)  # 1,000 landed since the snapshot
         srv.edit(CRASHES, 700)  # 700 + 1,000 > half of 3,000: a refresh, stopped by the budget
-        assert _stopped_midway(("update", "crashes", *where, *paged), runs) >= 200
+        assert _stopped_midway(srv, ("update", "crashes", *where, *paged), runs) >= 200
         assert len(list(runs.glob("*/plan.json"))) == 1
         run("compact", "crashes", "--prune", "--grace", "0", "--dest", dest)
         srv.delete(CRASHES, 300)
@@ -96,7 +101,7 @@ def test_a_stopped_forced_backfill_resumes_across_an_update(tmp_path: Path) -> N
     stopped run (its watermark is where it began, so the next update fetches again what changed
     meanwhile) rather than start over, which in chunks between daily updates would never end."""
     with backfilled(tmp_path) as (srv, dest, where, paged, runs):
-        _stopped_midway(("backfill", "crashes", "--force", *where, *paged), runs)
+        _stopped_midway(srv, ("backfill", "crashes", "--force", *where, *paged), runs)
         (plan,) = runs.glob("*/plan.json")
         srv.edit(CRASHES, 10)
         run("update", "crashes", *where)
