@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -250,44 +249,3 @@ def test_key_scans_keep_to_the_ceiling_too(tmp_path: Path, flags: list[str], mos
             assert res.code == code, res.text
             assert 1 <= srv.stats()["peak_in_flight"] <= most, command
         exact(srv, dest, "crashes", tmp_path)
-
-
-def test_each_dataset_of_a_run_learns_the_sources_latency_afresh(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """`backfill crashes persons` shares one client: persons' pages take longer to start
-    (0.3 s against crashes' 0.05 s) on a source that serves 8 at once. Persons is not fetched
-    one request at a time for being slower than crashes was."""
-    import dataclasses
-
-    from nyc_collisions import extract
-
-    latency = Latency(base=0.05, per_row=1e-4, per_skipped=0.0, max_concurrent=8)
-    sizes = {"h9gi-nx95": 20_000, "f55k-p6yu": 60_000, "bm4k-52h4": 10}
-    peaks: dict[str, int] = {}
-    with FakeSoda(sizes=sizes, seed=3, latency=latency) as srv:
-        real = extract.backfill_one
-
-        def one(*args: Any) -> Any:
-            name = args[2].name
-            if name == "persons":
-                srv._app.latency = dataclasses.replace(latency, base=0.3)
-            srv._app.stats.reset()
-            result = real(*args)
-            peaks[name] = srv.stats()["peak_in_flight"]
-            return result
-
-        monkeypatch.setattr(extract, "backfill_one", one)
-        dest = str(tmp_path / "land")
-        res = cli(
-            "backfill", "crashes", "persons", "--source", srv.url, "--dest", dest,
-            "--page-size", "1000",
-        )  # fmt: skip
-        assert res.code == 0, res.text
-        exact(srv, dest, "persons", tmp_path)
-    assert peaks["crashes"] >= 3, peaks
-    assert peaks["persons"] >= 4, (peaks, res.out)
-    # the limit it held longest: not one request at a time (the run said so)
-    held = re.search(r"persons: .*\n\s+concurrency: settled at (\d+)", res.out)
-    assert held is not None, res.out
-    assert int(held[1]) >= 4, res.out

@@ -257,6 +257,26 @@ def test_a_source_slower_for_every_request_is_the_new_normal() -> None:
     assert Counter(limits[-5000:]).most_common(1)[0][0] == CEILING
 
 
+def test_the_next_dataset_slower_to_answer_is_not_held_to_the_first_ones_latency() -> None:
+    """`backfill crashes persons` shares one limit: persons' pages take 0.3 s to start where
+    crashes' took 0.05 s, and stream fewer bytes a second (narrower rows), on a source serving
+    12 at once. Persons is not fetched one request at a time for being slower than crashes."""
+    core = Controller(CEILING, 4, adaptive=True)
+    source = SimSource(12, base=0.05, rate=16e6)
+    switched = False
+
+    def next_dataset(now: float) -> None:
+        nonlocal switched
+        if now >= 30 and not switched:
+            switched = True
+            core.new_dataset()  # what `ConcurrencyLimit.reset_usage` does at a dataset's start
+            source.base, source.rate = 0.3, 6e6
+
+    limits = run(core, source, 150, each=next_dataset)
+    assert Counter(limits[2000:3000]).most_common(1)[0][0] == CEILING
+    assert Counter(limits[-6000:]).most_common(1)[0][0] == CEILING
+
+
 @pytest.mark.parametrize("page", [40 << 20, 4 << 20], ids=["40MiB", "4MiB"])
 def test_a_queue_that_never_drains_is_not_the_new_normal(page: int) -> None:
     """Ten minutes on a source that serves one request at a time: the page kept waiting there
