@@ -15,6 +15,7 @@ import click
 from .. import __version__
 from ..errors import CTRL_C_LINE, Interrupted, NycCollisionsError, UsageError
 from ..runtime import interrupted_status, tune_allocators
+from ..socrata.answers import CONTROLS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -25,7 +26,7 @@ def say(text: str) -> None:
     click.echo(_masked(text).translate(_CONTROLS), err=True)
 
 
-_CONTROLS = {c: "?" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c not in (9, 10)}
+_CONTROLS = {c: r for c, r in CONTROLS.items() if chr(c) not in "\t\n"}
 
 
 def _masked(text: str) -> str:

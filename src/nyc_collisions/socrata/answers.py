@@ -73,11 +73,11 @@ def clip(text: str, n: int = 300) -> str:
     """What the source said, fit for one line of a terminal: whitespace collapsed, control
     characters (escape sequences that would move the cursor or retitle the window) as `?`, at
     most `n` characters."""
-    text = " ".join(text.split()).translate(_CONTROLS)
+    text = " ".join(text.split()).translate(CONTROLS)
     return text if len(text) <= n else text[:n] + "…"
 
 
-_CONTROLS = {c: "?" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+CONTROLS = {c: "?" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}  # for str.translate
 
 
 def error_message(body: bytes) -> str:

@@ -10,11 +10,11 @@ source serves, the way TCP Vegas (Brakmo and Peterson, 1994) and Netflix's concu
 seen) and keep one request waiting at the source, so that no slot of it idles between two
 pages.
 
-Latency is read in two places, because page sizes vary and a whole page's time says little
-(each against the least seen, except that a page sent with no other request in flight, and
+Latency is read in two places, because page sizes vary and a whole page's time says little.
+Each is against the least seen, except that a page sent with no other request in flight, and
 none sent until it answered, waited behind nothing of ours: its latency becomes the least even
-when it is more, so that a source grown slower for every request, a busier hour, is the new
-normal rather than a queue that never drains (the limit then grows again in slow start):
+when it is more, so that a source grown slower for every request (a busier hour) is the new
+normal rather than a queue that never drains, and the limit grows again in slow start.
 
 - the time to the first byte of a page: a source that queues requests holds them before it
   answers; a page that waited longer than `max(2 x least, least + 0.1 s)` waited in a queue;
