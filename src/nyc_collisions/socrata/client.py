@@ -66,13 +66,12 @@ from .setup import (
     origin_of,
     validate_base_url,
 )
+from .stopping import RunStop
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CANCEL_LINGER = 0.5  # seconds a dropped page still counts as in flight, at least
-RETRY_TICK = 0.1  # seconds between looks at `stopping` while a retry waits
-DEADLINE_GRACE = 1.0  # seconds of silence a request is allowed past the run's deadline
 # attempts in all of one request whose attempts each took rows before failing, in retries: a
 # source cutting every body after a row or two is given up on, not crawled through
 PROGRESS_RESTARTS = 10
@@ -131,8 +130,7 @@ class SodaClient:
             raise UsageError(f"concurrency must be at least 1, not {concurrency}")
         self.limit = ConcurrencyLimit(concurrency, adaptive=adaptive)
         self.stats = ClientStats()
-        self._stopping: Callable[[], bool] = _never  # see `stopping_when`
-        self._deadline: float | None = None
+        self._stop = RunStop()  # see `stopping_when`
         self._timeouts = (timeout, connect_timeout)
         headers = {
             "User-Agent": f"nyc-collisions/{__version__}",
@@ -173,50 +171,23 @@ class SodaClient:
     def close(self) -> None:
         self._http.close()
 
-    @contextlib.contextmanager
     def stopping_when(
         self, stopping: Callable[[], bool], deadline: float | None = None
-    ) -> Iterator[None]:
+    ) -> contextlib.AbstractContextManager[None]:
         """While in it, a failed request is not tried again once `stopping()` is true (a run's
         stop or time budget): it raises `RetriesStopped` instead of waiting out the retries.
         With a `deadline` (`time.monotonic()`), a request the source holds silent times out
         soon after it rather than after the whole read timeout."""
-        before = self._stopping, self._deadline
-        self._stopping, self._deadline = stopping, deadline
-        try:
-            yield
-        finally:
-            self._stopping, self._deadline = before
-
-    def _timeout_now(self) -> httpx.Timeout:
-        """The client's timeouts, the silence allowed cut to the run's deadline and a grace."""
-        read, connect = self._timeouts
-        if self._deadline is not None:
-            left = self._deadline - time.monotonic()
-            read = min(read, max(DEADLINE_GRACE, left + DEADLINE_GRACE))
-        return httpx.Timeout(read, connect=connect)
+        return self._stop.during(stopping, deadline)
 
     def _cancel_linger(self) -> float:
         """How long a request dropped before its end still counts: the source goes on with it
         until it sees the connection closed."""
-        return max(CANCEL_LINGER, 2 * (self.limit.ttfb_min or 0.0))
-
-    def _lingering(self, seconds: float) -> float:
-        """`seconds`, but never past the run's deadline: a stopping run's last requests (its
-        commit, the Lambda's lag) are not held up by the slot of one it gave up on."""
-        if self._deadline is None:
-            return seconds
-        return min(seconds, max(0.0, self._deadline - time.monotonic()))
+        return self._stop.lingering(max(CANCEL_LINGER, 2 * (self.limit.ttfb_min or 0.0)))
 
     def wait_to_retry(self, seconds: float) -> bool:
         """Sleep `seconds` before a retry; False (at once) when the run has to stop."""
-        end = time.monotonic() + seconds
-        while not self._stopping():
-            left = end - time.monotonic()
-            if left <= 0:
-                return True
-            time.sleep(min(RETRY_TICK, left))
-        return False
+        return self._stop.wait(seconds)
 
     def __enter__(self) -> SodaClient:
         return self
@@ -323,10 +294,10 @@ class SodaClient:
                 yield chunk
 
         # a retry's wait for a slot (behind one given up on that still counts) ends with a stop
-        with self.limit.request(sample, self._stopping if retry else None) as ticket:
+        with self.limit.request(sample, self._stop.stopping if retry else None) as ticket:
             heard = time.monotonic()
             try:
-                timeout = self._timeout_now()
+                timeout = self._stop.timeout(*self._timeouts)
                 with self._http.stream("GET", path, params=query, timeout=timeout) as response:
                     if response.status_code != 200 or looks_like_html(response, b""):
                         body = error_body(response)
@@ -343,7 +314,7 @@ class SodaClient:
                         result = consume(counted(inflated(response)))
                     except BadResponse as exc:
                         # dropped before its end, which the source goes on sending: as a cancel
-                        ticket.linger(self._lingering(self._cancel_linger()))
+                        ticket.linger(self._cancel_linger())
                         raise Retryable("bad body", self.mask(str(exc))) from None
             except Retryable as exc:
                 if exc.cause in _THROTTLES:
@@ -352,7 +323,7 @@ class SodaClient:
             except PageCancelled:
                 # the source goes on with the page until it sees the connection closed: its
                 # slot stays counted a little longer, so the ceiling holds at the source too
-                ticket.linger(self._lingering(self._cancel_linger()))
+                ticket.linger(self._cancel_linger())
                 raise
             except httpx.TooManyRedirects:
                 raise SourceRejected(f"{self.base_url}{shown}: too many redirects") from None
@@ -360,7 +331,9 @@ class SodaClient:
                 if isinstance(exc, httpx.ReadTimeout):
                     # the source may still be serving it: its slot stays counted as long again
                     # as it was silent, so that the retry does not make two at the source
-                    ticket.linger(self._lingering(max(CANCEL_LINGER, time.monotonic() - heard)))
+                    ticket.linger(
+                        self._stop.lingering(max(CANCEL_LINGER, time.monotonic() - heard))
+                    )
                 raise Retryable("timeout", f"timed out ({type(exc).__name__})") from None
             except httpx.TransportError as exc:
                 raise Retryable("connection", self.mask(f"{type(exc).__name__}: {exc}")) from None
@@ -419,7 +392,3 @@ __all__ = [
     "parse_json_document",
     "validate_base_url",
 ]
-
-
-def _never() -> bool:
-    return False
