@@ -228,3 +228,18 @@ def test_a_delta_table_an_earlier_version_keyed_by_a_number_follows_updates(
         source = {str(r[KEY]) for r in soda.rows(GENERIC)}
         assert sorted(table.column(KEY).to_pylist()) == sorted(source)
         assert "OK" in run("verify", GENERIC, *where)
+
+
+@pytest.mark.parametrize("command", ["backfill", "update", "reconcile"])
+def test_a_key_of_a_compound_type_is_refused_in_one_line(tmp_path: Path, command: str) -> None:
+    """`location` (a legacy location: latitude, longitude, address) cannot be counted empty or
+    grouped by at the source: each command that can land refuses it as a key before any row."""
+    with FakeSoda(sizes={"h9gi-nx95": 300}, seed=5) as soda:
+        dest = tmp_path / "land"
+        where = ("--source", soda.url, "--dest", str(dest), "--retries", "2")
+        res = cli(command, "crashes", "--key", "location", *where)
+        assert res.code != 0, res.text
+        assert res.err.count("\n") == 1, res.err
+        assert "key 'location' is a location column" in res.err, res.err
+        assert "another --key" in res.err, res.err
+        assert not list(dest.rglob("manifest.json"))

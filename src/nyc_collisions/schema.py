@@ -125,6 +125,13 @@ class Schema:
                 f"(columns: {', '.join(names[:40])}); if the source dropped it, what landed "
                 "stays readable, and the dataset lands again with another --key in another --dest"
             )
+        key_type = columns[names.index(dataset.key)].data_type
+        if key_type in _OBJECT_TYPES:
+            # the source can neither count its empty values nor group by it (the key's checks)
+            raise SchemaError(
+                f"{dataset.dataset_id}: key {dataset.key!r} is a {key_type} column; a key must "
+                "be a text, number, date or checkbox column: land it with another --key"
+            )
         return cls(tuple(columns), dataset.integer_fields, dataset.text_fields)
 
     @property
