@@ -12,7 +12,7 @@ import pytest
 
 from nyc_collisions import workers
 from nyc_collisions.plan import Partition
-from tests.memsource import MemSource, MemStore, check, new_plan, run_once
+from tests.memsource import MemSource, MemStore, check, new_plan, rid, run_once
 
 
 @pytest.mark.parametrize("seed", range(60))
@@ -71,3 +71,28 @@ def test_idle_workers_stay_to_split_the_last_range(monkeypatch: pytest.MonkeyPat
     assert finished
     check(source, store)
     assert plan.splits > 0, "3000 rows in one range, 4 workers: no split was ever asked"
+
+
+def test_a_plan_as_full_as_file_names_can_number_is_not_cut_further(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """File names number partitions in four digits: a plan at that many is neither split for
+    an idle worker nor its last queued range cut to a share; the ranges it has land whole."""
+    from nyc_collisions import partition
+
+    most = 3
+    monkeypatch.setattr(workers, "MAX_PARTITIONS", most)
+    monkeypatch.setattr(partition, "MAX_PARTITIONS", most, raising=False)
+    source = MemSource(3000, 0, 1, pause=0.01)  # the third range is taken after the plan's read
+    store = MemStore()
+    parts = (
+        Partition(0, None, rid(100), 100),
+        Partition(1, rid(100), rid(200), 100),
+        Partition(2, rid(200), None, 2800),  # the last queued: much more than a share
+    )
+    plan = replace(new_plan(source, 2, 50), complete=True, partitions=parts)
+    store.plan = plan.to_dict()
+    plan, finished = run_once(source, store, plan, workers=2, page=50, file_rows=1000)
+    assert finished
+    check(source, store)
+    assert len(plan.partitions) == most, plan.partitions

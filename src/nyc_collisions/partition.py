@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from .chain import extended
 from .errors import RetriesStopped
-from .plan import Partition, ResumePoint, SnapshotPlan
+from .plan import MAX_PARTITIONS, Partition, ResumePoint, SnapshotPlan
 from .rows import CsvRows
 from .schema import Schema
 from .sink.files import FileEntry, FileRotation
@@ -89,12 +89,20 @@ class PlanBook:
             self._write(plan)
             return partition
 
+    @property
+    def full(self) -> bool:
+        """Whether the plan has as many partitions as file names can number."""
+        return len(self._plan.partitions) >= MAX_PARTITIONS
+
     def split(
         self, partition: Partition, bound: str, kept: int, rest: int
-    ) -> tuple[Partition, Partition]:
+    ) -> tuple[Partition, Partition] | None:
+        """`partition` ends at `bound`, a new one takes the rest; None when the plan is full."""
         with self._lock:
             plan = self._plan
             parts = list(plan.partitions)
+            if len(parts) >= MAX_PARTITIONS:
+                return None
             mine, new = partition.split_at(bound, len(parts), kept, rest)
             parts[partition.index] = mine
             parts.append(new)
@@ -247,7 +255,7 @@ class PartitionFetch:
         """Keep the next `keep` rows; the rest of the range becomes a new partition, recorded
         in the plan before either goes on. Called between pages only."""
         remaining = self.remaining()
-        if not 0 < keep < remaining:
+        if not 0 < keep < remaining or self.book.full:
             return
         upper = self.partition.upper
         bound = self.ctx.source.probe(self.after, keep - 1, upper=upper)
@@ -256,8 +264,10 @@ class PartitionFetch:
             p = self.partition
             self.partition = Partition(p.index, p.lower, upper, self.landed)
             return
-        mine, new = self.book.split(self.partition, bound, self.landed + keep, remaining - keep)
-        self.partition = mine
+        both = self.book.split(self.partition, bound, self.landed + keep, remaining - keep)
+        if both is None:  # another split filled the plan meanwhile: it keeps the whole range
+            return
+        self.partition, new = both
         self.pool.add(new)
 
     # -- part records ------------------------------------------------------------------------
