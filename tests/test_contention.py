@@ -170,6 +170,49 @@ def test_prune_keeps_superseded_files_for_the_grace_period(
     exact(soda, dest, "crashes", tmp_path)
 
 
+def test_the_daily_paths_fresh_snapshots_retire_what_they_supersede(
+    soda: FakeSoda, dest: str, s3_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unattended for a year, the daily update meets full replaces and column changes; each
+    lands a fresh snapshot. The batches before it are retired by the same commit (kept a grace
+    period for readers of the previous manifest, then deleted by a later run), so the
+    destination holds about one copy of the dataset, not one more per replace."""
+    from nyc_collisions import snapshot
+
+    grace_seconds = 1.0
+    monkeypatch.setattr(snapshot, "DEFAULT_GRACE_HOURS", grace_seconds / 3600, raising=False)
+    at = where(dest, s3_server)
+    land(soda, dest, "--file-rows", "1000")
+    every: set[str] = set()
+    for cycle in range(3):
+        for _day in range(2):
+            soda.edit(CRASHES, 5)
+            assert cli("update", "crashes", "--source", soda.url, "--dest", dest).code == 0
+        before = named_files_exist(at)
+        old = {f["path"] for b in before["batches"] for f in b["files"]}
+        every |= old
+        if cycle == 1:
+            soda.add_column(CRASHES, "weather", "text")
+        else:
+            soda.replace(CRASHES)
+        res = cli("update", "crashes", "--reconcile", "--source", soda.url, "--dest", dest)
+        assert res.code == 0, res.text
+        after = named_files_exist(at)
+        assert [b["kind"] for b in after["batches"]] == ["snapshot"], after["batches"]
+        assert "retired the 3 batches it supersedes" in res.out, res.out
+        assert old <= {r["path"] for r in after["retired"]}
+        assert old <= set(at.listing())  # a reader of the previous manifest can read it all
+        exact(soda, dest, "crashes", tmp_path)
+        time.sleep(grace_seconds + 1.1)
+    assert cli("update", "crashes", "--source", soda.url, "--dest", dest).code == 0
+    after = named_files_exist(at)
+    data = {k for k in at.listing() if "/data/" in k}
+    assert every & data == set()  # past the grace, a later run deleted every superseded file
+    assert data == {f["path"] for b in after["batches"] for f in b["files"]}
+    assert after["retired"] == []
+    exact(soda, dest, "crashes", tmp_path)
+
+
 # -- leftovers ----------------------------------------------------------------------------------
 
 

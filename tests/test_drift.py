@@ -141,13 +141,15 @@ def test_three_cycles_of_drift_and_edits_stay_exact(
 
 
 def test_batches_landed_before_a_change_keep_their_columns(srv: FakeSoda, tmp_path: Path) -> None:
-    """Each batch names the columns it was landed with once they differ from the manifest's;
-    compact (with and without --prune) writes the current state in the newest columns."""
+    """Each batch names the columns it was landed with once they differ from the manifest's
+    (a `backfill --force` keeps the batches it supersedes; an update's fresh snapshot retires
+    them); compact (with and without --prune) writes the current state in the newest columns."""
     dest = str(tmp_path / "land")
     land(srv, dest, "parquet", "crashes")
     before = manifest_of(dest, "crashes")
     drift(srv, 0)
-    update(srv, dest, "crashes")
+    res = cli("backfill", "crashes", "--force", "--source", srv.url, "--dest", dest)
+    assert res.code == 0, res.text
     after = manifest_of(dest, "crashes")
     first, second = after["batches"]
     assert first["columns"] == before["columns"]

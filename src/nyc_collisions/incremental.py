@@ -40,7 +40,7 @@ from .sink.storage import Storage
 from .socrata import soql
 from .socrata.client import SodaClient
 from .state import DatasetState
-from .tidy import retire_after, tidy
+from .tidy import DEFAULT_GRACE_HOURS, retire_after, tidy
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ logger = logging.getLogger(__name__)
 # ordered stream, and the current state's readers hold the later batches' keys in memory.
 REFRESH_SHARE = 0.5
 # `compact --prune` keeps the files it supersedes this long for readers of the previous manifest
-DEFAULT_GRACE_HOURS = 24.0
 
 
 def open_for_job(state: DatasetState, dataset: Dataset) -> Landed:

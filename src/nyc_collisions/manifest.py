@@ -171,12 +171,16 @@ class Manifest:
         finished reconcile, or the start of its last snapshot from the source if later (rows
         deleted while it ran may be in it; a compaction rewrites what landed, so it does not
         count); "" for never."""
+        return max(self.reconciled, self.last_fetched())
+
+    def last_fetched(self) -> str:
+        """When its newest snapshot from the source began (UTC, as `utc_now`); "" for none."""
         fetched = [
             str(b.info.get("started") or b.committed_at)
             for b in self.batches
             if b.kind == "snapshot" and "compacted" not in b.info
         ]
-        return max([self.reconciled, *fetched])
+        return max(["", *fetched])
 
     def last_removal(self) -> str:
         """When rows were last removed from the current state (UTC, as `utc_now`): its latest

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 def land_fresh(job: DatasetJob, stop: threading.Event, result: DatasetResult, fmt: str) -> None:
     """Land a fresh snapshot of `job`'s dataset in `fmt`, under `job`'s lease, into `result`,
     with the watermark it leaves."""
-    after = land_snapshot(job, stop, result, fmt)
+    after = land_snapshot(job, stop, result, fmt, retire=True)
     result.watermark = None if after is None else after.watermark
 
 
@@ -59,4 +59,4 @@ def land_new_columns(
     if result.status == "stopped":
         result.message = f"the source's columns changed ({change.describe()}): {result.message}"
     else:
-        result.message = "landed a fresh snapshot with the new columns over partitions"
+        result.message = "landed a fresh snapshot with the new columns"

@@ -46,7 +46,7 @@ class DatasetResult:
     watermark: Watermark | None = None  # after an update, or a fresh snapshot under one
     refreshed: bool = False  # an update or reconcile landed a fresh snapshot instead
     reconciled: ReconcileCounts | None = None
-    pruned_batches: int | None = None  # batches `compact --prune` forgot
+    pruned_batches: int | None = None  # batches `compact --prune` or a fresh snapshot retired
     table_error: str | None = None  # the table's sync failed (the landed data is committed)
 
     def watermark_dict(self) -> dict[str, Any] | None:

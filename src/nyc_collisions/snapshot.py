@@ -30,7 +30,7 @@ from .daemon import DaemonCalls
 from .drift import column_specs
 from .errors import StateError
 from .job import DatasetJob
-from .manifest import EPOCH, Batch, Manifest, Watermark, new_batch_id, utc_now
+from .manifest import EPOCH, Batch, Manifest, Retired, Watermark, new_batch_id, utc_now
 from .partition import FetchContext, PlanBook
 from .plan import (
     ResumePoint,
@@ -43,18 +43,25 @@ from .results import DatasetResult
 from .schema import Schema
 from .sink.files import FileEntry
 from .state import PartRecord
+from .tidy import DEFAULT_GRACE_HOURS, retire_after
 from .workers import BarProgress, fetch_partitions
 
 logger = logging.getLogger(__name__)
 
 
 def land_snapshot(
-    job: DatasetJob, stop: threading.Event, result: DatasetResult, fmt: str
+    job: DatasetJob,
+    stop: threading.Event,
+    result: DatasetResult,
+    fmt: str,
+    *,
+    retire: bool = False,
 ) -> Manifest | None:
     """Land a snapshot of `job`'s dataset in `fmt` under `job`'s lease, into `result` (status
     "stopped" when it stopped before the end: a rerun resumes it); the manifest as it stands
-    after (as read when it stopped)."""
-    return _Snapshot(job, fmt).land(stop, result)
+    after (as read when it stopped). `retire`: its commit also retires every batch before it
+    (their files deleted `DEFAULT_GRACE_HOURS` later), as `compact --prune` does."""
+    return _Snapshot(job, fmt, retire).land(stop, result)
 
 
 def _latest(parts: list[PartRecord]) -> str | None:
@@ -66,10 +73,11 @@ def _latest(parts: list[PartRecord]) -> str | None:
 
 
 class _Snapshot:
-    def __init__(self, job: DatasetJob, fmt: str) -> None:
+    def __init__(self, job: DatasetJob, fmt: str, retire: bool = False) -> None:
         self.job = job
         self.opts = replace(job.opts, fmt=fmt)
         self.state = job.state
+        self.retire = retire
 
     def land(self, stop: threading.Event, result: DatasetResult) -> Manifest | None:
         manifest = self.state.load()
@@ -77,7 +85,9 @@ class _Snapshot:
         # a new plan needs the count: asked beside the metadata (one round trip less)
         counted = None if runs else DaemonCalls().submit(self.job.source.count_and_latest)
         schema = self.job.source.schema()
-        removed = "" if manifest is None else manifest.last_removal()
+        # a run begun before rows were removed, or before the newest snapshot from the source
+        # began (which may have retired the batches that removed them), is not resumed
+        removed = "" if manifest is None else max(manifest.last_removal(), manifest.last_fetched())
         plan = self._plan(schema, result, runs, counted, removed)
         plan, parts = self._fetch(schema, plan, result, stop)
         if result.status == "stopped":
@@ -264,6 +274,14 @@ class _Snapshot:
         if change is not None:
             result.schema_change = change
             logger.info("%s: snapshot %s lands the new columns", dataset.name, batch.batch_id)
+        if self.retire and manifest.batches:
+            old = manifest.batches
+            for b in old:
+                self.state.drop_run(b.batch_id)  # no record of them may look resumable
+            until = retire_after(DEFAULT_GRACE_HOURS)
+            manifest.retired += [Retired(f.path, until) for b in old for f in b.files]
+            manifest.batches = []
+            result.pruned_batches = len(old)
         manifest.batches.append(batch)
         self.state.commit(manifest)
         job.snapshot_committed = True

@@ -8,8 +8,9 @@ holds the dataset's lease, so no other run is writing the dataset. It removes:
 - data files no manifest names, unless their batch is an unfinished backfill that a rerun
   resumes (after a new snapshot is committed those go too: it supersedes them);
 - temporary files and multipart uploads of killed runs (`Storage.cleanup_uploads`);
-- files `compact --prune` retired whose grace period has passed (dropped from the manifest by a
-  commit first, so that a manifest never names a deleted file).
+- files retired (by `compact --prune`, or by the fresh snapshot of an update or a reconcile)
+  whose grace period has passed (dropped from the manifest by a commit first, so that a
+  manifest never names a deleted file).
 
 The lease is checked before each batch of deletions (`Lease.check`). A failure is only logged: the
 run's commits stand, and the next run goes on with the cleanup.
@@ -28,6 +29,8 @@ from .state import DatasetState
 logger = logging.getLogger(__name__)
 
 CHUNK = 1000
+# hours superseded files stay for readers still holding the manifest before (`retire_after`)
+DEFAULT_GRACE_HOURS = 24.0
 
 
 def tidy(state: DatasetState, lease: Lease, *, drop_unfinished: bool = False) -> int:

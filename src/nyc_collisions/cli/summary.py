@@ -116,6 +116,11 @@ def print_changes(results: list[DatasetResult], started: float) -> None:
             click.echo(f"  {r.message}")
         if r.resumed:
             click.echo(f"  resumed run {r.resumed} from its committed files")
+        if r.pruned_batches:
+            click.echo(
+                f"  retired the {r.pruned_batches} batches it supersedes: their files are "
+                "deleted by a run a day from now"
+            )
     click.echo(
         f"total: {sum(r.rows for r in results):,} rows, execution time "
         f"{time.monotonic() - started:,.1f}s"
