@@ -200,9 +200,37 @@ def test_compact_then_prune(soda: FakeSoda, tmp_path: Path) -> None:
     exact(soda, str(dest), "crashes", tmp_path)
 
 
+def test_a_day_of_deletions_only_lags_until_a_reconcile_lands_them(
+    soda: FakeSoda, tmp_path: Path
+) -> None:
+    """A deletion moves the source's last change (`rowsUpdatedAt`) but no row's `:updated_at`,
+    so the watermark never reaches it: the lag (status, the Lambda's LagSeconds behind its
+    alarm) counts from when the landed state last matched the source's keys as well, and is
+    0 once a reconcile has landed the deletion, not until some row is edited again."""
+    dest = str(tmp_path / "land")
+    where = ("--source", soda.url, "--dest", dest)
+
+    def lag() -> float:
+        return float(json.loads(cli("status", "crashes", "--json", *where).out)[0]["lag_seconds"])
+
+    land(soda, dest, "crashes")
+    soda.edit("h9gi-nx95", 3)
+    update(soda, dest, "crashes")
+    time.sleep(2.1)  # the deletion comes whole seconds later, as `rowsUpdatedAt` counts them
+    soda.delete("h9gi-nx95", 2)  # the publisher's only change of the day
+    update(soda, dest, "crashes")
+    assert lag() >= 1  # the update does not see deletions: the landed state is behind
+    res = cli("reconcile", "crashes", *where)
+    assert res.code == 0, res.text
+    assert "vanished 2" in res.out, res.out
+    exact(soda, dest, "crashes", tmp_path)
+    assert lag() == 0
+
+
 def test_status_shows_watermark_runs_and_lag(soda: FakeSoda, tmp_path: Path) -> None:
     dest = str(tmp_path / "land")
     land(soda, dest, "crashes")
+    time.sleep(1.1)  # edits a second after the snapshot began (`rowsUpdatedAt` counts seconds)
     soda.edit("h9gi-nx95", 4)
     status = json.loads(
         cli("status", "crashes", "--json", "--source", soda.url, "--dest", dest).out

@@ -65,7 +65,7 @@ from .reconcile_schedule import (
     weekly_since,
     zone_from_env,
 )
-from .report import _epoch
+from .report import lag_seconds
 from .results import DatasetResult
 from .runtime import tune_allocators
 from .sink.formats import FORMATS
@@ -197,18 +197,18 @@ def _state_machine() -> str | None:
 
 
 def _lags(client: SodaClient, storage: Storage, names: set[str]) -> dict[str, float]:
-    """Seconds the landed watermark is behind the source's `rowsUpdatedAt`, per dataset."""
+    """Seconds the landed state is behind the source's `rowsUpdatedAt`, per dataset."""
     lags: dict[str, float] = {}
     for ds in resolve_many(sorted(names)):
         try:
             manifest = DatasetState(storage, ds.name).load()
-            mark = manifest.watermark if manifest is not None else None
             updated = DatasetSource(client, ds).metadata().get("rowsUpdatedAt")
         except NycCollisionsError as exc:
             logger.warning("%s: lag behind the source unknown: %s", ds.name, exc)
             continue
-        if mark is not None and isinstance(updated, int | float):
-            lags[ds.name] = max(0.0, float(updated) - _epoch(mark.updated_at))
+        lag = None if manifest is None else lag_seconds(manifest, updated)
+        if lag is not None:
+            lags[ds.name] = lag
     return lags
 
 

@@ -13,6 +13,7 @@ from .current import Landed, current_count, current_keys, open_landed
 from .datasets import Dataset
 from .errors import NothingLanded, NycCollisionsError
 from .keyspill import KeySpill, bucket_count
+from .manifest import Manifest
 from .sink.storage import Storage
 from .socrata.client import SodaClient
 from .source import DatasetSource
@@ -22,6 +23,21 @@ from .verify import SAMPLE, columns_drift
 
 def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def lag_seconds(manifest: Manifest, rows_updated_at: object) -> float | None:
+    """Seconds the landed state is behind the source's last change (`rowsUpdatedAt`, which a
+    deletion moves too): counted from the later of the watermark (rows changed up to it are
+    landed) and when the state last matched the source's keys (a reconcile's or a snapshot's
+    start: deletions up to it are landed too); None when either is unknown."""
+    wm = manifest.watermark
+    if wm is None or isinstance(rows_updated_at, bool):
+        return None
+    if not isinstance(rows_updated_at, int | float):
+        return None
+    matched = manifest.last_reconciled()
+    current = max(_epoch(wm.updated_at), _epoch(matched) if matched else 0.0)
+    return max(0.0, float(rows_updated_at) - current)
 
 
 def dataset_status(storage: Storage, client: SodaClient | None, ds: Dataset) -> dict[str, Any]:
@@ -97,9 +113,9 @@ def _add_source(entry: dict[str, Any], source: DatasetSource, landed: Landed | N
     try:
         rows_updated = source.metadata().get("rowsUpdatedAt")
         entry["source_rows_updated_at"] = rows_updated
-        wm_doc = entry.get("watermark")
-        if isinstance(rows_updated, int | float) and wm_doc:
-            entry["lag_seconds"] = max(0.0, float(rows_updated) - _epoch(wm_doc["updated_at"]))
+        lag = None if landed is None else lag_seconds(landed.manifest, rows_updated)
+        if lag is not None:
+            entry["lag_seconds"] = lag
         change = None if landed is None else columns_drift(source, landed)
     except NycCollisionsError as exc:  # the metadata, or a key that is no longer a column
         entry["source_error"] = str(exc)
