@@ -3,9 +3,14 @@ however many buckets and however often rows were appended to their files."""
 
 from __future__ import annotations
 
+import os
 import resource
+import subprocess
+import sys
 import tempfile
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +18,7 @@ import pyarrow as pa
 import pytest
 
 from nyc_collisions import keyspill
+from nyc_collisions.host import boot_id, process_start
 from nyc_collisions.keyspill import KeySpill, bucket_count, key_hash
 
 SIDE = pa.schema([pa.field("k", pa.string()), pa.field("n", pa.int64())])
@@ -89,3 +95,51 @@ def test_keys_appended_to_their_buckets_many_times_come_back_once_each(
         for side in got:
             want = [f"{side}-{i}" for first in (0, 20_000) for i in range(first, first + 60 * 333)]
             assert sorted(got[side]) == sorted(want)
+
+
+@pytest.fixture
+def sleeper() -> Iterator[int]:
+    """A live process of this host: the pid a killed run's leftover names, reused."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        yield child.pid
+    finally:
+        child.kill()
+        child.wait()
+
+
+def _leftover(root: Path, owner: str, days_old: float) -> Path:
+    folder = root / f"{keyspill.PREFIX}{owner}-{uuid.uuid4().hex[:8]}"
+    folder.mkdir()
+    (folder / "source-0000.arrow").write_bytes(b"keys")
+    then = time.time() - days_old * 24 * 3600
+    for path in (folder / "source-0000.arrow", folder):
+        os.utime(path, (then, then))
+    return folder
+
+
+def test_spills_of_killed_runs_go_with_the_next_spill_and_live_ones_stay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sleeper: int
+) -> None:
+    """A killed verify or reconcile leaves its spill folder in TMPDIR (a warm Lambda keeps its
+    /tmp; a container's may be a volume that outlives it): the next spill removes one whose
+    process has ended, whose pid is another process's now, or of another boot untouched for a
+    day; never one of a live run."""
+    root = tmp_path / "spill"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    mine = (boot_id() or "host")[:8]
+    me = f"{mine}-{os.getpid()}-{process_start(os.getpid())}"
+    gone = [
+        _leftover(root, "deadbeef-4242-1", days_old=2),  # another boot, or a restarted container
+        _leftover(root, f"{mine}-{sleeper}-1", days_old=0),  # its pid reused by a live process
+        _leftover(root, f"{mine}-{sleeper}", days_old=2),  # an older version's name, reused pid
+    ]
+    kept = [
+        _leftover(root, me, days_old=2),  # a live run (this one) reading its spill
+        _leftover(root, "deadbeef-4242-1", days_old=0.5),  # another host's, maybe still running
+    ]
+    with KeySpill({"a": SIDE}, "k", 1) as spill:
+        spill.add("a", _keys("a", 0, 3))
+    assert [p.name for p in gone if p.exists()] == []
+    assert [p.name for p in kept if not p.exists()] == []

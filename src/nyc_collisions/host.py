@@ -6,6 +6,11 @@ import functools
 import hashlib
 import os
 
+# a leftover whose writer looks alive goes after this many seconds untouched all the same: its
+# pid may be another process's now (a restarted container's entrypoint gets the same one), and
+# no run writes or reads one file for a day
+LEFTOVER_AGE = 24 * 3600.0
+
 
 @functools.cache
 def boot_id() -> str:

@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -29,7 +30,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from . import settings
-from .host import boot_id, process_gone
+from .host import LEFTOVER_AGE, boot_id, process_gone, process_start
 
 logger = logging.getLogger(__name__)
 
@@ -137,9 +138,7 @@ class KeySpill:
         self.buckets = max(1, buckets)
         self.schemas = sides
         _remove_orphans()
-        self.folder = Path(
-            tempfile.mkdtemp(prefix=f"{PREFIX}{boot_id()[:8] or 'host'}-{os.getpid()}-")
-        )
+        self.folder = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{_owner()}-"))
         self._lock = threading.Lock()
         self._files = {
             side: [
@@ -222,8 +221,16 @@ class KeySpill:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def _owner() -> str:
+    """This process in a spill folder's name: boot (and pid namespace), pid, start time."""
+    pid = os.getpid()
+    return f"{boot_id()[:8] or 'host'}-{pid}-{process_start(pid) or 0}"
+
+
 def _remove_orphans() -> None:
-    """Remove spill folders of killed processes of this host (a warm Lambda keeps its /tmp)."""
+    """Remove spill folders of killed processes (a warm Lambda keeps its /tmp): of this host's
+    when their process has ended (or its pid is another's now); one whose process cannot be
+    told (another boot or pid namespace, an older name without the start) once a day untouched."""
     root = Path(tempfile.gettempdir())
     mine = boot_id()[:8] or "host"
     try:
@@ -232,8 +239,21 @@ def _remove_orphans() -> None:
         return
     for path in found:
         parts = path.name[len(PREFIX) :].split("-")
-        if len(parts) < 2 or parts[0] != mine or not parts[1].isdigit():
-            continue
-        if process_gone(int(parts[1])):
+        ours = len(parts) >= 3 and parts[0] == mine and parts[1].isdigit()
+        started = parts[2] if ours and parts[2].isdigit() and parts[2] != "0" else ""
+        if ours and started:
+            gone = process_gone(int(parts[1]), started)
+        else:
+            gone = (ours and process_gone(int(parts[1]))) or _untouched(path) > LEFTOVER_AGE
+        if gone:
             logger.info("removing %s, left by a killed run", path)
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _untouched(folder: Path) -> float:
+    """Seconds since anything in `folder` was last written (0 when it cannot be told)."""
+    try:
+        newest = max([folder.stat().st_mtime, *(p.stat().st_mtime for p in folder.iterdir())])
+    except OSError:
+        return 0.0
+    return time.time() - newest

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO
 
 from ..errors import DestinationBusy, DestinationError
-from ..host import boot_id, process_gone
+from ..host import LEFTOVER_AGE, boot_id, process_gone
 from .local_files import TMP_NAME, LocalWriter, disk_error, sync_folder, tmp_for
 from .storage import Versioned, Writer
 
@@ -181,10 +181,13 @@ class LocalStorage:
 
     def _gone(self, tmp: Path) -> bool:
         owner = TMP_NAME.search(tmp.name)
+        ours = False  # of this host's processes: its writer alive, or its pid reused
         if owner and owner.group(1) == (boot_id() or "0" * 8)[:8]:
-            return process_gone(int(owner.group(2)))
+            if process_gone(int(owner.group(2))):
+                return True
+            ours = True
         age = self._age(tmp)
-        return age is not None and age > STALE_TMP
+        return age is not None and age > (LEFTOVER_AGE if ours else STALE_TMP)
 
     def _drop_guard(self, guard: Path) -> int:
         try:
