@@ -537,3 +537,29 @@ def test_status_says_why_the_source_has_no_count_for_a_dataset_not_landed(
     assert res.code == 0, res.text
     assert "404" in res.out, res.out
     assert "abcd-1234" in res.out, res.out
+
+
+@pytest.mark.parametrize("command", ["status", "verify"])
+def test_output_piped_to_a_reader_that_stops_early_ends_quietly(
+    soda_ro: FakeSoda, tmp_path: Path, command: str
+) -> None:
+    """`nyc-collisions status | head -1`: the reader closes the pipe before the last line. That
+    is no error of ours to report ("unexpected BrokenPipeError ... please report it"): the
+    command ends quietly with the status of a program the pipe's signal ended."""
+    dest = str(tmp_path / "land")
+    assert cli("backfill", "--source", soda_ro.url, "--dest", dest).code == 0
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NYC_COLLISIONS_", "SOCRATA_"))}
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nyc_collisions", command, "--source", soda_ro.url, "--dest", dest],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    proc.stdout.close()  # as `| head -0` would: the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE, err
+    assert err == ""

@@ -5,10 +5,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import select
+import signal
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -85,18 +87,39 @@ def handle_errors(f: F) -> F:
         except NycCollisionsError as exc:
             say(f"nyc-collisions: error: {exc}")
             sys.exit(1)
+        except BrokenPipeError as exc:
+            if not _stdout_closed():
+                _unexpected(exc, bool(kwargs.get("verbose")))
+            # the reader of the output went away (`status | head -1`): what it read is what it
+            # wanted; quietly, with the status of a program the pipe's signal ended
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(128 + signal.SIGPIPE)
         except Exception as exc:
-            if kwargs.get("verbose"):
-                say(traceback.format_exc().rstrip())
-            text = " ".join(str(exc).split()) or "(no message)"
-            say(
-                f"nyc-collisions: error: unexpected {type(exc).__name__}: {text} "
-                "(nothing partial was committed; rerun with -v for the traceback, and please "
-                "report it)"
-            )
-            sys.exit(1)
+            _unexpected(exc, bool(kwargs.get("verbose")))
 
     return wrapper  # type: ignore[return-value]
+
+
+def _unexpected(exc: Exception, verbose: bool) -> NoReturn:
+    if verbose:
+        say(traceback.format_exc().rstrip())
+    text = " ".join(str(exc).split()) or "(no message)"
+    say(
+        f"nyc-collisions: error: unexpected {type(exc).__name__}: {text} "
+        "(nothing partial was committed; rerun with -v for the traceback, and please report it)"
+    )
+    sys.exit(1)
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe its reader has closed (and not, say, a socket of the
+    source or the store that broke)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 class _NeverRaised(click.UsageError):

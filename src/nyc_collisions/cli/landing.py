@@ -78,6 +78,7 @@ def backfill_cmd(
     committed files when run again. A dataset that already has a committed backfill is skipped
     unless --force.
 
+    \b
     Example: nyc-collisions backfill crashes --dest s3://nyc-application-collisions/collisions_raw_data
     """
     setup_logging(verbose)
@@ -145,6 +146,7 @@ def update_cmd(
     the last snapshot (a publisher's full replace), or when the source's columns changed, a
     fresh snapshot is landed instead, over partitions as a backfill does (a rerun resumes it).
 
+    \b
     Example: nyc-collisions update --dest s3://nyc-application-collisions/collisions_raw_data
     """
     from ..daily import DailyRun, update_then_reconcile
@@ -203,6 +205,7 @@ def reconcile_cmd(
     once and recorded as they come: a run stopped or killed goes on from them the next time. If
     the source's columns changed, a fresh snapshot with them is landed instead (as `update` does).
 
+    \b
     Example: nyc-collisions reconcile persons
     """
     from ..reconcile import Reconcile
@@ -264,6 +267,7 @@ def compact_cmd(
     Readers then need not merge years of daily batches. Older batches stay (raw data is never
     silently rewritten) unless --prune.
 
+    \b
     Example: nyc-collisions compact crashes --prune
     """
     from ..incremental import compact

@@ -38,6 +38,7 @@ from .summary import print_mismatch, print_status
 def export_cmd(dataset: str, output: str, dest: str, verbose: int) -> None:
     """Write the landed current state of DATASET as one file (.csv or .parquet by suffix).
 
+    \b
     Example: nyc-collisions export crashes --output crashes.parquet
     """
     from ..api import export
@@ -61,6 +62,7 @@ def status_cmd(
 ) -> None:
     """Per dataset: rows landed, files, last run, the source's count, and whether they agree.
 
+    \b
     Example: nyc-collisions status --json
     """
     setup_logging(verbose)
@@ -92,6 +94,7 @@ def verify_cmd(
 
     Exit 0 only when every dataset matches; otherwise print what is missing or extra.
 
+    \b
     Example: nyc-collisions verify crashes persons
     """
     setup_logging(verbose)
