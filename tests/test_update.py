@@ -329,3 +329,23 @@ def test_a_refresh_killed_mid_run_resumes_and_is_exact(tmp_path: Path) -> None:
         assert [b["kind"] for b in manifest["batches"]] == ["snapshot"]  # the first one retired
         exact(srv, dest, "crashes", tmp_path)
         assert "total: 0 rows" in update(srv, dest, "crashes")
+
+
+def test_a_mixed_landing_and_a_skipped_backfill_say_what_is_there_now(
+    soda: FakeSoda, tmp_path: Path
+) -> None:
+    """After an update in another format, status names both formats (it named the last one);
+    a backfill skipped as landed gives the rows there now beside the snapshot's."""
+    dest = str(tmp_path / "land")
+    where = ("--source", soda.url, "--dest", dest)
+    land(soda, dest, "crashes")
+    snapshot = len(soda.rows("h9gi-nx95"))
+    soda.insert("h9gi-nx95", 20)
+    res = cli("update", "crashes", "--format", "parquet", *where)
+    assert res.code == 0, res.text
+    status = json.loads(cli("status", "crashes", "--json", *where).out)[0]
+    assert status["format"] == "csv, parquet"
+    res = cli("backfill", "crashes", *where)
+    assert res.code == 0, res.text
+    assert f"({snapshot:,} rows, " in res.out, res.out
+    assert f"; {snapshot + 20:,} rows now)" in res.out, res.out

@@ -32,9 +32,11 @@ class Backfill(DatasetJob):
         if manifest and manifest.current_batches() and not self.opts.force:
             self.sync_table()  # the table of a landed dataset, written (or healed) anyway
             snap = manifest.current_batches()[0]
+            rows = manifest.current_rows()
+            now = "" if rows is None or rows == snap.rows else f"; {rows:,} rows now"
             raise AlreadyLanded(
                 f"{self.dataset.name}: a backfill is already committed at "
-                f"{result.location} ({snap.rows:,} rows, {snap.committed_at}); "
+                f"{result.location} ({snap.rows:,} rows, {snap.committed_at}{now}); "
                 "`nyc-collisions update` keeps it fresh, --force lands a new snapshot"
             )
         land_snapshot(self, stop, result, self.opts.fmt)

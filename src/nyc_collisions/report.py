@@ -64,7 +64,7 @@ def dataset_status(storage: Storage, client: SodaClient | None, ds: Dataset) -> 
             rows=_rows(landed),
             files=sum(len(b.files) for b in batches),
             batches=len(batches),
-            format=batches[-1].format,
+            format=", ".join(sorted({b.format for b in batches})),  # both after a --format
             snapshot={
                 "batch": batches[0].batch_id,
                 "committed_at": batches[0].committed_at,
