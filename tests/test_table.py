@@ -418,3 +418,30 @@ def test_the_sync_keeps_to_the_time_budget(
     assert deltalake.DeltaTable(_table_uri(dest, "crashes")).version() == version
     _run("update", *src, *TABLE)
     assert_table_is_export(dest, "crashes", tmp_path)
+
+
+def test_daily_syncs_delete_what_they_superseded_a_grace_ago(
+    soda: FakeSoda, dest: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unattended, each daily sync merges changes (rewriting the files they touch) or rewrites
+    the table (a full replace); the files they supersede go once the grace has passed (here
+    none), not only at a `compact --prune` the Lambda never runs. The mark of the last sync
+    stays the latest's: the next sync with nothing new leaves the table as it is."""
+    from nyc_collisions import table as table_module
+
+    monkeypatch.setattr(table_module, "DEFAULT_GRACE_HOURS", 0.0, raising=False)
+    src = ("--source", soda.url, "--dest", dest)
+    _run("backfill", "crashes", *src, "--page-size", "700", *TABLE)
+    for cycle in range(3):
+        _mutate(soda, cycle)
+        if cycle == 2:
+            soda.replace(NAMES["crashes"])  # the fresh snapshot rewrites the table
+        _run("update", "crashes", *src, "--reconcile", *TABLE)
+        assert_table_is_export(dest, "crashes", tmp_path)
+        table = deltalake.DeltaTable(_table_uri(dest, "crashes"), storage_options=_options(dest))
+        live = sorted(Path(p).name for p in table.file_uris())
+        assert live == sorted(Path(p).name for p in _data_objects(dest)), cycle
+    version = table.version()
+    _run("update", "crashes", *src, *TABLE)
+    table = deltalake.DeltaTable(_table_uri(dest, "crashes"), storage_options=_options(dest))
+    assert table.version() == version  # nothing new: no commit, not a rewrite

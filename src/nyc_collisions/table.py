@@ -46,7 +46,9 @@ from .table_write import (
     overwrite,
     rewrite_with_changes,
     touched_share,
+    vacuum_superseded,
 )
+from .tidy import DEFAULT_GRACE_HOURS
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +217,7 @@ def sync_table(
         return None
     where = table_location(storage, dataset.name)
     try:
-        return _sync(landed, where, started, guard)
+        synced = _sync(landed, where, started, guard)
     except _OutOfTime:
         _skipped(dataset)
         return None
@@ -223,6 +225,11 @@ def sync_table(
         raise
     except Exception as exc:  # delta-rs's errors, the store's: one line, the data committed
         raise _table_error(where, exc) from exc
+    # what this commit or one before superseded a day ago goes, time left
+    if synced.action != "current" and (deadline is None or time.monotonic() < deadline):
+        meta = {MARK_KEY: Mark.of(landed).to_json()}
+        vacuum_superseded(where.uri, lambda: _open_table(where), meta, DEFAULT_GRACE_HOURS, guard)
+    return synced
 
 
 def _in_time(deadline: float | None) -> None:

@@ -260,3 +260,26 @@ def optimize(
             commit_properties=commit_properties(meta),
         )
         logger.info("table vacuum deleted %d files", len(deleted))
+
+
+def vacuum_superseded(
+    uri: str, table: Callable[[], Any], meta: dict[str, str] | None, hours: float, guard: Guard
+) -> None:
+    """Delete the files that commits more than `hours` old removed from the table (a daily
+    merge rewrites the files it touches, a rewrite all of them), so that unattended the folder
+    holds about one copy of the table; files no commit names are left to `compact --prune`.
+    Commits only when it deletes something (with `meta`: the mark stays the latest's). A
+    failure is a warning: the sync has committed, and the next one tries again."""
+    guard.check()
+    try:
+        deleted = table().vacuum(
+            retention_hours=math.ceil(hours),
+            dry_run=False,
+            enforce_retention_duration=False,
+            commit_properties=commit_properties(meta),
+        )
+    except Exception as exc:
+        logger.warning("%s: superseded files not deleted: %s", uri, exc)
+        return
+    if deleted:
+        logger.info("%s: deleted %d files superseded %gh ago", uri, len(deleted), hours)
