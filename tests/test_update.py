@@ -206,7 +206,8 @@ def test_a_day_of_deletions_only_lags_until_a_reconcile_lands_them(
     """A deletion moves the source's last change (`rowsUpdatedAt`) but no row's `:updated_at`,
     so the watermark never reaches it: the lag (status, the Lambda's LagSeconds behind its
     alarm) counts from when the landed state last matched the source's keys as well, and is
-    0 once a reconcile has landed the deletion, not until some row is edited again."""
+    0 once a reconcile has landed the deletion, not until some row is edited again. Edits past
+    the watermark lag until an update lands them, a reconcile between or not."""
     dest = str(tmp_path / "land")
     where = ("--source", soda.url, "--dest", dest)
 
@@ -225,12 +226,20 @@ def test_a_day_of_deletions_only_lags_until_a_reconcile_lands_them(
     assert "vanished 2" in res.out, res.out
     exact(soda, dest, "crashes", tmp_path)
     assert lag() == 0
+    # edits are a reconcile's to leave to the next update: they lag until it lands them
+    time.sleep(1.1)
+    soda.edit("h9gi-nx95", 5)
+    time.sleep(1.1)
+    res = cli("reconcile", "crashes", *where)
+    assert res.code == 0, res.text
+    assert lag() >= 1
+    update(soda, dest, "crashes")
+    assert lag() == 0
 
 
 def test_status_shows_watermark_runs_and_lag(soda: FakeSoda, tmp_path: Path) -> None:
     dest = str(tmp_path / "land")
     land(soda, dest, "crashes")
-    time.sleep(1.1)  # edits a second after the snapshot began (`rowsUpdatedAt` counts seconds)
     soda.edit("h9gi-nx95", 4)
     status = json.loads(
         cli("status", "crashes", "--json", "--source", soda.url, "--dest", dest).out

@@ -202,11 +202,13 @@ def _lags(client: SodaClient, storage: Storage, names: set[str]) -> dict[str, fl
     for ds in resolve_many(sorted(names)):
         try:
             manifest = DatasetState(storage, ds.name).load()
-            updated = DatasetSource(client, ds).metadata().get("rowsUpdatedAt")
+            source = DatasetSource(client, ds)
+            updated = source.metadata().get("rowsUpdatedAt")
+            latest = None if manifest is None else source.max_updated_at()
         except NycCollisionsError as exc:
             logger.warning("%s: lag behind the source unknown: %s", ds.name, exc)
             continue
-        lag = None if manifest is None else lag_seconds(manifest, updated)
+        lag = None if manifest is None else lag_seconds(manifest, updated, latest)
         if lag is not None:
             lags[ds.name] = lag
     return lags

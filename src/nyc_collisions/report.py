@@ -25,19 +25,23 @@ def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
-def lag_seconds(manifest: Manifest, rows_updated_at: object) -> float | None:
+def lag_seconds(manifest: Manifest, rows_updated_at: object, latest: str | None) -> float | None:
     """Seconds the landed state is behind the source's last change (`rowsUpdatedAt`, which a
-    deletion moves too): counted from the later of the watermark (rows changed up to it are
-    landed) and when the state last matched the source's keys (a reconcile's or a snapshot's
-    start: deletions up to it are landed too); None when either is unknown."""
+    deletion moves too). While the source has rows past the watermark (its `latest`
+    `:updated_at`), counted from the watermark: a reconcile leaves those to the next update.
+    Once every changed row is landed only deletions can be left: counted from the later of the
+    watermark and when the state last matched the source's keys (a reconcile's or a snapshot's
+    start, by this host's clock). None when unknown."""
     wm = manifest.watermark
     if wm is None or isinstance(rows_updated_at, bool):
         return None
     if not isinstance(rows_updated_at, int | float):
         return None
-    matched = manifest.last_reconciled()
-    current = max(_epoch(wm.updated_at), _epoch(matched) if matched else 0.0)
-    return max(0.0, float(rows_updated_at) - current)
+    since = _epoch(wm.updated_at)
+    if latest is not None and _epoch(latest) <= since:
+        matched = manifest.last_reconciled()
+        since = max(since, _epoch(matched) if matched else 0.0)
+    return max(0.0, float(rows_updated_at) - since)
 
 
 def dataset_status(storage: Storage, client: SodaClient | None, ds: Dataset) -> dict[str, Any]:
@@ -113,7 +117,8 @@ def _add_source(entry: dict[str, Any], source: DatasetSource, landed: Landed | N
     try:
         rows_updated = source.metadata().get("rowsUpdatedAt")
         entry["source_rows_updated_at"] = rows_updated
-        lag = None if landed is None else lag_seconds(landed.manifest, rows_updated)
+        latest = None if landed is None else source.max_updated_at()
+        lag = None if landed is None else lag_seconds(landed.manifest, rows_updated, latest)
         if lag is not None:
             entry["lag_seconds"] = lag
         change = None if landed is None else columns_drift(source, landed)

@@ -159,7 +159,7 @@ def print_status(entries: list[dict[str, Any]]) -> None:
             lag = e.get("lag_seconds")
             click.echo(
                 f"  watermark {wm['updated_at']} {wm['row_id'] or ''}".rstrip()
-                + (f"; source changed {lag / 3600:,.1f} h after it" if lag else "")
+                + (f"; {lag / 3600:,.1f} h behind the source's last change" if lag else "")
             )
         if e.get("last_update"):
             u = e["last_update"]
