@@ -445,3 +445,26 @@ def test_daily_syncs_delete_what_they_superseded_a_grace_ago(
     _run("update", "crashes", *src, *TABLE)
     table = deltalake.DeltaTable(_table_uri(dest, "crashes"), storage_options=_options(dest))
     assert table.version() == version  # nothing new: no commit, not a rewrite
+
+
+def test_a_vacuum_with_nothing_left_to_delete_commits_nothing(
+    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The log names a removed file for a week after it is deleted: a vacuum of it deletes
+    nothing more, and two commits each sync would only lengthen the log."""
+    from nyc_collisions import table as table_module
+    from nyc_collisions.table_write import Guard, vacuum_superseded
+
+    monkeypatch.setattr(table_module, "DEFAULT_GRACE_HOURS", 0.0, raising=False)
+    dest = str(tmp_path / "d")
+    src = ("crashes", "--source", soda.url, "--dest", dest)
+    _run("backfill", *src, *TABLE)
+    soda.edit(NAMES["crashes"], 5)
+    _run("update", *src, *TABLE)  # merged, and the file it rewrote deleted at once
+    uri = _table_uri(dest, "crashes")
+    version = deltalake.DeltaTable(uri).version()
+    storage = open_storage(dest)
+    vacuum_superseded(
+        uri, lambda: deltalake.DeltaTable(uri), storage, "crashes/table", None, 0.0, Guard()
+    )
+    assert deltalake.DeltaTable(uri).version() == version

@@ -68,12 +68,12 @@ from .reconcile_schedule import (
 from .report import lag_seconds
 from .results import DatasetResult
 from .runtime import tune_allocators
+from .settings import TABLE_ENV, check_table_format
 from .sink.formats import FORMATS
 from .sink.storage import Storage, open_storage
 from .socrata.client import SodaClient, validate_base_url
 from .source import DatasetSource
 from .state import DatasetState
-from .table import TABLE_ENV, check_table_format
 
 logger = logging.getLogger("nyc_collisions.aws")
 SAFETY_SECONDS = 90.0  # stop this long before Lambda's deadline (a quarter of short budgets)

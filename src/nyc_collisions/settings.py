@@ -18,6 +18,8 @@ RETRY_BASE = "NYC_COLLISIONS_RETRY_BASE"
 WIRE = "NYC_COLLISIONS_WIRE"
 ALLOW_HTTP = "NYC_COLLISIONS_ALLOW_HTTP"
 MAX_CONCURRENCY = "NYC_COLLISIONS_MAX_CONCURRENCY"
+TABLE_ENV = "NYC_COLLISIONS_TABLE"
+TABLE_FORMATS = ("delta",)
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -77,3 +79,20 @@ def env_flag(name: str) -> bool:
     if raw.lower() in _FALSE:
         return False
     raise UsageError(f"{name}={raw!r}: must be 1/true/yes/on or 0/false/no/off")
+
+
+def check_table_format(fmt: str | None, where: str = TABLE_ENV) -> str | None:
+    """`--table FORMAT` / NYC_COLLISIONS_TABLE (`where`): `delta`, or None (empty: no table)."""
+    if fmt is None or not fmt.strip():
+        return None
+    value = fmt.strip().lower()
+    if value not in TABLE_FORMATS:
+        raise UsageError(f"{where} {fmt!r} is not a table format: use {' or '.join(TABLE_FORMATS)}")
+    try:
+        import deltalake  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            "a delta table needs the deltalake package: pip install 'nyc-collisions[table]' "
+            "(the Lambda image: sam build --parameter-overrides Table=delta)"
+        ) from None
+    return value

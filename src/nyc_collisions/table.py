@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 
 from .current import Landed, iter_current, open_landed, read_batch_file
 from .datasets import Dataset
-from .errors import DestinationError, NothingLanded, NycCollisionsError, UsageError
+from .errors import DestinationError, NothingLanded, NycCollisionsError
 from .manifest import Batch
 from .sink.storage import Storage
 from .state import DatasetState
@@ -52,8 +52,6 @@ from .tidy import DEFAULT_GRACE_HOURS
 
 logger = logging.getLogger(__name__)
 
-TABLE_FORMATS = ("delta",)
-TABLE_ENV = "NYC_COLLISIONS_TABLE"
 MARK_KEY = "nyc_collisions.mark"
 # the table is rewritten rather than merged when more rows than this are pending (a reconcile
 # that refetched many rows, a table left far behind): a merge holds them all in memory
@@ -68,23 +66,6 @@ class TableError(DestinationError):
 
 class _OutOfTime(NycCollisionsError):
     """The run's time ran out before the table's commit: the next run brings it up."""
-
-
-def check_table_format(fmt: str | None, where: str = TABLE_ENV) -> str | None:
-    """`--table FORMAT` / NYC_COLLISIONS_TABLE (`where`): `delta`, or None (empty: no table)."""
-    if fmt is None or not fmt.strip():
-        return None
-    value = fmt.strip().lower()
-    if value not in TABLE_FORMATS:
-        raise UsageError(f"{where} {fmt!r} is not a table format: use {' or '.join(TABLE_FORMATS)}")
-    try:
-        import deltalake  # noqa: F401
-    except ImportError:
-        raise UsageError(
-            "a delta table needs the deltalake package: pip install 'nyc-collisions[table]' "
-            "(the Lambda image: sam build --parameter-overrides Table=delta)"
-        ) from None
-    return value
 
 
 @dataclass(frozen=True)
@@ -228,7 +209,10 @@ def sync_table(
     # what this commit or one before superseded a day ago goes, time left
     if synced.action != "current" and (deadline is None or time.monotonic() < deadline):
         meta = {MARK_KEY: Mark.of(landed).to_json()}
-        vacuum_superseded(where.uri, lambda: _open_table(where), meta, DEFAULT_GRACE_HOURS, guard)
+        table, folder = (lambda: _open_table(where)), f"{landed.dataset.name}/table"
+        vacuum_superseded(
+            where.uri, table, landed.storage, folder, meta, DEFAULT_GRACE_HOURS, guard
+        )
     return synced
 
 

@@ -263,16 +263,31 @@ def optimize(
 
 
 def vacuum_superseded(
-    uri: str, table: Callable[[], Any], meta: dict[str, str] | None, hours: float, guard: Guard
+    uri: str,
+    table: Callable[[], Any],
+    storage: Storage,
+    folder: str,
+    meta: dict[str, str] | None,
+    hours: float,
+    guard: Guard,
 ) -> None:
     """Delete the files that commits more than `hours` old removed from the table (a daily
     merge rewrites the files it touches, a rewrite all of them), so that unattended the folder
     holds about one copy of the table; files no commit names are left to `compact --prune`.
-    Commits only when it deletes something (with `meta`: the mark stays the latest's). A
+    The log goes on naming removed files for a week, deleted or not: it vacuums (a commit,
+    with `meta`, so the mark stays the latest's) only when one is still in `folder`. A
     failure is a warning: the sync has committed, and the next one tries again."""
     guard.check()
     try:
-        deleted = table().vacuum(
+        opened = table()
+        expired = opened.vacuum(
+            retention_hours=math.ceil(hours), dry_run=True, enforce_retention_duration=False
+        )
+        stored = {key[len(folder) + 1 :] for key in storage.list_keys(f"{folder}/")}
+        if not stored.intersection(expired):
+            return
+        guard.check()
+        deleted = opened.vacuum(
             retention_hours=math.ceil(hours),
             dry_run=False,
             enforce_retention_duration=False,

@@ -195,7 +195,7 @@ def file_rows_option(help_text: str) -> Callable[[F], F]:
 
 
 def _table_format(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    from ..table import TABLE_ENV, check_table_format
+    from ..settings import TABLE_ENV, check_table_format
 
     try:
         if value is not None:
