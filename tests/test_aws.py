@@ -581,3 +581,34 @@ def test_taking_over_a_killed_runs_lease_keeps_to_the_invocations_time(
     assert summary["carried_on_by"].startswith(
         state_machine.replace(":stateMachine:", ":execution:")
     )
+
+
+def test_lag_is_measured_when_asking_for_rows_past_the_watermark_fails(
+    soda: FakeSoda,
+    lambda_env: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Out of time each request is tried once: a 500 on the question whether rows are past
+    the watermark (asked when a reconcile or snapshot began after it) leaves the lag counted
+    from the watermark, not missing."""
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
+    assert cli("backfill", "crashes", "--source", soda.url, "--dest", lambda_env).code == 0
+    soda.edit("h9gi-nx95", 3)
+    lags = aws._lags
+
+    def asked_once_and_failing(client: Any, storage: Any, names: set[str]) -> dict[str, float]:
+        soda.add_fault("500", times=1, match="$limit=1")
+        return lags(client, storage, names)
+
+    monkeypatch.setattr(aws, "_lags", asked_once_and_failing)
+    monkeypatch.delenv(aws.STATE_MACHINE, raising=False)
+    capsys.readouterr()
+    with pytest.raises(aws.NotFinished):
+        aws.handler({"command": "update"}, Context(0))
+    docs = _emf(capsys.readouterr().out)
+    (crashes,) = [d for d in docs if d.get("Dataset") == "crashes"]
+    assert crashes["LagSeconds"] > 0, crashes
+    asked = [r for r in soda.requests() if r["params"].get("$select") == ":id"]
+    assert [r["fault"] for r in asked] == ["500"], asked  # asked, and failed

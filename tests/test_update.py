@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -358,3 +359,26 @@ def test_a_mixed_landing_and_a_skipped_backfill_say_what_is_there_now(
     assert res.code == 0, res.text
     assert f"({snapshot:,} rows, " in res.out, res.out
     assert f"; {snapshot + 20:,} rows now)" in res.out, res.out
+
+
+def test_a_source_emptied_by_deletions_lags_until_the_reconcile(
+    soda: FakeSoda, tmp_path: Path
+) -> None:
+    """Every row deleted at the source (no latest `:updated_at` at all): the reconcile that
+    lands the deletions ends the lag."""
+    dest = str(tmp_path / "land")
+    where = ("--source", soda.url, "--dest", dest)
+
+    def status() -> dict[str, Any]:
+        return dict(json.loads(cli("status", "crashes", "--json", *where).out)[0])
+
+    land(soda, dest, "crashes")
+    time.sleep(2.1)
+    soda.delete("h9gi-nx95", len(soda.rows("h9gi-nx95")))
+    assert status()["lag_seconds"] >= 1
+    res = cli("reconcile", "crashes", *where)
+    assert res.code == 0, res.text
+    after = status()
+    assert after["rows"] == 0, after
+    assert after["agree"], after
+    assert after["lag_seconds"] == 0, after

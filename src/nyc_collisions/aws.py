@@ -204,11 +204,10 @@ def _lags(client: SodaClient, storage: Storage, names: set[str]) -> dict[str, fl
             manifest = DatasetState(storage, ds.name).load()
             source = DatasetSource(client, ds)
             updated = source.metadata().get("rowsUpdatedAt")
-            latest = None if manifest is None else source.max_updated_at()
         except NycCollisionsError as exc:
             logger.warning("%s: lag behind the source unknown: %s", ds.name, exc)
             continue
-        lag = None if manifest is None else lag_seconds(manifest, updated, latest)
+        lag = None if manifest is None else lag_seconds(manifest, updated, source)
         if lag is not None:
             lags[ds.name] = lag
     return lags

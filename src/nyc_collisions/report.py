@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -13,35 +14,47 @@ from .current import Landed, current_count, current_keys, open_landed
 from .datasets import Dataset
 from .errors import NothingLanded, NycCollisionsError
 from .keyspill import KeySpill, bucket_count
-from .manifest import Manifest
+from .manifest import Manifest, Watermark
 from .sink.storage import Storage
 from .socrata.client import SodaClient
 from .source import DatasetSource
 from .state import DatasetState
 from .verify import SAMPLE, columns_drift
 
+logger = logging.getLogger(__name__)
+
 
 def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
-def lag_seconds(manifest: Manifest, rows_updated_at: object, latest: str | None) -> float | None:
+def lag_seconds(manifest: Manifest, rows_updated_at: object, source: DatasetSource) -> float | None:
     """Seconds the landed state is behind the source's last change (`rowsUpdatedAt`, which a
-    deletion moves too). While the source has rows past the watermark (its `latest`
-    `:updated_at`), counted from the watermark: a reconcile leaves those to the next update.
-    Once every changed row is landed only deletions can be left: counted from the later of the
-    watermark and when the state last matched the source's keys (a reconcile's or a snapshot's
-    start, by this host's clock). None when unknown."""
+    deletion moves too), counted from the watermark; or, when the source has no row past it
+    (every changed row landed: what is left can only be a deletion; asked only then), from
+    when the state last matched the source's keys if later (a reconcile's or a snapshot's
+    start, by this host's clock). A reconcile leaves rows past the watermark to the next
+    update. None when unknown."""
     wm = manifest.watermark
     if wm is None or isinstance(rows_updated_at, bool):
         return None
     if not isinstance(rows_updated_at, int | float):
         return None
     since = _epoch(wm.updated_at)
-    if latest is not None and _epoch(latest) <= since:
-        matched = manifest.last_reconciled()
-        since = max(since, _epoch(matched) if matched else 0.0)
+    matched = manifest.last_reconciled()
+    later = since < rows_updated_at and matched and since < _epoch(matched)
+    if later and not _rows_past(source, wm):
+        since = _epoch(matched)
     return max(0.0, float(rows_updated_at) - since)
+
+
+def _rows_past(source: DatasetSource, mark: Watermark) -> bool:
+    """Whether the source has rows past `mark` (True when it cannot say: lag from the mark)."""
+    try:
+        return source.has_rows_past(mark)
+    except NycCollisionsError as exc:
+        logger.info("%s: rows past the watermark unknown: %s", source.dataset.name, exc)
+        return True
 
 
 def dataset_status(storage: Storage, client: SodaClient | None, ds: Dataset) -> dict[str, Any]:
@@ -117,8 +130,7 @@ def _add_source(entry: dict[str, Any], source: DatasetSource, landed: Landed | N
     try:
         rows_updated = source.metadata().get("rowsUpdatedAt")
         entry["source_rows_updated_at"] = rows_updated
-        latest = None if landed is None else source.max_updated_at()
-        lag = None if landed is None else lag_seconds(landed.manifest, rows_updated, latest)
+        lag = None if landed is None else lag_seconds(landed.manifest, rows_updated, source)
         if lag is not None:
             entry["lag_seconds"] = lag
         change = None if landed is None else columns_drift(source, landed)

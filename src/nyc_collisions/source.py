@@ -88,6 +88,11 @@ class DatasetSource:
             )
         return count
 
+    def has_rows_past(self, mark: Watermark) -> bool:
+        """Whether the source has a row past the watermark `mark` (one small request)."""
+        params = soql.past_params(mark.updated_at, mark.row_id)
+        return self.client.first_row(self.dataset.dataset_id, params) is not None
+
     def max_updated_at(self) -> str | None:
         return self.client.scalar(self.dataset.dataset_id, soql.max_updated_params(), "m")
 

@@ -75,6 +75,11 @@ def incremental_params(
     }
 
 
+def past_params(updated_at: str, row_id: str | None) -> dict[str, str]:
+    """The first row past the watermark (`updated_at`, `row_id`), if any: whether there is one."""
+    return {**incremental_params(updated_at=updated_at, row_id=row_id, limit=1), "$select": ":id"}
+
+
 def count_params(where: str | None = None) -> dict[str, str]:
     """The number of rows (aliased so the key does not depend on the spelling)."""
     params = {"$select": "count(*) AS n"}
