@@ -76,8 +76,9 @@ def incremental_params(
 
 
 def past_params(updated_at: str, row_id: str | None) -> dict[str, str]:
-    """The first row past the watermark (`updated_at`, `row_id`), if any: whether there is one."""
-    return {**incremental_params(updated_at=updated_at, row_id=row_id, limit=1), "$select": ":id"}
+    """Any one row past the watermark (`updated_at`, `row_id`): whether there is one. No
+    `$order`: after a full replace the source would sort every row to answer."""
+    return {"$select": ":id", "$where": updated_after(updated_at, row_id), "$limit": "1"}
 
 
 def count_params(where: str | None = None) -> dict[str, str]:
