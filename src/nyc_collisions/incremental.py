@@ -49,7 +49,6 @@ logger = logging.getLogger(__name__)
 # every row fetched over partitions at once then takes less time than the changes in one
 # ordered stream, and the current state's readers hold the later batches' keys in memory.
 REFRESH_SHARE = 0.5
-# `compact --prune` keeps the files it supersedes this long for readers of the previous manifest
 
 
 def open_for_job(state: DatasetState, dataset: Dataset) -> Landed:
