@@ -7,7 +7,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -511,27 +511,44 @@ def test_lambda_lag_after_deadline_is_measured_when_cancelled_pages_still_hold_t
     """A run the invocation's deadline stops drops its pages in flight, which still count in
     flight a moment; the handler's lag request after it waits for a slot and is sent (it was
     refused while out of time, and LagSeconds went missing from the metrics)."""
+
+    def cancelled_pages(client: Any) -> None:
+        limit = client.limit
+        for _ in range(limit._core.limit):  # the pages the deadline dropped, lingering
+            with limit.request() as ticket:
+                ticket.linger(0.5)
+
+    crashes = _metrics_out_of_time(soda, lambda_env, monkeypatch, capsys, cancelled_pages)
+    assert "LagSeconds" in crashes, crashes
+
+
+def _metrics_out_of_time(
+    soda: FakeSoda,
+    lambda_env: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    before_lags: Callable[[Any], None],
+) -> dict[str, Any]:
+    """Crashes landed, then edited; an update invoked with no time left, `before_lags(client)`
+    just before the handler measures the lag: the crashes metrics it printed."""
     monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
     monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
     assert cli("backfill", "crashes", "--source", soda.url, "--dest", lambda_env).code == 0
     soda.edit("h9gi-nx95", 3)
     lags = aws._lags
 
-    def after_cancelled_pages(client: Any, storage: Any, names: set[str]) -> dict[str, float]:
-        limit = client.limit
-        for _ in range(limit._core.limit):  # the pages the deadline dropped, lingering
-            with limit.request() as ticket:
-                ticket.linger(0.5)
+    def hooked(client: Any, storage: Any, names: set[str]) -> dict[str, float]:
+        before_lags(client)
         return lags(client, storage, names)
 
-    monkeypatch.setattr(aws, "_lags", after_cancelled_pages)
+    monkeypatch.setattr(aws, "_lags", hooked)
     monkeypatch.delenv(aws.STATE_MACHINE, raising=False)
     capsys.readouterr()
     with pytest.raises(aws.NotFinished):
         aws.handler({"command": "update"}, Context(0))
     docs = _emf(capsys.readouterr().out)
     (crashes,) = [d for d in docs if d.get("Dataset") == "crashes"]
-    assert "LagSeconds" in crashes, crashes
+    return dict(crashes)
 
 
 def test_taking_over_a_killed_runs_lease_keeps_to_the_invocations_time(
@@ -592,23 +609,11 @@ def test_lag_is_measured_when_asking_for_rows_past_the_watermark_fails(
     """Out of time each request is tried once: a 500 on the question whether rows are past
     the watermark (asked when a reconcile or snapshot began after it) leaves the lag counted
     from the watermark, not missing."""
-    monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
-    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
-    assert cli("backfill", "crashes", "--source", soda.url, "--dest", lambda_env).code == 0
-    soda.edit("h9gi-nx95", 3)
-    lags = aws._lags
 
-    def asked_once_and_failing(client: Any, storage: Any, names: set[str]) -> dict[str, float]:
+    def failing_once(_client: Any) -> None:
         soda.add_fault("500", times=1, match="$limit=1")
-        return lags(client, storage, names)
 
-    monkeypatch.setattr(aws, "_lags", asked_once_and_failing)
-    monkeypatch.delenv(aws.STATE_MACHINE, raising=False)
-    capsys.readouterr()
-    with pytest.raises(aws.NotFinished):
-        aws.handler({"command": "update"}, Context(0))
-    docs = _emf(capsys.readouterr().out)
-    (crashes,) = [d for d in docs if d.get("Dataset") == "crashes"]
+    crashes = _metrics_out_of_time(soda, lambda_env, monkeypatch, capsys, failing_once)
     assert crashes["LagSeconds"] > 0, crashes
     asked = [r for r in soda.requests() if r["params"].get("$select") == ":id"]
     assert [r["fault"] for r in asked] == ["500"], asked  # asked, and failed
