@@ -65,6 +65,7 @@ from .reconcile_schedule import (
     weekly_since,
     zone_from_env,
 )
+from .redact import redact
 from .report import lag_seconds
 from .results import DatasetResult
 from .runtime import tune_allocators
@@ -98,7 +99,8 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             message += " | " + self.formatException(record.exc_info).splitlines()[-1]
         for secret in self.secrets:
-            message = message.replace(secret, "***")
+            message = redact(message, secret)  # the token in each form it may take
+        message = redact(message, None)  # any URL's user and password
         doc = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
             "level": record.levelname,
@@ -148,9 +150,9 @@ def app_token() -> str | None:
 
 
 def _mask(exc: BaseException, token: str | None) -> None:
-    """The token masked in `exc`'s message, whatever part of what the source said it holds."""
-    if token and any(isinstance(a, str) and token in a for a in exc.args):
-        exc.args = tuple(a.replace(token, "***") if isinstance(a, str) else a for a in exc.args)
+    """The token masked in `exc`'s message, whatever part of what the source said it holds,
+    and any URL's user and password (an endpoint's, as botocore quotes it)."""
+    exc.args = tuple(redact(a, token) if isinstance(a, str) else a for a in exc.args)
 
 
 def _summary(command: str, r: DatasetResult) -> dict[str, Any]:
@@ -184,6 +186,20 @@ def _env_datasets() -> list[str]:
     """`NYC_COLLISIONS_DATASETS`: the datasets an event that names none runs."""
     raw = os.environ.get("NYC_COLLISIONS_DATASETS", "")
     return [n.strip() for n in raw.split(",") if n.strip()]
+
+
+def _event_datasets(value: object) -> list[str]:
+    """An event's `datasets`: a list of names or ids, or one string of them comma-separated
+    (as `NYC_COLLISIONS_DATASETS`); anything else is refused, naming the field."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UsageError(
+            f"the event's datasets must be a list of dataset names or ids, not {value!r}"[:200]
+        )
+    return [v.strip() for v in value if v.strip()]
 
 
 def _state_machine() -> str | None:
@@ -293,15 +309,25 @@ def _emit(function: str, command: str, updated: bool, lines: list[DatasetMetrics
 
 def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
     started = time.monotonic()
-    event = event or {}
     _configure_logging(None)
     tune_allocators()
-    token = app_token()
-    _configure_logging(token)
+    token = None
+    try:
+        token = app_token()
+        _configure_logging(token)
+        return _handle(event or {}, context, started, token)
+    except Exception as exc:
+        _mask(exc, token)  # its message is the invocation's errorMessage, outside our logs
+        raise
+
+
+def _handle(
+    event: dict[str, Any], context: Any, started: float, token: str | None
+) -> dict[str, Any]:
     command = str(event.get("command", "update"))
     if command not in ("update", "backfill"):
         raise ValueError(f"unknown command {command!r}: use update or backfill")
-    datasets = resolve_many(list(event.get("datasets") or _env_datasets()))
+    datasets = resolve_many(_event_datasets(event.get("datasets")) or _env_datasets())
     dest = os.environ.get("NYC_COLLISIONS_DEST")
     if not dest:
         raise UsageError("NYC_COLLISIONS_DEST is not set")
@@ -359,9 +385,8 @@ def handler(event: dict[str, Any] | None, context: Any) -> dict[str, Any]:
         # recorded): only an unfinished update or backfill is carried on now
         if command == "update" and not updated:
             summary["carried_on_by"] = _carry_on(datasets, asked, bool(event.get("loop")), machine)
-    except Exception as exc:
+    except Exception:
         logger.exception("%s failed", command)
-        _mask(exc, token)  # its message is the invocation's errorMessage, outside our logs
         raise
     finally:
         # completed: every dataset brought up to date (a reconcile the deadline stopped goes on

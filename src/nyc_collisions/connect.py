@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from . import settings
 from .errors import UsageError
+from .settings import MAX_IN_FLIGHT
 from .socrata.client import DEFAULT_BASE_URL, MAX_TIMEOUT, WIRES, RetryPolicy, SodaClient
 
 DEFAULT_RETRIES = 10
@@ -56,8 +57,12 @@ class SourceSettings:
                 "--workers fixes the requests in flight and --max-concurrency bounds the number "
                 "found at run time: give one of them"
             )
-        if max_concurrency is not None and not 1 <= max_concurrency <= 64:
-            raise UsageError(f"--max-concurrency must be from 1 to 64, not {max_concurrency}")
+        if max_concurrency is not None and not 1 <= max_concurrency <= MAX_IN_FLIGHT:
+            raise UsageError(
+                f"--max-concurrency must be from 1 to {MAX_IN_FLIGHT}, not {max_concurrency}"
+            )
+        if workers is not None and not 1 <= workers <= MAX_IN_FLIGHT:
+            raise UsageError(f"--workers must be from 1 to {MAX_IN_FLIGHT}, not {workers}")
         return SodaClient(
             self.url,
             wire=self.wire,

@@ -17,6 +17,7 @@ from .errors import RetriesStopped, UsageError, WaitStopped
 from .lease import Lease
 from .manifest import Manifest
 from .results import DatasetResult
+from .settings import MAX_IN_FLIGHT
 from .sink.formats import check_format
 from .sink.storage import Storage
 from .socrata.client import SodaClient
@@ -28,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50_000
 DEFAULT_FILE_ROWS = 500_000
+
+MAX_PAGE_ROWS = 10_000_000  # SODA 2.1 has no cap, but pages this large time out
+MAX_FILE_ROWS = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -46,12 +50,16 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         check_format(self.fmt)
-        if self.workers is not None and self.workers < 1:
-            raise UsageError(f"--workers must be at least 1, not {self.workers}")
-        if self.page_size < 1:
-            raise UsageError(f"--page-size must be a positive number of rows, not {self.page_size}")
-        if self.file_rows < 1:
-            raise UsageError(f"--file-rows must be positive, not {self.file_rows}")
+        if self.workers is not None and not 1 <= self.workers <= MAX_IN_FLIGHT:
+            raise UsageError(f"--workers must be from 1 to {MAX_IN_FLIGHT}, not {self.workers}")
+        if not 1 <= self.page_size <= MAX_PAGE_ROWS:
+            raise UsageError(
+                f"--page-size must be from 1 to {MAX_PAGE_ROWS:,} rows, not {self.page_size}"
+            )
+        if not 1 <= self.file_rows <= MAX_FILE_ROWS:
+            raise UsageError(
+                f"--file-rows must be from 1 to {MAX_FILE_ROWS:,}, not {self.file_rows}"
+            )
 
 
 class DatasetJob:

@@ -16,6 +16,7 @@ import click
 
 from .. import __version__
 from ..errors import CTRL_C_LINE, Interrupted, NycCollisionsError, UsageError
+from ..redact import redact
 from ..runtime import interrupted_status, tune_allocators
 from ..socrata.answers import CONTROLS
 
@@ -32,12 +33,18 @@ _CONTROLS = {c: r for c, r in CONTROLS.items() if chr(c) not in "\t\n"}
 
 
 def _masked(text: str) -> str:
-    """`text` with the app token masked, as set and as sent (without the space around it)."""
+    """`text` with the app token masked, as set and as sent (without the space around it) and
+    as a message may spell it (`redact`), and any URL's user and password."""
     raw = os.environ.get("SOCRATA_APP_TOKEN") or ""
-    for token in {raw, raw.strip()}:
-        if token:
-            text = text.replace(token, "***")
-    return text
+    if raw != raw.strip():
+        text = text.replace(raw, "***")
+    return redact(text, raw)
+
+
+def echo(text: str) -> None:
+    """Print to stdout (results, status) as `say` does to stderr: what the source or the store
+    said is in it."""
+    click.echo(_masked(text))
 
 
 def setup_logging(verbose: int) -> None:

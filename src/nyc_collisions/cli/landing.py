@@ -15,7 +15,7 @@ from ..datasets import resolve_many
 from ..extract import backfill
 from ..results import DatasetResult
 from ..sink.storage import open_storage
-from .app import handle_errors, main, setup_logging
+from .app import echo, handle_errors, main, setup_logging
 from .options import (
     LANDED_KEY_HELP,
     common,
@@ -218,10 +218,14 @@ def reconcile_cmd(
     results: list[DatasetResult] = []
     with source.client(workers, max_concurrency) as client:
         storage.check_writable()
-        for ds in resolve_many(list(datasets), key):
-            results.append(Reconcile(client, storage, ds, opts).run(stop))
-            if results[-1].status == "stopped":
-                break
+        try:
+            for ds in resolve_many(list(datasets), key):
+                results.append(Reconcile(client, storage, ds, opts).run(stop))
+                if results[-1].status == "stopped":
+                    break
+        except BaseException:
+            storage.discard_if_empty()  # nothing landed to reconcile: leave no folder behind
+            raise
     print_changes(results, started)
     _exit_if_stopped(results)
 
@@ -277,14 +281,18 @@ def compact_cmd(
     storage = open_storage(dest)
     run_options(file_rows=file_rows, started=started)  # checks --file-rows
     results: list[DatasetResult] = []
-    for ds in resolve_many(list(datasets)):
-        r = compact(
-            storage, ds, prune=prune, file_rows=file_rows, grace_hours=grace_hours, table=table
-        )
-        pruned = f", pruned {r.pruned_batches} batches" if prune else ""
-        click.echo(
-            f"{r.dataset}: compacted {r.rows:,} rows into {r.files} files{pruned} "
-            f"({r.seconds:,.1f}s) -> {r.location}"
-        )
-        results.append(r)
+    try:
+        for ds in resolve_many(list(datasets)):
+            r = compact(
+                storage, ds, prune=prune, file_rows=file_rows, grace_hours=grace_hours, table=table
+            )
+            pruned = f", pruned {r.pruned_batches} batches" if prune else ""
+            echo(
+                f"{r.dataset}: compacted {r.rows:,} rows into {r.files} files{pruned} "
+                f"({r.seconds:,.1f}s) -> {r.location}"
+            )
+            results.append(r)
+    except BaseException:
+        storage.discard_if_empty()  # nothing landed to compact: leave no folder behind
+        raise
     _exit_if_stopped(results)

@@ -15,7 +15,7 @@ from ..report import dataset_status, orphans
 from ..sink.storage import open_storage
 from ..source import DatasetSource
 from ..verify import columns_changed, verify
-from .app import handle_errors, main, setup_logging
+from .app import echo, handle_errors, main, setup_logging
 from .options import (
     LANDED_KEY_HELP,
     common,
@@ -46,7 +46,7 @@ def export_cmd(dataset: str, output: str, dest: str, verbose: int) -> None:
     setup_logging(verbose)
     started = time.monotonic()
     rows = export(dataset, output, dest)
-    click.echo(
+    echo(
         f"{resolve(dataset).name}: exported {rows:,} rows to {output} "
         f"in {time.monotonic() - started:,.1f}s"
     )
@@ -70,7 +70,7 @@ def status_cmd(
     with source.client(retries=min(source.retries, 3)) as client:
         out = [dataset_status(storage, client, ds) for ds in resolve_many(list(datasets))]
     if as_json:
-        click.echo(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+        echo(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
         return
     print_status(out)
 
@@ -109,18 +109,18 @@ def verify_cmd(
             changed = columns_changed(remote, landed)
             if changed:
                 ok = False
-                click.echo(changed)
+                echo(changed)
                 continue
             diff = verify(remote, landed, workers)
             if diff.ok:
-                click.echo(f"{ds.name}: OK: {diff.landed_rows:,} rows, keys match the source")
+                echo(f"{ds.name}: OK: {diff.landed_rows:,} rows, keys match the source")
                 continue
             ok = False
             print_mismatch(ds.name, landed.dataset.key, diff)
         if "crashes" in opened:
             for child in sorted(opened.keys() & {"persons", "vehicles"}):
                 o = orphans(opened["crashes"], opened[child])
-                click.echo(
+                echo(
                     f"{child}: {o.rows:,} rows refer to {o.collision_ids:,} "
                     f"collision_ids that are not in crashes (not an error: the source "
                     f"has some)" + (f"; e.g. {', '.join(o.sample)}" if o.rows else "")

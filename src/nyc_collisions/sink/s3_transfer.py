@@ -14,7 +14,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from ..daemon import DaemonCalls
-from ..errors import DestinationError
+from ..errors import DestinationError, UsageError
 
 if TYPE_CHECKING:
     from boto3.session import Session
@@ -76,8 +76,14 @@ def s3_client(
         connect_timeout=5 if guarded else 10,
         read_timeout=GUARDED_READ_TIMEOUT if guarded else 120,
     )
-    # clients of one session share its loaded service models (12 MiB a client less)
-    return (session or new_session()).client("s3", config=config)
+    try:
+        # clients of one session share its loaded service models (12 MiB a client less)
+        return (session or new_session()).client("s3", config=config)
+    except ValueError as exc:  # botocore's "Invalid endpoint: ..."
+        raise UsageError(
+            f"the S3 endpoint (AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3 or the profile's "
+            f"endpoint_url) is not a URL: {exc}"
+        ) from None
 
 
 GUARDED_READ_TIMEOUT = 20  # seconds: well under a quarter of the lease's default TTL (lease.py)

@@ -13,11 +13,12 @@ under a file lock (see `local.py`). `check_conditional` probes once that the sto
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from ..errors import UsageError
 
@@ -99,6 +100,10 @@ class Storage(Protocol):
         ...
 
 
+# what S3 (and botocore) take for a bucket name, legacy names with capitals and _ included
+_BUCKET = re.compile(r"[A-Za-z0-9._-]{1,255}")
+
+
 def open_storage(dest: str) -> Storage:
     """`s3://bucket/prefix` or a local path (`file://` allowed)."""
     from .local import LocalStorage
@@ -109,10 +114,17 @@ def open_storage(dest: str) -> Storage:
     if "://" in dest:
         parsed = urlparse(dest)
         if parsed.scheme == "s3":
-            if not parsed.netloc or parsed.query or parsed.fragment:
+            if not _BUCKET.fullmatch(parsed.netloc) or parsed.query or parsed.fragment:
                 raise UsageError(f"--dest {dest!r} is not s3://bucket/prefix")
             return S3Storage(parsed.netloc, parsed.path.strip("/"))
         if parsed.scheme == "file":
-            return LocalStorage(Path(parsed.path))
+            # file:///abs/path (or file://localhost/...): a host would be dropped, and the
+            # path land elsewhere (file://data/land is /land)
+            if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
+                raise UsageError(
+                    f"--dest {dest!r} is not a file URL of a folder: use file:///absolute/path "
+                    "or a plain path"
+                )
+            return LocalStorage(Path(unquote(parsed.path)))
         raise UsageError(f"--dest {dest!r}: use s3://bucket/prefix or a local folder")
     return LocalStorage(Path(dest))

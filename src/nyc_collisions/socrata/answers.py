@@ -16,6 +16,7 @@ import orjson
 from isal import isal_zlib
 
 from ..errors import BadResponse, DatasetNotFound, InvalidAppToken, SourceRejected
+from ..redact import redact, redact_bytes
 
 
 class Retryable(Exception):
@@ -36,9 +37,8 @@ def classify(
     status = response.status_code
     if status == 200:
         raise Retryable("html", "the source answered with an HTML page, not JSON")
-    if token:
-        body = body.replace(token.encode(), b"***")  # before the message is clipped
-    message = error_message(body)
+    body = redact_bytes(body, token)  # before the message is clipped
+    message = error_message(body, token)
     if status == 202 or status == 429 or status >= 500:
         if looks_like_html(response, body):
             message = "an HTML error page"
@@ -80,18 +80,20 @@ def clip(text: str, n: int = 300) -> str:
 CONTROLS = {c: "?" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}  # for str.translate
 
 
-def error_message(body: bytes) -> str:
-    """The server's message from either SODA error shape, or the clipped body."""
+def error_message(body: bytes, token: str | None = None) -> str:
+    """The server's message from either SODA error shape, or the clipped body; the app token
+    masked once the JSON is decoded too (its escapes may have spelled it otherwise)."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return clip(body.decode("utf-8", "replace"))
+        return clip(redact(body.decode("utf-8", "replace"), token))
     if isinstance(doc, dict):
         code = doc.get("code") or doc.get("errorCode")
         message = doc.get("message")
         if message:
-            return clip(f"{code}: {message}" if code and code not in message else str(message))
-    return clip(body.decode("utf-8", "replace"))
+            text = f"{code}: {message}" if code and code not in message else str(message)
+            return clip(redact(text, token))
+    return clip(redact(body.decode("utf-8", "replace"), token))
 
 
 def looks_like_html(response: httpx.Response, body: bytes) -> bool:

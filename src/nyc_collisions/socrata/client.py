@@ -39,6 +39,7 @@ from ..errors import (
     SourceUnavailable,
     UsageError,
 )
+from ..redact import redact
 from .answers import (
     MAX_DOCUMENT_BYTES,
     Retryable,
@@ -157,7 +158,7 @@ class SodaClient:
     def mask(self, text: str) -> str:
         """`text` with the app token masked: the source, or a proxy in front of it, may echo
         the request's headers in what it answers."""
-        return text.replace(self._token, "***") if self._token else text
+        return redact(text, self._token)
 
     def _same_origin(self, request: httpx.Request) -> None:
         """Before every request, redirects included: only to the source's own origin."""

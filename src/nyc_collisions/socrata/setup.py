@@ -57,6 +57,11 @@ def validate_base_url(base_url: str, *, allow_http: bool = False, name: str = "-
     try:
         url = httpx.URL(base_url)
     except (httpx.InvalidURL, TypeError) as exc:
+        if isinstance(base_url, str) and ("?" in base_url or "#" in base_url):
+            raise UsageError(
+                f"{name} is not a URL; give a base URL like https://data.cityofnewyork.us, "
+                "without a query (the app token goes in SOCRATA_APP_TOKEN)"
+            ) from None
         raise UsageError(f"{name} {base_url!r} is not a URL: {exc}") from None
     if url.userinfo:
         # never quoted: the URL carries a password; the source is open data, and the token
@@ -65,7 +70,13 @@ def validate_base_url(base_url: str, *, allow_http: bool = False, name: str = "-
             f"{name} has a user or password in it; give the source's URL without them (the app"
             " token goes in SOCRATA_APP_TOKEN)"
         )
-    if url.scheme not in ("http", "https") or not url.host or url.query or url.fragment:
+    if url.query or url.fragment:
+        # never quoted either: a query may carry the token (`$$app_token=`)
+        raise UsageError(
+            f"{name} has a query or fragment (?, #) in it; give a base URL like "
+            "https://data.cityofnewyork.us (the app token goes in SOCRATA_APP_TOKEN)"
+        )
+    if url.scheme not in ("http", "https") or not url.host or not 0 < (url.port or 1) < 65536:
         raise UsageError(
             f"{name} {base_url!r} is not a base URL like https://data.cityofnewyork.us"
         )
