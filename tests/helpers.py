@@ -101,6 +101,7 @@ def read_export_table(path: Path) -> pa.Table:
     if path.suffix == ".csv":
         table = pacsv.read_csv(
             path,
+            read_options=pacsv.ReadOptions(block_size=128 << 20),  # rows of up to 64 MiB whole
             parse_options=pacsv.ParseOptions(newlines_in_values=True),
             convert_options=pacsv.ConvertOptions(
                 strings_can_be_null=True,

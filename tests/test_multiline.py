@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -50,7 +51,10 @@ def _same_rows(export: Path, files: list[Path], key: str) -> None:
     equal to the source), every value as its text, with the options README gives."""
     want = _by_key(read_export_table(export), key)
     paths = ", ".join(f"'{p}'" for p in files)
-    query = f"SELECT * FROM read_csv([{paths}], all_varchar = true, allow_quoted_nulls = false)"
+    query = (
+        f"SELECT * FROM read_csv([{paths}], all_varchar = true, allow_quoted_nulls = false, "
+        f"max_line_size = {64 * MIB})"
+    )
     assert _by_key(duckdb.sql(query).to_arrow_table(), key).equals(want)
     frame = pd.concat(
         [pd.read_csv(p, dtype=str, keep_default_na=False, na_values=[""]) for p in files],
@@ -75,6 +79,26 @@ def test_multiline_values_in_landed_files_of_several_blocks(tmp_path: Path) -> N
         (file,) = _landed_csv(dest, "persons")
         assert file.stat().st_size >= max(40 * MIB, 4 * formats.READ_BLOCK_BYTES)
         exact(srv, str(dest), "persons", tmp_path)
+    _same_rows(tmp_path / "export-persons.csv", [file], KEYS[PERSONS])
+
+
+def test_a_value_of_several_mib_reads_back_by_the_documented_rules(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A text value of a few MiB on many lines (rows up to 64 MiB land): export equals the
+    source, and DuckDB and pandas read the landed file with the options README gives (DuckDB's
+    own bound on a row is 2 MB unless raised)."""
+    from tests.fake_soda import hostile
+
+    big = 'witness statement, "quoted", line\n' * 100_000  # 3.4 MB
+    monkeypatch.setattr(hostile, "VALUES", (big, ""))
+    monkeypatch.setattr(hostile, "_WEIGHTS", np.array([0.5, 0.5]))
+    dest = tmp_path / "land"
+    with FakeSoda(sizes={PERSONS: 40}, seed=3, hostile_text=True) as srv:
+        _backfill(srv, str(dest), "persons")
+        exact(srv, str(dest), "persons", tmp_path)
+    (file,) = _landed_csv(dest, "persons")
+    assert big.encode() in file.read_bytes().replace(b'""', b'"')
     _same_rows(tmp_path / "export-persons.csv", [file], KEYS[PERSONS])
 
 
