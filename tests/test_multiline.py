@@ -274,3 +274,69 @@ def test_a_landed_row_longer_than_a_read_block_reads_back(monkeypatch: pytest.Mo
         back = pa.concat_tables(list(read_text_batches("csv", SlowFile(data), _schema())))
         assert back.column("socrata_id").to_pylist() == [r["socrata_id"] for r in rows]
         assert back.column("borough").to_pylist() == [r["borough"] for r in rows]
+
+
+def _landed_bytes(values: list[str]) -> bytes:
+    """A landed CSV file of crashes' two first columns (and the system fields) with `values`
+    as the borough."""
+    out = io.BytesIO()
+    enc = CsvEncoder(out, _TWO)
+    n = len(values)
+    cols = {
+        "borough": values,
+        "collision_id": [str(i) for i in range(n)],
+        "socrata_id": [f"row-{i:05d}" for i in range(n)],
+        "socrata_created_at": [None] * n,
+        "socrata_updated_at": [None] * n,
+    }
+    enc.write(pa.table(cols, schema=_TWO.text_schema()))
+    enc.close()
+    return out.getvalue()
+
+
+_TWO = Schema.from_metadata(
+    KNOWN["crashes"],
+    {
+        "columns": [
+            {"fieldName": "borough", "dataTypeName": "text", "position": 1},
+            {"fieldName": "collision_id", "dataTypeName": "number", "position": 2},
+        ]
+    },
+)
+
+
+def test_a_crlf_value_split_by_a_read_block_reads_back_whole() -> None:
+    """Short rows and one value `windows\\r\\nline break` placed so that its `\\r` is the
+    last byte of the reader's first block (Arrow's streaming reader drops the `\\n` of a quoted
+    `\\r\\n` split between two blocks)."""
+    block = formats.READ_BLOCK_BYTES
+    values = [f"plain value {i}" for i in range(block // 40)]
+    for pad in range(200):
+        values[0] = "y" * pad
+        data = _landed_bytes(values)
+        row = data.count(b"\n", 0, data.rfind(b"\n", 0, block - 1))  # the row holding block-1
+        trial = list(values)
+        trial[row] = "windows\r\nline break"
+        data = _landed_bytes(trial)
+        if data[block - 1 : block + 1] == b"\r\n":
+            break
+    else:
+        pytest.fail("no padding puts the value's \\r at the block's end")
+    got = pa.concat_tables(list(read_text_batches("csv", io.BytesIO(data), _TWO)))
+    assert got.column("borough").to_pylist() == trial
+
+
+def test_export_keeps_crlf_values_a_read_block_splits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """persons with hostile text landed as CSV, the read block set to end on the `\\r` of a
+    `\\r\\n` inside a value (where a block ends is a matter of the data): export (and so
+    compact, read and the table, which read alike) equals the source."""
+    dest = tmp_path / "land"
+    with FakeSoda(sizes={PERSONS: 3000}, seed=3, hostile_text=True) as srv:
+        _backfill(srv, str(dest), "persons", "--format", "csv")
+        (file,) = _landed_csv(dest, "persons")
+        at = file.read_bytes().find(b"\r\n", 200_000)  # landed rows end in `\n`: a value's
+        assert at > 0
+        monkeypatch.setattr(formats, "READ_BLOCK_BYTES", at + 1)
+        exact(srv, str(dest), "persons", tmp_path)

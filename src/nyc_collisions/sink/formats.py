@@ -128,11 +128,23 @@ class _Span(io.RawIOBase):
         return True
 
     def readinto(self, b: Any) -> int:
+        """Read as a file does, but never end on a `\r` (a read is one of Arrow's blocks, and
+        Arrow drops the `\n` of a quoted `\r\n` split between two blocks): that byte is left
+        to the next read."""
+        view = memoryview(b).cast("B")
         with self._lock:
             if self._ended:
                 return 0
             self._source.seek(self._pos)
-            n = self._source.readinto(b) or 0  # type: ignore[attr-defined]
+            n = self._source.readinto(view) or 0  # type: ignore[attr-defined]
+            while n and view[n - 1] == 0x0D:  # \r
+                if n > 1:
+                    n -= 1
+                    break
+                more = self._source.readinto(view[n:]) or 0  # type: ignore[attr-defined]
+                if not more:  # the file ends on it
+                    break
+                n += more
             self._pos += n
         return n
 
