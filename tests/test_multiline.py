@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pytest
 
 from nyc_collisions.datasets import KNOWN
+from nyc_collisions.pages import CsvPageStream
 from nyc_collisions.schema import Schema
 from nyc_collisions.sink import formats
 from nyc_collisions.sink.formats import CsvEncoder, read_text_batches
@@ -340,3 +341,21 @@ def test_export_keeps_crlf_values_a_read_block_splits(
         assert at > 0
         monkeypatch.setattr(formats, "READ_BLOCK_BYTES", at + 1)
         exact(srv, str(dest), "persons", tmp_path)
+
+
+MANY_LINES = 'line, "q"\n' * 300_000  # 3 MB on 300,000 lines
+
+
+def test_a_csv_page_of_values_on_many_lines_is_cut_at_its_rows_ends() -> None:
+    """A CSV page of 30 rows, each with a 3 MB value of 300,000 lines (no row near the 64 MiB a
+    row may have), fed in 1 MiB pieces: every row comes out, each byte looked at once."""
+    head = b'"borough","collision_id",":id",":created_at",":updated_at"\n'
+    quoted = b'"' + MANY_LINES.replace('"', '""').encode() + b'"'
+    rows = [quoted + b',"%d","row-%05d",,"2024-01-01T00:00:00.000Z"\n' % (i, i) for i in range(30)]
+    body = head + b"".join(rows)
+    got: list[pa.Table] = []
+    page = CsvPageStream(_TWO, got.append)
+    for i in range(0, len(body), MIB):
+        page.feed(body[i : i + MIB])
+    assert page.finish() == 30
+    assert pa.concat_tables(got).column("borough").to_pylist() == [MANY_LINES] * 30

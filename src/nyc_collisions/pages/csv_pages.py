@@ -58,15 +58,17 @@ class CsvPageStream(Stream):
         self._numbers = [c.name for c in schema.columns if c.data_type == "number"]
         self._number_fields = [c.field_name for c in schema.columns if c.data_type == "number"]
         self._pass_through = False
+        self._ends = RowEnds()
 
     def feed(self, chunk: bytes) -> None:
         self._buf += chunk
         if self._header is None and not self._read_header():
             return
+        cut = self._ends.scan(self._buf)
         if len(self._buf) >= stream.PIECE_BYTES:
-            cut = _row_end(self._buf)
             if cut > 0:
                 piece, self._buf = split(self._buf, cut + 1, 0)
+                self._ends.cut(cut + 1)
                 self._parse(piece)
             self._bounded()
 
@@ -180,18 +182,32 @@ class CsvPageStream(Stream):
 _CSV_PARSE = pacsv.ParseOptions(newlines_in_values=True)
 
 
-def _row_end(buf: bytearray, tries: int = 64) -> int:
-    """Index of the last `\n` that ends a row (an even number of quotes before it), or -1."""
-    cut = buf.rfind(b"\n")
-    if cut < 0:
-        return -1
-    quotes = np.frombuffer(buf, np.uint8, count=cut) == ord('"')  # counted in bulk by numpy
-    while cut >= 0 and tries:
-        if np.count_nonzero(quotes[:cut]) % 2 == 0:
-            return cut
-        cut = buf.rfind(b"\n", 0, cut)
-        tries -= 1
-    return -1
+class RowEnds:
+    """Where rows end in a buffer that grows at its end and is cut at a row's end: each byte is
+    looked at once, however many lines a value spans (a `\n` ends a row when an even number of
+    quotes comes before it)."""
+
+    def __init__(self) -> None:
+        self._seen = 0  # bytes of the buffer looked at
+        self._odd = 0  # whether an odd number of quotes is in them
+        self._last = -1  # the last row end in them
+
+    def scan(self, buf: bytearray) -> int:
+        """Index of the last `\n` in `buf` that ends a row, or -1."""
+        new = np.frombuffer(buf, np.uint8)[self._seen :]  # counted in bulk by numpy
+        if len(new):
+            odd = np.bitwise_xor.accumulate(new == ord('"')) ^ bool(self._odd)
+            ends = np.flatnonzero((new == ord("\n")) & ~odd)
+            if len(ends):
+                self._last = self._seen + int(ends[-1])
+            self._odd = int(odd[-1])
+            self._seen = len(buf)
+        return self._last
+
+    def cut(self, n: int) -> None:
+        """The buffer's first `n` bytes, up to and with the last row end, were taken off."""
+        self._seen -= n
+        self._last = -1
 
 
 def plain_numbers(values: pa.ChunkedArray) -> pa.ChunkedArray:
