@@ -886,3 +886,22 @@ def test_storages_opened_one_after_another_share_one_loader_that_does_not_grow()
     for _ in range(20):
         new_session()
     assert _service_models().search_paths == before
+
+
+def test_a_fraction_in_a_whole_number_column_names_the_way_to_land_it() -> None:
+    """persons' `person_age` is a `number` that DATASETS.md has as whole numbers, typed int64
+    in Parquet and the table: a fraction the source's type allows stops that typing in one
+    error naming the column, the value and the format that keeps it (landed CSV)."""
+    meta = {
+        "columns": [
+            {"fieldName": "unique_id", "dataTypeName": "number", "position": 1},
+            {"fieldName": "person_age", "dataTypeName": "number", "position": 2},
+        ]
+    }
+    schema = Schema.from_metadata(KNOWN["persons"], meta)
+    text = {n: pa.array([None], pa.string()) for n in schema.names}
+    text["person_age"] = pa.array(["56.5"])
+    with pytest.raises(SchemaError, match="person_age") as caught:
+        schema.to_typed(pa.table(text, schema=schema.text_schema()))
+    assert "56.5" in str(caught.value)
+    assert "--format csv" in str(caught.value)
