@@ -3,6 +3,7 @@ a URL spells it, and the user and password of an S3 endpoint's URL (README: "Sec
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -10,9 +11,12 @@ import pytest
 
 from nyc_collisions import aws
 from nyc_collisions.errors import NycCollisionsError
+from nyc_collisions.redact import redact
 from tests.conftest import GOOD_TOKEN
 from tests.fake_soda import FakeSoda
 from tests.helpers import cli
+
+TOKEN = "Zq8mT3vLx2N9pRk4Wd7Hs1Yc6"  # an app token's shape: 25 letters and digits
 
 
 def _closed_port() -> int:
@@ -90,3 +94,110 @@ def test_status_never_prints_a_token_the_source_echoes_json_escaped(tmp_path: Pa
             )  # fmt: skip
             assert "rejected X-App-Token" in res.text, res.text
             assert token not in res.text, res.text
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_status_never_shows_part_of_a_token_the_source_echoes_in_a_count(
+    tmp_path: Path, as_json: bool
+) -> None:
+    """What the source sent for a count is quoted clipped to 60 characters: a token the clip
+    would cut is masked whole before, so no part of it goes out on stdout (status) or in
+    errors."""
+    echoed = "x" * 45 + TOKEN  # the token starts at 45: the clip at 60 keeps 15 of its 25
+    body = json.dumps([{"n": echoed}])
+    with FakeSoda(sizes={"h9gi-nx95": 50}, seed=5, tokens=(TOKEN,)) as srv:
+        srv.add_fault("body", times=None, match="count", status=200, body=body)
+        args = ["status", "crashes", "--source", srv.url, "--dest", str(tmp_path / "land")]
+        res = cli(
+            *args, *(["--json"] if as_json else []),
+            env={"SOCRATA_APP_TOKEN": TOKEN, "NYC_COLLISIONS_RETRIES": "1"},
+        )  # fmt: skip
+    assert "not a count" in res.text, res.text
+    assert TOKEN[:12] not in res.text, res.text
+
+
+def test_an_aggregate_answer_clipped_inside_the_token_leaves_no_part_of_it(
+    tmp_path: Path,
+) -> None:
+    """An unexpected aggregate answer is quoted clipped to 300 characters: a token across the
+    clip leaves no part of it."""
+    rows = [{"n": "1"}, {"echo": "y" * 265 + TOKEN}]  # str(rows) puts the token at ~287
+    prefix = str(rows).index(TOKEN)
+    assert prefix < 300 < prefix + len(TOKEN)
+    with FakeSoda(sizes={"h9gi-nx95": 50}, seed=5, tokens=(TOKEN,)) as srv:
+        srv.add_fault("body", times=None, match="count", status=200, body=json.dumps(rows))
+        res = cli(
+            "status", "crashes", "--json", "--source", srv.url, "--dest", str(tmp_path / "land"),
+            env={"SOCRATA_APP_TOKEN": TOKEN, "NYC_COLLISIONS_RETRIES": "1"},
+        )  # fmt: skip
+    assert "unexpected aggregate answer" in res.text, res.text
+    assert TOKEN[:8] not in res.text, res.text
+
+
+@pytest.mark.parametrize(
+    "password",
+    [
+        "Ep'S3cretPw",  # `'` is a sub-delim: legal in userinfo unencoded
+        "Ep@S3cretPw",  # an unencoded `@`: urllib (and botocore) split at the last one
+    ],
+)
+def test_an_endpoints_password_with_a_quote_or_at_sign_is_masked(password: str) -> None:
+    """botocore's 'Could not connect to the endpoint URL: "http://user:pw@host/..."'."""
+    said = f'Could not connect to the endpoint URL: "http://minio:{password}@10.0.0.5:9000/bkt"'
+    shown = redact(said, None)
+    assert "S3cretPw" not in shown, shown
+
+
+def test_the_lambdas_response_masks_what_its_logs_mask(
+    soda_ro: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The summary the handler returns (the invocation's result, seen by Step Functions and
+    whoever invokes it) is masked as its logs are: a table error quoting an S3-compatible
+    endpoint with its credentials comes back without them."""
+    from nyc_collisions import aws, daily
+    from tests.conftest import GOOD_TOKEN
+    from tests.helpers import Context
+
+    dest = str(tmp_path / "land")
+    monkeypatch.setenv("SOCRATA_BASE_URL", soda_ro.url)
+    monkeypatch.setenv("NYC_COLLISIONS_DEST", dest)
+    monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
+    monkeypatch.setenv("SOCRATA_APP_TOKEN", GOOD_TOKEN)
+    assert cli("backfill", "crashes", "--source", soda_ro.url, "--dest", dest).code == 0
+    said = 'Could not connect to the endpoint URL: "http://minio:EpS3cretPw@127.0.0.1:9/bkt/x"'
+
+    class TableFails(daily.Update):
+        def run(self, stop: object) -> object:
+            result = super().run(stop)
+            result.table_error = said
+            return result
+
+    monkeypatch.setattr(daily, "Update", TableFails)
+    aws._token_cache.clear()
+    try:
+        response = aws.handler({"command": "update"}, Context(60))
+    finally:
+        aws._token_cache.clear()
+    assert redact(said, None) != said  # what the logs show of it
+    assert "EpS3cretPw" not in json.dumps(response), response
+
+
+@pytest.mark.parametrize("password", ["Ep'S3cretPw", "Ep@S3cretPw"])
+def test_cli_an_endpoints_password_with_a_quote_or_at_sign_is_not_echoed(
+    soda_ro: FakeSoda, monkeypatch: pytest.MonkeyPatch, password: str
+) -> None:
+    """As tests/test_secrets.py's endpoint test, with a password botocore takes as it is."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://minio:{password}@127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var, raising=False)
+    res = cli("backfill", "crashes", "--source", soda_ro.url, "--dest", "s3://bkt/x")
+    assert res.code == 1, res.text
+    assert "S3cretPw" not in res.text, res.text

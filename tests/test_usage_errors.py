@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from nyc_collisions import aws
-from nyc_collisions.errors import NycCollisionsError
+from nyc_collisions.errors import NycCollisionsError, UsageError
+from nyc_collisions.socrata.setup import validate_base_url
 from tests.fake_soda import FakeSoda
 from tests.helpers import cli
 from tests.test_bad_input import nothing_committed, one_line_error
@@ -160,3 +161,58 @@ def test_a_source_port_out_of_range_is_a_usage_error(tmp_path: Path) -> None:
     one_line_error(res.err, "--source")
     assert res.code == 2, res.text
     assert not (tmp_path / "land").exists()
+
+
+def test_a_source_url_with_port_zero_is_refused() -> None:
+    """Port 0 is no port a source listens on."""
+    with pytest.raises(UsageError):
+        validate_base_url("https://data.cityofnewyork.us:0")
+
+
+@pytest.mark.parametrize(
+    "url", ["https://data.cityofnewyork.us?", "https://data.cityofnewyork.us/?"]
+)
+def test_a_source_url_with_an_empty_query_is_refused(url: str) -> None:
+    """A bare `?` is a query too: kept, every request would go to `{url}/api/...`, a query,
+    and the source answer 404 for all."""
+    with pytest.raises(UsageError):
+        validate_base_url(url)
+
+
+def test_a_file_url_whose_path_decodes_to_a_nul_is_a_usage_error(tmp_path: Path) -> None:
+    """A file URL's path is percent-decoded: one that decodes to a NUL names no folder."""
+    res = cli("compact", "crashes", "--dest", f"file://{tmp_path}/land%00x")
+    assert res.code == 2, res.text
+    assert "unexpected" not in res.text, res.text
+
+
+def test_export_to_the_home_of_a_user_that_does_not_exist_is_a_usage_error(
+    tmp_path: Path,
+) -> None:
+    """`~nosuchuser/...` names no home folder: a usage error, not an unforeseen one."""
+    res = cli("export", "crashes", "--output", "~nosuchuser-rev5/x.csv", "--dest", str(tmp_path))
+    assert "unexpected" not in res.text, res.text
+
+
+def test_a_file_url_with_a_query_or_fragment_is_refused_as_an_s3_one_is(tmp_path: Path) -> None:
+    """As `s3://bucket/p?x`, a file URL with a query or fragment is refused: dropped, it would
+    move the destination (a `#` in a folder name written unencoded)."""
+    from nyc_collisions.sink.storage import open_storage
+
+    for dest in (f"file://{tmp_path}/run#2", f"file://{tmp_path}/land?x=1"):
+        with pytest.raises(UsageError):
+            open_storage(dest)
+
+
+def test_a_bad_region_is_not_called_a_bad_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mistyped AWS_DEFAULT_REGION (no endpoint set at all) is a usage error that names the
+    region, not one blaming the endpoint alone."""
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
+    for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+        monkeypatch.delenv(var, raising=False)
+    res = cli("status", "crashes", "--dest", "s3://bkt/x")
+    one_line_error(res.err, "us east-1")
+    assert "REGION" in res.err, res.text
+    assert res.code == 2, res.text

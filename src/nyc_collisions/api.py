@@ -128,7 +128,10 @@ def export(dataset: str, output: str | Path, dest: str | None = None) -> int:
             f"--output {str(output)!r}: export writes a local file; write it here, then copy "
             "it (aws s3 cp)"
         )
-    out = Path(output).expanduser()
+    try:
+        out = Path(output).expanduser()
+    except RuntimeError as exc:  # ~user of no user
+        raise UsageError(f"--output {str(output)!r}: {exc}") from None
     suffix = out.suffix.lower()
     if suffix not in (".csv", ".parquet"):
         raise UsageError(f"--output {str(output)!r}: the name must end in .csv or .parquet")

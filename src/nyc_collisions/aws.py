@@ -403,6 +403,7 @@ def _handle(
     )
     text = orjson.dumps(summary).decode()
     logger.info("done %s", text)
-    if token and token in text:  # column names and table errors come from the source
-        summary = orjson.loads(text.replace(token, "***"))
+    masked = redact(text, token)  # column names and table errors come from the source
+    if masked != text:
+        summary = orjson.loads(masked)
     return summary

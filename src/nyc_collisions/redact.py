@@ -8,8 +8,17 @@ from urllib.parse import quote, quote_plus
 
 MASK = "***"
 
-# scheme://user:password@ -- what botocore and httpx quote of an endpoint or a proxy
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@'\"<>]*@")
+# scheme://user:password@ -- what botocore and httpx quote of an endpoint or a proxy (to the
+# last @ before the host: a password may hold @ and ')
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s\"<>]*@")
+_KNOWN: set[str] = set()  # the tokens this process sends (`remember`)
+
+
+def remember(token: str | None) -> None:
+    """Mask `token` in everything `redact` and `clip` see from now on (a client sending it)."""
+    token = (token or "").strip()
+    if token:
+        _KNOWN.add(token)
 
 
 def token_forms(token: str | None) -> list[str]:
@@ -22,15 +31,19 @@ def token_forms(token: str | None) -> list[str]:
     return sorted(forms, key=len, reverse=True)
 
 
-def redact(text: str, token: str | None) -> str:
-    """`text` with the token masked in each of its forms, and any URL's user and password."""
-    for form in token_forms(token):
-        text = text.replace(form, MASK)
+def redact(text: str, token: str | None = None) -> str:
+    """`text` with the token (and each one remembered) masked in each of its forms, and any
+    URL's user and password."""
+    for known in {token, *_KNOWN}:
+        for form in token_forms(known):
+            text = text.replace(form, MASK)
     return _USERINFO.sub(rf"\1{MASK}@", text)
 
 
-def redact_bytes(body: bytes, token: str | None) -> bytes:
-    """`body` with the token masked in each of its forms (before a message is cut from it)."""
-    for form in token_forms(token):
-        body = body.replace(form.encode(), MASK.encode())
+def redact_bytes(body: bytes, token: str | None = None) -> bytes:
+    """`body` with the token (and each one remembered) masked in each of its forms (before a
+    message is cut from it)."""
+    for known in {token, *_KNOWN}:
+        for form in token_forms(known):
+            body = body.replace(form.encode(), MASK.encode())
     return body

@@ -185,8 +185,9 @@ class Schema:
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
                 raise SchemaError(
                     f"column {column.field_name!r} ({column.data_type}) holds a value that is "
-                    f"not {target}, the type Parquet and the table give it ({exc}); landed CSV "
-                    "keeps every value as the source wrote it (--format csv, without --table)"
+                    f"not {target}, the type Parquet and the table give it ({exc}); CSV keeps "
+                    "every value as the source wrote it (land with --format csv and no --table, "
+                    "export to .csv)"
                 ) from exc
         return pa.Table.from_arrays(arrays, schema=self.typed_schema())
 

@@ -82,7 +82,7 @@ class DatasetSource:
         except ValueError:
             count = -1
         if not 0 <= count < 2**63:  # what a count can be, and what files and records hold
-            shown = self.client.mask(clip(str(value), 60))
+            shown = clip(self.client.mask(str(value)), 60)
             raise BadResponse(
                 f"{self.dataset.dataset_id}: the source's count is {shown}, not a count"
             )

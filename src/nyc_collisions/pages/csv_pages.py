@@ -64,8 +64,8 @@ class CsvPageStream(Stream):
         self._buf += chunk
         if self._header is None and not self._read_header():
             return
-        cut = self._ends.scan(self._buf)
         if len(self._buf) >= stream.PIECE_BYTES:
+            cut = self._ends.scan(self._buf)
             if cut > 0:
                 piece, self._buf = split(self._buf, cut + 1, 0)
                 self._ends.cut(cut + 1)
@@ -183,31 +183,58 @@ _CSV_PARSE = pacsv.ParseOptions(newlines_in_values=True)
 
 
 class RowEnds:
-    """Where rows end in a buffer that grows at its end and is cut at a row's end: each byte is
-    looked at once, however many lines a value spans (a `\n` ends a row when an even number of
-    quotes comes before it)."""
+    """Where rows end in a buffer that grows at its end and is cut at a row's end (a `\n` ends
+    a row when an even number of quotes comes before it).
+
+    The last few line breaks are tried first (one pass over the buffer: rows of a line or a
+    few); when none ends a row (values of many lines), every line break is placed, looking at
+    each byte once until the next cut however many lines a value spans."""
+
+    QUICK_TRIES = 64
 
     def __init__(self) -> None:
-        self._seen = 0  # bytes of the buffer looked at
+        self._seen = 0  # bytes of the buffer placed (0: the quick way first)
         self._odd = 0  # whether an odd number of quotes is in them
         self._last = -1  # the last row end in them
 
     def scan(self, buf: bytearray) -> int:
         """Index of the last `\n` in `buf` that ends a row, or -1."""
+        if not self._seen:
+            cut = _last_row_end(buf, self.QUICK_TRIES)
+            if cut >= 0:
+                return cut
         new = np.frombuffer(buf, np.uint8)[self._seen :]  # counted in bulk by numpy
         if len(new):
-            odd = np.bitwise_xor.accumulate(new == ord('"')) ^ bool(self._odd)
-            ends = np.flatnonzero((new == ord("\n")) & ~odd)
+            quotes = np.flatnonzero(new == ord('"'))
+            breaks = np.flatnonzero(new == ord("\n"))
+            # quotes before each line break, with those before the new bytes: even ends a row
+            odd = (np.searchsorted(quotes, breaks) + self._odd) & 1
+            ends = breaks[odd == 0]
             if len(ends):
                 self._last = self._seen + int(ends[-1])
-            self._odd = int(odd[-1])
+            self._odd = (self._odd + len(quotes)) & 1
             self._seen = len(buf)
         return self._last
 
     def cut(self, n: int) -> None:
-        """The buffer's first `n` bytes, up to and with the last row end, were taken off."""
-        self._seen -= n
+        """The buffer's first `n` bytes, up to and with a row end, were taken off: the rest
+        starts a row, and is looked at the quick way first again."""
+        self._seen = self._odd = 0
         self._last = -1
+
+
+def _last_row_end(buf: bytearray, tries: int) -> int:
+    """Index of the last `\n` that ends a row among the last `tries` line breaks, or -1."""
+    cut = buf.rfind(b"\n")
+    if cut < 0:
+        return -1
+    quotes = np.frombuffer(buf, np.uint8, count=cut) == ord('"')  # counted in bulk by numpy
+    while cut >= 0 and tries:
+        if np.count_nonzero(quotes[:cut]) % 2 == 0:
+            return cut
+        cut = buf.rfind(b"\n", 0, cut)
+        tries -= 1
+    return -1
 
 
 def plain_numbers(values: pa.ChunkedArray) -> pa.ChunkedArray:

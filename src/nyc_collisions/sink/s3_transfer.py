@@ -79,10 +79,10 @@ def s3_client(
     try:
         # clients of one session share its loaded service models (12 MiB a client less)
         return (session or new_session()).client("s3", config=config)
-    except ValueError as exc:  # botocore's "Invalid endpoint: ..."
+    except ValueError as exc:  # botocore's "Invalid endpoint: ...", an invalid region
         raise UsageError(
-            f"the S3 endpoint (AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3 or the profile's "
-            f"endpoint_url) is not a URL: {exc}"
+            f"the S3 client's settings are not valid ({exc}): check AWS_ENDPOINT_URL (or "
+            "AWS_ENDPOINT_URL_S3), AWS_REGION (or AWS_DEFAULT_REGION) and the profile"
         ) from None
 
 

@@ -120,11 +120,18 @@ def open_storage(dest: str) -> Storage:
         if parsed.scheme == "file":
             # file:///abs/path (or file://localhost/...): a host would be dropped, and the
             # path land elsewhere (file://data/land is /land)
-            if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
+            path = unquote(parsed.path)
+            if (
+                parsed.netloc.lower() not in ("", "localhost")
+                or not path.startswith("/")
+                or parsed.query
+                or parsed.fragment
+                or "\0" in path
+            ):
                 raise UsageError(
                     f"--dest {dest!r} is not a file URL of a folder: use file:///absolute/path "
                     "or a plain path"
                 )
-            return LocalStorage(Path(unquote(parsed.path)))
+            return LocalStorage(Path(path))
         raise UsageError(f"--dest {dest!r}: use s3://bucket/prefix or a local folder")
     return LocalStorage(Path(dest))

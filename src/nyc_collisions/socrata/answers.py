@@ -72,8 +72,8 @@ def retry_after(response: httpx.Response) -> float | None:
 def clip(text: str, n: int = 300) -> str:
     """What the source said, fit for one line of a terminal: whitespace collapsed, control
     characters (escape sequences that would move the cursor or retitle the window) as `?`, at
-    most `n` characters."""
-    text = " ".join(text.split()).translate(CONTROLS)
+    most `n` characters; the app token masked before it is cut (a part of it would show)."""
+    text = " ".join(redact(text).split()).translate(CONTROLS)
     return text if len(text) <= n else text[:n] + "…"
 
 

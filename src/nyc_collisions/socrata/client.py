@@ -39,7 +39,7 @@ from ..errors import (
     SourceUnavailable,
     UsageError,
 )
-from ..redact import redact
+from ..redact import redact, remember
 from .answers import (
     MAX_DOCUMENT_BYTES,
     Retryable,
@@ -140,7 +140,8 @@ class SodaClient:
         app_token = check_app_token(app_token)
         if app_token:
             headers["X-App-Token"] = app_token
-        self._token = app_token  # masked in whatever the source says (`mask`)
+        self._token = app_token  # masked in whatever the source says (`mask`, `clip`)
+        remember(app_token)
         self._http = httpx.Client(
             base_url=self.base_url,
             headers=headers,

@@ -70,13 +70,14 @@ def validate_base_url(base_url: str, *, allow_http: bool = False, name: str = "-
             f"{name} has a user or password in it; give the source's URL without them (the app"
             " token goes in SOCRATA_APP_TOKEN)"
         )
-    if url.query or url.fragment:
+    if url.query or url.fragment or "?" in base_url or "#" in base_url:
         # never quoted either: a query may carry the token (`$$app_token=`)
         raise UsageError(
             f"{name} has a query or fragment (?, #) in it; give a base URL like "
             "https://data.cityofnewyork.us (the app token goes in SOCRATA_APP_TOKEN)"
         )
-    if url.scheme not in ("http", "https") or not url.host or not 0 < (url.port or 1) < 65536:
+    port_ok = url.port is None or 0 < url.port < 65536
+    if url.scheme not in ("http", "https") or not url.host or not port_ok:
         raise UsageError(
             f"{name} {base_url!r} is not a base URL like https://data.cityofnewyork.us"
         )
