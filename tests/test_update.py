@@ -382,3 +382,39 @@ def test_a_source_emptied_by_deletions_lags_until_the_reconcile(
     assert after["rows"] == 0, after
     assert after["agree"], after
     assert after["lag_seconds"] == 0, after
+
+
+def test_an_update_resuming_a_stopped_snapshot_lands_the_rows_changed_since_it_began(
+    tmp_path: Path,
+) -> None:
+    """An update that lands a fresh snapshot by resuming a stopped `backfill --force` holds the
+    source as that run began; rows inserted since, with `:id`s below where its ranges had
+    landed, are landed by the same update (found by a kill soak)."""
+    sizes = {NAMES["crashes"]: 3000, NAMES["persons"]: 10, NAMES["vehicles"]: 10}
+    latency = Latency(base=0.2, per_row=0.0, per_skipped=0.0, max_concurrent=3)
+    with FakeSoda(sizes=sizes, seed=3, latency=latency) as srv:
+        common = ["crashes", "--source", srv.url, "--page-size", "100", "--file-rows", "200"]
+        for budget in (0.8, 1.6, 3.2, 6.4):
+            dest = tmp_path / f"land-{budget}"
+            res = cli("backfill", *common, "--dest", str(dest))
+            assert res.code == 0, res.text
+            srv.replace(NAMES["crashes"])  # every row changed: the next update lands a snapshot
+            # a new snapshot, stopped (as a kill would) after some files and before the end
+            first = cli(
+                "backfill", *common, "--force", "--dest", str(dest), "--max-seconds", str(budget)
+            )
+            assert first.code in (0, 3), first.text
+            parts = list(dest.glob("crashes/runs/*/parts/*.json"))
+            if first.code == 3 and sum(json.loads(p.read_bytes())["rows"] for p in parts):
+                break
+        else:
+            raise AssertionError("no budget stopped the backfill after a committed file")
+        # the source changes after that run began: inserted rows get `:id`s all over the range,
+        # so some fall below where the stopped run's partitions have already landed
+        srv.insert(NAMES["crashes"], 200)
+        res = cli("update", *common, "--dest", str(dest))
+        assert res.code == 0, res.text
+        assert "landed a fresh snapshot" in res.out, res.out
+        assert "resumed run" in res.out, res.out
+        # the update exited 0: the current state must hold every row the source had when it began
+        exact(srv, str(dest), "crashes", tmp_path)

@@ -152,10 +152,12 @@ class Update(DatasetJob):
         change = drift(landed, self.source)
         if change is not None:
             land_new_columns(self, change, stop, result, fmt)
+            self._catch_up(latest.result(), fmt, stop, result)
             return
         until = latest.result()
         if until is not None and self._refresh_instead(landed, watermark, until, result):
             land_fresh(self, stop, result, fmt)
+            self._catch_up(until, fmt, stop, result)
             return
         try:
             self._changes(landed, watermark, until, fmt, stop, result)
@@ -166,6 +168,25 @@ class Update(DatasetJob):
             if change is None:
                 raise
             land_new_columns(self, change, stop, result, fmt)
+
+    def _catch_up(
+        self, until: str | None, fmt: str, stop: threading.Event, result: DatasetResult
+    ) -> None:
+        """After a fresh snapshot that resumed a run begun earlier (it holds the source as of
+        that run's start): land the rows changed since, up to `until`, as a batch of changes,
+        so that the update reaches what it set out to."""
+        if result.resumed is None or result.status == "stopped" or until is None:
+            return
+        more = DatasetResult(self.dataset.name, self.status, location=result.location)
+        landed = open_for_job(self.state, self.dataset)
+        self._changes(landed, landed.manifest.watermark or Watermark(EPOCH), until, fmt, stop, more)
+        result.rows, result.files = result.rows + more.rows, result.files + more.files
+        result.bytes += more.bytes
+        result.watermark = more.watermark
+        if more.rows:
+            result.message += f"; then {more.rows:,} rows changed since its run began"
+        if more.status == "stopped":
+            result.status, result.message = "stopped", more.message
 
     def _changes(
         self,
