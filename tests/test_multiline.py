@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import pytest
 
 from nyc_collisions.datasets import KNOWN
 from nyc_collisions.pages import CsvPageStream
+from nyc_collisions.pages.csv_pages import RowEnds
 from nyc_collisions.schema import Schema
 from nyc_collisions.sink import formats
 from nyc_collisions.sink.formats import CsvEncoder, read_text_batches
@@ -359,3 +361,54 @@ def test_a_csv_page_of_values_on_many_lines_is_cut_at_its_rows_ends() -> None:
         page.feed(body[i : i + MIB])
     assert page.finish() == 30
     assert pa.concat_tables(got).column("borough").to_pylist() == [MANY_LINES] * 30
+
+
+def _last_row_end_reference(buf: bytes) -> int:
+    odd, last = 0, -1
+    for i, b in enumerate(buf):
+        if b == ord('"'):
+            odd ^= 1
+        elif b == ord("\n") and not odd:
+            last = i
+    return last
+
+
+def test_row_ends_match_a_reference_under_random_chunks_and_pieces() -> None:
+    """Where `RowEnds` says the last row ends, the quick way or by placing every line break,
+    under random pieces and values of up to 150 lines: as a reference parity count says."""
+    rng = random.Random(7)
+    for trial in range(300):
+        rows = []
+        for _ in range(rng.randint(1, 60)):
+            cells = []
+            for _ in range(rng.randint(1, 4)):
+                kind = rng.random()
+                if kind < 0.4:
+                    cells.append("x" * rng.randint(0, 5))
+                elif kind < 0.8:
+                    lines = (
+                        rng.choice([0, 1, 2, 70, 150]) if rng.random() < 0.3 else rng.randint(0, 3)
+                    )
+                    body = "\n".join("a" * rng.randint(0, 3) for _ in range(lines + 1))
+                    body = body.replace("a", '""', rng.randint(0, 2))
+                    cells.append(f'"{body}"')
+                else:
+                    cells.append("")
+            rows.append(",".join(cells) + "\n")
+        data = "".join(rows).encode()
+        ends = RowEnds()
+        buf = bytearray()
+        piece = rng.choice([1, 2, 5, 17, 64, 300, 5000])
+        i = 0
+        while i < len(data):
+            n = rng.randint(1, 40)
+            buf += data[i : i + n]
+            i += n
+            if len(buf) >= piece:
+                got = ends.scan(buf)
+                want = _last_row_end_reference(bytes(buf))
+                assert got == want, (trial, piece, bytes(buf)[:200])
+                if got > 0:
+                    buf = buf[got + 1 :]
+                    ends.cut(got + 1)
+        assert _last_row_end_reference(bytes(buf)) == len(buf) - 1 or not buf

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from nyc_collisions import aws
+from nyc_collisions import redact as redact_module
 from nyc_collisions.errors import NycCollisionsError
-from nyc_collisions.redact import redact
+from nyc_collisions.redact import redact, redact_bytes, remember
 from tests.conftest import GOOD_TOKEN
 from tests.fake_soda import FakeSoda
 from tests.helpers import cli
@@ -201,3 +202,39 @@ def test_cli_an_endpoints_password_with_a_quote_or_at_sign_is_not_echoed(
     res = cli("backfill", "crashes", "--source", soda_ro.url, "--dest", "s3://bkt/x")
     assert res.code == 1, res.text
     assert "S3cretPw" not in res.text, res.text
+
+
+def test_a_token_inside_another_never_leaves_a_part_of_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two tokens in one process (the API's fetch with one, then another; tests), one inside
+    the other: `redact` masks the longer whole."""
+    monkeypatch.setattr(redact_module, "_KNOWN", {})
+    leaks = []
+    for i in range(40):
+        short = f"tok{i}"
+        long = f"{short}SECRETPART{i:03d}"
+        remember(short)
+        text = f"the source said: bad token {long}"
+        shown = redact(text, long)
+        if "SECRETPART" in shown:
+            leaks.append(shown)
+        shown_b = redact_bytes(text.encode(), long)
+        if b"SECRETPART" in shown_b:
+            leaks.append(shown_b.decode())
+    assert not leaks, leaks[:3]
+
+
+def test_a_closed_clients_token_masks_no_later_text(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A token is masked while a client sends it: a later use in the same process (another
+    client, without a token) has ordinary text left as it is."""
+    from nyc_collisions.socrata.answers import clip
+    from nyc_collisions.socrata.client import SodaClient
+
+    monkeypatch.setattr(redact_module, "_KNOWN", {})
+    with SodaClient("https://data.cityofnewyork.us", app_token="2025"):
+        pass
+    with SodaClient("https://data.cityofnewyork.us", app_token=None):
+        assert clip("rows updated in 2025: 12") == "rows updated in 2025: 12"

@@ -216,3 +216,20 @@ def test_a_bad_region_is_not_called_a_bad_endpoint(monkeypatch: pytest.MonkeyPat
     one_line_error(res.err, "us east-1")
     assert "REGION" in res.err, res.text
     assert res.code == 2, res.text
+
+
+def test_a_file_url_with_a_bare_query_mark_is_refused() -> None:
+    """A bare `?` or `#` in a file URL is refused too (dropped, the folder would be another
+    than written)."""
+    from nyc_collisions.sink.storage import open_storage
+
+    for dest in ("file:///tmp/r7-land?", "file:///tmp/r7-land#"):
+        with pytest.raises(UsageError):
+            open_storage(dest)
+
+
+def test_a_dest_of_an_unknown_home_is_a_usage_error(tmp_path: Path) -> None:
+    """--dest ~nosuchuser/land names no home folder: a usage error, as for --output."""
+    res = cli("export", "crashes", "--dest", "~nosuchuser7r/land", "-o", str(tmp_path / "x.csv"))
+    assert res.code == 2, res.text
+    assert "unexpected" not in res.err, res.err

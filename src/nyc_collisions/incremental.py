@@ -28,7 +28,7 @@ from .counts import NewRows, recent_window
 from .current import Landed, iter_current, open_landed
 from .daemon import DaemonCalls
 from .datasets import Dataset
-from .errors import NothingLanded, SchemaError
+from .errors import NothingLanded, NycCollisionsError, SchemaError
 from .job import DatasetJob, RunOptions
 from .lease import Lease
 from .manifest import EPOCH, Batch, Retired, Watermark, new_batch_id, utc_now
@@ -152,12 +152,12 @@ class Update(DatasetJob):
         change = drift(landed, self.source)
         if change is not None:
             land_new_columns(self, change, stop, result, fmt)
-            self._catch_up(latest.result(), fmt, stop, result)
+            self._catch_up(latest.result, fmt, stop, result)
             return
         until = latest.result()
         if until is not None and self._refresh_instead(landed, watermark, until, result):
             land_fresh(self, stop, result, fmt)
-            self._catch_up(until, fmt, stop, result)
+            self._catch_up(lambda: until, fmt, stop, result)
             return
         try:
             self._changes(landed, watermark, until, fmt, stop, result)
@@ -170,16 +170,39 @@ class Update(DatasetJob):
             land_new_columns(self, change, stop, result, fmt)
 
     def _catch_up(
-        self, until: str | None, fmt: str, stop: threading.Event, result: DatasetResult
+        self,
+        until_of: Callable[[], str | None],
+        fmt: str,
+        stop: threading.Event,
+        result: DatasetResult,
     ) -> None:
         """After a fresh snapshot that resumed a run begun earlier (it holds the source as of
-        that run's start): land the rows changed since, up to `until`, as a batch of changes,
-        so that the update reaches what it set out to."""
-        if result.resumed is None or result.status == "stopped" or until is None:
+        that run's start): land the rows changed since, up to the update's end (`until_of`),
+        as a batch of changes, so that the update reaches what it set out to. Left to the next
+        update when that end is unknown, or when those rows are so many that it would land a
+        fresh snapshot for them (`_refresh_instead`)."""
+        if result.resumed is None or result.status == "stopped":
             return
-        more = DatasetResult(self.dataset.name, self.status, location=result.location)
+        try:
+            until = until_of()
+        except NycCollisionsError as exc:
+            logger.warning(
+                "%s: the next update lands what changed since (%s)", self.dataset.name, exc
+            )
+            return
         landed = open_for_job(self.state, self.dataset)
-        self._changes(landed, landed.manifest.watermark or Watermark(EPOCH), until, fmt, stop, more)
+        watermark = landed.manifest.watermark or Watermark(EPOCH)
+        more = DatasetResult(self.dataset.name, self.status, location=result.location)
+        if until is None:
+            return
+        if self._refresh_instead(landed, watermark, until, more):
+            logger.warning(
+                "%s: so many rows changed since the resumed run began that the next update "
+                "lands a fresh snapshot for them",
+                self.dataset.name,
+            )
+            return
+        self._changes(landed, watermark, until, fmt, stop, more)
         result.rows, result.files = result.rows + more.rows, result.files + more.files
         result.bytes += more.bytes
         result.watermark = more.watermark

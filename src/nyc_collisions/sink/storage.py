@@ -124,8 +124,8 @@ def open_storage(dest: str) -> Storage:
             if (
                 parsed.netloc.lower() not in ("", "localhost")
                 or not path.startswith("/")
-                or parsed.query
-                or parsed.fragment
+                or "?" in dest
+                or "#" in dest
                 or "\0" in path
             ):
                 raise UsageError(

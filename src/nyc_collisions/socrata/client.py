@@ -39,7 +39,7 @@ from ..errors import (
     SourceUnavailable,
     UsageError,
 )
-from ..redact import redact, remember
+from ..redact import forget, redact, remember
 from .answers import (
     MAX_DOCUMENT_BYTES,
     Retryable,
@@ -172,6 +172,9 @@ class SodaClient:
 
     def close(self) -> None:
         self._http.close()
+        if self._token is not None:
+            forget(self._token)
+            self._token = None
 
     def stopping_when(
         self, stopping: Callable[[], bool], deadline: float | None = None
