@@ -197,6 +197,17 @@ class Context:
         return int((self.deadline - time.monotonic()) * 1000)
 
 
+def invoke(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
+    """The Lambda handler run as a fresh invocation (no app token cached from an earlier one)."""
+    from nyc_collisions import aws
+
+    aws._token_cache.clear()
+    try:
+        return aws.handler(event, context)
+    finally:
+        aws._token_cache.clear()
+
+
 def deadline_past_for(names: set[str]) -> type[Reconcile]:
     """A Reconcile already past its deadline for the datasets in `names` (what the Lambda's
     deadline does to a reconcile that does not fit in the invocation)."""

@@ -52,6 +52,17 @@ def _status(srv: FakeSoda, dest: Path) -> dict[str, Any]:
     return dict(json.loads(res.out)[0])
 
 
+def _update_resumes_and_agrees(srv: FakeSoda, common: list[str], dest: Path, tmp: Path) -> None:
+    """An update resumes the stopped run; then the landed state is the source's, and `status`
+    counts its rows and agrees."""
+    res = cli("update", *common, "--dest", str(dest))
+    assert res.code == 0, res.text
+    assert "resumed run" in res.out, res.out
+    exact(srv, str(dest), "crashes", tmp)
+    st = _status(srv, dest)
+    assert (st["rows"], st["agree"]) == (len(srv.rows(CRASHES)), True), st
+
+
 def test_counts_agree_after_a_catch_up(tmp_path: Path) -> None:
     """`status` after the catch-up: the manifest's row count is the source's."""
     with _server() as srv:
@@ -59,12 +70,7 @@ def test_counts_agree_after_a_catch_up(tmp_path: Path) -> None:
         dest = _stopped_snapshot(srv, tmp_path, common)
         srv.insert(CRASHES, 200)
         srv.edit(CRASHES, 30)
-        res = cli("update", *common, "--dest", str(dest))
-        assert res.code == 0, res.text
-        assert "resumed run" in res.out, res.out
-        exact(srv, str(dest), "crashes", tmp_path)
-        st = _status(srv, dest)
-        assert (st["rows"], st["agree"]) == (len(srv.rows(CRASHES)), True), st
+        _update_resumes_and_agrees(srv, common, dest, tmp_path)
 
 
 def test_summary_after_a_catch_up_names_its_batch_and_watermark(tmp_path: Path) -> None:
@@ -150,12 +156,7 @@ def test_new_columns_resumed_then_caught_up(tmp_path: Path) -> None:
         else:
             raise AssertionError("no budget stopped the update after a committed file")
         srv.insert(CRASHES, 200)
-        res = cli("update", *common, "--dest", str(dest))
-        assert res.code == 0, res.text
-        assert "resumed run" in res.out, res.out
-        exact(srv, str(dest), "crashes", tmp_path)
-        st = _status(srv, dest)
-        assert (st["rows"], st["agree"]) == (len(srv.rows(CRASHES)), True), st
+        _update_resumes_and_agrees(srv, common, dest, tmp_path)
 
 
 def test_new_columns_land_though_the_latest_updated_at_failed(

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from nyc_collisions import aws
 from nyc_collisions.errors import NycCollisionsError, UsageError
 from nyc_collisions.socrata.setup import validate_base_url
 from tests.fake_soda import FakeSoda
-from tests.helpers import cli
+from tests.helpers import cli, invoke
 from tests.test_bad_input import nothing_committed, one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,12 +95,8 @@ def test_lambda_event_datasets_of_the_wrong_type_are_one_clear_error(
     monkeypatch.setenv("SOCRATA_BASE_URL", soda_ro.url)
     monkeypatch.setenv("NYC_COLLISIONS_DEST", str(tmp_path / "land"))
     monkeypatch.delenv("SOCRATA_APP_TOKEN", raising=False)
-    aws._token_cache.clear()
-    try:
-        with pytest.raises(NycCollisionsError, match="datasets"):
-            aws.handler({"command": "backfill", "datasets": datasets}, None)
-    finally:
-        aws._token_cache.clear()
+    with pytest.raises(NycCollisionsError, match="datasets"):
+        invoke({"command": "backfill", "datasets": datasets}, None)
     nothing_committed(tmp_path / "land")
 
 
@@ -145,11 +140,7 @@ def test_lambda_event_datasets_as_one_string_are_names(
     monkeypatch.setenv("SOCRATA_BASE_URL", soda_ro.url)
     monkeypatch.setenv("NYC_COLLISIONS_DEST", str(tmp_path / "land"))
     monkeypatch.delenv("SOCRATA_APP_TOKEN", raising=False)
-    aws._token_cache.clear()
-    try:
-        out = aws.handler({"command": "backfill", "datasets": "crashes"}, None)
-    finally:
-        aws._token_cache.clear()
+    out = invoke({"command": "backfill", "datasets": "crashes"}, None)
     assert [r["dataset"] for r in out["results"]] == ["crashes"]
 
 
