@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 
 from nyc_collisions import incremental
+from nyc_collisions.errors import Interrupted, RetriesStopped
+from nyc_collisions.source import DatasetSource
 from tests.fake_soda import FakeSoda, Latency
 from tests.helpers import NAMES, cli, exact
 
@@ -140,23 +142,50 @@ def test_the_table_holds_the_catch_up(tmp_path: Path) -> None:
         assert n == len(srv.rows(CRASHES))
 
 
+def _stopped_new_columns(srv: FakeSoda, tmp_path: Path, common: list[str]) -> Path:
+    """A landed dataset, a column added, and the update landing it stopped after some
+    committed files; then rows inserted."""
+    for budget in (0.8, 1.6, 3.2, 6.4):
+        dest = tmp_path / f"d-{budget}"
+        assert cli("backfill", *common, "--dest", str(dest)).code == 0
+        srv.add_column(CRASHES, f"extra_{str(budget).replace('.', '_')}", "text")
+        first = cli("update", *common, "--dest", str(dest), "--max-seconds", str(budget))
+        parts = list(dest.glob("crashes/runs/*/parts/*.json"))
+        if first.code == 3 and sum(json.loads(p.read_bytes())["rows"] for p in parts):
+            srv.insert(CRASHES, 200)
+            return dest
+    raise AssertionError("no budget stopped the update after a committed file")
+
+
 def test_new_columns_resumed_then_caught_up(tmp_path: Path) -> None:
     """Drift: a stopped update landing new columns, rows inserted, the next update resumes the
     snapshot and catches up with the new schema."""
     with _server() as srv:
         common = [*COMMON, "--source", srv.url]
-        for budget in (0.8, 1.6, 3.2, 6.4):
-            dest = tmp_path / f"d-{budget}"
-            assert cli("backfill", *common, "--dest", str(dest)).code == 0
-            srv.add_column(CRASHES, f"extra_{str(budget).replace('.', '_')}", "text")
-            first = cli("update", *common, "--dest", str(dest), "--max-seconds", str(budget))
-            parts = list(dest.glob("crashes/runs/*/parts/*.json"))
-            if first.code == 3 and sum(json.loads(p.read_bytes())["rows"] for p in parts):
-                break
-        else:
-            raise AssertionError("no budget stopped the update after a committed file")
-        srv.insert(CRASHES, 200)
+        dest = _stopped_new_columns(srv, tmp_path, common)
         _update_resumes_and_agrees(srv, common, dest, tmp_path)
+
+
+@pytest.mark.parametrize("error", [RetriesStopped, Interrupted])
+def test_a_stop_while_the_catch_up_asks_its_end_says_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: type[Exception]
+) -> None:
+    """The run's stop (its time budget, Ctrl-C) reaching the catch-up's side request for the
+    latest `:updated_at`: the update did not reach its end, so it says so (exit 3, which the
+    Lambda carries on; Ctrl-C its own status), not 'updated' with exit 0."""
+    with _server() as srv:
+        common = [*COMMON, "--source", srv.url]
+        dest = _stopped_new_columns(srv, tmp_path, common)
+
+        def stopping(self: DatasetSource) -> str | None:
+            raise error(f"{srv.url}: not sent, the run is stopping")
+
+        monkeypatch.setattr(DatasetSource, "max_updated_at", stopping)
+        res = cli("update", *common, "--dest", str(dest))
+        assert res.code != 0, (res.code, res.text)
+        if error is RetriesStopped:
+            assert res.code == 3, res.text
+            assert "stopped" in res.out, res.text
 
 
 def test_new_columns_land_though_the_latest_updated_at_failed(

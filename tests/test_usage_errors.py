@@ -224,3 +224,20 @@ def test_a_dest_of_an_unknown_home_is_a_usage_error(tmp_path: Path) -> None:
     res = cli("export", "crashes", "--dest", "~nosuchuser7r/land", "-o", str(tmp_path / "x.csv"))
     assert res.code == 2, res.text
     assert "unexpected" not in res.err, res.err
+
+
+@pytest.mark.parametrize("dest", ["s3://bkt/land?", "s3://bkt/land#", "s3://bkt/la#nd"])
+def test_an_s3_url_with_a_bare_query_mark_or_hash_is_refused(dest: str) -> None:
+    """As a file URL: dropped, the `?` or `#` would move the destination."""
+    from nyc_collisions.sink.storage import open_storage
+
+    with pytest.raises(UsageError):
+        open_storage(dest)
+
+
+def test_a_plain_path_with_a_hash_or_query_mark_opens(tmp_path: Path) -> None:
+    """A folder named with `#` or `?` is no URL: it is the folder."""
+    from nyc_collisions.sink.storage import open_storage
+
+    for dest in (tmp_path / "run#2" / "land", tmp_path / "r?x" / "land"):
+        assert open_storage(str(dest)).url == str(dest)

@@ -28,7 +28,7 @@ from .counts import NewRows, recent_window
 from .current import Landed, iter_current, open_landed
 from .daemon import DaemonCalls
 from .datasets import Dataset
-from .errors import NothingLanded, NycCollisionsError, SchemaError
+from .errors import NothingLanded, SchemaError, SourceError
 from .job import DatasetJob, RunOptions
 from .lease import Lease
 from .manifest import EPOCH, Batch, Retired, Watermark, new_batch_id, utc_now
@@ -183,23 +183,22 @@ class Update(DatasetJob):
         fresh snapshot for them (`_refresh_instead`)."""
         if result.resumed is None or result.status == "stopped":
             return
-        try:
-            until = until_of()
-        except NycCollisionsError as exc:
-            logger.warning(
-                "%s: the next update lands what changed since (%s)", self.dataset.name, exc
-            )
-            return
         landed = open_for_job(self.state, self.dataset)
         watermark = landed.manifest.watermark or Watermark(EPOCH)
         more = DatasetResult(self.dataset.name, self.status, location=result.location)
-        if until is None:
+        try:  # a stop goes through: the update then says it stopped
+            until = until_of()
+            if until is None:
+                return
+            refresh = self._refresh_instead(landed, watermark, until, more)
+        except SourceError as exc:
+            logger.warning("%s: the snapshot is committed (%s)", self.dataset.name, exc)
+            result.message += "; the rows changed since its run began wait for the next update"
             return
-        if self._refresh_instead(landed, watermark, until, more):
-            logger.warning(
-                "%s: so many rows changed since the resumed run began that the next update "
-                "lands a fresh snapshot for them",
-                self.dataset.name,
+        if refresh:
+            result.message += (
+                "; so many rows changed since its run began that the next update lands a "
+                "fresh snapshot for them"
             )
             return
         self._changes(landed, watermark, until, fmt, stop, more)

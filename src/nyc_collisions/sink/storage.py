@@ -114,7 +114,7 @@ def open_storage(dest: str) -> Storage:
     if "://" in dest:
         parsed = urlparse(dest)
         if parsed.scheme == "s3":
-            if not _BUCKET.fullmatch(parsed.netloc) or parsed.query or parsed.fragment:
+            if not _BUCKET.fullmatch(parsed.netloc) or "?" in dest or "#" in dest:
                 raise UsageError(f"--dest {dest!r} is not s3://bucket/prefix")
             return S3Storage(parsed.netloc, parsed.path.strip("/"))
         if parsed.scheme == "file":
