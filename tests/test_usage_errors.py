@@ -226,9 +226,13 @@ def test_a_dest_of_an_unknown_home_is_a_usage_error(tmp_path: Path) -> None:
     assert "unexpected" not in res.err, res.err
 
 
-@pytest.mark.parametrize("dest", ["s3://bkt/land?", "s3://bkt/land#", "s3://bkt/la#nd"])
+@pytest.mark.parametrize(
+    "dest",
+    ["s3://bkt/land?", "s3://bkt/land#", "s3://bkt/la#nd", "s3://bkt/la\tnd", "file:///la\nnd"],
+)
 def test_an_s3_url_with_a_bare_query_mark_or_hash_is_refused(dest: str) -> None:
-    """As a file URL: dropped, the `?` or `#` would move the destination."""
+    """As a file URL: dropped, a `?` or `#` (or a tab or a line break, which URL parsing drops
+    silently) would move the destination."""
     from nyc_collisions.sink.storage import open_storage
 
     with pytest.raises(UsageError):

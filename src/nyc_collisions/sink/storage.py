@@ -112,6 +112,8 @@ def open_storage(dest: str) -> Storage:
     if not dest or not dest.strip():
         raise UsageError("--dest is empty")
     if "://" in dest:
+        if any(ord(c) < 32 for c in dest):  # urlparse drops tabs and line breaks: another place
+            raise UsageError(f"--dest {dest!r} has a control character in it")
         parsed = urlparse(dest)
         if parsed.scheme == "s3":
             if not _BUCKET.fullmatch(parsed.netloc) or "?" in dest or "#" in dest:
