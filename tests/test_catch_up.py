@@ -54,43 +54,34 @@ def _status(srv: FakeSoda, dest: Path) -> dict[str, Any]:
     return dict(json.loads(res.out)[0])
 
 
-def _update_resumes_and_agrees(srv: FakeSoda, common: list[str], dest: Path, tmp: Path) -> None:
+def _update_resumes_and_agrees(srv: FakeSoda, common: list[str], dest: Path, tmp: Path) -> str:
     """An update resumes the stopped run; then the landed state is the source's, and `status`
-    counts its rows and agrees."""
+    counts its rows and agrees. Returns what the update printed."""
     res = cli("update", *common, "--dest", str(dest))
     assert res.code == 0, res.text
     assert "resumed run" in res.out, res.out
     exact(srv, str(dest), "crashes", tmp)
     st = _status(srv, dest)
     assert (st["rows"], st["agree"]) == (len(srv.rows(CRASHES)), True), st
+    return res.out
 
 
-def test_counts_agree_after_a_catch_up(tmp_path: Path) -> None:
-    """`status` after the catch-up: the manifest's row count is the source's."""
+def test_a_catch_up_lands_its_batch_and_says_so(tmp_path: Path) -> None:
+    """Rows inserted and edited while the run was stopped: after the update the landed state
+    is the source's and `status` agrees; the catch-up is a batch of changes, and the summary
+    prints its watermark (the manifest's) and the rows it landed."""
     with _server() as srv:
         common = [*COMMON, "--source", srv.url]
         dest = _stopped_snapshot(srv, tmp_path, common)
         srv.insert(CRASHES, 200)
         srv.edit(CRASHES, 30)
-        _update_resumes_and_agrees(srv, common, dest, tmp_path)
-
-
-def test_summary_after_a_catch_up_names_its_batch_and_watermark(tmp_path: Path) -> None:
-    """What the CLI prints for an update whose snapshot was resumed then caught up: the
-    watermark printed is the manifest's, and the rows printed are the rows this update landed
-    (the resumed run's remainder plus the catch-up's)."""
-    with _server() as srv:
-        common = [*COMMON, "--source", srv.url]
-        dest = _stopped_snapshot(srv, tmp_path, common)
-        srv.insert(CRASHES, 200)
-        res = cli("update", *common, "--dest", str(dest))
-        assert res.code == 0, res.text
+        out = _update_resumes_and_agrees(srv, common, dest, tmp_path)
         manifest = json.loads((dest / "crashes/manifest.json").read_text())
         kinds = [b["kind"] for b in manifest["batches"]]
-        assert kinds[-1] == "update", kinds  # the catch-up landed a batch of changes
+        assert kinds[-1] == "update", kinds
         wm = manifest["batches"][-1]["watermark"]
-        assert f"watermark {wm['updated_at']} {wm.get('row_id') or ''}".rstrip() in res.out, res.out
-        assert "rows changed since its run began" in res.out, res.out
+        assert f"watermark {wm['updated_at']} {wm.get('row_id') or ''}".rstrip() in out, out
+        assert "rows changed since its run began" in out, out
 
 
 def test_a_catch_up_stopped_is_finished_by_the_next_update(

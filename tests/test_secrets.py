@@ -57,13 +57,14 @@ def test_lambda_a_token_in_socrata_base_url_is_not_in_the_error(
     assert GOOD_TOKEN not in str(caught.value)
 
 
-@pytest.mark.parametrize("password", ["EpS3cretPw", "Ep'S3cretPw", "Ep@S3cretPw"])
 def test_credentials_in_the_s3_endpoint_url_are_not_echoed(
-    soda_ro: FakeSoda, monkeypatch: pytest.MonkeyPatch, password: str
+    soda_ro: FakeSoda, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An S3-compatible store's endpoint with credentials in it (basic auth in front of MinIO,
-    say; a password botocore takes as it is, `'` and `@` too): when it is unreachable,
-    botocore's message quotes the endpoint; the error line does not show its password."""
+    say; a password with `'` and `@`, which botocore takes as they are): when it is
+    unreachable, botocore's message quotes the endpoint; the error line does not show its
+    password. (Other passwords: `test_an_endpoints_password_with_a_quote_or_at_sign_is_masked`.)"""
+    password = "Ep'S3@cretPw"
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://minio:{password}@127.0.0.1:{_closed_port()}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
@@ -72,7 +73,7 @@ def test_credentials_in_the_s3_endpoint_url_are_not_echoed(
         monkeypatch.delenv(var, raising=False)
     res = cli("backfill", "crashes", "--source", soda_ro.url, "--dest", "s3://bkt/x")
     assert res.code == 1, res.text
-    assert "S3cretPw" not in res.text, res.text
+    assert not [part for part in ("Ep'S3", "cretPw") if part in res.text], res.text
 
 
 def test_status_never_prints_a_token_the_source_echoes_json_escaped(tmp_path: Path) -> None:
