@@ -228,6 +228,9 @@ def test_leftovers_of_killed_runs_are_removed_by_the_next_run_of_any_command(
         assert [k for k in at.listing() if "/runs/" in k] == []
         assert at.empty_folders() == []
         # a backfill --force stopped by its time budget: a rerun resumes it, so runs keep it
+        # (begun in a later second than the snapshot: one begun in the same second, run times
+        # being to the second, might have begun before it, and is not resumed)
+        time.sleep(1.01 - time.time() % 1)
         res = cli(
             "backfill", "crashes", "--force", "--page-size", "50", "--file-rows", "50",
             "--max-seconds", "1", "--source", srv.url, "--dest", dest,
