@@ -54,14 +54,15 @@ def validate_base_url(base_url: str, *, allow_http: bool = False, name: str = "-
     """Check a source URL (`name` says where it came from): an http(s) URL of a host, without
     query, and https unless the host is this machine or `allow_http`; returns it without a
     final /."""
+    if isinstance(base_url, str) and ("?" in base_url or "#" in base_url):
+        # never quoted: a query may carry the token (`$$app_token=`)
+        raise UsageError(
+            f"{name} has a query or fragment (?, #) in it; give a base URL like "
+            "https://data.cityofnewyork.us (the app token goes in SOCRATA_APP_TOKEN)"
+        )
     try:
         url = httpx.URL(base_url)
     except (httpx.InvalidURL, TypeError) as exc:
-        if isinstance(base_url, str) and ("?" in base_url or "#" in base_url):
-            raise UsageError(
-                f"{name} is not a URL; give a base URL like https://data.cityofnewyork.us, "
-                "without a query (the app token goes in SOCRATA_APP_TOKEN)"
-            ) from None
         raise UsageError(f"{name} {base_url!r} is not a URL: {exc}") from None
     if url.userinfo:
         # never quoted: the URL carries a password; the source is open data, and the token
@@ -69,12 +70,6 @@ def validate_base_url(base_url: str, *, allow_http: bool = False, name: str = "-
         raise UsageError(
             f"{name} has a user or password in it; give the source's URL without them (the app"
             " token goes in SOCRATA_APP_TOKEN)"
-        )
-    if url.query or url.fragment or "?" in base_url or "#" in base_url:
-        # never quoted either: a query may carry the token (`$$app_token=`)
-        raise UsageError(
-            f"{name} has a query or fragment (?, #) in it; give a base URL like "
-            "https://data.cityofnewyork.us (the app token goes in SOCRATA_APP_TOKEN)"
         )
     port_ok = url.port is None or 0 < url.port < 65536
     if url.scheme not in ("http", "https") or not url.host or not port_ok:
