@@ -210,3 +210,37 @@ def test_a_closed_clients_token_masks_no_later_text(
         pass
     with SodaClient("https://data.cityofnewyork.us", app_token=None):
         assert clip("rows updated in 2025: 12") == "rows updated in 2025: 12"
+
+
+@pytest.mark.parametrize(
+    "echoed",
+    [
+        "Zq8m%2ft3vL%2bx2N9",  # percent-encoded in lowercase (a proxy's log line)
+        "Zq8m&#x2F;t3vL+x2N9",  # HTML-escaped (an error page quoting the request)
+        "Zq8m&#47;t3vL&#43;x2N9",
+    ],
+)
+def test_a_token_echoed_in_lowercase_percent_or_html_escapes_is_masked(
+    monkeypatch: pytest.MonkeyPatch, echoed: str
+) -> None:
+    monkeypatch.setattr(redact_module, "_KNOWN", {})
+    token = "Zq8m/t3vL+x2N9"
+    text = f"<p>403 for /resource/h9gi-nx95.json?$$app_token={echoed}</p>"
+    for shown in (redact(text, token), redact_bytes(text.encode(), token).decode()):
+        assert "t3vL" not in shown, shown
+
+
+def test_two_tokens_that_overlap_leave_no_part_of_either(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two tokens in one process sharing an end and a start: text holding both overlapped is
+    masked whole, whichever is matched first."""
+    monkeypatch.setattr(redact_module, "_KNOWN", {})
+    remember("FIRSTpartSHARED")
+    text = "bad tokens: FIRSTpartSHAREDsecondPART and SHAREDsecondPART"
+    for shown in (
+        redact(text, "SHAREDsecondPART"),
+        redact_bytes(text.encode(), "SHAREDsecondPART").decode(),
+    ):
+        assert "FIRST" not in shown, shown
+        assert "second" not in shown, shown
