@@ -229,3 +229,38 @@ def test_a_catch_up_of_a_second_full_replace_keeps_the_refresh_share(tmp_path: P
         res = cli("update", *common, "--dest", str(dest))
         assert res.code == 0, res.text
         exact(srv, str(dest), "crashes", tmp_path)
+
+
+def test_a_reconcile_whose_new_columns_resumed_a_stopped_snapshot_still_finds_deletions(
+    tmp_path: Path,
+) -> None:
+    """A reconcile that finds new columns lands a fresh snapshot, which may resume a stopped
+    `backfill --force` begun before rows were deleted: it then compares keys as any reconcile
+    does, so that it ends with what it claims (the deletions since that run began found)."""
+    sizes = {NAMES["crashes"]: 3000, NAMES["persons"]: 10, NAMES["vehicles"]: 10}
+    latency = Latency(base=0.2, per_row=0.0, per_skipped=0.0, max_concurrent=3)
+    with FakeSoda(sizes=sizes, seed=5, latency=latency) as srv:
+        common = ["crashes", "--source", srv.url, "--page-size", "100", "--file-rows", "200"]
+        for budget in (0.8, 1.6, 3.2, 6.4):
+            dest = tmp_path / f"land-{budget}"
+            if budget > 0.8:
+                srv.drop_column(NAMES["crashes"], "weather")
+            res = cli("backfill", *common, "--dest", str(dest))
+            assert res.code == 0, res.text
+            srv.add_column(NAMES["crashes"], "weather", "text")
+            # a snapshot in the new columns, stopped (as a kill would) after some files
+            first = cli(
+                "backfill", *common, "--force", "--dest", str(dest), "--max-seconds", str(budget)
+            )
+            assert first.code in (0, 3), first.text
+            parts = list(dest.glob("crashes/runs/*/parts/*.json"))
+            if first.code == 3 and sum(json.loads(p.read_bytes())["rows"] for p in parts):
+                break
+        else:
+            raise AssertionError("no budget stopped the backfill after a committed file")
+        srv.delete(NAMES["crashes"], 300)  # some of them in ranges the stopped run landed
+        res = cli("reconcile", "crashes", "--source", srv.url, "--dest", str(dest))
+        assert res.code == 0, res.text
+        assert "resumed run" in res.out, res.out
+        check = cli("verify", "crashes", "--source", srv.url, "--dest", str(dest))
+        assert check.code == 0, check.text

@@ -82,10 +82,13 @@ class Reconcile(DatasetJob):
         landed = open_for_job(self.state, self.dataset)
         change = drift(landed, self.source)
         if change is not None:
-            # the fresh snapshot is the source's whole state: nothing is left to reconcile
+            # the fresh snapshot is the source's whole state, nothing left to reconcile, unless
+            # it resumed a run begun earlier: rows deleted since are in it, so keys are compared
             fmt = landed.manifest.current_batches()[-1].format
             land_new_columns(self, change, stop, result, fmt)
-            return
+            if result.resumed is None or result.status == "stopped":
+                return
+            landed = open_for_job(self.state, self.dataset)
         keys = key_schema(self.source, (":updated_at",))
         records = ScanRecords(self.state, self.dataset)
         plan, parts = records.resume_or_start(self.source, keys, self.opts.workers)
