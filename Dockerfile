@@ -27,7 +27,7 @@ RUN pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /wheels 
     && sh deploy/prune-site-packages.sh /install \
     && rm -rf /install/bin \
     && PYTHONPATH=/install python -c "import nyc_collisions._jsoncsv, nyc_collisions.aws, boto3" \
-    && PYTHONPATH=/install python -c "from nyc_collisions.table import check_table_format as c; c('$TABLE')"
+    && PYTHONPATH=/install python -c "from nyc_collisions.settings import check_table_format as c; c('$TABLE')"
 
 # ---- the image: the base, the installed set in the function's own folder (first on the Lambda
 # runtime's sys.path, so the locked boto3 wins over the base image's), and the CLI's launcher.

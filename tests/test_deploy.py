@@ -14,6 +14,7 @@ import importlib.metadata
 import importlib.util
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -990,6 +991,23 @@ def test_the_image_is_built_on_a_supported_runtime_pinned_by_digest() -> None:
     assert _base_python() in ("3.12", "3.13")
     for stage in _stages():
         assert re.search(r"@sha256:[0-9a-f]{64}(\s|$)", stage[0][1]), stage[0]
+
+
+@pytest.mark.parametrize("table", ["", "delta"])
+def test_the_builders_import_checks_pass_on_the_package(table: str) -> None:
+    """The builder ends with `python -c` checks of what it installed (the converter, the
+    handler, the table setting): each runs here on the package's code, with the TABLE build
+    argument a `sam build` passes, or the image does not build on a first deploy."""
+    runs = " ".join(arg for word, arg in _stages()[0] if word == "RUN")
+    snippets = re.findall(r'python -c "([^"]*)"', runs)
+    assert snippets
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    for snippet in snippets:
+        code = snippet.replace("${TABLE}", table).replace("$TABLE", table)
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, f"{code}: {done.stderr.strip()[-300:]}"
 
 
 def test_the_final_stage_has_no_compiler_and_runs_the_handler() -> None:
