@@ -617,3 +617,34 @@ def test_lag_is_measured_when_asking_for_rows_past_the_watermark_fails(
     assert crashes["LagSeconds"] > 0, crashes
     asked = [r for r in soda.requests() if r["params"].get("$select") == ":id"]
     assert [r["fault"] for r in asked] == ["500"], asked  # asked, and failed
+
+
+@pytest.mark.parametrize(
+    ("stored", "token"),
+    [
+        ("tok-3f9a", "tok-3f9a"),
+        ('{"app_token": "tok-3f9a"}', "tok-3f9a"),
+        ('{"socrata_app_token": " tok-3f9a "}', "tok-3f9a"),  # the console's form, a key of its own
+        ('"tok-3f9a"', "tok-3f9a"),
+        ("12345", "12345"),
+        ('{"app_token": ""}', None),
+        ('{"a": "val-one", "b": "val-two"}', None),
+        ('{"app_token": 5}', None),
+        ("   ", None),
+    ],
+)
+def test_the_token_secret_in_each_form_an_operator_stores(
+    lambda_env: str, monkeypatch: pytest.MonkeyPatch, stored: str, token: str | None
+) -> None:
+    """deploy/README.md: the secret holds the bare token or JSON. One that holds no token is
+    an error naming the secret, never a run without the token (Socrata then throttles, and
+    nothing would say why)."""
+    name = os.environ["SOCRATA_APP_TOKEN_SECRET"]
+    boto3.client("secretsmanager").put_secret_value(SecretId=name, SecretString=stored)
+    aws._token_cache.clear()
+    if token is not None:
+        assert aws.app_token() == token
+        return
+    with pytest.raises(UsageError, match=f"the secret {name} holds no app token") as caught:
+        aws.app_token()
+    assert "val-" not in str(caught.value)  # a secret's values are never quoted

@@ -123,7 +123,9 @@ def _configure_logging(token: str | None) -> None:
 
 
 def app_token() -> str | None:
-    """The Socrata app token: from the environment, Secrets Manager or SSM (cached)."""
+    """The Socrata app token: from the environment, Secrets Manager or SSM (cached). A secret or
+    parameter that is named but holds no token is an error: a run without the token would go on
+    throttled, and nothing would say why."""
     if "token" in _token_cache:
         return _token_cache["token"]
     token = os.environ.get("SOCRATA_APP_TOKEN", "").strip() or None
@@ -133,19 +135,41 @@ def app_token() -> str | None:
         import boto3
 
         value = boto3.client("secretsmanager").get_secret_value(SecretId=secret)["SecretString"]
-        try:
-            doc = orjson.loads(value)
-        except orjson.JSONDecodeError:
-            doc = value
-        if isinstance(doc, dict):
-            doc = doc.get("app_token") or doc.get("token") or doc.get("SOCRATA_APP_TOKEN")
-        token = str(doc).strip() if doc else None
+        token = _token_in_secret(value, secret)
     elif token is None and parameter:
         import boto3
 
         got = boto3.client("ssm").get_parameter(Name=parameter, WithDecryption=True)
-        token = got["Parameter"]["Value"].strip() or None
+        token = got["Parameter"]["Value"].strip()
+        if not token:
+            raise UsageError(f"the SSM parameter {parameter} holds no app token: it is blank")
     _token_cache["token"] = token
+    return token
+
+
+_TOKEN_KEYS = ("app_token", "token", "SOCRATA_APP_TOKEN")
+
+
+def _token_in_secret(value: str, secret: str) -> str:
+    """The token a secret holds: the bare token, or JSON with it under one of `_TOKEN_KEYS` or
+    as its only member (the console's key/value form, under a key of the operator's)."""
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        doc = value
+    if isinstance(doc, dict):
+        known = [k for k in _TOKEN_KEYS if k in doc]
+        found = doc[known[0]] if known else next(iter(doc.values())) if len(doc) == 1 else None
+        if not isinstance(found, str) or not found.strip():
+            keys = ", ".join(sorted(map(str, doc))[:10]) or "none"
+            raise UsageError(
+                f"the secret {secret} holds no app token: expected the bare token, or JSON with "
+                f'it as "app_token" or as its only member (its keys: {keys})'
+            )
+        return found.strip()
+    token = (doc if isinstance(doc, str) else value).strip()  # a JSON string, or the bare token
+    if not token:
+        raise UsageError(f"the secret {secret} holds no app token: it is blank")
     return token
 
 
