@@ -102,6 +102,34 @@ def test_the_rows_landed_since_the_snapshot_never_pass_half_of_it(
     exact(soda, dest, "crashes", tmp_path)
 
 
+def test_the_batches_since_the_snapshot_stay_bounded_year_round(
+    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dataset left running keeps a bounded number of batches: each day's update and each
+    week's tombstones add one, and every reader of the current state reads them all, so once
+    `REFRESH_BATCHES` were landed since the snapshot an update lands a fresh one (its bound
+    made small here: the same path as a hundred)."""
+    from nyc_collisions import incremental
+
+    monkeypatch.setattr(incremental, "REFRESH_BATCHES", 3)
+    dest = str(tmp_path / "land")
+    land(soda, dest, "crashes")
+    fresh = 0
+    for day in range(8):
+        soda.insert("h9gi-nx95", 2)
+        soda.edit("h9gi-nx95", 1)
+        if day % 3 == 2:
+            soda.delete("h9gi-nx95", 1)
+            reconciled = cli("reconcile", "crashes", "--source", soda.url, "--dest", dest)
+            assert reconciled.code == 0, reconciled.text
+        fresh += "batches landed since the last snapshot" in update(soda, dest, "crashes")
+        batches = json.loads((Path(dest) / "crashes/manifest.json").read_text())["batches"]
+        last = max(i for i, b in enumerate(batches) if b["kind"] == "snapshot")
+        assert len(batches) - last - 1 <= 3, [b["kind"] for b in batches]
+    assert fresh >= 2
+    exact(soda, dest, "crashes", tmp_path)
+
+
 def test_update_without_backfill_says_so(soda_ro: FakeSoda, tmp_path: Path) -> None:
     res = cli("update", "crashes", "--source", soda_ro.url, "--dest", str(tmp_path))
     assert res.code == 1

@@ -49,6 +49,10 @@ logger = logging.getLogger(__name__)
 # every row fetched over partitions at once then takes less time than the changes in one
 # ordered stream, and the current state's readers hold the later batches' keys in memory.
 REFRESH_SHARE = 0.5
+# ... or when this many batches were landed since it (about three months of daily updates and
+# weekly reconciles): every reader of the current state reads each batch's files, so a dataset
+# left running for years keeps a bounded number of them.
+REFRESH_BATCHES = 100
 
 
 def open_for_job(state: DatasetState, dataset: Dataset) -> Landed:
@@ -281,10 +285,19 @@ class Update(DatasetJob):
         pass `REFRESH_SHARE` of it (one count request to know): a fresh snapshot then replaces
         them, so that updates never make readers of the current state (export, verify,
         reconcile) hold more keys of later batches than that share of the snapshot's (see
-        `current._winners`)."""
+        `current._winners`); or whether `REFRESH_BATCHES` were landed since it."""
         if self.opts.workers is not None and self.opts.workers < 2:
             return False
         snapshot, *later = landed.manifest.current_batches()
+        if len(later) >= REFRESH_BATCHES:
+            result.message = (
+                f"{len(later):,} batches landed since the last snapshot: landed a fresh snapshot "
+                "over partitions, as a backfill does (the current state's readers read each "
+                "batch)"
+            )
+            result.refreshed = True
+            logger.info("%s: %s", self.dataset.name, result.message)
+            return True
         since = sum(b.rows for b in later)
         changed = self.source.count(_changed_after(watermark, until))
         if not snapshot.rows or changed + since <= REFRESH_SHARE * snapshot.rows:
