@@ -215,16 +215,23 @@ def test_a_closed_clients_token_masks_no_later_text(
 @pytest.mark.parametrize(
     "echoed",
     [
-        "Zq8m%2ft3vL%2bx2N9",  # percent-encoded in lowercase (a proxy's log line)
-        "Zq8m&#x2F;t3vL+x2N9",  # HTML-escaped (an error page quoting the request)
-        "Zq8m&#47;t3vL&#43;x2N9",
+        "Zq8m%2ft3vL%2bx2N9%3D",  # percent-encoded, lowercase hex (a proxy's log line)
+        "Zq8m/t3vL%2Bx2N9%3D",  # percent-encoded with `/` left as it is (Python's `quote`)
+        "Zq8m&#x2f;t3vL&#x2b;x2N9&#x3d;",  # HTML, every mark in hex (OWASP ESAPI)
+        "Zq8m&#x2F;t3vL+x2N9=",  # HTML, `/` alone
+        "Zq8m/t3vL&#43;x2N9=",  # HTML, `+` alone in decimal (Go's html/template)
+        "Zq8m/t3vL+x2N9&#x3D;",  # HTML, `=` alone (Handlebars)
+        "Zq8m\\u002ft3vL\\u002Bx2N9=",  # JSON's \\u escapes
+        "Zq8m\\/t3vL+x2N9=",  # JSON's escaped slash
     ],
 )
-def test_a_token_echoed_in_lowercase_percent_or_html_escapes_is_masked(
+def test_a_token_echoed_by_any_escaper_is_masked(
     monkeypatch: pytest.MonkeyPatch, echoed: str
 ) -> None:
+    """Escapers differ in which characters they escape and how: each character of the token
+    is matched in any of its spellings, so no mix of them leaves the token to be read."""
     monkeypatch.setattr(redact_module, "_KNOWN", {})
-    token = "Zq8m/t3vL+x2N9"
+    token = "Zq8m/t3vL+x2N9="  # only characters an app token may hold
     text = f"<p>403 for /resource/h9gi-nx95.json?$$app_token={echoed}</p>"
     for shown in (redact(text, token), redact_bytes(text.encode(), token).decode()):
         assert "t3vL" not in shown, shown

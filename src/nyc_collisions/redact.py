@@ -3,11 +3,9 @@ password of any URL (an S3 endpoint's, a proxy's), before anything is shown or l
 
 from __future__ import annotations
 
-import html
 import re
 from functools import lru_cache
 from typing import AnyStr
-from urllib.parse import quote, quote_plus
 
 MASK = "***"
 
@@ -34,63 +32,59 @@ def forget(token: str | None) -> None:
         _KNOWN.pop(token, None)
 
 
-def _forms(token: str | None) -> list[str]:
-    """The forms of `token` and of each remembered one."""
-    return sorted({f for known in {token, *_KNOWN} for f in token_forms(known)})
+def _tokens(token: str | None) -> list[str]:
+    """`token` and each remembered one."""
+    return sorted({t for t in (token, *_KNOWN) if t and t.strip()})
 
 
-def token_forms(token: str | None) -> list[str]:
-    """The app token as sent, and as a source or a proxy may echo it: JSON with its slashes
-    escaped (`\\/`), percent-encoded in a URL, or HTML-escaped. Longest first."""
-    token = (token or "").strip()
-    if not token:
-        return []
-    forms = {
-        token,
-        token.replace("/", "\\/"),
-        quote(token, safe=""),
-        quote_plus(token),
-        html.escape(token),
-        html.escape(token).replace("/", "&#x2F;"),
-        html.escape(token).replace("/", "&#47;"),
-        "".join(f"&#{ord(c)};" if not c.isalnum() else c for c in token),
-    }
-    return sorted(forms, key=len, reverse=True)
+_NAMED = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&apos;"}
 
 
-def _pattern(form: str) -> str:
-    """`form` as a regex where its percent escapes match in either case (`%2F`, `%2f`)."""
-    return "".join(
-        f"%[{m[1].upper()}{m[1].lower()}][{m[2].upper()}{m[2].lower()}]"
-        if m[1]
-        else re.escape(m[0])
-        for m in re.finditer(r"%([0-9A-Fa-f])([0-9A-Fa-f])|.", form, re.S)
-    )
+def _hex(number: int, width: int) -> str:
+    """`number` in hex digits as a regex matching either case."""
+    return "".join(f"[{d}{d.lower()}]" if d.isalpha() else d for d in f"{number:0{width}X}")
+
+
+def _char(c: str) -> str:
+    """A regex for one character of a token as any escaper may spell it: itself, JSON's `\\/`
+    and `\\uXXXX`, a percent escape (`+` for a space), an HTML entity in decimal, hex or by
+    name, hex digits in either case. Escapers differ in which characters they escape, so each
+    character is matched in any of its spellings."""
+    if c.isascii() and c.isalnum():
+        return c
+    code = ord(c)
+    spellings = [re.escape(c), "".join("%" + _hex(b, 2) for b in c.encode())]
+    spellings += [f"&#0*{code};", f"&#[xX]0*{_hex(code, 1)};"]
+    if code <= 0xFFFF:
+        spellings.append(r"\\u" + _hex(code, 4))
+    if c == "/":
+        spellings.append(r"\\/")
+    if c == " ":
+        spellings.append(r"\+")
+    if c in _NAMED:
+        spellings.append(re.escape(_NAMED[c]))
+    return "(?:" + "|".join(spellings) + ")"
 
 
 @lru_cache(maxsize=64)
-def _matcher(forms: tuple[str, ...]) -> tuple[re.Pattern[str], re.Pattern[bytes]]:
-    # every start of every form, overlapping ones too: a lookahead captures each
-    body = "|".join(_pattern(f) for f in sorted(forms, key=len, reverse=True))
-    text = re.compile(f"(?=({body}))", re.S)
-    return text, re.compile(text.pattern.encode(), re.S)
+def _matcher(token: str) -> tuple[re.Pattern[str], re.Pattern[bytes]]:
+    """`token` in any spelling (`_char`), as a str and a bytes regex."""
+    pattern = "".join(_char(c) for c in token.strip())
+    return re.compile(pattern), re.compile(pattern.encode())
 
 
-def _masked(text: AnyStr, pattern: re.Pattern[AnyStr], mask: AnyStr) -> AnyStr:
-    """`text` with every stretch that some form covers (overlapping forms merged) masked."""
-    spans: list[list[int]] = []
-    for m in pattern.finditer(text):
-        start, end = m.start(1), m.end(1)
-        if spans and start <= spans[-1][1]:
-            spans[-1][1] = max(spans[-1][1], end)
-        else:
-            spans.append([start, end])
-    if not spans:
+def _masked(text: AnyStr, patterns: list[re.Pattern[AnyStr]], mask: AnyStr) -> AnyStr:
+    """`text` with every stretch that a token covers masked (overlapping tokens merged)."""
+    found = sorted(m.span() for p in patterns for m in p.finditer(text))
+    if not found:
         return text
     pieces, at = [], 0
-    for start, end in spans:
-        pieces += [text[at:start], mask]
-        at = end
+    for start, end in found:
+        if start >= at:  # a stretch of its own
+            pieces += [text[at:start], mask]
+            at = end
+        elif end > at:  # overlapping the last one: it grows
+            at = end
     pieces.append(text[at:])
     return text[:0].join(pieces)
 
@@ -98,16 +92,16 @@ def _masked(text: AnyStr, pattern: re.Pattern[AnyStr], mask: AnyStr) -> AnyStr:
 def redact(text: str, token: str | None = None) -> str:
     """`text` with the token (and each one remembered) masked in each of its forms, and any
     URL's user and password."""
-    forms = _forms(token)
-    if forms:
-        text = _masked(text, _matcher(tuple(forms))[0], MASK)
+    tokens = _tokens(token)
+    if tokens:
+        text = _masked(text, [_matcher(t)[0] for t in tokens], MASK)
     return _USERINFO.sub(rf"\1{MASK}@", text)
 
 
 def redact_bytes(body: bytes, token: str | None = None) -> bytes:
     """`body` with the token (and each one remembered) masked in each of its forms (before a
     message is cut from it)."""
-    forms = _forms(token)
-    if forms:
-        body = _masked(body, _matcher(tuple(forms))[1], MASK.encode())
+    tokens = _tokens(token)
+    if tokens:
+        body = _masked(body, [_matcher(t)[1] for t in tokens], MASK.encode())
     return body
