@@ -143,8 +143,9 @@ def update_cmd(
     Rows whose (:updated_at, :id) is past the watermark stored at DEST are fetched in that
     order and committed file by file; the watermark moves with each commit. Running it twice
     lands nothing the second time. Needs a committed backfill. When more rows changed than half
-    the last snapshot (a publisher's full replace), or when the source's columns changed, a
-    fresh snapshot is landed instead, over partitions as a backfill does (a rerun resumes it).
+    the last snapshot (a publisher's full replace), when 100 batches were landed since it, or
+    when the source's columns changed, a fresh snapshot is landed instead, over partitions as a
+    backfill does (a rerun resumes it).
 
     \b
     Example: nyc-collisions update --dest s3://nyc-application-collisions/collisions_raw_data
