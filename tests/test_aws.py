@@ -627,7 +627,12 @@ def test_lag_is_measured_when_asking_for_rows_past_the_watermark_fails(
         ('{"socrata_app_token": " tok-3f9a "}', "tok-3f9a"),  # the console's form, a key of its own
         ('"tok-3f9a"', "tok-3f9a"),
         ("12345", "12345"),
+        ('{"app_token": null, "token": "tok-3f9a"}', "tok-3f9a"),
         ('{"app_token": ""}', None),
+        ('{"Zq8mT3vLx2N9pQ7rW4sY6uA1b": ""}', None),  # the token typed as the key
+        ("null", None),
+        ('["tok-3f9a"]', None),
+        ("true", None),
         ('{"a": "val-one", "b": "val-two"}', None),
         ('{"app_token": 5}', None),
         ("   ", None),
@@ -647,4 +652,5 @@ def test_the_token_secret_in_each_form_an_operator_stores(
         return
     with pytest.raises(UsageError, match=f"the secret {name} holds no app token") as caught:
         aws.app_token()
-    assert "val-" not in str(caught.value)  # a secret's values are never quoted
+    assert "val-" not in str(caught.value)  # what a secret holds is never quoted
+    assert "Zq8mT3vL" not in str(caught.value)

@@ -102,8 +102,9 @@ def test_the_rows_landed_since_the_snapshot_never_pass_half_of_it(
     exact(soda, dest, "crashes", tmp_path)
 
 
+@pytest.mark.parametrize("workers", [[], ["--workers", "1"]], ids=["default", "one worker"])
 def test_the_batches_since_the_snapshot_stay_bounded_year_round(
-    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: list[str]
 ) -> None:
     """A dataset left running keeps a bounded number of batches: each day's update and each
     week's tombstones add one, and every reader of the current state reads them all, so once
@@ -122,7 +123,7 @@ def test_the_batches_since_the_snapshot_stay_bounded_year_round(
             soda.delete("h9gi-nx95", 1)
             reconciled = cli("reconcile", "crashes", "--source", soda.url, "--dest", dest)
             assert reconciled.code == 0, reconciled.text
-        fresh += "batches landed since the last snapshot" in update(soda, dest, "crashes")
+        fresh += "batches landed since the last snapshot" in update(soda, dest, "crashes", *workers)
         batches = json.loads((Path(dest) / "crashes/manifest.json").read_text())["batches"]
         last = max(i for i, b in enumerate(batches) if b["kind"] == "snapshot")
         assert len(batches) - last - 1 <= 3, [b["kind"] for b in batches]

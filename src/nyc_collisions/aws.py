@@ -156,21 +156,20 @@ def _token_in_secret(value: str, secret: str) -> str:
     try:
         doc = orjson.loads(value)
     except orjson.JSONDecodeError:
-        doc = value
+        doc = value  # the bare token
+    if isinstance(doc, int | float) and not isinstance(doc, bool):
+        doc = value  # a bare token of digits
     if isinstance(doc, dict):
-        known = [k for k in _TOKEN_KEYS if k in doc]
-        found = doc[known[0]] if known else next(iter(doc.values())) if len(doc) == 1 else None
-        if not isinstance(found, str) or not found.strip():
-            keys = ", ".join(sorted(map(str, doc))[:10]) or "none"
-            raise UsageError(
-                f"the secret {secret} holds no app token: expected the bare token, or JSON with "
-                f'it as "app_token" or as its only member (its keys: {keys})'
-            )
-        return found.strip()
-    token = (doc if isinstance(doc, str) else value).strip()  # a JSON string, or the bare token
-    if not token:
-        raise UsageError(f"the secret {secret} holds no app token: it is blank")
-    return token
+        known = [doc[k] for k in _TOKEN_KEYS if isinstance(doc.get(k), str) and doc[k].strip()]
+        only = list(doc.values()) if len(doc) == 1 else []
+        doc = known[0] if known else only[0] if only else None
+    if not isinstance(doc, str) or not doc.strip():
+        # what it holds is never quoted: an operator may have put the token in a key's place
+        raise UsageError(
+            f"the secret {secret} holds no app token: expected the bare token, or JSON with it "
+            'as "app_token" or as the value of its only member'
+        )
+    return doc.strip()
 
 
 def _mask(exc: BaseException, token: str | None) -> None:

@@ -286,8 +286,6 @@ class Update(DatasetJob):
         them, so that updates never make readers of the current state (export, verify,
         reconcile) hold more keys of later batches than that share of the snapshot's (see
         `current._winners`); or whether `REFRESH_BATCHES` were landed since it."""
-        if self.opts.workers is not None and self.opts.workers < 2:
-            return False
         snapshot, *later = landed.manifest.current_batches()
         if len(later) >= REFRESH_BATCHES:
             result.message = (
@@ -298,6 +296,8 @@ class Update(DatasetJob):
             result.refreshed = True
             logger.info("%s: %s", self.dataset.name, result.message)
             return True
+        if self.opts.workers is not None and self.opts.workers < 2:
+            return False  # one stream of changes is as fast as a snapshot with one worker
         since = sum(b.rows for b in later)
         changed = self.source.count(_changed_after(watermark, until))
         if not snapshot.rows or changed + since <= REFRESH_SHARE * snapshot.rows:
