@@ -223,6 +223,10 @@ def test_a_closed_clients_token_masks_no_later_text(
         "Zq8m/t3vL+x2N9&#x3D;",  # HTML, `=` alone (Handlebars)
         "Zq8m\\u002ft3vL\\u002Bx2N9=",  # JSON's \\u escapes
         "Zq8m\\/t3vL+x2N9=",  # JSON's escaped slash
+        "Zq8m%252Ft3vL%252Bx2N9%253D",  # a URL inside a URL's query, encoded twice
+        "Zq8m\\\\/t3vL+x2N9=",  # JSON quoted in a JSON string
+        "Zq8m&sol;t3vL&plus;x2N9&equals;",  # HTML5's names (PHP's htmlentities)
+        "Zq8m&amp;#x2F;t3vL+x2N9=",  # HTML escaped twice
     ],
 )
 def test_a_token_echoed_by_any_escaper_is_masked(
@@ -251,3 +255,11 @@ def test_two_tokens_that_overlap_leave_no_part_of_either(
     ):
         assert "FIRST" not in shown, shown
         assert "second" not in shown, shown
+
+
+def test_a_token_of_undecodable_bytes_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A SOCRATA_APP_TOKEN of bytes that are not UTF-8 (the environment gives lone surrogates)
+    is refused, masked, in one line: not a traceback."""
+    res = cli("status", "crashes", "--dest", str(tmp_path), env={"SOCRATA_APP_TOKEN": "ab\udcffcd"})
+    assert res.code == 2, res.text
+    assert "app token" in res.err, res.err

@@ -73,6 +73,7 @@ from .settings import TABLE_ENV, check_table_format
 from .sink.formats import FORMATS
 from .sink.storage import Storage, open_storage
 from .socrata.client import SodaClient, validate_base_url
+from .socrata.setup import check_app_token
 from .source import DatasetSource
 from .state import DatasetState
 
@@ -163,13 +164,16 @@ def _token_in_secret(value: str, secret: str) -> str:
         known = [doc[k] for k in _TOKEN_KEYS if isinstance(doc.get(k), str) and doc[k].strip()]
         only = list(doc.values()) if len(doc) == 1 else []
         doc = known[0] if known else only[0] if only else None
+    # what it holds is never quoted: an operator may have put the token in a key's place
+    expected = 'expected the bare token, or JSON with it as "app_token" or as its only member'
     if not isinstance(doc, str) or not doc.strip():
-        # what it holds is never quoted: an operator may have put the token in a key's place
+        raise UsageError(f"the secret {secret} holds no app token: {expected}")
+    try:
+        return check_app_token(doc) or ""
+    except UsageError:  # JSON that does not parse (a pasted dict, a trailing comma), or worse
         raise UsageError(
-            f"the secret {secret} holds no app token: expected the bare token, or JSON with it "
-            'as "app_token" or as the value of its only member'
-        )
-    return doc.strip()
+            f"the secret {secret} holds text no app token is made of: {expected}"
+        ) from None
 
 
 def _mask(exc: BaseException, token: str | None) -> None:

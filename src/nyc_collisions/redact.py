@@ -37,7 +37,19 @@ def _tokens(token: str | None) -> list[str]:
     return sorted({t for t in (token, *_KNOWN) if t and t.strip()})
 
 
-_NAMED = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&apos;"}
+# HTML's names for the characters a token or a quoted text may hold (HTML5 names some more)
+_NAMED = {
+    "&": ["amp"],
+    "<": ["lt"],
+    ">": ["gt"],
+    '"': ["quot"],
+    "'": ["apos"],
+    "/": ["sol"],
+    "+": ["plus"],
+    "=": ["equals"],
+    ".": ["period"],
+    "_": ["lowbar", "UnderBar"],
+}
 
 
 def _hex(number: int, width: int) -> str:
@@ -45,24 +57,37 @@ def _hex(number: int, width: int) -> str:
     return "".join(f"[{d}{d.lower()}]" if d.isalpha() else d for d in f"{number:0{width}X}")
 
 
+def _utf8(text: str) -> bytes:
+    """`text` in UTF-8; a lone surrogate (undecodable bytes of a token read from the
+    environment) as the byte it stands for."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
 def _char(c: str) -> str:
-    """A regex for one character of a token as any escaper may spell it: itself, JSON's `\\/`
-    and `\\uXXXX`, a percent escape (`+` for a space), an HTML entity in decimal, hex or by
-    name, hex digits in either case. Escapers differ in which characters they escape, so each
-    character is matched in any of its spellings."""
+    """A regex for one character of a token as any escaper may spell it, once or escaped
+    again (a URL inside a URL, JSON inside JSON, HTML of HTML): itself, a percent escape (`+`
+    for a space), JSON's `\\/` and `\\uXXXX`, an HTML entity in decimal, hex or by name, hex
+    digits in either case. Escapers differ in which characters they escape, so each character
+    is matched in any of its spellings."""
     if c.isascii() and c.isalnum():
         return c
     code = ord(c)
-    spellings = [re.escape(c), "".join("%" + _hex(b, 2) for b in c.encode())]
-    spellings += [f"&#0*{code};", f"&#[xX]0*{_hex(code, 1)};"]
+    utf8 = _utf8(c)
+    entity = f"#0*{code}|#[xX]0*{_hex(code, 1)}" + "".join(f"|{n}" for n in _NAMED.get(c, []))
+    spellings = [
+        re.escape(c),
+        "".join("%(?:25)*" + _hex(b, 2) for b in utf8),
+        f"&(?:amp;)*(?:{entity});",
+    ]
     if code <= 0xFFFF:
-        spellings.append(r"\\u" + _hex(code, 4))
+        spellings.append(r"\\+u" + _hex(code, 4))
     if c == "/":
-        spellings.append(r"\\/")
+        spellings.append(r"\\+/")
     if c == " ":
         spellings.append(r"\+")
-    if c in _NAMED:
-        spellings.append(re.escape(_NAMED[c]))
     return "(?:" + "|".join(spellings) + ")"
 
 
@@ -70,7 +95,7 @@ def _char(c: str) -> str:
 def _matcher(token: str) -> tuple[re.Pattern[str], re.Pattern[bytes]]:
     """`token` in any spelling (`_char`), as a str and a bytes regex."""
     pattern = "".join(_char(c) for c in token.strip())
-    return re.compile(pattern), re.compile(pattern.encode())
+    return re.compile(pattern), re.compile(_utf8(pattern))
 
 
 def _masked(text: AnyStr, patterns: list[re.Pattern[AnyStr]], mask: AnyStr) -> AnyStr:
