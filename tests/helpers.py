@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,3 +228,30 @@ def paced_crashes() -> FakeSoda:
     latency = Latency(base=0.05, per_row=0.0, per_skipped=0.0, max_concurrent=3, metadata=0.0)
     sizes = {NAMES["crashes"]: 3000, NAMES["persons"]: 10, NAMES["vehicles"]: 10}
     return FakeSoda(sizes=sizes, seed=3, latency=latency)
+
+
+def stopped_snapshot(
+    srv: FakeSoda,
+    tmp_path: Path,
+    common: list[str],
+    change: Callable[[], None],
+    before: Callable[[], None] = lambda: None,
+) -> Path:
+    """A landing with a `backfill --force` over it stopped (as a kill would) after some files
+    and before its end: each try lands afresh (`before`, then a backfill), `change`s the source,
+    then stops the new snapshot at a longer time budget. Returns the landing's folder."""
+    for i, budget in enumerate((0.8, 1.6, 3.2, 6.4)):
+        dest = tmp_path / f"land-{budget}"
+        if i:
+            before()
+        res = cli("backfill", *common, "--dest", str(dest))
+        assert res.code == 0, res.text
+        change()
+        first = cli(
+            "backfill", *common, "--force", "--dest", str(dest), "--max-seconds", str(budget)
+        )
+        assert first.code in (0, 3), first.text
+        parts = list(dest.glob("*/runs/*/parts/*.json"))
+        if first.code == 3 and sum(json.loads(p.read_bytes())["rows"] for p in parts):
+            return dest
+    raise AssertionError("no budget stopped the backfill after a committed file")

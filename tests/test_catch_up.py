@@ -15,7 +15,7 @@ from nyc_collisions import incremental
 from nyc_collisions.errors import Interrupted, RetriesStopped
 from nyc_collisions.source import DatasetSource
 from tests.fake_soda import FakeSoda, Latency
-from tests.helpers import NAMES, cli, exact
+from tests.helpers import NAMES, cli, exact, stopped_snapshot
 
 CRASHES = NAMES["crashes"]
 
@@ -241,23 +241,14 @@ def test_a_reconcile_whose_new_columns_resumed_a_stopped_snapshot_still_finds_de
     latency = Latency(base=0.2, per_row=0.0, per_skipped=0.0, max_concurrent=3)
     with FakeSoda(sizes=sizes, seed=5, latency=latency) as srv:
         common = ["crashes", "--source", srv.url, "--page-size", "100", "--file-rows", "200"]
-        for budget in (0.8, 1.6, 3.2, 6.4):
-            dest = tmp_path / f"land-{budget}"
-            if budget > 0.8:
-                srv.drop_column(NAMES["crashes"], "weather")
-            res = cli("backfill", *common, "--dest", str(dest))
-            assert res.code == 0, res.text
-            srv.add_column(NAMES["crashes"], "weather", "text")
-            # a snapshot in the new columns, stopped (as a kill would) after some files
-            first = cli(
-                "backfill", *common, "--force", "--dest", str(dest), "--max-seconds", str(budget)
-            )
-            assert first.code in (0, 3), first.text
-            parts = list(dest.glob("crashes/runs/*/parts/*.json"))
-            if first.code == 3 and sum(json.loads(p.read_bytes())["rows"] for p in parts):
-                break
-        else:
-            raise AssertionError("no budget stopped the backfill after a committed file")
+        # the stopped snapshot is in the new columns; each try lands the old ones first
+        dest = stopped_snapshot(
+            srv,
+            tmp_path,
+            common,
+            change=lambda: srv.add_column(NAMES["crashes"], "weather", "text"),
+            before=lambda: srv.drop_column(NAMES["crashes"], "weather"),
+        )
         srv.delete(NAMES["crashes"], 300)  # some of them in ranges the stopped run landed
         res = cli("reconcile", "crashes", "--source", srv.url, "--dest", str(dest))
         assert res.code == 0, res.text

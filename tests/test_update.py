@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.fake_soda import FakeSoda, Latency
-from tests.helpers import NAMES, cli, each_destination_and_format, exact
+from tests.helpers import NAMES, cli, each_destination_and_format, exact, stopped_snapshot
 
 
 def land(srv: FakeSoda, dest: str, *extra: str) -> None:
@@ -423,21 +423,8 @@ def test_an_update_resuming_a_stopped_snapshot_lands_the_rows_changed_since_it_b
     latency = Latency(base=0.2, per_row=0.0, per_skipped=0.0, max_concurrent=3)
     with FakeSoda(sizes=sizes, seed=3, latency=latency) as srv:
         common = ["crashes", "--source", srv.url, "--page-size", "100", "--file-rows", "200"]
-        for budget in (0.8, 1.6, 3.2, 6.4):
-            dest = tmp_path / f"land-{budget}"
-            res = cli("backfill", *common, "--dest", str(dest))
-            assert res.code == 0, res.text
-            srv.replace(NAMES["crashes"])  # every row changed: the next update lands a snapshot
-            # a new snapshot, stopped (as a kill would) after some files and before the end
-            first = cli(
-                "backfill", *common, "--force", "--dest", str(dest), "--max-seconds", str(budget)
-            )
-            assert first.code in (0, 3), first.text
-            parts = list(dest.glob("crashes/runs/*/parts/*.json"))
-            if first.code == 3 and sum(json.loads(p.read_bytes())["rows"] for p in parts):
-                break
-        else:
-            raise AssertionError("no budget stopped the backfill after a committed file")
+        # every row changed: the next update lands a snapshot (resuming the stopped one)
+        dest = stopped_snapshot(srv, tmp_path, common, lambda: srv.replace(NAMES["crashes"]))
         # the source changes after that run began: inserted rows get `:id`s all over the range,
         # so some fall below where the stopped run's partitions have already landed
         srv.insert(NAMES["crashes"], 200)
