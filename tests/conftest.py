@@ -141,7 +141,7 @@ def lambda_env(bucket: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Environment as the SAM template sets it; the token lives in Secrets Manager."""
     import boto3
 
-    from nyc_collisions import aws
+    from nyc_collisions import lambda_token
 
     secret = "nyc-collisions/socrata-app-token"
     sm = boto3.client("secretsmanager")
@@ -153,9 +153,9 @@ def lambda_env(bucket: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setenv("NYC_COLLISIONS_DEST", dest)
     monkeypatch.setenv("SOCRATA_APP_TOKEN_SECRET", secret)
     monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes,persons,vehicles")
-    aws._token_cache.clear()
+    lambda_token._token_cache.clear()
     yield dest
-    aws._token_cache.clear()
+    lambda_token._token_cache.clear()
 
 
 @pytest.fixture

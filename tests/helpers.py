@@ -200,13 +200,13 @@ class Context:
 
 def invoke(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
     """The Lambda handler run as a fresh invocation (no app token cached from an earlier one)."""
-    from nyc_collisions import aws
+    from nyc_collisions import aws, lambda_token
 
-    aws._token_cache.clear()
+    lambda_token._token_cache.clear()
     try:
         return aws.handler(event, context)
     finally:
-        aws._token_cache.clear()
+        lambda_token._token_cache.clear()
 
 
 def deadline_past_for(names: set[str]) -> type[Reconcile]:

@@ -15,7 +15,7 @@ import boto3
 import httpx
 import pytest
 
-from nyc_collisions import aws, daily
+from nyc_collisions import aws, daily, lambda_token
 from nyc_collisions.drift import SchemaChange
 from nyc_collisions.errors import UsageError
 from nyc_collisions.report import _epoch
@@ -305,11 +305,11 @@ def test_what_the_source_named_comes_back_without_the_token(
             return result
 
     monkeypatch.setattr(daily, "Update", Drifting)
-    aws._token_cache.clear()
+    lambda_token._token_cache.clear()
     try:
         response = aws.handler({"command": "update"}, Context(60))
     finally:
-        aws._token_cache.clear()
+        lambda_token._token_cache.clear()
     text = json.dumps(response)
     assert "***" in text
     assert GOOD_TOKEN not in text
@@ -649,11 +649,38 @@ def test_the_token_secret_in_each_form_an_operator_stores(
     nothing would say why)."""
     name = os.environ["SOCRATA_APP_TOKEN_SECRET"]
     boto3.client("secretsmanager").put_secret_value(SecretId=name, SecretString=stored)
-    aws._token_cache.clear()
+    lambda_token._token_cache.clear()
     if token is not None:
         assert aws.app_token() == token
         return
     with pytest.raises(UsageError, match=f"the secret {name} holds") as caught:
         aws.app_token()
     assert "val-" not in str(caught.value)  # what a secret holds is never quoted
+    assert "Zq8mT3vL" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("stored", "token"),
+    [
+        (" Zq8mT3vLx2N9pQ7rW4sY6uA1b\n", "Zq8mT3vLx2N9pQ7rW4sY6uA1b"),
+        ("   ", None),
+        ('{"app_token": "Zq8mT3vLx2N9pQ7rW4sY6uA1b"}', None),  # a parameter holds the bare token
+        ("Zq8mT3vL x2N9pQ7rW4sY6uA1b", None),
+    ],
+)
+def test_the_token_parameter_holds_the_bare_token(
+    lambda_env: str, monkeypatch: pytest.MonkeyPatch, stored: str, token: str | None
+) -> None:
+    """An SSM parameter that holds no token, or text no token is made of, is an error naming
+    the parameter (not SOCRATA_APP_TOKEN, which the function does not set), never quoting it."""
+    name = "/nyc-collisions/socrata-app-token"
+    boto3.client("ssm").put_parameter(Name=name, Value=stored, Type="SecureString", Overwrite=True)
+    monkeypatch.delenv("SOCRATA_APP_TOKEN_SECRET", raising=False)
+    monkeypatch.setenv("SOCRATA_APP_TOKEN_PARAMETER", name)
+    lambda_token._token_cache.clear()
+    if token is not None:
+        assert aws.app_token() == token
+        return
+    with pytest.raises(UsageError, match=f"the SSM parameter {name} holds") as caught:
+        aws.app_token()
     assert "Zq8mT3vL" not in str(caught.value)

@@ -420,14 +420,14 @@ def test_bad_environment_values(soda: FakeSoda, tmp_path: Path, var: str, value:
 def test_bad_environment_values_in_lambda(
     soda: FakeSoda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, var: str, value: str
 ) -> None:
-    from nyc_collisions import aws
+    from nyc_collisions import aws, lambda_token
     from nyc_collisions.errors import UsageError
 
     monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
     monkeypatch.setenv("NYC_COLLISIONS_DEST", str(tmp_path / "l"))
     monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
     monkeypatch.setenv(var, value)
-    aws._token_cache.clear()
+    lambda_token._token_cache.clear()
     with pytest.raises(UsageError) as caught:
         aws.handler({"command": "backfill"}, None)
     assert len(str(caught.value).splitlines()) == 1

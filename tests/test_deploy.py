@@ -33,7 +33,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from nyc_collisions import aws, errors, metrics
+from nyc_collisions import aws, errors, lambda_token, metrics
 from nyc_collisions.datasets import DEFAULT_DATASETS, resolve
 from nyc_collisions.reconcile_schedule import since_from_event
 from nyc_collisions.sink.formats import FORMATS
@@ -1211,12 +1211,12 @@ def test_a_table_run_on_an_image_without_deltalake_stops_at_its_start(
     monkeypatch.setenv("SOCRATA_APP_TOKEN", "not-a-token")
     # nothing listens there: reaching the source would fail differently
     monkeypatch.setenv("SOCRATA_BASE_URL", "https://127.0.0.1:9")
-    aws._token_cache.clear()
+    lambda_token._token_cache.clear()
     try:
         with pytest.raises(errors.UsageError) as caught:
             aws.handler({"command": "update"}, None)
     finally:
-        aws._token_cache.clear()
+        lambda_token._token_cache.clear()
     message = str(caught.value)
     assert "deltalake" in message
     assert "\n" not in message

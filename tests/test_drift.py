@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 
 import nyc_collisions
-from nyc_collisions import aws
+from nyc_collisions import aws, lambda_token
 from nyc_collisions.manifest import Batch
 from nyc_collisions.schema import Column, Schema
 from nyc_collisions.sink.files import FileEntry, FileRotation
@@ -255,7 +255,7 @@ def test_the_lambda_update_lands_drift_and_reports_it(
     monkeypatch.setenv("SOCRATA_BASE_URL", srv.url)
     monkeypatch.setenv("SOCRATA_APP_TOKEN", GOOD_TOKEN)
     monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes,persons")
-    aws._token_cache.clear()
+    lambda_token._token_cache.clear()
     land(srv, dest, "parquet")
     try:
         for cycle in range(3):
@@ -276,7 +276,7 @@ def test_the_lambda_update_lands_drift_and_reports_it(
         again = aws.handler({"command": "update"}, None)
         assert all("schema_change" not in r for r in again["results"])
     finally:
-        aws._token_cache.clear()
+        lambda_token._token_cache.clear()
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import nyc_collisions
-from nyc_collisions import aws
+from nyc_collisions import aws, lambda_token
 from nyc_collisions.errors import SourceRejected
 from tests.conftest import GOOD_TOKEN
 from tests.fake_soda import FakeSoda
@@ -78,13 +78,13 @@ def test_lambda_refuses_a_redirect_to_another_origin(
     monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
     monkeypatch.setenv("NYC_COLLISIONS_DEST", str(dest))
     monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
-    aws._token_cache.clear()
+    lambda_token._token_cache.clear()
     soda.add_fault("redirect", times=None, match=METADATA, location=elsewhere.url)
     try:
         with pytest.raises(SourceRejected, match="redirect"):
             aws.handler({"command": "backfill"}, None)
     finally:
-        aws._token_cache.clear()
+        lambda_token._token_cache.clear()
     never_saw_the_token(elsewhere)
     nothing_committed(dest)
 
@@ -149,7 +149,7 @@ def test_api_and_lambda_refuse_plain_http_to_another_host(
     monkeypatch.setenv("SOCRATA_BASE_URL", REMOTE_HTTP)
     monkeypatch.setenv("NYC_COLLISIONS_DEST", str(tmp_path / "land"))
     monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
-    aws._token_cache.clear()
+    lambda_token._token_cache.clear()
     with pytest.raises(nyc_collisions.UsageError, match="SOCRATA_BASE_URL"):
         aws.handler({"command": "backfill"}, None)
     assert not (tmp_path / "land").exists()
@@ -202,12 +202,12 @@ def lambda_failure(
     mp.setenv("NYC_COLLISIONS_DATASETS", "crashes")
     mp.setenv("NYC_COLLISIONS_RETRIES", "2")
     mp.setenv("NYC_COLLISIONS_RETRY_BASE", "0.01")
-    aws._token_cache.clear()
+    lambda_token._token_cache.clear()
     try:
         with pytest.raises(raised) as caught:
             aws.handler({"command": "backfill"}, None)
     finally:
-        aws._token_cache.clear()
+        lambda_token._token_cache.clear()
     return str(caught.value)
 
 

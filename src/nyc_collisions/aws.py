@@ -50,6 +50,7 @@ from .daily import DailyRun, update_then_reconcile
 from .datasets import Dataset, resolve_many
 from .errors import NycCollisionsError, UsageError
 from .extract import RunOptions, backfill
+from .lambda_token import app_token
 from .metrics import (
     DatasetMetrics,
     RetryMeter,
@@ -73,14 +74,12 @@ from .settings import TABLE_ENV, check_table_format
 from .sink.formats import FORMATS
 from .sink.storage import Storage, open_storage
 from .socrata.client import SodaClient, validate_base_url
-from .socrata.setup import check_app_token
 from .source import DatasetSource
 from .state import DatasetState
 
 logger = logging.getLogger("nyc_collisions.aws")
 SAFETY_SECONDS = 90.0  # stop this long before Lambda's deadline (a quarter of short budgets)
 STATE_MACHINE = "NYC_COLLISIONS_STATE_MACHINE"
-_token_cache: dict[str, str | None] = {}
 
 
 class NotFinished(NycCollisionsError):
@@ -121,59 +120,6 @@ def _configure_logging(token: str | None) -> None:
     root.setLevel(logging.INFO)
     for noisy in ("botocore", "boto3", "urllib3", "httpx", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def app_token() -> str | None:
-    """The Socrata app token: from the environment, Secrets Manager or SSM (cached). A secret or
-    parameter that is named but holds no token is an error: a run without the token would go on
-    throttled, and nothing would say why."""
-    if "token" in _token_cache:
-        return _token_cache["token"]
-    token = os.environ.get("SOCRATA_APP_TOKEN", "").strip() or None
-    secret = os.environ.get("SOCRATA_APP_TOKEN_SECRET")
-    parameter = os.environ.get("SOCRATA_APP_TOKEN_PARAMETER")
-    if token is None and secret:
-        import boto3
-
-        value = boto3.client("secretsmanager").get_secret_value(SecretId=secret)["SecretString"]
-        token = _token_in_secret(value, secret)
-    elif token is None and parameter:
-        import boto3
-
-        got = boto3.client("ssm").get_parameter(Name=parameter, WithDecryption=True)
-        token = got["Parameter"]["Value"].strip()
-        if not token:
-            raise UsageError(f"the SSM parameter {parameter} holds no app token: it is blank")
-    _token_cache["token"] = token
-    return token
-
-
-_TOKEN_KEYS = ("app_token", "token", "SOCRATA_APP_TOKEN")
-
-
-def _token_in_secret(value: str, secret: str) -> str:
-    """The token a secret holds: the bare token, or JSON with it under one of `_TOKEN_KEYS` or
-    as its only member (the console's key/value form, under a key of the operator's)."""
-    try:
-        doc = orjson.loads(value)
-    except orjson.JSONDecodeError:
-        doc = value  # the bare token
-    if isinstance(doc, int | float) and not isinstance(doc, bool):
-        doc = value  # a bare token of digits
-    if isinstance(doc, dict):
-        known = [doc[k] for k in _TOKEN_KEYS if isinstance(doc.get(k), str) and doc[k].strip()]
-        only = list(doc.values()) if len(doc) == 1 else []
-        doc = known[0] if known else only[0] if only else None
-    # what it holds is never quoted: an operator may have put the token in a key's place
-    expected = 'expected the bare token, or JSON with it as "app_token" or as its only member'
-    if not isinstance(doc, str) or not doc.strip():
-        raise UsageError(f"the secret {secret} holds no app token: {expected}")
-    try:
-        return check_app_token(doc) or ""
-    except UsageError:  # JSON that does not parse (a pasted dict, a trailing comma), or worse
-        raise UsageError(
-            f"the secret {secret} holds text no app token is made of: {expected}"
-        ) from None
 
 
 def _mask(exc: BaseException, token: str | None) -> None:

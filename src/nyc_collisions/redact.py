@@ -77,15 +77,17 @@ def _char(c: str) -> str:
     code = ord(c)
     utf8 = _utf8(c)
     entity = f"#0*{code}|#[xX]0*{_hex(code, 1)}" + "".join(f"|{n}" for n in _NAMED.get(c, []))
+    # escaped again up to three times: bounded, so that a run of `%25`s, `&amp;`s or
+    # backslashes costs each place it is tried a few steps, never the rest of the run
     spellings = [
         re.escape(c),
-        "".join("%(?:25)*" + _hex(b, 2) for b in utf8),
-        f"&(?:amp;)*(?:{entity});",
+        "".join("%(?:25){0,3}" + _hex(b, 2) for b in utf8),
+        f"&(?:amp;){{0,3}}(?:{entity});",
     ]
     if code <= 0xFFFF:
-        spellings.append(r"\\+u" + _hex(code, 4))
+        spellings.append(r"\\{1,15}u" + _hex(code, 4))
     if c == "/":
-        spellings.append(r"\\+/")
+        spellings.append(r"\\{1,15}/")
     if c == " ":
         spellings.append(r"\+")
     return "(?:" + "|".join(spellings) + ")"

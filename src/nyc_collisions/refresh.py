@@ -1,5 +1,6 @@
 """Land a fresh snapshot under the lease of an `update` or a `reconcile`: when most rows changed
-(a publisher's full replace), or when the source's columns changed (schema drift).
+(a publisher's full replace), when 100 batches were landed since the last snapshot, or when the
+source's columns changed (schema drift).
 
 The snapshot is landed as a backfill lands one (`snapshot.land_snapshot`): over the partitions
 at once, resumable from its committed files if the run stops, committed in one manifest write

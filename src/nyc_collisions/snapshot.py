@@ -1,7 +1,8 @@
 """Land one snapshot of a dataset: plan -> partitions fetched at once -> files -> one commit.
 
 The one way a snapshot is landed: a backfill calls `land_snapshot`, and so do an update or a
-reconcile that land a fresh snapshot instead (a full replace, new columns), under their lease.
+reconcile that land a fresh snapshot instead (a full replace, 100 batches since the last one, new
+columns), under their lease.
 
 1. an unfinished run that fits (format, columns, key) is resumed from its committed files,
    unless rows were removed since it began (a reconcile's tombstones, a compaction: its rows

@@ -111,7 +111,8 @@ def backfill_cmd(
 @file_rows_option("Rows per landed file (each file is committed as it is written).")
 @concurrency_options(
     "When most rows changed (a full replace), a fresh snapshot is landed over partitions "
-    "instead of one stream of changes: fix its requests in flight; 1 = always the stream."
+    "instead of one stream of changes: fix its requests in flight; 1 = the stream then (100 "
+    "batches since the last snapshot land one with any)."
 )
 @click.option(
     "--reconcile",
@@ -275,7 +276,7 @@ def compact_cmd(
     \b
     Example: nyc-collisions compact crashes --prune
     """
-    from ..incremental import compact
+    from ..compact import compact
 
     setup_logging(verbose)
     started = time.monotonic()
