@@ -23,7 +23,7 @@ from nyc_collisions.schema import Column
 from tests.cfn import load_template
 from tests.conftest import GOOD_TOKEN, SMALL
 from tests.fake_soda import FakeSoda, Latency
-from tests.helpers import NAMES, Context, cli, deadline_past_for, exact
+from tests.helpers import NAMES, Context, cli, deadline_past_for, exact, invoke
 
 
 @pytest.fixture
@@ -182,6 +182,34 @@ def _metrics_of(docs: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], 
     per_dataset = {d["Dataset"]: d for d in docs if "Dataset" in d and d["Command"] == "update"}
     (run,) = [d for d in docs if "UpdateCompleted" in d]
     return per_dataset, run
+
+
+def test_rows_changed_on_the_day_an_update_lands_a_fresh_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`RowsChanged` is the rows the source changed since the last run, also on the day the
+    update lands a fresh snapshot because `REFRESH_BATCHES` were landed (its bound made small:
+    the same path as 100): a day's changes, not the dataset's size."""
+    from nyc_collisions import incremental
+
+    monkeypatch.setattr(incremental, "REFRESH_BATCHES", 3)
+    dest = str(tmp_path / "land")
+    crashes = NAMES["crashes"]
+    with FakeSoda(sizes={crashes: 3000}, seed=5, tokens=(GOOD_TOKEN,)) as soda:
+        monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
+        monkeypatch.setenv("SOCRATA_APP_TOKEN", GOOD_TOKEN)
+        monkeypatch.setenv("NYC_COLLISIONS_DEST", dest)
+        monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
+        assert cli("backfill", "crashes", "--source", soda.url, "--dest", dest).code == 0
+        seen = []
+        for _day in range(4):
+            soda.insert(crashes, 3)
+            soda.edit(crashes, 3)
+            capsys.readouterr()
+            (result,) = invoke({"command": "update"}, Context(300))["results"]
+            per_dataset, _ = _metrics_of(_emf(capsys.readouterr().out))
+            seen.append((result.get("refreshed", False), per_dataset["crashes"]["RowsChanged"]))
+    assert seen == [(False, 6), (False, 6), (False, 6), (True, 6)]
 
 
 @pytest.mark.smoke

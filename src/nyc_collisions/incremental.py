@@ -281,26 +281,26 @@ class Update(DatasetJob):
         reconcile) hold more keys of later batches than that share of the snapshot's (see
         `current._winners`); or whether `REFRESH_BATCHES` were landed since it."""
         snapshot, *later = landed.manifest.current_batches()
-        if len(later) >= REFRESH_BATCHES:
+        many = len(later) >= REFRESH_BATCHES
+        if not many and self.opts.workers is not None and self.opts.workers < 2:
+            return False  # one stream of changes is as fast as a snapshot with one worker
+        since = sum(b.rows for b in later)
+        changed = self.source.count(_changed_after(watermark, until))
+        if many:
             result.message = (
                 f"{len(later):,} batches landed since the last snapshot: landed a fresh snapshot "
                 "over partitions, as a backfill does (the current state's readers read each "
                 "batch)"
             )
-            result.refreshed = True
-            logger.info("%s: %s", self.dataset.name, result.message)
-            return True
-        if self.opts.workers is not None and self.opts.workers < 2:
-            return False  # one stream of changes is as fast as a snapshot with one worker
-        since = sum(b.rows for b in later)
-        changed = self.source.count(_changed_after(watermark, until))
-        if not snapshot.rows or changed + since <= REFRESH_SHARE * snapshot.rows:
+        elif not snapshot.rows or changed + since <= REFRESH_SHARE * snapshot.rows:
             return False
-        result.message = (
-            f"{changed:,} rows changed since the watermark and {since:,} landed since the last "
-            f"snapshot, against its {snapshot.rows:,}: landed a fresh snapshot over partitions, "
-            "as a backfill does"
-        )
+        else:
+            result.message = (
+                f"{changed:,} rows changed since the watermark and {since:,} landed since the "
+                f"last snapshot, against its {snapshot.rows:,}: landed a fresh snapshot over "
+                "partitions, as a backfill does"
+            )
+        result.changed = changed  # of the snapshot's rows, those the source changed
         result.refreshed = True
         logger.info("%s: %s", self.dataset.name, result.message)
         return True

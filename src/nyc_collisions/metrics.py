@@ -58,9 +58,10 @@ class DatasetMetrics:
 
 def rows_changed(command: str, r: DatasetResult) -> int | None:
     """Rows the source changed since the last run, as this run saw them: an update's rows past
-    the watermark (all of a refreshed snapshot's), a reconcile's missing + stale + vanished."""
+    the watermark (counted by the source when it landed a fresh snapshot instead), a
+    reconcile's missing + stale + vanished."""
     if command == "update":
-        return r.rows
+        return r.rows if r.changed is None else r.changed
     if command == "reconcile":
         return 0 if r.reconciled is None else r.reconciled.changed
     return None

@@ -45,6 +45,7 @@ class DatasetResult:
     splits: int = 0  # ranges a snapshot's fetch split
     watermark: Watermark | None = None  # after an update, or a fresh snapshot under one
     refreshed: bool = False  # an update or reconcile landed a fresh snapshot instead
+    changed: int | None = None  # rows changed past the watermark, when an update refreshed
     reconciled: ReconcileCounts | None = None
     pruned_batches: int | None = None  # batches `compact --prune` or a fresh snapshot retired
     table_error: str | None = None  # the table's sync failed (the landed data is committed)
