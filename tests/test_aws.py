@@ -212,6 +212,42 @@ def test_rows_changed_on_the_day_an_update_lands_a_fresh_snapshot(
     assert seen == [(False, 6), (False, 6), (False, 6), (True, 6)]
 
 
+def test_rows_changed_of_a_fresh_snapshot_the_deadline_stops_count_once_over_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every row replaced: the update lands a fresh snapshot, which the deadline stops and the
+    loop's invocations resume. A stopped one has committed nothing, so the rows it changed are
+    counted once, by the invocation that commits the snapshot."""
+    import nyc_collisions.extract as extract
+
+    monkeypatch.setattr(extract.RunOptions, "__init__", _small_files(extract.RunOptions))
+    dest = str(tmp_path / "land")
+    crashes = NAMES["crashes"]
+    latency = Latency(base=0.2, per_row=0.0, per_skipped=0.0, max_concurrent=3, metadata=0.0)
+    with FakeSoda(sizes={crashes: 3000}, seed=5, tokens=(GOOD_TOKEN,), latency=latency) as soda:
+        monkeypatch.setenv("SOCRATA_BASE_URL", soda.url)
+        monkeypatch.setenv("SOCRATA_APP_TOKEN", GOOD_TOKEN)
+        monkeypatch.setenv("NYC_COLLISIONS_DEST", dest)
+        monkeypatch.setenv("NYC_COLLISIONS_DATASETS", "crashes")
+        monkeypatch.delenv(aws.STATE_MACHINE, raising=False)
+        assert cli("backfill", "crashes", "--source", soda.url, "--dest", dest).code == 0
+        soda.replace(crashes)
+        changed, event = [], {"command": "update"}
+        for _ in range(30):
+            capsys.readouterr()
+            try:
+                done = invoke(event, Context(2.0))["done"]
+            except aws.NotFinished:
+                done = False
+            per_dataset, _ = _metrics_of(_emf(capsys.readouterr().out))
+            changed.append(per_dataset["crashes"]["RowsChanged"])
+            if done:
+                break
+            event = {"command": "update", "loop": True}
+    assert len(changed) > 1, changed  # the deadline stopped the snapshot at least once
+    assert sum(changed) == 3000, changed
+
+
 @pytest.mark.smoke
 def test_metrics_of_a_scheduled_update(
     soda: FakeSoda,
@@ -712,3 +748,4 @@ def test_the_token_parameter_holds_the_bare_token(
     with pytest.raises(UsageError, match=f"the SSM parameter {name} holds") as caught:
         aws.app_token()
     assert "Zq8mT3vL" not in str(caught.value)
+    assert "JSON" not in str(caught.value)  # a parameter is read as the bare token

@@ -155,6 +155,8 @@ class Update(DatasetJob):
         until = latest.result()
         if until is not None and self._refresh_instead(landed, watermark, until, result):
             land_fresh(self, stop, result, fmt)
+            if result.status == "stopped":  # counted by the run that commits it
+                result.changed = 0
             self._catch_up(lambda: until, fmt, stop, result)
             return
         try:

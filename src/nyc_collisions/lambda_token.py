@@ -14,7 +14,7 @@ from .socrata.setup import check_app_token
 
 _token_cache: dict[str, str | None] = {}
 _TOKEN_KEYS = ("app_token", "token", "SOCRATA_APP_TOKEN")
-_EXPECTED = 'expected the bare token, or JSON with it as "app_token" or as its only member'
+_IN_SECRET = 'expected the bare token, or JSON with it as "app_token" or as its only member'  # noqa: S105 (a message)
 
 
 def app_token() -> str | None:
@@ -30,12 +30,13 @@ def app_token() -> str | None:
         import boto3
 
         value = boto3.client("secretsmanager").get_secret_value(SecretId=secret)["SecretString"]
-        token = _checked(_token_in_secret(value), f"the secret {secret}")
+        token = _checked(_token_in_secret(value), f"the secret {secret}", _IN_SECRET)
     elif token is None and parameter:
         import boto3
 
         got = boto3.client("ssm").get_parameter(Name=parameter, WithDecryption=True)
-        token = _checked(got["Parameter"]["Value"], f"the SSM parameter {parameter}")
+        where = f"the SSM parameter {parameter}"
+        token = _checked(got["Parameter"]["Value"], where, "expected the bare token")
     _token_cache["token"] = token
     return token
 
@@ -57,12 +58,12 @@ def _token_in_secret(value: str) -> str:
     return doc if isinstance(doc, str) else ""
 
 
-def _checked(text: str, where: str) -> str:
+def _checked(text: str, where: str, expected: str) -> str:
     """`text` as the token, or an error naming `where` (never quoting what it holds: an
     operator may have put the token in a key's place)."""
     if not text.strip():
-        raise UsageError(f"{where} holds no app token: {_EXPECTED}")
+        raise UsageError(f"{where} holds no app token: {expected}")
     try:
         return check_app_token(text) or ""
     except UsageError:  # JSON that does not parse (a pasted dict, a trailing comma), or worse
-        raise UsageError(f"{where} holds text no app token is made of: {_EXPECTED}") from None
+        raise UsageError(f"{where} holds text no app token is made of: {expected}") from None
