@@ -14,7 +14,7 @@ from .socrata.setup import check_app_token
 
 _token_cache: dict[str, str | None] = {}
 _TOKEN_KEYS = ("app_token", "token", "SOCRATA_APP_TOKEN")
-_IN_SECRET = 'expected the bare token, or JSON with it as "app_token" or as its only member'  # noqa: S105 (a message)
+_STORED_AS = 'expected the bare token, or JSON with it as "app_token" or as its only member'
 
 
 def app_token() -> str | None:
@@ -30,7 +30,7 @@ def app_token() -> str | None:
         import boto3
 
         value = boto3.client("secretsmanager").get_secret_value(SecretId=secret)["SecretString"]
-        token = _checked(_token_in_secret(value), f"the secret {secret}", _IN_SECRET)
+        token = _checked(_token_in_secret(value), f"the secret {secret}", _STORED_AS)
     elif token is None and parameter:
         import boto3
 
