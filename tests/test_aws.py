@@ -713,14 +713,20 @@ def test_the_token_secret_in_each_form_an_operator_stores(
     nothing would say why)."""
     name = os.environ["SOCRATA_APP_TOKEN_SECRET"]
     boto3.client("secretsmanager").put_secret_value(SecretId=name, SecretString=stored)
+    assert "val-" not in _read_token(token, f"the secret {name}")
+
+
+def _read_token(token: str | None, where: str) -> str:
+    """The Lambda reads the token afresh: `token`, or (None) a refusal naming `where` and
+    quoting nothing it holds, returned."""
     lambda_token._token_cache.clear()
     if token is not None:
         assert aws.app_token() == token
-        return
-    with pytest.raises(UsageError, match=f"the secret {name} holds") as caught:
+        return ""
+    with pytest.raises(UsageError, match=f"{where} holds") as caught:
         aws.app_token()
-    assert "val-" not in str(caught.value)  # what a secret holds is never quoted
     assert "Zq8mT3vL" not in str(caught.value)
+    return str(caught.value)
 
 
 @pytest.mark.parametrize(
@@ -741,11 +747,4 @@ def test_the_token_parameter_holds_the_bare_token(
     boto3.client("ssm").put_parameter(Name=name, Value=stored, Type="SecureString", Overwrite=True)
     monkeypatch.delenv("SOCRATA_APP_TOKEN_SECRET", raising=False)
     monkeypatch.setenv("SOCRATA_APP_TOKEN_PARAMETER", name)
-    lambda_token._token_cache.clear()
-    if token is not None:
-        assert aws.app_token() == token
-        return
-    with pytest.raises(UsageError, match=f"the SSM parameter {name} holds") as caught:
-        aws.app_token()
-    assert "Zq8mT3vL" not in str(caught.value)
-    assert "JSON" not in str(caught.value)  # a parameter is read as the bare token
+    assert "JSON" not in _read_token(token, f"the SSM parameter {name}")  # read as the bare token
