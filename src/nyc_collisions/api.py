@@ -128,10 +128,7 @@ def export(dataset: str, output: str | Path, dest: str | None = None) -> int:
             f"--output {str(output)!r}: export writes a local file; write it here, then copy "
             "it (aws s3 cp)"
         )
-    try:
-        out = Path(output).expanduser()
-    except RuntimeError as exc:  # ~user of no user
-        raise UsageError(f"--output {str(output)!r}: {exc}") from None
+    out = settings.user_path(output, "--output")
     suffix = out.suffix.lower()
     if suffix not in (".csv", ".parquet"):
         raise UsageError(f"--output {str(output)!r}: the name must end in .csv or .parquet")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable
+from pathlib import Path
 
 from .errors import UsageError
 
@@ -80,6 +81,15 @@ def env_flag(name: str) -> bool:
     if raw.lower() in _FALSE:
         return False
     raise UsageError(f"{name}={raw!r}: must be 1/true/yes/on or 0/false/no/off")
+
+
+def user_path(path: str | Path, where: str) -> Path:
+    """`path` with a leading `~` or `~user` expanded; `where` names the option it came from
+    (`~user` of no user is a usage error, not a traceback)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError as exc:
+        raise UsageError(f"{where} {str(path)!r}: {exc}") from None
 
 
 def check_table_format(fmt: str | None, where: str = TABLE_ENV) -> str | None:

@@ -23,8 +23,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-from ..errors import DestinationBusy, DestinationError, UsageError
+from ..errors import DestinationBusy, DestinationError
 from ..host import LEFTOVER_AGE, boot_id, process_gone
+from ..settings import user_path
 from .local_files import TMP_NAME, LocalWriter, disk_error, sync_folder, tmp_for
 from .storage import Versioned, Writer
 
@@ -45,10 +46,7 @@ def _version(data: bytes) -> str:
 
 class LocalStorage:
     def __init__(self, root: Path) -> None:
-        try:
-            self.root = root.expanduser()
-        except RuntimeError as exc:  # ~user of no user
-            raise UsageError(f"--dest {str(root)!r}: {exc}") from None
+        self.root = user_path(root, "--dest")
         self.url = str(self.root)
         self._made: set[Path] = set()  # folders this run created (removed again if left empty)
         self._made_lock = threading.Lock()
